@@ -1,0 +1,1 @@
+"""World facts: ranks, nodes, the environment table, launching and aborting."""

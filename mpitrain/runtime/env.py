@@ -1,0 +1,77 @@
+"""The one table of environment variables mpitrain reads (Slurm, MPI launchers, our own).
+
+Nothing else in the package reads ``os.environ`` directly: it calls :func:`get` with a key
+of :data:`TABLE`. Values are read lazily, at call time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+#: logical key -> environment variable names, first one set wins
+TABLE: dict[str, tuple[str, ...]] = {
+    # Slurm
+    "slurm_job_id": ("SLURM_JOB_ID",),
+    "slurm_step_id": ("SLURM_STEP_ID",),
+    "slurm_nodelist": ("SLURM_JOB_NODELIST", "SLURM_NODELIST"),
+    "slurm_procid": ("SLURM_PROCID",),
+    "slurm_localid": ("SLURM_LOCALID",),
+    "slurm_ntasks": ("SLURM_NTASKS", "SLURM_NPROCS"),
+    "slurm_restart_count": ("SLURM_RESTART_COUNT",),
+    "slurm_array_task_id": ("SLURM_ARRAY_TASK_ID",),
+    "slurm_cpus_per_task": ("SLURM_CPUS_PER_TASK",),
+    # launchers' node-local rank hints (used only for reporting; MPI decides)
+    "launcher_local_rank": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
+    # CUDA / vendor hints for CUDA-aware MPI
+    "cuda_visible_devices": ("CUDA_VISIBLE_DEVICES",),
+    "ompi_cuda_support": ("OMPI_MCA_opal_cuda_support",),
+    "mpich_gpu_support": ("MPICH_GPU_SUPPORT_ENABLED",),
+    "mv2_use_cuda": ("MV2_USE_CUDA",),
+    "ucx_tls": ("UCX_TLS",),
+    # ours
+    "cache": ("MPITRAIN_CACHE",),
+    "ranks_per_node": ("MPITRAIN_RANKS_PER_NODE",),
+    "require_mpi": ("MPITRAIN_REQUIRE_MPI",),
+    "mpiexec": ("MPITRAIN_MPIEXEC",),
+    "xdg_cache_home": ("XDG_CACHE_HOME",),
+    "home": ("HOME",),
+}
+
+#: prefix of configuration variables (``MPITRAIN_EPOCHS`` -> option ``epochs``)
+CONFIG_PREFIX = "MPITRAIN_"
+#: our variables that are not training options (excluded from config resolution)
+NON_CONFIG = frozenset(
+    name for key, names in TABLE.items() for name in names if name.startswith(CONFIG_PREFIX)
+)
+
+
+def get(key: str, default: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """Return the first set variable for a table key, else ``default``."""
+    src = os.environ if environ is None else environ
+    for name in TABLE[key]:
+        value = src.get(name)
+        if value is not None and value != "":
+            return value
+    return default
+
+
+def get_int(key: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """Return a table key as an int, or None when unset."""
+    value = get(key, environ=environ)
+    return None if value is None else int(value)
+
+
+def config_vars(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Return ``MPITRAIN_*`` option variables as ``{option_name: value}``."""
+    src = os.environ if environ is None else environ
+    return {
+        name[len(CONFIG_PREFIX):].lower(): value
+        for name, value in src.items()
+        if name.startswith(CONFIG_PREFIX) and name not in NON_CONFIG
+    }
+
+
+def snapshot(prefixes: tuple[str, ...] = ("SLURM_",)) -> dict[str, str]:
+    """Return all variables with the given prefixes (for `doctor` reports)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(prefixes)}

@@ -1,0 +1,61 @@
+"""Build ``mpiexec`` command lines for tests and benchmarks (MPICH or Open MPI)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mpitrain.runtime import env
+
+
+def find_mpiexec() -> str | None:
+    """Return the mpiexec to use: $MPITRAIN_MPIEXEC, the one beside this Python, or PATH's."""
+    explicit = env.get("mpiexec")
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mpiexec")
+
+
+@functools.lru_cache(maxsize=8)
+def _flavor(mpiexec: str) -> str:
+    try:
+        out = subprocess.run(
+            [mpiexec, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if "Open MPI" in out or "OpenRTE" in out or "Open-MPI" in out:
+        return "openmpi"
+    if "HYDRA" in out or "MPICH" in out:
+        return "mpich"
+    return "unknown"
+
+
+def mpiexec_command(n: int, mpiexec: str | None = None) -> list[str]:
+    """Return ``[mpiexec, -n, N, ...]`` allowing more ranks than cores for any MPI."""
+    exe = mpiexec or find_mpiexec()
+    if exe is None:
+        raise FileNotFoundError("mpiexec not found: install an MPI (make setup) or set MPITRAIN_MPIEXEC")
+    cmd = [exe, "-n", str(n)]
+    if _flavor(exe) == "openmpi":
+        cmd.insert(1, "--oversubscribe")
+    return cmd
+
+
+def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Return an environment for child ranks: 1 thread each, unbuffered, Open MPI as root ok."""
+    child = dict(os.environ)
+    child.setdefault("OMP_NUM_THREADS", "1")
+    child["PYTHONUNBUFFERED"] = "1"
+    child.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    child.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    if extra:
+        child.update(extra)
+    return child
