@@ -46,7 +46,9 @@ NON_CONFIG = frozenset(
 )
 
 
-def get(key: str, default: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+def get(
+    key: str, default: str | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
     """Return the first set variable for a table key, else ``default``."""
     src = os.environ if environ is None else environ
     for name in TABLE[key]:

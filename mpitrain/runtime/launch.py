@@ -42,7 +42,9 @@ def mpiexec_command(n: int, mpiexec: str | None = None) -> list[str]:
     """Return ``[mpiexec, -n, N, ...]`` allowing more ranks than cores for any MPI."""
     exe = mpiexec or find_mpiexec()
     if exe is None:
-        raise FileNotFoundError("mpiexec not found: install an MPI (make setup) or set MPITRAIN_MPIEXEC")
+        raise FileNotFoundError(
+            "mpiexec not found: install an MPI (make setup) or set MPITRAIN_MPIEXEC"
+        )
     cmd = [exe, "-n", str(n)]
     if _flavor(exe) == "openmpi":
         cmd.insert(1, "--oversubscribe")
