@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime import env
@@ -46,11 +46,11 @@ class World:
                     with_hint(f"MPITRAIN_RANKS_PER_NODE={ranks_per_node} is not positive",
                               "unset it or give an integer >= 1")
                 )
-            node_comm = own.Split(own.rank // ranks_per_node, own.rank)
+            node_comm = cast("MPI.Intracomm", own.Split(own.rank // ranks_per_node, own.rank))
         else:
-            node_comm = own.Split_type(MPI.COMM_TYPE_SHARED, key=own.rank)
+            node_comm = cast("MPI.Intracomm", own.Split_type(MPI.COMM_TYPE_SHARED, key=own.rank))
         local_rank = node_comm.rank
-        cross_comm = own.Split(local_rank, own.rank)
+        cross_comm = cast("MPI.Intracomm", own.Split(local_rank, own.rank))
         # node index: rank of this node's leader among leaders (same on all ranks of the node)
         node_index = node_comm.bcast(cross_comm.rank if local_rank == 0 else None, root=0)
         num_nodes = node_comm.bcast(cross_comm.size if local_rank == 0 else None, root=0)
