@@ -55,7 +55,7 @@ def mpirun(mpiexec: str, tmp_path: Path) -> MpiRun:
                 cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout
             )
         except subprocess.TimeoutExpired as exc:
-            out = (exc.stdout or b"")
+            out = exc.stdout or b""
             text = out.decode() if isinstance(out, bytes) else out
             pytest.fail(f"timed out after {timeout}s (hang): {' '.join(cmd)}\n{text[-4000:]}")
         if check and proc.returncode != 0:

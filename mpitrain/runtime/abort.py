@@ -41,9 +41,7 @@ def abort(comm: MPI.Comm, exc: BaseException) -> None:
 def install_excepthook(comm: MPI.Comm) -> None:
     """Make an uncaught exception in any thread of this rank abort the whole job."""
 
-    def hook(
-        etype: type[BaseException], value: BaseException, tb: TracebackType | None
-    ) -> None:
+    def hook(etype: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
         if issubclass(etype, KeyboardInterrupt | SystemExit):
             sys.__excepthook__(etype, value, tb)
             return

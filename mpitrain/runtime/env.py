@@ -68,7 +68,7 @@ def config_vars(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return ``MPITRAIN_*`` option variables as ``{option_name: value}``."""
     src = os.environ if environ is None else environ
     return {
-        name[len(CONFIG_PREFIX):].lower(): value
+        name[len(CONFIG_PREFIX) :].lower(): value
         for name, value in src.items()
         if name.startswith(CONFIG_PREFIX) and name not in NON_CONFIG
     }

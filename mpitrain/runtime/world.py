@@ -43,8 +43,10 @@ class World:
         if ranks_per_node is not None:
             if ranks_per_node < 1:
                 raise ConfigError(
-                    with_hint(f"MPITRAIN_RANKS_PER_NODE={ranks_per_node} is not positive",
-                              "unset it or give an integer >= 1")
+                    with_hint(
+                        f"MPITRAIN_RANKS_PER_NODE={ranks_per_node} is not positive",
+                        "unset it or give an integer >= 1",
+                    )
                 )
             node_comm = cast("MPI.Intracomm", own.Split(own.rank // ranks_per_node, own.rank))
         else:

@@ -1,0 +1,1 @@
+"""The training loop, built-in models and datasets, metrics and progress."""

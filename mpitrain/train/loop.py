@@ -1,0 +1,385 @@
+"""The training loop: steps with accumulation, exact distributed evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mpitrain import checkpoint as ckpt
+from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
+from mpitrain.train.metrics import MetricsLog, print_line
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from mpitrain.config import TrainConfig
+    from mpitrain.runtime.world import World
+
+log = logging.getLogger("mpitrain")
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in checkpoints so a resumed run continues bitwise."""
+
+    step: int = 0
+    epoch: int = 0
+    mid_epoch: bool = False
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    train_seconds: float = 0.0
+    samples_total: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_train_loss: float = float("nan")
+
+
+@dataclass
+class Parts:
+    """What the loop trains: built by :mod:`mpitrain.train.run`."""
+
+    model: Any  # mpitrain.DataParallel (or any module with synchronize()/no_sync())
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: Any  # mpitrain.data.BatchLoader
+    test_loader: Any | None
+    device: torch.device
+    scaler: Any | None = None  # torch.amp.GradScaler for fp16
+
+
+def rng_state() -> dict[str, Any]:
+    """Return this rank's torch, numpy and python RNG states in weights_only-loadable form."""
+    np_state: tuple[Any, ...] = np.random.get_state()  # type: ignore[assignment]
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            str(np_state[0]),
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+class Trainer:
+    """Run epochs of synchronous data-parallel training on one rank (collective throughout)."""
+
+    def __init__(
+        self, cfg: TrainConfig, world: World, parts: Parts, *, watchdog: Any | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.world = world
+        self.comm: MPI.Intracomm = world.comm
+        self.p = parts
+        self.state = LoopState()
+        self.watchdog = watchdog
+        self.metrics = MetricsLog(
+            Path(cfg.run_dir) if (cfg.run_dir and world.rank == 0) else None,
+            cfg.tensorboard if world.rank == 0 else None,
+        )
+        self.preempt = PreemptFlag([])
+        self._last_ckpt_time = time.monotonic()
+        self.data_wait = 0.0
+        self.comm_wait = 0.0
+        if cfg.precision == "bf16":
+            self._autocast: Any = torch.autocast(parts.device.type, dtype=torch.bfloat16)
+        elif cfg.precision == "fp16":
+            self._autocast = torch.autocast(parts.device.type, dtype=torch.float16)
+        else:
+            self._autocast = contextlib.nullcontext()
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any] | None:
+        """Collective: gather per-rank state; rank 0 returns the checkpoint dict, others None."""
+        from mpitrain import __version__
+
+        per_rank = {
+            "rng": rng_state(),
+            "loss_sum": self.state.loss_sum,
+            "correct": self.state.correct,
+            "seen": self.state.seen,
+        }
+        gathered = self.comm.gather(per_rank, root=0)
+        if self.world.rank != 0:
+            return None
+        loop = asdict(self.state)
+        for key in ("loss_sum", "correct", "seen"):
+            loop.pop(key)
+        return {
+            "format": 1,
+            "mpitrain_version": __version__,
+            "world_size": self.world.size,
+            "config": self.cfg.to_dict(),
+            "model": self.p.model.module.state_dict(),
+            "optimizer": self.p.optimizer.state_dict(),
+            "scheduler": self.p.scheduler.state_dict(),
+            "scaler": self.p.scaler.state_dict() if self.p.scaler is not None else None,
+            "sampler": self.p.train_loader.state_dict(),
+            "loop": loop,
+            "ranks": gathered,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint dict (every rank loads the same file)."""
+        self.p.model.module.load_state_dict(state["model"])
+        self.p.optimizer.load_state_dict(state["optimizer"])
+        self.p.scheduler.load_state_dict(state["scheduler"])
+        if self.p.scaler is not None and state.get("scaler") is not None:
+            self.p.scaler.load_state_dict(state["scaler"])
+        self.p.train_loader.load_state_dict(state["sampler"])
+        loop = dict(state["loop"])
+        self.state = LoopState(**loop)
+        ranks = state["ranks"]
+        if state["world_size"] == self.world.size:
+            mine = ranks[self.world.rank]
+            set_rng_state(mine["rng"])
+            self.state.loss_sum = mine["loss_sum"]
+            self.state.correct = mine["correct"]
+            self.state.seen = mine["seen"]
+        else:
+            # a different rank count: the epoch's running sums are kept on rank 0 only
+            if self.world.rank == 0:
+                self.state.loss_sum = sum(r["loss_sum"] for r in ranks)
+                self.state.correct = sum(r["correct"] for r in ranks)
+                self.state.seen = sum(r["seen"] for r in ranks)
+            torch.manual_seed(self.cfg.seed + 1000 * self.world.rank + self.state.step)
+
+    def save(self) -> Path:
+        """Collective: write a checkpoint of the current step."""
+        assert self.cfg.checkpoint_dir is not None
+        state = self.state_dict()
+        path = ckpt.save_collective(
+            self.comm, state, Path(self.cfg.checkpoint_dir), self.state.step, self.cfg.keep_last
+        )
+        self._last_ckpt_time = time.monotonic()
+        if self.world.rank == 0:
+            log.info("checkpoint written: %s", path)
+        return path
+
+    # ---- one step ------------------------------------------------------------------------
+    def _micro_batches(self, it: Iterator[Any]) -> list[Any]:
+        out = []
+        for _ in range(self.cfg.accumulate):
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            finally:
+                self.data_wait += time.perf_counter() - t0
+            out.append(batch)
+        return out
+
+    def _step(self, micro: list[Any]) -> float:
+        model, opt, dev = self.p.model, self.p.optimizer, self.p.device
+        total = float(sum(int(b.mask.sum()) for b in micro))
+        loss_value = 0.0
+        for i, batch in enumerate(micro):
+            x = batch.x.to(dev, non_blocking=True)
+            y = batch.y.to(dev, non_blocking=True)
+            mask = batch.mask.to(dev, non_blocking=True).to(torch.float32)
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else model.no_sync()
+            with sync:
+                with self._autocast:
+                    logits = model(x)
+                per_sample = F.cross_entropy(logits.float(), y, reduction="none")
+                loss = (per_sample * mask).sum() / max(total, 1.0)
+                if self.p.scaler is not None:
+                    self.p.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            with torch.no_grad():
+                self.state.correct += int(((logits.argmax(1) == y).float() * mask).sum())
+            loss_value += float(loss.detach()) * max(total, 1.0)
+        self.state.loss_sum += loss_value
+        self.state.seen += int(total)
+        if self.cfg.straggler_ms and self.world.rank == self.world.size - 1:
+            time.sleep(self.cfg.straggler_ms / 1000.0)
+        t0 = time.perf_counter()
+        if self.watchdog is not None:
+            self.watchdog.enter("gradient all-reduce", 0)
+        model.synchronize()
+        self.comm_wait += time.perf_counter() - t0
+        if self.p.scaler is not None:
+            self.p.scaler.unscale_(opt)
+        if self.cfg.clip_grad_norm:
+            # gradients are identical on every rank after the all-reduce: so is the norm
+            torch.nn.utils.clip_grad_norm_(model.module.parameters(), self.cfg.clip_grad_norm)
+        if self.p.scaler is not None:
+            # inf/nan in any rank's gradients is in every rank's averaged gradients, so
+            # every rank's scaler skips (or takes) the step together
+            self.p.scaler.step(opt)
+            self.p.scaler.update()
+        else:
+            opt.step()
+        self.p.scheduler.step()
+        model.zero_grad()
+        return loss_value / max(total, 1.0)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Collective: loss and accuracy over the test split, each sample counted once."""
+        from mpi4py import MPI
+
+        loader = self.p.test_loader
+        if loader is None:
+            return {}
+        model, dev = self.p.model, self.p.device
+        sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, real samples
+        model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                x, y = batch.x.to(dev), batch.y.to(dev)
+                mask = batch.mask.to(dev).to(torch.float64)
+                with self._autocast:
+                    logits = model(x)
+                per = F.cross_entropy(logits.float(), y, reduction="none").double()
+                sums[0] += float((per * mask).sum())
+                sums[1] += float(((logits.argmax(1) == y).double() * mask).sum())
+                sums[2] += float(mask.sum())
+        model.train()
+        if self.watchdog is not None:
+            self.watchdog.enter("eval all-reduce", sums.nbytes)
+        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        n = max(sums[2], 1.0)
+        return {"test_loss": sums[0] / n, "test_accuracy": sums[1] / n, "test_samples": sums[2]}
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _flags(self) -> tuple[bool, bool]:
+        """Collective: (stop for preemption, time-based checkpoint due) agreed by all ranks."""
+        from mpi4py import MPI
+
+        bits = 1 if self.preempt.received is not None else 0
+        minutes = self.cfg.checkpoint_minutes
+        if self.world.rank == 0 and minutes and self.cfg.checkpoint_dir:
+            if time.monotonic() - self._last_ckpt_time >= 60.0 * minutes:
+                bits |= 2
+        if self.watchdog is not None:
+            self.watchdog.enter("step agreement", 4)
+        agreed = int(self.comm.allreduce(bits, op=MPI.BOR))
+        return bool(agreed & 1), bool(agreed & 2)
+
+    def _epoch_end(self, epoch: int, epoch_seconds: float) -> None:
+        from mpi4py import MPI
+
+        sums = np.array(
+            [self.state.loss_sum, self.state.correct, self.state.seen], dtype=np.float64
+        )
+        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        n = max(sums[2], 1.0)
+        train_loss, train_acc = sums[0] / n, sums[1] / n
+        self.state.last_train_loss = train_loss
+        last = epoch + 1 == self.cfg.epochs
+        ev: dict[str, float] = {}
+        if (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0) or last:
+            ev = self.evaluate()
+            if ev:
+                self.state.last_eval = ev
+        if self.world.rank == 0:
+            rate = sums[2] / epoch_seconds if epoch_seconds > 0 else 0.0
+            text = (
+                f"epoch {epoch + 1:>3}/{self.cfg.epochs}  step {self.state.step:>6}  "
+                f"loss {train_loss:.4f}  acc {100 * train_acc:6.2f}%"
+            )
+            if ev:
+                text += (
+                    f"  test_loss {ev['test_loss']:.4f}  test_acc {100 * ev['test_accuracy']:6.2f}%"
+                )
+            print_line(text + f"  {rate:9.0f} samples/s")
+            record = {
+                "kind": "eval",
+                "epoch": epoch + 1,
+                "step": self.state.step,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                **ev,
+            }
+            self.metrics.write(record)
+        self.state.loss_sum, self.state.correct, self.state.seen = 0.0, 0, 0
+
+    def fit(self, preempt: PreemptFlag) -> int:
+        """Collective: train until done, max_steps, or an agreed preemption; return exit code."""
+        self.preempt = preempt
+        cfg, st = self.cfg, self.state
+        loader = self.p.train_loader
+        self.p.model.train()
+        stop = False
+        while st.epoch < cfg.epochs and not stop:
+            if not st.mid_epoch:
+                loader.set_epoch(st.epoch)
+            epoch_start = time.perf_counter()
+            epoch_time_before = st.train_seconds
+            st.mid_epoch = True
+            it = iter(loader)
+            while True:
+                t_step = time.perf_counter()
+                micro = self._micro_batches(it)
+                if not micro:
+                    break
+                if self.watchdog is not None:
+                    self.watchdog.step_started(st.step)
+                loss = self._step(micro)
+                st.step += 1
+                n_global = sum(int(b.mask.sum()) for b in micro) * self.world.size
+                st.samples_total += n_global
+                dt = time.perf_counter() - t_step
+                st.train_seconds += dt
+                if self.world.rank == 0:
+                    self.metrics.write(
+                        {
+                            "step": st.step,
+                            "epoch": st.epoch + 1,
+                            "loss": loss,
+                            "lr": self.p.optimizer.param_groups[0]["lr"],
+                            "samples_per_sec": n_global / dt if dt > 0 else 0.0,
+                            "time": st.train_seconds,
+                        }
+                    )
+                stop_now, time_due = self._flags()
+                if self.watchdog is not None:
+                    self.watchdog.step_done()
+                steps_due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
+                if cfg.checkpoint_dir and (steps_due or time_due or stop_now):
+                    self.save()
+                if stop_now:
+                    if self.world.rank == 0:
+                        sig = self.preempt.received
+                        print_line(
+                            f"mpitrain: preempted ({sig.name if sig else 'signal on another rank'})"
+                            f" at step {st.step}; checkpoint saved, exiting {PREEMPTED_EXIT_CODE}"
+                        )
+                    return PREEMPTED_EXIT_CODE
+                if cfg.max_steps and st.step >= cfg.max_steps:
+                    stop = True
+                    break
+            del it
+            st.mid_epoch = False
+            self._epoch_end(
+                st.epoch, st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start
+            )
+            st.epoch += 1
+        if stop and not st.last_eval:
+            st.last_eval = self.evaluate()
+        return 0

@@ -1,0 +1,59 @@
+"""Optimizers and learning-rate schedules built from the config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from mpitrain.config import TrainConfig
+
+
+def base_lr(cfg: TrainConfig, world_size: int) -> float:
+    """Return the peak lr: ``cfg.lr``, times the number of ranks with --scale-lr."""
+    return cfg.lr * world_size if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(
+    cfg: TrainConfig, params: Iterable[torch.nn.Parameter], world_size: int
+) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``cfg.optimizer``."""
+    lr = base_lr(cfg, world_size)
+    plist = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            plist,
+            lr=lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(plist, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(plist, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Return the lr multiplier at optimizer step ``step`` (warm-up, then decay)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.lr_schedule == "step":
+        return float(0.1 ** (step // max(1, cfg.step_every * steps_per_epoch)))
+    return 1.0
+
+
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Build a per-step scheduler applying :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch)
+    )

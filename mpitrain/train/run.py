@@ -1,0 +1,210 @@
+"""`python -m mpitrain [train]`: build everything from the config and run the loop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mpitrain import checkpoint as ckpt
+from mpitrain.config import TrainConfig, add_arguments, resolve
+from mpitrain.errors import ConfigError, DeviceError, with_hint
+from mpitrain.preempt import PreemptFlag, parse_signals
+from mpitrain.runtime.collective import agree
+from mpitrain.runtime.world import World
+from mpitrain.train.loop import Parts, Trainer
+from mpitrain.train.metrics import print_line, summary_line, write_summary
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+log = logging.getLogger("mpitrain")
+
+DESCRIPTION = """\
+Train a PyTorch model data-parallel across MPI ranks:  mpiexec -n N python -m mpitrain [options]
+With no options it trains an MLP on scikit-learn's handwritten digits (cached as HDF5 shards).
+Options also come from MPITRAIN_<NAME> variables and --config FILE (TOML); flags win.
+Other commands: doctor, bench, plot, slurm, sweep-summary (python -m mpitrain COMMAND --help).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the train command's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mpitrain",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return parser
+
+
+def parse_config(argv: list[str]) -> TrainConfig:
+    """Parse flags and resolve the full config (flags > env > file > defaults)."""
+    ns = build_parser().parse_args(argv)
+    return resolve(vars(ns))
+
+
+def setup_logging(rank: int, level: str) -> None:
+    """Log lines prefixed with the rank; rank 0 at ``level``, others at warning and above."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+    root = logging.getLogger("mpitrain")
+    root.handlers[:] = [handler]
+    lvl = getattr(logging, level.upper())
+    root.setLevel(lvl if rank == 0 else max(lvl, logging.WARNING))
+    root.propagate = False
+
+
+def choose_device(cfg: TrainConfig) -> torch.device:
+    """Return the compute device for this rank (CPU unless CUDA is asked for and present)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            with_hint("--device cuda but torch sees no CUDA device", "use --device cpu or auto")
+        )
+    if cfg.precision == "fp16" and not (cfg.device != "cpu" and torch.cuda.is_available()):
+        raise ConfigError(
+            with_hint("--precision fp16 needs a CUDA device", "use --precision bf16 on CPU")
+        )
+    if cfg.device in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def build_parts(cfg: TrainConfig, world: World, device: torch.device) -> Parts:
+    """Collective: open the data, build and wrap the model, optimizer and schedule."""
+    from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
+    from mpitrain.grad import DataParallel
+    from mpitrain.grad.hooks import make_hook
+    from mpitrain.train.builtin import ensure_digits
+    from mpitrain.train.models import build_model
+    from mpitrain.train.optim import build_optimizer, build_scheduler
+
+    data_dir = Path(cfg.data) if cfg.data else ensure_digits(world.comm)
+
+    def open_data() -> tuple[Any, Any]:
+        train = ShardedDataset(data_dir, split=cfg.train_split)
+        test = ShardedDataset(data_dir, split=cfg.test_split) if cfg.test_split else None
+        return train, test
+
+    train_ds, test_ds = agree(world.comm, open_data)
+    sampler = DistributedSampler(
+        len(train_ds), world.rank, world.size, seed=cfg.seed, shuffle=cfg.shuffle, drop_last=True
+    )
+    train_loader = BatchLoader(
+        train_ds,
+        sampler,
+        cfg.batch_size,
+        prefetch=cfg.prefetch,
+        pin_memory=device.type == "cuda",
+    )
+    test_loader = None
+    if test_ds is not None:
+        test_sampler = DistributedSampler(
+            len(test_ds), world.rank, world.size, seed=cfg.seed, shuffle="none", drop_last=False
+        )
+        test_loader = BatchLoader(test_ds, test_sampler, max(256, cfg.batch_size), prefetch=1)
+    steps_per_epoch = -(-len(train_loader) // cfg.accumulate)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            with_hint(
+                f"{len(train_ds)} training samples are fewer than ranks x batch "
+                f"({world.size} x {cfg.batch_size})",
+                "lower --batch-size or use fewer ranks",
+            )
+        )
+    torch.manual_seed(cfg.seed)
+    module = agree(
+        world.comm, lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes)
+    ).to(device)
+    model = DataParallel(
+        module, comm=world.comm, bucket_mb=cfg.bucket_mb, hook=make_hook(cfg.compression)
+    )
+    optimizer = build_optimizer(cfg, module.parameters(), world.size)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    return Parts(model, optimizer, scheduler, train_loader, test_loader, device, scaler)
+
+
+def resume_if_asked(cfg: TrainConfig, trainer: Trainer) -> None:
+    """Collective: load the checkpoint named by --resume and check all ranks agree on it."""
+    if cfg.resume is None:
+        return
+    directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    path = ckpt.resolve_resume(trainer.comm, cfg.resume, directory)
+    if path is None:
+        if trainer.world.rank == 0:
+            log.info("no checkpoint in %s: starting fresh", directory)
+        return
+    state = agree(trainer.comm, lambda: ckpt.load(path))
+    trainer.load_state_dict(state)
+    digest = ckpt.state_digest(trainer.p.model.module, trainer.p.optimizer)
+    ckpt.check_same_everywhere(trainer.comm, digest, f"loading '{path}'")
+    if trainer.world.rank == 0:
+        print_line(
+            f"mpitrain: resumed from {path} (step {trainer.state.step}, "
+            f"saved by {state['world_size']} ranks, now {trainer.world.size})"
+        )
+
+
+def main(argv: list[str], comm: MPI.Intracomm) -> int:
+    """Collective: run the train command on ``comm``; returns the process exit code."""
+    t_start = time.perf_counter()
+    cfg = parse_config(argv)
+    world = World.create(comm)
+    setup_logging(world.rank, cfg.log_level)
+    device = agree(world.comm, lambda: choose_device(cfg))
+    parts = build_parts(cfg, world, device)
+    watchdog = _make_watchdog(world, cfg)
+    trainer = Trainer(cfg, world, parts, watchdog=watchdog)
+    resume_if_asked(cfg, trainer)
+    preempt = PreemptFlag(parse_signals(cfg.preempt_signals)).install()
+    if world.rank == 0:
+        log.info(
+            "%s; %d ranks on %d node(s); device %s", cfg.model, world.size, world.num_nodes, device
+        )
+    try:
+        code = trainer.fit(preempt)
+    finally:
+        preempt.uninstall()
+        trainer.metrics.close()
+        if watchdog is not None:
+            watchdog.close()
+    if code != 0:
+        return code
+    st = trainer.state
+    summary = {
+        "world_size": world.size,
+        "epochs": st.epoch,
+        "steps": st.step,
+        "final_loss": st.last_train_loss,
+        "test_loss": st.last_eval.get("test_loss"),
+        "test_accuracy": st.last_eval.get("test_accuracy"),
+        "samples_per_sec": st.samples_total / st.train_seconds if st.train_seconds else 0.0,
+        "wall_seconds": time.perf_counter() - t_start,
+        "train_seconds": st.train_seconds,
+        "data_wait_frac": trainer.data_wait / st.train_seconds if st.train_seconds else 0.0,
+        "comm_frac": trainer.comm_wait / st.train_seconds if st.train_seconds else 0.0,
+        "config": cfg.to_dict(),
+    }
+    if world.rank == 0:
+        print_line(summary_line(summary))
+        if cfg.summary_json:
+            write_summary(Path(cfg.summary_json), summary)
+        if cfg.run_dir:
+            write_summary(Path(cfg.run_dir) / "summary.json", summary)
+    return 0
+
+
+def _make_watchdog(world: World, cfg: TrainConfig) -> Any | None:
+    """Collective: start the hang watchdog (None while the module is unavailable)."""
+    try:
+        from mpitrain.runtime.watchdog import Watchdog
+    except ImportError:
+        return None
+    return Watchdog.create(world.comm, cfg.hang_timeout)
