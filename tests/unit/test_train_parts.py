@@ -1,0 +1,66 @@
+"""Serial pieces of the trainer: schedules, models, preemption flag, RNG state round trip."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from mpitrain.config import TrainConfig
+from mpitrain.errors import ConfigError
+from mpitrain.preempt import PreemptFlag, parse_signals
+from mpitrain.train.loop import rng_state, set_rng_state
+from mpitrain.train.models import build_model
+from mpitrain.train.optim import base_lr, lr_factor
+
+
+def test_warmup_then_cosine() -> None:
+    cfg = TrainConfig(epochs=2, warmup_epochs=1.0, lr_schedule="cosine")
+    f = [lr_factor(cfg, s, 10) for s in range(20)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[19] < 0.05
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+
+
+def test_step_schedule_and_scaling() -> None:
+    cfg = TrainConfig(lr_schedule="step", step_every=1, lr=0.1, scale_lr=True)
+    assert lr_factor(cfg, 9, 10) == 1.0 and lr_factor(cfg, 10, 10) == pytest.approx(0.1)
+    assert base_lr(cfg, 4) == pytest.approx(0.4)
+
+
+def test_models_shapes() -> None:
+    x = torch.randn(5, 8, 8)
+    for name in ("mlp", "cnn"):
+        m = build_model(TrainConfig(model=name), (8, 8), 10)
+        assert m(x).shape == (5, 10)
+    with pytest.raises(ConfigError, match="square"):
+        build_model(TrainConfig(model="cnn"), (7,), 3)
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_model(TrainConfig(model="no_such_mod:f"), (4,), 2)
+
+
+def test_preempt_flag_records_first_signal() -> None:
+    flag = PreemptFlag(parse_signals("USR1,term")).install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.received == signal.SIGUSR1
+    finally:
+        flag.uninstall()
+    with pytest.raises(ConfigError, match="unknown signal"):
+        parse_signals("USR9")
+
+
+def test_rng_roundtrip() -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
