@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -155,7 +156,7 @@ def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(
             with_hint(
                 f"cannot load checkpoint '{path}': {exc}", "try an older one in the directory"
