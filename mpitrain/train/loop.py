@@ -101,6 +101,7 @@ class Trainer:
         )
         self.preempt = PreemptFlag([])
         self._last_ckpt_time = time.monotonic()
+        self.last_saved_step = -1
         self.data_wait = 0.0
         self.comm_wait = 0.0
         if cfg.precision == "bf16":
@@ -174,6 +175,7 @@ class Trainer:
             self.comm, state, Path(self.cfg.checkpoint_dir), self.state.step, self.cfg.keep_last
         )
         self._last_ckpt_time = time.monotonic()
+        self.last_saved_step = self.state.step
         if self.world.rank == 0:
             log.info("checkpoint written: %s", path)
         return path
@@ -382,4 +384,6 @@ class Trainer:
             st.epoch += 1
         if stop and not st.last_eval:
             st.last_eval = self.evaluate()
+        if cfg.checkpoint_dir and self.last_saved_step != st.step:
+            self.save()  # the final model, also what a resumed finished run starts from
         return 0
