@@ -234,8 +234,12 @@ class Trainer:
             # every rank's scaler skips (or takes) the step together
             self.p.scaler.step(opt)
             self.p.scaler.update()
+        elif hasattr(model, "step"):
+            model.step(opt)  # exchange modes that own the update (parameter server)
         else:
             opt.step()
+        if hasattr(model, "after_step"):
+            model.after_step()  # e.g. local SGD's periodic model average
         self.p.scheduler.step()
         model.zero_grad()
         return loss_value / max(total, 1.0)
