@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
-from mpitrain.train.metrics import MetricsLog, print_line
+from mpitrain.train.metrics import MetricsLog, Progress, print_line
+from mpitrain.train.state import LoopState, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -26,22 +26,6 @@ if TYPE_CHECKING:
     from mpitrain.runtime.world import World
 
 log = logging.getLogger("mpitrain")
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; saved in checkpoints so a resumed run continues bitwise."""
-
-    step: int = 0
-    epoch: int = 0
-    mid_epoch: bool = False
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    train_seconds: float = 0.0
-    samples_total: int = 0
-    last_eval: dict[str, float] = field(default_factory=dict)
-    last_train_loss: float = float("nan")
 
 
 @dataclass
@@ -55,32 +39,6 @@ class Parts:
     test_loader: Any | None
     device: torch.device
     scaler: Any | None = None  # torch.amp.GradScaler for fp16
-
-
-def rng_state() -> dict[str, Any]:
-    """Return this rank's torch, numpy and python RNG states in weights_only-loadable form."""
-    np_state: tuple[Any, ...] = np.random.get_state()  # type: ignore[assignment]
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [
-            str(np_state[0]),
-            torch.from_numpy(np_state[1].astype(np.int64)),
-            int(np_state[2]),
-            int(np_state[3]),
-            float(np_state[4]),
-        ],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
-    p = state["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
 
 
 class Trainer:
@@ -339,8 +297,14 @@ class Trainer:
             epoch_time_before = st.train_seconds
             st.mid_epoch = True
             it = iter(loader)
+            bar = Progress(
+                enabled=self.world.rank == 0 and cfg.progress,
+                total=-(-len(loader) // cfg.accumulate),
+                desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
+            )
             while True:
                 t_step = time.perf_counter()
+                waited, comm_before = self.data_wait, self.comm_wait
                 micro = self._micro_batches(it)
                 if not micro:
                     break
@@ -353,16 +317,21 @@ class Trainer:
                 dt = time.perf_counter() - t_step
                 st.train_seconds += dt
                 if self.world.rank == 0:
-                    self.metrics.write(
-                        {
-                            "step": st.step,
-                            "epoch": st.epoch + 1,
-                            "loss": loss,
-                            "lr": self.p.optimizer.param_groups[0]["lr"],
-                            "samples_per_sec": n_global / dt if dt > 0 else 0.0,
-                            "time": st.train_seconds,
-                        }
-                    )
+                    rate = n_global / dt if dt > 0 else 0.0
+                    bar.update(loss, rate)
+                    record = {
+                        "step": st.step,
+                        "epoch": st.epoch + 1,
+                        "loss": loss,
+                        "lr": self.p.optimizer.param_groups[0]["lr"],
+                        "samples_per_sec": rate,
+                        "data_wait_frac": (self.data_wait - waited) / dt if dt > 0 else 0.0,
+                        "comm_frac": (self.comm_wait - comm_before) / dt if dt > 0 else 0.0,
+                        "time": st.train_seconds,
+                    }
+                    if hasattr(self.p.model, "metrics"):
+                        record.update(self.p.model.metrics())
+                    self.metrics.write(record)
                 stop_now, time_due = self._flags()
                 if self.watchdog is not None:
                     self.watchdog.step_done()
@@ -381,6 +350,7 @@ class Trainer:
                     stop = True
                     break
             del it
+            bar.close()
             st.mid_epoch = False
             self._epoch_end(
                 st.epoch, st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start

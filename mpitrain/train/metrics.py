@@ -75,3 +75,29 @@ def print_line(text: str) -> None:
     """Print a progress line to stdout and flush (Slurm logs)."""
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
+
+
+class Progress:
+    """Rank-0 tqdm bar for one epoch (loss, samples/s, ETA); silent when not a TTY.
+
+    Slurm logs are not TTYs: there the per-epoch lines printed by the loop are the progress.
+    """
+
+    def __init__(self, *, enabled: bool, total: int, desc: str) -> None:
+        self._bar: Any = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float, rate: float) -> None:
+        """Advance by one step."""
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", sps=f"{rate:.0f}", refresh=False)
+            self._bar.update(1)
+
+    def close(self) -> None:
+        """Remove the bar (the epoch line replaces it)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

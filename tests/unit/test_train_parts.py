@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -13,9 +14,9 @@ import torch
 from mpitrain.config import TrainConfig
 from mpitrain.errors import ConfigError
 from mpitrain.preempt import PreemptFlag, parse_signals
-from mpitrain.train.loop import rng_state, set_rng_state
 from mpitrain.train.models import build_model
 from mpitrain.train.optim import base_lr, lr_factor
+from mpitrain.train.state import rng_state, set_rng_state
 
 
 def test_warmup_then_cosine() -> None:
@@ -23,7 +24,7 @@ def test_warmup_then_cosine() -> None:
     f = [lr_factor(cfg, s, 10) for s in range(20)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[19] < 0.05
-    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
 
 
 def test_step_schedule_and_scaling() -> None:

@@ -1,0 +1,52 @@
+"""State a resumed run needs to continue bitwise: loop position and every RNG."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in checkpoints so a resumed run continues bitwise."""
+
+    step: int = 0
+    epoch: int = 0
+    mid_epoch: bool = False
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    train_seconds: float = 0.0
+    samples_total: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_train_loss: float = float("nan")
+
+
+def rng_state() -> dict[str, Any]:
+    """Return this rank's torch, numpy and python RNG states in weights_only-loadable form."""
+    np_state: tuple[Any, ...] = np.random.get_state()  # type: ignore[assignment]
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            str(np_state[0]),
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
