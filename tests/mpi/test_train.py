@@ -23,12 +23,20 @@ def _summary(path: Path) -> dict[str, object]:
 
 def test_demo_two_ranks_reaches_95_percent(mpirun, tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
-    proc = mpirun(2, ["-m", "mpitrain", "--summary-json", str(out), "--run-dir", str(tmp_path / "run")])
+    proc = mpirun(
+        2, ["-m", "mpitrain", "--summary-json", str(out), "--run-dir", str(tmp_path / "run")]
+    )
     s = _summary(out)
     assert s["world_size"] == 2
     assert float(s["test_accuracy"]) >= 0.95, proc.stdout
-    assert set(s) >= {"world_size", "epochs", "final_loss", "test_accuracy", "samples_per_sec",
-                      "wall_seconds"}
+    assert set(s) >= {
+        "world_size",
+        "epochs",
+        "final_loss",
+        "test_accuracy",
+        "samples_per_sec",
+        "wall_seconds",
+    }
     epoch_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("epoch")]
     assert len(epoch_lines) == s["epochs"] and "samples/s" in epoch_lines[0]
     assert "mpitrain: done: 2 ranks" in proc.stdout
@@ -38,14 +46,17 @@ def test_demo_two_ranks_reaches_95_percent(mpirun, tmp_path: Path) -> None:
 
 def test_bf16_demo_reaches_95_percent(mpirun, tmp_path: Path) -> None:
     out = tmp_path / "s.json"
-    mpirun(2, ["-m", "mpitrain", "--precision", "bf16", "--no-progress", "--summary-json", str(out)])
+    mpirun(
+        2, ["-m", "mpitrain", "--precision", "bf16", "--no-progress", "--summary-json", str(out)]
+    )
     assert float(_summary(out)["test_accuracy"]) >= 0.95
 
 
 def test_exception_on_rank1_aborts_job_fast(mpirun) -> None:
     t0 = time.monotonic()
-    proc = mpirun(2, ["-m", "mpitrain", "--model", f"{MODELS}:raises", *FAST], timeout=60,
-                  check=False)
+    proc = mpirun(
+        2, ["-m", "mpitrain", "--model", f"{MODELS}:raises", *FAST], timeout=60, check=False
+    )
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 15 + 10  # 15 s budget after start-up (torch import)
     err = proc.stderr
@@ -77,14 +88,22 @@ def test_bad_data_dirs_fail_on_every_rank(mpirun, tmp_path: Path) -> None:
     (notjson / "manifest.json").write_text("{not json")
     nox = tmp_path / "nox"
     rng = np.random.default_rng(0)
-    write_dataset(nox, {"x": rng.random((40, 64), dtype=np.float32),
-                        "y": rng.integers(0, 10, 40)}, name="bad", samples_per_shard=20)
+    write_dataset(
+        nox,
+        {"x": rng.random((40, 64), dtype=np.float32), "y": rng.integers(0, 10, 40)},
+        name="bad",
+        samples_per_shard=20,
+    )
     shard = sorted(nox.glob("*.h5"))[0]
     with h5py.File(shard, "r+") as f:
         del f["x"]
     for path, needle in [(missing, "nope"), (notjson, "manifest.json"), (nox, shard.name)]:
-        proc = mpirun(2, ["-m", "mpitrain", "--data", str(path), "--test-split", "", *FAST],
-                      timeout=60, check=False)
+        proc = mpirun(
+            2,
+            ["-m", "mpitrain", "--data", str(path), "--test-split", "", *FAST],
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode != 0, path
         assert needle in proc.stderr and "HINT" in proc.stderr, proc.stderr
 
@@ -96,19 +115,32 @@ def _final_model(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_preempt_then_bitwise_resume_and_fallback(mpirun, tmp_path: Path) -> None:
-    common = ["-m", "mpitrain", "--model", f"{MODELS}:signals", "--epochs", "2", "--no-progress",
-              "--checkpoint-every", "5"]
+    common = [
+        "-m",
+        "mpitrain",
+        "--model",
+        f"{MODELS}:signals",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--checkpoint-every",
+        "5",
+    ]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     mpirun(2, [*common, "--checkpoint-dir", str(ref_dir)], extra_env={"TEST_STEP": "0"})
     # SIGUSR1 reaches rank 1 at step 12: all ranks stop together with a checkpoint, exit 99
-    proc = mpirun(2, [*common, "--checkpoint-dir", str(run_dir)], check=False,
-                  extra_env={"TEST_STEP": "12"})
+    proc = mpirun(
+        2, [*common, "--checkpoint-dir", str(run_dir)], check=False, extra_env={"TEST_STEP": "12"}
+    )
     assert proc.returncode == 99, proc.stderr
     assert "preempted" in proc.stdout
     stopped = ckpt.find_latest(run_dir)
     assert stopped is not None and stopped.name == "step-000000012.pt"
-    res = mpirun(2, [*common, "--checkpoint-dir", str(run_dir), "--resume", "auto"],
-                 extra_env={"TEST_STEP": "0"})
+    res = mpirun(
+        2,
+        [*common, "--checkpoint-dir", str(run_dir), "--resume", "auto"],
+        extra_env={"TEST_STEP": "0"},
+    )
     assert "resumed from" in res.stdout
     ref, got = _final_model(ref_dir), _final_model(run_dir)
     assert ref.keys() == got.keys()
@@ -117,8 +149,11 @@ def test_preempt_then_bitwise_resume_and_fallback(mpirun, tmp_path: Path) -> Non
     # a damaged newest checkpoint: resume falls back to the previous one with a warning
     newest = ckpt.list_checkpoints(run_dir)[0]
     newest.write_bytes(newest.read_bytes()[:100])
-    res = mpirun(2, [*common, "--checkpoint-dir", str(run_dir), "--resume", "auto"],
-                 extra_env={"TEST_STEP": "0"})
+    res = mpirun(
+        2,
+        [*common, "--checkpoint-dir", str(run_dir), "--resume", "auto"],
+        extra_env={"TEST_STEP": "0"},
+    )
     assert "skipping checkpoint" in res.stderr and "checksum mismatch" in res.stderr
     # a different rank count resumes too (2 -> 1), from the mid-run checkpoint
     one = tmp_path / "one"
@@ -127,7 +162,10 @@ def test_preempt_then_bitwise_resume_and_fallback(mpirun, tmp_path: Path) -> Non
     sidecar = stopped.with_name(stopped.name + ".sha256")
     (one / sidecar.name).write_bytes(sidecar.read_bytes())
     s = tmp_path / "one.json"
-    res = mpirun(1, [*common, "--checkpoint-dir", str(one), "--resume", "auto",
-                     "--summary-json", str(s)], extra_env={"TEST_STEP": "0"})
+    res = mpirun(
+        1,
+        [*common, "--checkpoint-dir", str(one), "--resume", "auto", "--summary-json", str(s)],
+        extra_env={"TEST_STEP": "0"},
+    )
     assert "saved by 2 ranks, now 1" in res.stdout
     assert _summary(s)["epochs"] == 2
