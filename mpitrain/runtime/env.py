@@ -27,6 +27,7 @@ TABLE: dict[str, tuple[str, ...]] = {
     "cuda_visible_devices": ("CUDA_VISIBLE_DEVICES",),
     "ompi_cuda_support": ("OMPI_MCA_opal_cuda_support",),
     "mpich_gpu_support": ("MPICH_GPU_SUPPORT_ENABLED",),
+    "mpich_enable_gpu": ("MPIR_CVAR_ENABLE_GPU",),
     "mv2_use_cuda": ("MV2_USE_CUDA",),
     "ucx_tls": ("UCX_TLS",),
     # ours
