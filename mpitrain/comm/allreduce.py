@@ -65,11 +65,19 @@ def numpy_view(t: torch.Tensor) -> Any:
     return t.numpy()
 
 
+_DIVISORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _average(t: torch.Tensor, n: int) -> None:
+    # a cached 0-dim divisor: dividing by a Python int would allocate a scalar tensor per call
+    key = (n, t.dtype, t.device)
+    d = _DIVISORS.get(key)
+    if d is None:
+        d = _DIVISORS[key] = torch.tensor(n, dtype=t.dtype, device=t.device)
     if t.is_floating_point() or t.is_complex():
-        t.div_(n)
+        t.div_(d)
     else:
-        t.floor_divide_(n)
+        t.floor_divide_(d)
 
 
 def allreduce_(t: torch.Tensor, comm: MPI.Intracomm, *, average: bool = True) -> None:

@@ -1,0 +1,103 @@
+"""``DataParallel``: the DDP-like face of the gradient engine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mpitrain.comm.broadcast import broadcast_
+from mpitrain.comm.reducer import FlatReducer, Reducer, default_overlap
+from mpitrain.grad.broadcast import broadcast_parameters
+from mpitrain.grad.consistency import check_same_layout, layout
+from mpitrain.grad.engine import GradEngine
+from mpitrain.grad.hooks import Hook, HookState, allreduce_hook, make_hook
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+
+class DataParallel(torch.nn.Module):
+    """Wrap ``module`` for synchronous data-parallel training over ``comm``.
+
+    Wrapping is collective: every rank checks it holds the same parameter/buffer layout
+    (names, shapes, dtypes, order; a mismatch raises the same CommError everywhere), then
+    parameters and buffers are broadcast from rank 0. Each step::
+
+        loss = criterion(model(x), y); loss.backward()   # buckets reduce during backward
+        model.synchronize()                              # wait + average (collective)
+        optimizer.step(); optimizer.zero_grad()
+
+    Args:
+        module: the model; ``model.module`` gives it back.
+        comm: the communicator (each rank passes its own handle to the same one).
+        bucket_mb: bucket size cap in MiB (default ``buckets.DEFAULT_BUCKET_MB``).
+        hook: ``hook(state, bucket) -> Handle`` or a registry name (none|fp16|bf16|fp16-ef|bf16-ef).
+        hook_state: explicit state for the hook (default ``HookState(reducer)``).
+        reducer: the transport (default ``FlatReducer(comm, overlap=overlap)``).
+        overlap: start each bucket's reduction during backward (default: per MPI library).
+        broadcast_buffers: after each synchronize, broadcast buffers (BatchNorm statistics)
+            from rank 0, like DDP does before each forward.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        comm: MPI.Intracomm,
+        bucket_mb: float | None = None,
+        hook: Hook | str | None = None,
+        hook_state: HookState | None = None,
+        reducer: Reducer | None = None,
+        overlap: bool | None = None,
+        broadcast_buffers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.comm = comm
+        self.broadcast_buffers = broadcast_buffers
+        named_params = list(module.named_parameters())
+        check_same_layout(comm, layout(named_params, list(module.named_buffers())))
+        broadcast_parameters(module, comm, root=0)
+        if overlap is None:
+            overlap = getattr(reducer, "overlap", None)
+            overlap = default_overlap() if overlap is None else bool(overlap)
+        if reducer is None:
+            reducer = FlatReducer(comm, overlap=overlap)
+        if hook is None:
+            hook = allreduce_hook
+        elif isinstance(hook, str):
+            hook = make_hook(hook)
+        self.reducer = reducer
+        self.hook_state = hook_state if hook_state is not None else HookState(reducer)
+        self.engine = GradEngine(
+            named_params,
+            hook=hook,
+            state=self.hook_state,
+            bucket_mb=bucket_mb,
+            overlap=overlap,
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module (re-attaching bucket views as ``.grad`` first)."""
+        self.engine.attach_grads()
+        return self.module(*args, **kwargs)
+
+    def synchronize(self) -> None:
+        """Collective: finish the gradient exchange of this step (all buckets averaged)."""
+        self.engine.synchronize()
+        if self.broadcast_buffers:
+            for buf in self.module.buffers():
+                broadcast_(buf, self.comm, 0)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally (no communication) for the backward passes inside."""
+        old = self.engine.enabled
+        self.engine.enabled = False
+        try:
+            yield
+        finally:
+            self.engine.enabled = old
