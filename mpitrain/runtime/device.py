@@ -63,7 +63,7 @@ def select_device(
         )
         raise DeviceError(
             with_hint(
-                f"rank local {local_rank}: --device cuda was asked for but {why}",
+                f"local rank {local_rank}: --device cuda was asked for but {why}",
                 "install a CUDA build of torch, check CUDA_VISIBLE_DEVICES and the job's GPU "
                 "request (e.g. srun --gpus-per-task=1), or use --device cpu / auto",
             )
@@ -73,7 +73,7 @@ def select_device(
     if local_size > visible_count and not allow_shared:
         raise DeviceError(
             with_hint(
-                f"rank local {local_rank}: {local_size} ranks on this node but only "
+                f"local rank {local_rank}: {local_size} ranks on this node but only "
                 f"{visible_count} visible CUDA device(s); one rank per GPU is required",
                 f"start at most {visible_count} rank(s) per node (mpiexec -ppn "
                 f"{visible_count}, srun --ntasks-per-node={visible_count} or "
@@ -128,10 +128,12 @@ def bind_device(
     *,
     allow_shared: bool = False,
     facts: DeviceFacts | None = None,
+    set_current: bool = True,
 ) -> torch.device:
     """Collective: choose this rank's device, make it current and return it.
 
-    Every rank raises the same DeviceError when any rank cannot be bound.
+    Every rank raises the same DeviceError when any rank cannot be bound. ``facts`` replaces
+    what torch reports (tests); ``set_current=False`` skips ``torch.cuda.set_device``.
     """
     import torch
 
@@ -152,7 +154,7 @@ def bind_device(
 
     name = agree(world.comm, choose)
     device = torch.device(name)
-    if device.type == "cuda":
+    if device.type == "cuda" and set_current:
         torch.cuda.set_device(device)
     return device
 

@@ -1,0 +1,110 @@
+"""Build the transport for a run: flat or hierarchical, host, staged or CUDA-aware.
+
+=========  ==============  ===============================================================
+device     decision        reducer
+=========  ==============  ===============================================================
+cpu        (none)          host reducer (Flat or Hierarchical); ``staged=True`` wraps it in
+                           StagedReducer (CI's forced staged mode)
+cuda       CUDA-aware      CudaAwareReducer(Direct or Hierarchical on device buffers),
+                           bfloat16 through a StagedReducer fallback
+cuda       not CUDA-aware  StagedReducer(host reducer)
+=========  ==============  ===============================================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mpitrain.errors import ConfigError, with_hint
+
+if TYPE_CHECKING:
+    import torch
+
+    from mpitrain.comm.reducer import Reducer
+    from mpitrain.runtime.cuda_aware import Decision
+    from mpitrain.runtime.world import World
+
+ALGOS = ("flat", "hierarchical", "auto")
+
+
+def choose_algo(algo: str, num_nodes: int, max_local_size: int) -> str:
+    """Resolve ``auto``: hierarchical when there are several nodes and some hold several ranks."""
+    if algo not in ALGOS:
+        raise ConfigError(with_hint(f"--allreduce {algo!r} is unknown", f"use one of {ALGOS}"))
+    if algo != "auto":
+        return algo
+    return "hierarchical" if num_nodes > 1 and max_local_size > 1 else "flat"
+
+
+def make_reducer(
+    world: World,
+    *,
+    device: torch.device,
+    cuda_aware: Decision | None,
+    algo: str = "auto",
+    staged: bool | None = None,
+    overlap: bool | None = None,
+    variant: str = "auto",
+) -> Reducer:
+    """Collective: build the reducer for ``device`` (same choice on every rank).
+
+    Args:
+        cuda_aware: the agreed :func:`~mpitrain.runtime.cuda_aware.decide_cuda_aware`
+            decision (None: not decided, i.e. not CUDA-aware).
+        algo: ``flat``, ``hierarchical`` or ``auto``.
+        staged: True forces staging (also on CPU tensors); False forbids it (error on a GPU
+            without CUDA-aware MPI); None picks.
+        overlap: passed to FlatReducer (non-blocking or blocking MPI call).
+        variant: hierarchical variant (``reduce_bcast``, ``rs_ag`` or ``auto`` by size).
+    """
+    from mpi4py import MPI
+
+    from mpitrain.comm.cuda_aware import CudaAwareReducer, DirectReducer
+    from mpitrain.comm.hierarchical import HierarchicalReducer
+    from mpitrain.comm.reducer import FlatReducer
+    from mpitrain.comm.staged import StagedReducer
+
+    max_local = int(world.comm.allreduce(world.local_size, op=MPI.MAX))
+    resolved = choose_algo(algo, world.num_nodes, max_local)
+    use_aware = device.type == "cuda" and cuda_aware is not None and cuda_aware.use_cuda_aware
+    if device.type == "cuda" and not use_aware and staged is False:
+        raise ConfigError(
+            with_hint(
+                "staging was disabled but this MPI is not CUDA-aware (or was not checked)",
+                "allow staging, or use --cuda-aware yes with a CUDA-aware MPI",
+            )
+        )
+    hier = resolved == "hierarchical"
+
+    def host() -> Reducer:
+        # own communicators: a staged reducer starts its MPI calls lazily (at the next
+        # bucket or at test()), which must never interleave with others' calls on a shared comm
+        if hier:
+            return HierarchicalReducer.create(world, variant=variant)
+        return FlatReducer(world.comm.Dup(), overlap=overlap)
+
+    if device.type == "cuda" and use_aware and staged is not True:
+        inner: Reducer = (
+            HierarchicalReducer.create(world, variant=variant)
+            if hier
+            else DirectReducer(world.comm.Dup())
+        )
+        return CudaAwareReducer(inner, fallback=StagedReducer(host()))
+    if device.type == "cuda" or staged:
+        return StagedReducer(host())
+    return host()
+
+
+def describe(reducer: Reducer) -> str:
+    """One log line naming the transport stack, e.g. ``Staged(Hierarchical[auto])``."""
+    from mpitrain.comm.cuda_aware import CudaAwareReducer
+    from mpitrain.comm.hierarchical import HierarchicalReducer
+    from mpitrain.comm.staged import StagedReducer
+
+    if isinstance(reducer, StagedReducer):
+        return f"Staged({describe(reducer.inner)})"
+    if isinstance(reducer, CudaAwareReducer):
+        return f"CudaAware({describe(reducer.inner)})"
+    if isinstance(reducer, HierarchicalReducer):
+        return f"Hierarchical[{reducer.variant}]"
+    return type(reducer).__name__.removesuffix("Reducer")

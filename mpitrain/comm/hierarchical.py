@@ -1,0 +1,250 @@
+"""Hierarchical all-reduce: inside each node over shared memory, across nodes among few ranks.
+
+Two variants, both as three chained non-blocking stages progressed by the handle:
+
+- ``reduce_bcast``: Ireduce to the node leader, Iallreduce among leaders, Ibcast in the node;
+- ``rs_ag``: Ireduce_scatter_block in the node (each local rank owns 1/L of the tensor),
+  Iallreduce of that chunk among same-local-rank peers of all nodes (all ranks use the
+  network at once), Iallgather in the node.
+
+Every stage runs on its own duplicated communicator and stages are started in the order the
+operations were started (FIFO), so every communicator sees the same sequence of collectives on
+every rank however the caller interleaves ``wait()`` and ``test()``. Buffers are handed to
+mpi4py as numpy views on the host and as the tensor itself (``__cuda_array_interface__``/DLPack)
+on a CUDA device, so the same reducer serves the host and the CUDA-aware paths.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from mpitrain.comm.cuda_aware import average_, mpi_buffer
+from mpitrain.comm.handle import DONE, Handle
+from mpitrain.errors import ConfigError, with_hint
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from mpitrain.runtime.world import World
+
+VARIANTS = ("reduce_bcast", "rs_ag", "auto")
+#: in ``auto``, tensors of at least this many bytes use rs_ag (docs/gpu.md, measured)
+RS_AG_MIN_BYTES = 1 << 20
+
+Stage = Callable[[], "MPI.Request | None"]
+
+
+class _Op:
+    """One all-reduce in flight: its stage starters, current request and finishing step."""
+
+    __slots__ = ("done", "finish", "req", "stages", "started")
+
+    def __init__(self, stages: list[Stage], finish: Callable[[], None]) -> None:
+        self.stages = stages
+        self.finish = finish
+        self.started = 0  # stages started so far
+        self.req: MPI.Request | None = None
+        self.done = False
+
+
+class _OpHandle:
+    """Handle of one hierarchical all-reduce; waiting progresses earlier ones first."""
+
+    __slots__ = ("_op", "_owner")
+
+    def __init__(self, owner: HierarchicalReducer, op: _Op) -> None:
+        self._owner = owner
+        self._op = op
+
+    def wait(self) -> None:
+        """Progress the reducer's queue until this operation has finished."""
+        self._owner._drive(self._op, block=True)
+
+    def test(self) -> bool:
+        """Progress without blocking; True when finished."""
+        if not self._op.done:
+            self._owner._drive(self._op, block=False)
+        return self._op.done
+
+
+class HierarchicalReducer:
+    """Reducer over a :class:`World`'s node and cross-node communicators; build with create()."""
+
+    def __init__(
+        self,
+        world: World,
+        comms: tuple[MPI.Intracomm, MPI.Intracomm, MPI.Intracomm],
+        *,
+        variant: str,
+        uniform_nodes: bool,
+        rs_ag_min_bytes: int = RS_AG_MIN_BYTES,
+    ) -> None:
+        self.world = world
+        self._node, self._cross, self._node2 = comms
+        self.variant = variant
+        self.uniform_nodes = uniform_nodes
+        self.rs_ag_min_bytes = rs_ag_min_bytes
+        self._queue: deque[_Op] = deque()
+
+    @classmethod
+    def create(
+        cls, world: World, *, variant: str = "auto", rs_ag_min_bytes: int = RS_AG_MIN_BYTES
+    ) -> HierarchicalReducer:
+        """Collective: duplicate the world's node/cross communicators (one per stage)."""
+        from mpi4py import MPI
+
+        if variant not in VARIANTS:
+            raise ConfigError(
+                with_hint(f"hierarchical variant {variant!r} is unknown", f"use one of {VARIANTS}")
+            )
+        lo = world.comm.allreduce(world.local_size, op=MPI.MIN)
+        hi = world.comm.allreduce(world.local_size, op=MPI.MAX)
+        comms = (world.node_comm.Dup(), world.cross_comm.Dup(), world.node_comm.Dup())
+        return cls(
+            world, comms, variant=variant, uniform_nodes=lo == hi, rs_ag_min_bytes=rs_ag_min_bytes
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of ranks the reduction spans (the whole world)."""
+        return self.world.size
+
+    def free(self) -> None:
+        """Collective: free the duplicated communicators (after every handle was waited)."""
+        for c in (self._node2, self._cross, self._node):
+            c.Free()
+
+    def variant_for(self, t: torch.Tensor) -> str:
+        """The variant used for ``t`` (rs_ag needs the same number of ranks on every node)."""
+        v = self.variant
+        if v == "auto":
+            big = t.numel() * t.element_size() >= self.rs_ag_min_bytes
+            v = "rs_ag" if big and self._node.size > 1 else "reduce_bcast"
+        if v == "rs_ag" and not self.uniform_nodes:
+            v = "reduce_bcast"
+        return v
+
+    def iallreduce_(self, t: torch.Tensor, *, average: bool) -> Handle:
+        """Collective: start an in-place sum/average of contiguous ``t`` across the world."""
+        if not t.is_contiguous():
+            raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
+        if self.world.size == 1 or t.numel() == 0:
+            return DONE
+        flat = t.view(-1)
+        if self.variant_for(t) == "rs_ag":
+            stages, after = self._rs_ag(flat)
+        else:
+            stages, after = self._reduce_bcast(flat)
+        n = self.world.size
+
+        def finish() -> None:
+            after()
+            if average:
+                average_(t, n)
+
+        op = _Op(stages, finish)
+        self._queue.append(op)
+        self._drive(op, block=False)
+        return _OpHandle(self, op)
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
+        """Collective: blocking in-place sum/average of ``t``."""
+        self.iallreduce_(t, average=average).wait()
+
+    # ------------------------------------------------------------------ variants
+
+    def _reduce_bcast(self, t: torch.Tensor) -> tuple[list[Stage], Callable[[], None]]:
+        from mpi4py import MPI
+
+        buf, op = mpi_buffer(t)
+        node, cross, node2 = self._node, self._cross, self._node2
+        leader = node.rank == 0
+
+        def reduce() -> MPI.Request | None:
+            if node.size == 1:
+                return None
+            if leader:
+                return node.Ireduce(MPI.IN_PLACE, buf, op=op, root=0)
+            return node.Ireduce(buf, None, op=op, root=0)
+
+        def across() -> MPI.Request | None:
+            if not leader or cross.size == 1:
+                return None
+            return cross.Iallreduce(MPI.IN_PLACE, buf, op=op)
+
+        def bcast() -> MPI.Request | None:
+            return None if node2.size == 1 else node2.Ibcast(buf, root=0)
+
+        return [reduce, across, bcast], lambda: None
+
+    def _rs_ag(self, t: torch.Tensor) -> tuple[list[Stage], Callable[[], None]]:
+        from mpi4py import MPI
+
+        node, cross, node2 = self._node, self._cross, self._node2
+        n, parts = t.numel(), node.size
+        chunk = -(-n // parts)
+        work = (
+            t if chunk * parts == n else torch.zeros(chunk * parts, dtype=t.dtype, device=t.device)
+        )
+        if work is not t:
+            work[:n].copy_(t)
+        mine = torch.empty(chunk, dtype=t.dtype, device=t.device)
+        wbuf, op = mpi_buffer(work)
+        mbuf, _ = mpi_buffer(mine)
+
+        def scatter() -> MPI.Request | None:
+            return node.Ireduce_scatter_block(wbuf, mbuf, op=op)
+
+        def across() -> MPI.Request | None:
+            return None if cross.size == 1 else cross.Iallreduce(MPI.IN_PLACE, mbuf, op=op)
+
+        def gather() -> MPI.Request | None:
+            return node2.Iallgather(mbuf, wbuf)
+
+        def after() -> None:
+            if work is not t:
+                t.copy_(work[:n])
+
+        return [scatter, across, gather], after
+
+    # ------------------------------------------------------------------ progress
+
+    def _drive(self, target: _Op, *, block: bool) -> None:
+        """Advance queued operations in FIFO order; with ``block``, until ``target`` is done."""
+        while True:
+            self._advance()
+            if target.done or not block:
+                return
+            head = next(op for op in self._queue if op.req is not None)
+            if head.req is not None:
+                head.req.Wait()
+                head.req = None
+
+    def _advance(self) -> None:
+        """Start every stage that may start and finish every operation that completed.
+
+        Operation i may start stage s only once operation i-1 has started stage s, so each
+        stage's communicator sees operations in the same order on every rank.
+        """
+        allowed = 1 << 30  # stages the previous operation has started
+        for op in self._queue:
+            while not op.done:
+                if op.req is not None:
+                    if not op.req.Test():
+                        break
+                    op.req = None
+                if op.started == len(op.stages):
+                    op.finish()
+                    op.done = True
+                    break
+                if op.started >= allowed:
+                    break
+                op.req = op.stages[op.started]()
+                op.started += 1
+            allowed = op.started
+        while self._queue and self._queue[0].done:
+            self._queue.popleft()

@@ -1,0 +1,221 @@
+"""Device-path scenario (run with 4 ranks and MPITRAIN_RANKS_PER_NODE=2).
+
+    MPITRAIN_RANKS_PER_NODE=2 OMP_NUM_THREADS=1 mpiexec -n 4 python \
+        tests/mpi/scenarios/device_reducers.py
+
+Checks: hierarchical (both variants, 2x2 / 4x1 / 1x4 pretend nodes) equals flat; staged on
+CPU tensors equals the direct path bitwise and reuses its buffers; the CUDA-aware reducer's
+code path on CPU equals flat bitwise; make_reducer stacks; decide_cuda_aware agrees across
+ranks (probe injected, wrong values on one rank forces no everywhere); bind_device agrees.
+Rank 0 prints ``OK <check>`` per check.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+import torch
+from mpi4py import MPI
+
+from mpitrain.comm.cuda_aware import CudaAwareReducer, DirectReducer
+from mpitrain.comm.factory import describe, make_reducer
+from mpitrain.comm.hierarchical import HierarchicalReducer
+from mpitrain.comm.reducer import FlatReducer, Reducer
+from mpitrain.comm.staged import StagedReducer
+from mpitrain.errors import CommError, DeviceError
+from mpitrain.runtime.cuda_aware import (
+    QueryResult,
+    decide_cuda_aware,
+    probe_allreduce,
+)
+from mpitrain.runtime.device import DeviceFacts, bind_device
+from mpitrain.runtime.world import World
+
+CASES = [
+    (torch.float32, 1),
+    (torch.float32, 7),
+    (torch.float32, 1001),
+    (torch.float32, (1 << 18) + 3),
+    (torch.float64, 1001),
+    (torch.int64, 1001),
+    (torch.float16, 64),
+    (torch.bfloat16, 999),
+]
+
+
+def pattern(rank: int, n: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * rank + n + salt)
+    if dtype.is_floating_point:
+        return torch.randn(n, generator=g).to(dtype)
+    return torch.randint(-1000, 1000, (n,), generator=g, dtype=dtype)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if not a.dtype.is_floating_point:
+        assert torch.equal(a, b), what
+        return
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(a.dtype, 2e-2)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=what)
+
+
+def reduced(r: Reducer, x: torch.Tensor, average: bool) -> torch.Tensor:
+    y = x.clone()
+    r.allreduce_(y, average=average)
+    return y
+
+
+def check_hierarchical(comm: MPI.Intracomm, rpn: int, say: Callable[[str], None]) -> None:
+    w = World.create(comm, ranks_per_node=rpn)
+    assert (w.num_nodes, w.local_size) == (4 // rpn, rpn), w.describe()
+    flat = FlatReducer(w.comm, overlap=True)
+    for variant in ("reduce_bcast", "rs_ag", "auto"):
+        h = HierarchicalReducer.create(w, variant=variant, rs_ag_min_bytes=4096)
+        for dtype, n in CASES:
+            for average in (False, True):
+                x = pattern(w.rank, n, dtype)
+                close(reduced(h, x, average), reduced(flat, x, average), f"{variant} {dtype} {n}")
+        # several in flight, polled and waited out of order: FIFO stage order keeps it right
+        xs = [pattern(w.rank, n, torch.float32, salt=i) for i, n in enumerate((5, 3000, 70000, 9))]
+        refs = [reduced(flat, x, True) for x in xs]
+        handles = [h.iallreduce_(x, average=True) for x in xs]
+        handles[2].test()
+        for hd in reversed(handles):
+            hd.wait()
+        for i, (x, ref) in enumerate(zip(xs, refs, strict=True)):
+            close(x, ref, f"{variant} in-flight {i}")
+        h.free()
+    say(f"hierarchical == flat for 4 ranks as {4 // rpn}x{rpn} (reduce_bcast, rs_ag, auto)")
+    w.free()
+
+
+def check_staged_and_direct(w: World, say: Callable[[str], None]) -> None:
+    flat = FlatReducer(w.comm, overlap=True)
+    staged = StagedReducer(FlatReducer(w.comm.Dup(), overlap=True))
+    for step in range(3):
+        xs = [pattern(w.rank, n, dt, salt=step) for dt, n in CASES]
+        refs = [reduced(flat, x, True) for x in xs]
+        handles = [staged.iallreduce_(x, average=True) for x in xs]
+        handles[0].test()  # may start/complete the head; must not break the order
+        for hd in handles:
+            hd.wait()
+        for x, ref in zip(xs, refs, strict=True):
+            assert torch.equal(x, ref), f"staged != direct bitwise ({x.dtype}, {x.numel()})"
+        if step == 0:
+            allocated = staged.pool.allocations
+    assert staged.pool.allocations == allocated == len(CASES), staged.pool.allocations
+    say("staged (CPU, forced) == direct bitwise; buffers allocated once and reused")
+
+    hier = HierarchicalReducer.create(w, variant="auto", rs_ag_min_bytes=4096)
+    staged_h = StagedReducer(HierarchicalReducer.create(w, variant="auto", rs_ag_min_bytes=4096))
+    for dt, n in CASES:
+        x = pattern(w.rank, n, dt)
+        assert torch.equal(reduced(staged_h, x, True), reduced(hier, x, True)), (dt, n)
+    say("staged over hierarchical == hierarchical bitwise")
+
+    aware = CudaAwareReducer(DirectReducer(w.comm.Dup()))
+    for dt, n in CASES:
+        x = pattern(w.rank, n, dt)
+        assert torch.equal(reduced(aware, x, False), reduced(flat, x, False)), (dt, n)
+    say("CUDA-aware reducer code path on CPU == flat bitwise")
+
+    cpu = torch.device("cpu")
+    stacks = {}
+    for algo in ("flat", "hierarchical", "auto"):
+        for staged_flag in (None, True):
+            r = make_reducer(w, device=cpu, cuda_aware=None, algo=algo, staged=staged_flag)
+            stacks[(algo, staged_flag)] = describe(r)
+            x = pattern(w.rank, 5000, torch.float32)
+            close(reduced(r, x, True), reduced(flat, x, True), f"make_reducer {algo} {staged_flag}")
+    assert stacks[("flat", None)] == "Flat", stacks
+    assert stacks[("auto", None)] == "Hierarchical[auto]", stacks  # 2 pretend nodes x 2
+    assert stacks[("hierarchical", True)] == "Staged(Hierarchical[auto])", stacks
+    say(f"make_reducer stacks {sorted(set(stacks.values()))}")
+
+
+def check_decision(w: World, say: Callable[[str], None]) -> None:
+    comm = w.comm
+    assert not decide_cuda_aware(comm, torch.device("cpu"), "auto").use_cuda_aware
+    assert probe_allreduce(comm, torch.device("cpu")) == "ok"
+    cuda = torch.device("cuda")
+    yes, no = QueryResult(True, "injected yes"), QueryResult(False, "injected no")
+
+    def never(_c: MPI.Intracomm, _d: torch.device) -> str:
+        raise AssertionError("probe must not run when the library says no")
+
+    d = decide_cuda_aware(comm, cuda, "auto", probe=never, query=no, environ={})  # type: ignore[arg-type]
+    assert not d.use_cuda_aware and d.probe == "skipped"
+    d = decide_cuda_aware(comm, cuda, "auto", probe=lambda c, _d: "ok", query=yes, environ={})
+    assert d.use_cuda_aware and d.probe == "ok", d
+
+    def wrong_on_1(c: MPI.Intracomm, _d: torch.device) -> str:
+        return "wrong" if c.rank == 1 else "ok"
+
+    d = decide_cuda_aware(comm, cuda, "auto", probe=wrong_on_1, query=yes, environ={})  # type: ignore[arg-type]
+    assert not d.use_cuda_aware and d.probe == "wrong", d
+    assert "probe not ok on rank(s) [1]" in d.reasons, d.reasons
+    # one rank's library saying no keeps everyone from probing (and from a crash)
+    mixed = yes if comm.rank != 2 else no
+    d = decide_cuda_aware(comm, cuda, "auto", probe=never, query=mixed, environ={})  # type: ignore[arg-type]
+    assert not d.use_cuda_aware
+    try:
+        decide_cuda_aware(comm, cuda, "yes", probe=wrong_on_1, query=yes, environ={})  # type: ignore[arg-type]
+    except CommError as exc:
+        assert "--cuda-aware yes" in str(exc) and "rank(s) [1]" in str(exc), exc
+    else:
+        raise AssertionError("yes with a wrong probe must raise")
+    # a hint alone (query unknown) allows the probe
+    unknown = QueryResult(None, "no query")
+    env = {"MPICH_GPU_SUPPORT_ENABLED": "1"}
+    d = decide_cuda_aware(comm, cuda, "auto", probe=lambda c, _d: "ok", query=unknown, environ=env)
+    assert d.use_cuda_aware, d
+    say("decide_cuda_aware agrees on every rank (query/hint/probe injected)")
+
+
+def check_binding(w: World, say: Callable[[str], None]) -> None:
+    assert bind_device(w, "cpu").type == "cpu"
+    assert bind_device(w, "auto", facts=DeviceFacts(False, (), None)).type == "cpu"
+    try:
+        bind_device(w, "cuda", facts=DeviceFacts(w.rank != 3, (f"GPU-{w.rank}",), None))
+    except DeviceError as exc:
+        assert str(exc).startswith("rank 3: local rank 1: --device cuda"), exc  # on all ranks
+    else:
+        raise AssertionError("cuda without a device must fail on every rank")
+    two = DeviceFacts(True, ("GPU-a", "GPU-b"), "0,1")
+    got = bind_device(w, "cuda", facts=two, set_current=False)
+    assert str(got) == f"cuda:{w.local_rank}", got
+    own = DeviceFacts(True, (f"GPU-{w.rank}",), "0")  # Slurm: each task sees its own GPU
+    assert str(bind_device(w, "cuda", facts=own, set_current=False)) == "cuda:0"
+    say("bind_device: one GPU per local rank, per-task binding, same error on all ranks")
+
+
+def main() -> int:
+    comm = MPI.COMM_WORLD.Dup()
+    lines: list[str] = []
+
+    def say(msg: str) -> None:
+        lines.append(msg)
+
+    try:
+        assert comm.size == 4, "run with 4 ranks"
+        w = World.create(comm)  # MPITRAIN_RANKS_PER_NODE=2 -> 2 pretend nodes
+        assert (w.num_nodes, w.local_size) == (2, 2), w.describe()
+        for rpn in (2, 1, 4):
+            check_hierarchical(comm, rpn, say)
+        check_staged_and_direct(w, say)
+        check_decision(w, say)
+        check_binding(w, say)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+    if comm.rank == 0:
+        for line in lines:
+            print(f"OK {line}")
+    comm.Barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
