@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,7 +35,17 @@ VARIANTS = ("reduce_bcast", "rs_ag", "auto")
 #: in ``auto``, tensors of at least this many bytes use rs_ag (docs/gpu.md, measured)
 RS_AG_MIN_BYTES = 1 << 20
 
-Stage = Callable[[], "MPI.Request | None"]
+#: a stage starter: called with True it starts the non-blocking call and returns its request,
+#: with False it runs the blocking call (returns None); None also means "nothing to do"
+Stage = Callable[[bool], "MPI.Request | None"]
+
+
+def _call(comm: MPI.Intracomm, name: str, nb: bool, *args: Any, **kw: Any) -> MPI.Request | None:
+    """``comm.Name(...)`` blocking, or ``comm.Iname(...)`` returning its request."""
+    if nb:
+        return getattr(comm, "I" + name[0].lower() + name[1:])(*args, **kw)  # type: ignore[no-any-return]
+    getattr(comm, name)(*args, **kw)
+    return None
 
 
 class _Op:
@@ -82,8 +92,10 @@ class HierarchicalReducer:
         variant: str,
         uniform_nodes: bool,
         rs_ag_min_bytes: int = RS_AG_MIN_BYTES,
+        overlap: bool = True,
     ) -> None:
         self.world = world
+        self.overlap = overlap
         self._node, self._cross, self._node2 = comms
         self.variant = variant
         self.uniform_nodes = uniform_nodes
@@ -92,9 +104,18 @@ class HierarchicalReducer:
 
     @classmethod
     def create(
-        cls, world: World, *, variant: str = "auto", rs_ag_min_bytes: int = RS_AG_MIN_BYTES
+        cls,
+        world: World,
+        *,
+        variant: str = "auto",
+        rs_ag_min_bytes: int = RS_AG_MIN_BYTES,
+        overlap: bool = True,
     ) -> HierarchicalReducer:
-        """Collective: duplicate the world's node/cross communicators (one per stage)."""
+        """Collective: duplicate the world's node/cross communicators (one per stage).
+
+        ``overlap=False`` makes :meth:`iallreduce_` use blocking MPI calls (returns a completed
+        handle), as FlatReducer does for MPIs whose non-blocking collectives are slow.
+        """
         from mpi4py import MPI
 
         if variant not in VARIANTS:
@@ -105,7 +126,12 @@ class HierarchicalReducer:
         hi = world.comm.allreduce(world.local_size, op=MPI.MAX)
         comms = (world.node_comm.Dup(), world.cross_comm.Dup(), world.node_comm.Dup())
         return cls(
-            world, comms, variant=variant, uniform_nodes=lo == hi, rs_ag_min_bytes=rs_ag_min_bytes
+            world,
+            comms,
+            variant=variant,
+            uniform_nodes=lo == hi,
+            rs_ag_min_bytes=rs_ag_min_bytes,
+            overlap=overlap,
         )
 
     @property
@@ -134,6 +160,32 @@ class HierarchicalReducer:
             raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
         if self.world.size == 1 or t.numel() == 0:
             return DONE
+        if not self.overlap:
+            self.allreduce_(t, average=average)
+            return DONE
+        op = self._op(t, average)
+        self._queue.append(op)
+        self._drive(op, block=False)
+        return _OpHandle(self, op)
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
+        """Collective: in-place sum/average of ``t`` with blocking MPI calls.
+
+        Operations still in flight finish first, so every communicator keeps its order.
+        """
+        if not t.is_contiguous():
+            raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
+        if self.world.size == 1 or t.numel() == 0:
+            return
+        while self._queue:
+            self._drive(self._queue[0], block=True)
+        op = self._op(t, average)
+        for stage in op.stages:
+            stage(False)
+        op.finish()
+        op.done = True
+
+    def _op(self, t: torch.Tensor, average: bool) -> _Op:
         flat = t.view(-1)
         if self.variant_for(t) == "rs_ag":
             stages, after = self._rs_ag(flat)
@@ -146,14 +198,7 @@ class HierarchicalReducer:
             if average:
                 average_(t, n)
 
-        op = _Op(stages, finish)
-        self._queue.append(op)
-        self._drive(op, block=False)
-        return _OpHandle(self, op)
-
-    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
-        """Collective: blocking in-place sum/average of ``t``."""
-        self.iallreduce_(t, average=average).wait()
+        return _Op(stages, finish)
 
     # ------------------------------------------------------------------ variants
 
@@ -164,20 +209,20 @@ class HierarchicalReducer:
         node, cross, node2 = self._node, self._cross, self._node2
         leader = node.rank == 0
 
-        def reduce() -> MPI.Request | None:
+        def reduce(nb: bool) -> MPI.Request | None:
             if node.size == 1:
                 return None
             if leader:
-                return node.Ireduce(MPI.IN_PLACE, buf, op=op, root=0)
-            return node.Ireduce(buf, None, op=op, root=0)
+                return _call(node, "Reduce", nb, MPI.IN_PLACE, buf, op=op, root=0)
+            return _call(node, "Reduce", nb, buf, None, op=op, root=0)
 
-        def across() -> MPI.Request | None:
+        def across(nb: bool) -> MPI.Request | None:
             if not leader or cross.size == 1:
                 return None
-            return cross.Iallreduce(MPI.IN_PLACE, buf, op=op)
+            return _call(cross, "Allreduce", nb, MPI.IN_PLACE, buf, op=op)
 
-        def bcast() -> MPI.Request | None:
-            return None if node2.size == 1 else node2.Ibcast(buf, root=0)
+        def bcast(nb: bool) -> MPI.Request | None:
+            return None if node2.size == 1 else _call(node2, "Bcast", nb, buf, root=0)
 
         return [reduce, across, bcast], lambda: None
 
@@ -196,14 +241,16 @@ class HierarchicalReducer:
         wbuf, op = mpi_buffer(work)
         mbuf, _ = mpi_buffer(mine)
 
-        def scatter() -> MPI.Request | None:
-            return node.Ireduce_scatter_block(wbuf, mbuf, op=op)
+        def scatter(nb: bool) -> MPI.Request | None:
+            return _call(node, "Reduce_scatter_block", nb, wbuf, mbuf, op=op)
 
-        def across() -> MPI.Request | None:
-            return None if cross.size == 1 else cross.Iallreduce(MPI.IN_PLACE, mbuf, op=op)
+        def across(nb: bool) -> MPI.Request | None:
+            if cross.size == 1:
+                return None
+            return _call(cross, "Allreduce", nb, MPI.IN_PLACE, mbuf, op=op)
 
-        def gather() -> MPI.Request | None:
-            return node2.Iallgather(mbuf, wbuf)
+        def gather(nb: bool) -> MPI.Request | None:
+            return _call(node2, "Allgather", nb, mbuf, wbuf)
 
         def after() -> None:
             if work is not t:
@@ -243,7 +290,7 @@ class HierarchicalReducer:
                     break
                 if op.started >= allowed:
                     break
-                op.req = op.stages[op.started]()
+                op.req = op.stages[op.started](True)
                 op.started += 1
             allowed = op.started
         while self._queue and self._queue[0].done:

@@ -15,6 +15,7 @@ EXPECTED = [
     "staged over hierarchical == hierarchical bitwise",
     "CUDA-aware reducer code path on CPU == flat bitwise",
     "make_reducer stacks",
+    "engine + hooks (none, bf16, fp16-ef) on staged == flat bitwise",
     "decide_cuda_aware agrees on every rank",
     "bind_device: one GPU per local rank",
 ]

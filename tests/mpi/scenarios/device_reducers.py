@@ -25,6 +25,7 @@ from mpitrain.comm.hierarchical import HierarchicalReducer
 from mpitrain.comm.reducer import FlatReducer, Reducer
 from mpitrain.comm.staged import StagedReducer
 from mpitrain.errors import CommError, DeviceError
+from mpitrain.grad.parallel import DataParallel
 from mpitrain.runtime.cuda_aware import (
     QueryResult,
     decide_cuda_aware,
@@ -75,7 +76,11 @@ def check_hierarchical(comm: MPI.Intracomm, rpn: int, say: Callable[[str], None]
         for dtype, n in CASES:
             for average in (False, True):
                 x = pattern(w.rank, n, dtype)
-                close(reduced(h, x, average), reduced(flat, x, average), f"{variant} {dtype} {n}")
+                ref = reduced(flat, x, average)
+                close(reduced(h, x, average), ref, f"{variant} blocking {dtype} {n}")
+                y = x.clone()
+                h.iallreduce_(y, average=average).wait()
+                close(y, ref, f"{variant} non-blocking {dtype} {n}")
         # several in flight, polled and waited out of order: FIFO stage order keeps it right
         xs = [pattern(w.rank, n, torch.float32, salt=i) for i, n in enumerate((5, 3000, 70000, 9))]
         refs = [reduced(flat, x, True) for x in xs]
@@ -132,6 +137,40 @@ def check_staged_and_direct(w: World, say: Callable[[str], None]) -> None:
     assert stacks[("auto", None)] == "Hierarchical[auto]", stacks  # 2 pretend nodes x 2
     assert stacks[("hierarchical", True)] == "Staged(Hierarchical[auto])", stacks
     say(f"make_reducer stacks {sorted(set(stacks.values()))}")
+
+
+def engine_grads(w: World, reducer: Reducer | None, hook: str | None) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 3),
+    )  # fmt: skip
+    dp = DataParallel(model, comm=w.comm, bucket_mb=0.005, hook=hook, reducer=reducer)
+    assert len(dp.engine.buckets) > 2, dp.engine.describe()
+    g = torch.Generator().manual_seed(w.rank)
+    grads: list[torch.Tensor] = []
+    for _step in range(2):
+        model.zero_grad(set_to_none=False)
+        x, y = torch.randn(8, 20, generator=g), torch.randint(0, 3, (8,), generator=g)
+        torch.nn.functional.cross_entropy(dp(x), y).backward()
+        dp.synchronize()
+        grads += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return grads
+
+
+def check_engine(w: World, say: Callable[[str], None]) -> None:
+    cpu = torch.device("cpu")
+    for hook in (None, "bf16", "fp16-ef"):
+        ref = engine_grads(w, None, hook)
+        staged = make_reducer(w, device=cpu, cuda_aware=None, algo="flat", staged=True)
+        got = engine_grads(w, staged, hook)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True)), hook
+        hier = make_reducer(w, device=cpu, cuda_aware=None, algo="hierarchical", staged=True)
+        got = engine_grads(w, hier, hook)
+        tol = 1e-5 if hook is None else 2e-2
+        for a, b in zip(ref, got, strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    say("engine + hooks (none, bf16, fp16-ef) on staged == flat bitwise, staged hierarchical close")
 
 
 def check_decision(w: World, say: Callable[[str], None]) -> None:
@@ -204,6 +243,7 @@ def main() -> int:
         for rpn in (2, 1, 4):
             check_hierarchical(comm, rpn, say)
         check_staged_and_direct(w, say)
+        check_engine(w, say)
         check_decision(w, say)
         check_binding(w, say)
     except BaseException:
