@@ -58,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks-per-node", type=int, default=2, help="pretend nodes (0: real)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (one rank per GPU)")
     p.add_argument("--path", default="host", help="comma list of host,staged,cuda-aware")
+    p.add_argument(
+        "--calls", default="blocking", help="comma list: blocking (allreduce_), nonblocking "
+        "(iallreduce_ then wait, as the overlapped engine calls it)"
+    )  # fmt: skip
     p.add_argument("--iters", type=int, default=0, help="calls per repetition (0: by size)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", type=Path, default=None, help="write the rows here (rank 0)")
@@ -116,18 +120,26 @@ def reducers(world: World, args: argparse.Namespace) -> list[tuple[str, str, Red
     return out
 
 
-def measure(comm: MPI.Intracomm, r: Reducer, t: Any, iters: int, reps: int) -> float:
+def measure(
+    comm: MPI.Intracomm, r: Reducer, t: Any, iters: int, reps: int, *, blocking: bool = True
+) -> float:
     """Collective: median over reps of the slowest rank's mean seconds per all-reduce."""
     from mpi4py import MPI
 
+    def once() -> None:
+        if blocking:
+            r.allreduce_(t, average=False)
+        else:
+            r.iallreduce_(t, average=False).wait()
+
     for _ in range(2):
-        r.allreduce_(t, average=False)
+        once()
     times = []
     for _ in range(reps):
         comm.Barrier()
         t0 = time.perf_counter()
         for _ in range(iters):
-            r.allreduce_(t, average=False)
+            once()
         if t.device.type == "cuda":
             import torch
 
@@ -159,12 +171,14 @@ def worker(args: argparse.Namespace) -> int:
         t = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
         iters = args.iters or max(3, min(200, (64 << 20) // max(size, 1)))
         for label, path, r in combos:
-            sec = measure(world.comm, r, t, iters, args.reps)
-            busbw = 2 * (n - 1) / n * t.numel() * 4 / sec / 1e9
-            rows.append(
-                {"bytes": t.numel() * 4, "algo": label, "path": path, "us": sec * 1e6,
-                 "busbw_GBps": busbw}
-            )  # fmt: skip
+            for calls in args.calls.split(","):
+                sec = measure(world.comm, r, t, iters, args.reps, blocking=calls == "blocking")
+                busbw = 2 * (n - 1) / n * t.numel() * 4 / sec / 1e9
+                name = path if calls == "blocking" else f"{path}/nb"
+                rows.append(
+                    {"bytes": t.numel() * 4, "algo": label, "path": name, "us": sec * 1e6,
+                     "busbw_GBps": busbw}
+                )  # fmt: skip
     if world.rank == 0:
         meta = {
             "ranks": n,

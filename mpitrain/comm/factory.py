@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 ALGOS = ("flat", "hierarchical", "auto")
 
 
-def choose_algo(algo: str, num_nodes: int, max_local_size: int) -> str:
-    """Resolve ``auto``: hierarchical when there are several nodes and some hold several ranks."""
+def choose_algo(algo: str, num_nodes: int, max_local_size: int, num_hosts: int) -> str:
+    """Resolve ``auto``: hierarchical when ranks span several hosts and a node holds several.
+
+    Pretend nodes on one host (MPITRAIN_RANKS_PER_NODE) resolve to flat: there every link is
+    shared memory and flat all-reduce was measured faster at every size (docs/gpu.md).
+    """
     if algo not in ALGOS:
         raise ConfigError(with_hint(f"--allreduce {algo!r} is unknown", f"use one of {ALGOS}"))
     if algo != "auto":
         return algo
-    return "hierarchical" if num_nodes > 1 and max_local_size > 1 else "flat"
+    return "hierarchical" if num_hosts > 1 and num_nodes > 1 and max_local_size > 1 else "flat"
 
 
 def make_reducer(
@@ -65,7 +69,8 @@ def make_reducer(
     from mpitrain.comm.staged import StagedReducer
 
     max_local = int(world.comm.allreduce(world.local_size, op=MPI.MAX))
-    resolved = choose_algo(algo, world.num_nodes, max_local)
+    hosts = len(set(world.comm.allgather(world.hostname)))
+    resolved = choose_algo(algo, world.num_nodes, max_local, hosts)
     use_aware = device.type == "cuda" and cuda_aware is not None and cuda_aware.use_cuda_aware
     if device.type == "cuda" and not use_aware and staged is False:
         raise ConfigError(

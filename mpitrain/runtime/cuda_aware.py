@@ -171,6 +171,22 @@ def read_hints(environ: Mapping[str, str] | None = None) -> list[Hint]:
     return hints
 
 
+def facts_lines(comm: MPI.Intracomm, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Lines for ``doctor``: the library, its query answers and the hints (no communication)."""
+    from mpi4py import MPI
+
+    lib = query_library()
+    kinds = query_alloc_kinds(comm)
+    lines = [
+        f"MPI library: {MPI.Get_library_version().splitlines()[0].strip()}",
+        f"CUDA query (ctypes on libmpi): {lib.source} -> {_word(lib.supported)}",
+        f"CUDA query (mpi4py, MPI-4.1 info): {kinds.source} -> {_word(kinds.supported)}",
+    ]
+    hints = read_hints(environ)
+    lines += [f"env {h.name}={h.value} -> {_word(h.says)}" for h in hints] or ["env: no hints"]
+    return lines
+
+
 # ---------------------------------------------------------------------------- the rule
 
 

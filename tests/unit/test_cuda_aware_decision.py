@@ -114,3 +114,15 @@ def test_query_library_resolves_here() -> None:
         assert q.source.startswith("MPIX_GPU_query_support(CUDA)="), q
         if not torch.cuda.is_available():
             assert q.supported is False, q
+
+
+def test_facts_lines_for_doctor() -> None:
+    from mpi4py import MPI
+
+    from mpitrain.runtime.cuda_aware import facts_lines
+
+    lines = facts_lines(MPI.COMM_SELF, {"MV2_USE_CUDA": "0"})
+    assert lines[0].startswith("MPI library: ")
+    assert lines[1].startswith("CUDA query (ctypes on libmpi): ")
+    assert lines[2].startswith("CUDA query (mpi4py, MPI-4.1 info): mpi_memory_alloc_kinds")
+    assert lines[3:] == ["env MV2_USE_CUDA=0 -> no"]

@@ -137,10 +137,11 @@ def test_mpi_buffer_is_zero_copy_on_host() -> None:
 
 
 def test_choose_algo() -> None:
-    assert choose_algo("auto", num_nodes=2, max_local_size=2) == "hierarchical"
-    assert choose_algo("auto", num_nodes=1, max_local_size=4) == "flat"
-    assert choose_algo("auto", num_nodes=4, max_local_size=1) == "flat"
-    assert choose_algo("flat", num_nodes=2, max_local_size=2) == "flat"
-    assert choose_algo("hierarchical", num_nodes=1, max_local_size=1) == "hierarchical"
+    assert choose_algo("auto", num_nodes=2, max_local_size=2, num_hosts=2) == "hierarchical"
+    assert choose_algo("auto", num_nodes=2, max_local_size=2, num_hosts=1) == "flat"  # pretend
+    assert choose_algo("auto", num_nodes=1, max_local_size=4, num_hosts=1) == "flat"
+    assert choose_algo("auto", num_nodes=4, max_local_size=1, num_hosts=4) == "flat"
+    assert choose_algo("flat", num_nodes=2, max_local_size=2, num_hosts=2) == "flat"
+    assert choose_algo("hierarchical", 1, 1, 1) == "hierarchical"
     with pytest.raises(ConfigError, match="--allreduce 'tree'"):
-        choose_algo("tree", 1, 1)
+        choose_algo("tree", 1, 1, 1)
