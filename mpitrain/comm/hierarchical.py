@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.cuda_aware import average_, mpi_buffer
+from mpitrain.comm.cuda_aware import average_, mpi_buffer, wait_producer
 from mpitrain.comm.handle import DONE, Handle
 from mpitrain.errors import ConfigError, with_hint
 
@@ -237,6 +237,7 @@ class HierarchicalReducer:
         )
         if work is not t:
             work[:n].copy_(t)
+            wait_producer(work)  # MPI reads device memory outside the stream
         mine = torch.empty(chunk, dtype=t.dtype, device=t.device)
         wbuf, op = mpi_buffer(work)
         mbuf, _ = mpi_buffer(mine)

@@ -63,12 +63,16 @@ class Decision:
     use_cuda_aware: bool
     reasons: list[str] = field(default_factory=list)
     probe: ProbeOutcome = "skipped"
+    host_device: bool = False
 
     def describe(self) -> str:
         """One line for the start-up log and ``doctor``."""
-        path = (
-            "CUDA-aware (device buffers to MPI)" if self.use_cuda_aware else "staged (pinned host)"
-        )
+        if self.use_cuda_aware:
+            path = "CUDA-aware (device buffers straight to MPI)"
+        elif self.host_device:
+            path = "not used (host tensors)"
+        else:
+            path = "staged (through pinned host buffers)"
         return f"cuda-aware MPI: {path}; " + "; ".join(self.reasons)
 
 
@@ -291,7 +295,7 @@ def decide_cuda_aware(
     if mode not in CUDA_AWARE_MODES:
         raise ConfigError(with_hint(f"--cuda-aware {mode!r} is unknown", "use auto, yes or no"))
     if device.type != "cuda":
-        return Decision(False, [f"device is {device.type}: host path"], "skipped")
+        return Decision(False, [f"device is {device.type}"], "skipped", host_device=True)
     q = query if query is not None else combine_queries(query_library(), query_alloc_kinds(comm))
     hints = read_hints(environ)
     run, _ = should_probe(mode, q, hints)

@@ -126,3 +126,15 @@ def test_facts_lines_for_doctor() -> None:
     assert lines[1].startswith("CUDA query (ctypes on libmpi): ")
     assert lines[2].startswith("CUDA query (mpi4py, MPI-4.1 info): mpi_memory_alloc_kinds")
     assert lines[3:] == ["env MV2_USE_CUDA=0 -> no"]
+
+
+def test_describe_names_the_path() -> None:
+    from mpitrain.runtime.cuda_aware import Decision
+
+    assert (
+        decide("auto", QUERIES[1], [], "skipped")
+        .describe()
+        .startswith("cuda-aware MPI: staged (through pinned host buffers); query: q=0; ")
+    )
+    assert "CUDA-aware (device buffers straight to MPI)" in Decision(True, ["x"]).describe()
+    assert "not used (host tensors)" in Decision(False, [], host_device=True).describe()
