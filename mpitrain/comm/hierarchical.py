@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 VARIANTS = ("reduce_bcast", "rs_ag", "auto")
 #: in ``auto``, tensors of at least this many bytes use rs_ag (docs/gpu.md, measured)
-RS_AG_MIN_BYTES = 1 << 20
+RS_AG_MIN_BYTES = 64 << 10
 
 #: a stage starter: called with True it starts the non-blocking call and returns its request,
 #: with False it runs the blocking call (returns None); None also means "nothing to do"
