@@ -18,8 +18,10 @@ from mpitrain.errors import DeviceError, with_hint
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-_HALF = (torch.float16, torch.bfloat16)
-_OPS: dict[torch.dtype, Any] = {}
+_VIEW_AS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
+#: dtype -> (dtype to view as or None, explicit MPI datatype or None, MPI op); filled lazily
+_SPECS: dict[torch.dtype, tuple[torch.dtype | None, Any, Any]] = {}
+_MPI: Any = None  # the mpi4py.MPI module once a collective ran (import does no MPI work)
 
 
 def _half_sum(dtype: torch.dtype) -> Any:
@@ -31,44 +33,74 @@ def _half_sum(dtype: torch.dtype) -> Any:
     return op
 
 
-def sum_op(dtype: torch.dtype) -> tuple[MPI.Datatype | None, MPI.Op]:
-    """Return (explicit datatype or None, sum op) for reducing tensors of ``dtype``."""
+def _spec(dtype: torch.dtype) -> tuple[torch.dtype | None, Any, Any]:
+    global _MPI
+    spec = _SPECS.get(dtype)
+    if spec is not None:
+        return spec
     from mpi4py import MPI
 
-    if dtype not in _HALF:
-        return None, MPI.SUM
+    _MPI = MPI
     if dtype == torch.float16 and MPI.FLOAT16_T != MPI.DATATYPE_NULL:
-        return MPI.FLOAT16_T, MPI.SUM
-    op = _OPS.get(dtype)
-    if op is None:
-        op = _OPS[dtype] = MPI.Op.Create(_half_sum(dtype), commute=True)
-    return MPI.INT16_T, op
+        spec = (torch.int16, MPI.FLOAT16_T, MPI.SUM)
+    elif dtype in (torch.float16, torch.bfloat16):
+        spec = (torch.int16, MPI.INT16_T, MPI.Op.Create(_half_sum(dtype), commute=True))
+    else:
+        spec = (_VIEW_AS.get(dtype), None, MPI.SUM)
+    _SPECS[dtype] = spec
+    return spec
+
+
+def sum_op(dtype: torch.dtype) -> tuple[MPI.Datatype | None, MPI.Op]:
+    """Return (explicit datatype or None, sum op) for reducing tensors of ``dtype``."""
+    _, datatype, op = _spec(dtype)
+    return datatype, op
+
+
+def in_place() -> Any:
+    """Return ``MPI.IN_PLACE`` (imports mpi4py.MPI on first use)."""
+    if _MPI is None:
+        _spec(torch.float32)
+    return _MPI.IN_PLACE
+
+
+def _bad_tensor(t: torch.Tensor) -> Exception:
+    if not t.is_cpu:
+        return DeviceError(
+            with_hint(
+                f"host collective got a {t.device} tensor",
+                "wrap the reducer in mpitrain.comm.staged.StagedReducer or use a CUDA-aware one",
+            )
+        )
+    return ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
 
 
 def numpy_view(t: torch.Tensor) -> Any:
     """Return a numpy array sharing ``t``'s storage (half types viewed as int16, bool as uint8)."""
-    if t.device.type != "cpu":
-        raise DeviceError(
-            with_hint(
-                f"host all-reduce got a {t.device} tensor",
-                "wrap the reducer in mpitrain.comm.staged.StagedReducer or use a CUDA-aware one",
-            )
-        )
-    if not t.is_contiguous():
-        raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
+    if not (t.is_cpu and t.is_contiguous()):
+        raise _bad_tensor(t)
+    view_as = _VIEW_AS.get(t.dtype)
     if t.requires_grad:
         t = t.detach()
-    if t.dtype in _HALF:
-        t = t.view(torch.int16)
-    elif t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    return t.numpy()
+    return (t if view_as is None else t.view(view_as)).numpy()
+
+
+def mpi_buffer(t: torch.Tensor) -> tuple[Any, Any]:
+    """Return (buffer spec for mpi4py, sum op) for ``t``: a numpy view, typed when needed."""
+    if not (t.is_cpu and t.is_contiguous()):
+        raise _bad_tensor(t)
+    view_as, datatype, op = _SPECS.get(t.dtype) or _spec(t.dtype)
+    if t.requires_grad:
+        t = t.detach()
+    arr = (t if view_as is None else t.view(view_as)).numpy()
+    return (arr if datatype is None else [arr, datatype]), op
 
 
 _DIVISORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _average(t: torch.Tensor, n: int) -> None:
+def average_(t: torch.Tensor, n: int) -> None:
+    """Divide ``t`` by ``n`` in place (floor division for integers) without allocating."""
     # a cached 0-dim divisor: dividing by a Python int would allocate a scalar tensor per call
     key = (n, t.dtype, t.device)
     d = _DIVISORS.get(key)
@@ -82,15 +114,12 @@ def _average(t: torch.Tensor, n: int) -> None:
 
 def allreduce_(t: torch.Tensor, comm: MPI.Intracomm, *, average: bool = True) -> None:
     """Collective: sum (or average) ``t`` in place across ``comm`` (blocking)."""
-    from mpi4py import MPI
-
     if comm.size == 1 or t.numel() == 0:
         return
-    dtype, op = sum_op(t.dtype)
-    arr = numpy_view(t)
-    comm.Allreduce(MPI.IN_PLACE, arr if dtype is None else [arr, dtype], op=op)
+    buf, op = mpi_buffer(t)
+    comm.Allreduce(_MPI.IN_PLACE, buf, op=op)
     if average:
-        _average(t, comm.size)
+        average_(t, comm.size)
 
 
 def iallreduce_(t: torch.Tensor, comm: MPI.Intracomm, *, average: bool = True) -> Handle:
@@ -98,15 +127,12 @@ def iallreduce_(t: torch.Tensor, comm: MPI.Intracomm, *, average: bool = True) -
 
     Do not read or write ``t`` until ``handle.wait()`` returns.
     """
-    from mpi4py import MPI
-
     if comm.size == 1 or t.numel() == 0:
         return DONE
-    dtype, op = sum_op(t.dtype)
-    arr = numpy_view(t)
-    req = comm.Iallreduce(MPI.IN_PLACE, arr if dtype is None else [arr, dtype], op=op)
-    handle = RequestHandle(req, keep=arr)
+    buf, op = mpi_buffer(t)
+    req = comm.Iallreduce(_MPI.IN_PLACE, buf, op=op)
+    handle = RequestHandle(req, keep=buf)
     if not average:
         return handle
     n = comm.size
-    return ChainedHandle(handle, lambda: _average(t, n))
+    return ChainedHandle(handle, lambda: average_(t, n))

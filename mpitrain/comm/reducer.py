@@ -8,10 +8,10 @@ protocol.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mpitrain.comm import allreduce as _ar
-from mpitrain.comm.handle import DONE, Handle
+from mpitrain.comm.handle import DONE, ChainedHandle, Handle, RequestHandle
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +50,26 @@ class FlatReducer:
     library (see :func:`default_overlap`).
     """
 
+    #: tensors whose MPI buffer spec is remembered (bucket buffers are long-lived)
+    CACHE_SIZE = 256
+
     def __init__(self, comm: MPI.Intracomm, *, overlap: bool | None = None) -> None:
         self.comm = comm
         self.overlap = default_overlap() if overlap is None else overlap
         self._size = comm.size
+        # id(t) -> (t, buffer spec, op); holding t keeps the id from being reused
+        self._specs: dict[int, tuple[torch.Tensor, Any, Any]] = {}
+        self._in_place = _ar.in_place()
+
+    def _buffer(self, t: torch.Tensor) -> tuple[Any, Any]:
+        hit = self._specs.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1], hit[2]
+        if len(self._specs) >= self.CACHE_SIZE:
+            self._specs.clear()
+        buf, op = _ar.mpi_buffer(t)
+        self._specs[id(t)] = (t, buf, op)
+        return buf, op
 
     @property
     def size(self) -> int:
@@ -63,13 +79,25 @@ class FlatReducer:
     def iallreduce_(self, t: torch.Tensor, *, average: bool) -> Handle:
         """Collective: start an in-place sum/average of ``t`` (blocking when not overlapping)."""
         if not self.overlap:
-            _ar.allreduce_(t, self.comm, average=average)
+            self.allreduce_(t, average=average)
             return DONE
-        return _ar.iallreduce_(t, self.comm, average=average)
+        if self._size == 1 or t.numel() == 0:
+            return DONE
+        buf, op = self._buffer(t)
+        handle = RequestHandle(self.comm.Iallreduce(self._in_place, buf, op=op), keep=buf)
+        if not average:
+            return handle
+        n = self._size
+        return ChainedHandle(handle, lambda: _ar.average_(t, n))
 
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
         """Collective: blocking in-place sum/average of ``t``."""
-        _ar.allreduce_(t, self.comm, average=average)
+        if self._size == 1 or t.numel() == 0:
+            return
+        buf, op = self._buffer(t)
+        self.comm.Allreduce(self._in_place, buf, op=op)
+        if average:
+            _ar.average_(t, self._size)
 
 
 def default_overlap() -> bool:

@@ -1,0 +1,177 @@
+"""All-reduce benchmark, OSU style: raw mpi4py vs mpitrain tensors vs torch.distributed gloo.
+
+``python -m mpitrain.bench allreduce [-n 2] [--json PATH]`` launches ``mpiexec -n N`` of
+itself; every method runs in the same job, interleaved size by size. Time per op is the
+slowest rank's mean over a timed loop, the median of ``--reps`` loops; bus bandwidth is
+``bytes / time * 2(n-1)/n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mpitrain.runtime.launch import launch_env, mpiexec_command
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+SIZES = [4096 * 2**i for i in range(15)]  # 4 KiB ... 64 MiB
+METHODS = ("raw", "mpitrain", "mpitrain_async", "gloo")
+
+
+def relaunch(n: int, argv: list[str], timeout: float = 900) -> int:
+    """Run ``mpiexec -n N python -m mpitrain.bench ARGV --worker``; return its exit code."""
+    cmd = [*mpiexec_command(n), sys.executable, "-m", "mpitrain.bench", *argv, "--worker"]
+    try:
+        return subprocess.run(cmd, env=launch_env(), timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"timed out: {' '.join(cmd)}", file=sys.stderr)
+        return 1
+
+
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_gloo(comm: MPI.Intracomm) -> None:
+    """Collective: start torch.distributed (gloo) on the ranks of ``comm`` (rank 0 hosts)."""
+    import torch.distributed as dist
+
+    port = comm.bcast(free_port() if comm.rank == 0 else None, root=0)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=comm.rank,
+        world_size=comm.size,
+    )
+
+
+def machine() -> dict[str, Any]:
+    """Describe this machine and MPI for the record."""
+    from mpi4py import MPI
+
+    return {
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "python": platform.python_version(),
+    }
+
+
+def _time_loop(comm: MPI.Intracomm, op: Callable[[], None], iters: int, reps: int) -> float:
+    from mpi4py import MPI
+
+    op()
+    op()
+    samples = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            op()
+        dt = (time.perf_counter() - t0) / iters
+        samples.append(comm.allreduce(dt, op=MPI.MAX))
+    return statistics.median(samples)
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Collective: measure every method at every size; rank 0 prints and writes JSON."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from mpitrain.comm.allreduce import allreduce_, iallreduce_
+
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD.Dup()
+    n = comm.size
+    init_gloo(comm)
+    sizes = [s for s in SIZES if s <= args.max_bytes]
+    rows = []
+    for nbytes in sizes:
+        count = nbytes // 4
+        arr = np.ones(count, dtype=np.float32)
+        ten = torch.ones(count, dtype=torch.float32)
+        gt = torch.ones(count, dtype=torch.float32)
+        iters = max(5, min(2000, 2**28 // nbytes))
+
+        def raw(arr: Any = arr) -> None:
+            comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+
+        def mt(ten: torch.Tensor = ten) -> None:
+            allreduce_(ten, comm, average=False)
+
+        def mt_async(ten: torch.Tensor = ten) -> None:
+            iallreduce_(ten, comm, average=False).wait()
+
+        def gloo(gt: torch.Tensor = gt) -> None:
+            dist.all_reduce(gt)
+
+        ops = {"raw": raw, "mpitrain": mt, "mpitrain_async": mt_async, "gloo": gloo}
+        row: dict[str, Any] = {"bytes": nbytes, "iters": iters}
+        for name in METHODS:
+            t = _time_loop(comm, ops[name], iters, args.reps)
+            row[f"{name}_us"] = t * 1e6
+            row[f"{name}_busbw_GBs"] = nbytes / t * 2 * (n - 1) / n / 1e9
+        rows.append(row)
+        if comm.rank == 0:
+            print(_format_row(row), flush=True)
+    dist.destroy_process_group()
+    if comm.rank == 0:
+        result = {"benchmark": "allreduce", "ranks": n, "machine": machine(), "rows": rows}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _format_row(row: dict[str, Any]) -> str:
+    size = row["bytes"]
+    label = f"{size // 2**20}M" if size >= 2**20 else f"{size // 1024}K"
+    cells = "".join(
+        f"{row[f'{m}_us']:>12.1f}{row[f'{m}_busbw_GBs']:>8.2f}" for m in METHODS
+    )
+    ratio = row["mpitrain_us"] / row["raw_us"]
+    return f"{label:>6}{cells}{ratio:>9.3f}"
+
+
+def header() -> str:
+    """Table header (time in µs, busbw in GB/s)."""
+    cols = "".join(f"{m[:11]:>12}{'GB/s':>8}" for m in METHODS)
+    return f"{'size':>6}{cols}{'mt/raw':>9}"
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: parse options, launch the ranks (or be one)."""
+    p = argparse.ArgumentParser(prog="python -m mpitrain.bench allreduce", description=__doc__)
+    p.add_argument("-n", "--ranks", type=int, default=2, help="number of ranks (default 2)")
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--reps", type=int, default=5, help="timed loops per point (median)")
+    p.add_argument("--max-bytes", type=int, default=SIZES[-1], help="largest message")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    print(f"all-reduce float32 sum, {args.ranks} ranks; time per op (us), busbw (GB/s)")
+    print(header(), flush=True)
+    fwd = [
+        "-n", str(args.ranks), "--reps", str(args.reps), "--max-bytes", str(args.max_bytes),
+    ]
+    if args.json:
+        fwd += ["--json", str(Path(args.json).resolve())]
+    return relaunch(args.ranks, ["allreduce", *fwd])
