@@ -3,9 +3,14 @@ across 4 ranks as pretend nodes (one mpiexec launch; checks in scenarios/device_
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import MpiRun
+from tests.conftest import ROOT, MpiRun
 
 EXPECTED = [
     "hierarchical == flat for 4 ranks as 2x2",
@@ -29,3 +34,32 @@ def test_device_reducers_4_ranks(mpirun: MpiRun) -> None:
     ok = [line[3:] for line in proc.stdout.splitlines() if line.startswith("OK ")]
     for want in EXPECTED:
         assert any(line.startswith(want) for line in ok), (want, proc.stdout)
+
+
+@pytest.mark.mpi
+def test_bench_algo_smoke(mpiexec: str, tmp_path: Path) -> None:
+    out = tmp_path / "algo.json"
+    cmd = [sys.executable, "-m", "mpitrain.bench.algo", "--sizes", "4K,100K", "--reps", "1"]
+    cmd += ["--iters", "2", "--path", "host,staged", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["ranks"] == 4 and data["meta"]["nodes"] == 2
+    got = {(r["bytes"], r["algo"], r["path"]) for r in data["rows"]}
+    algos = ("flat", "hier[reduce_bcast]", "hier[rs_ag]")
+    assert got == {(b, a, p) for b in (4096, 102400) for a in algos for p in ("host", "staged")}
+    assert all(r["us"] > 0 for r in data["rows"])
+    assert "fastest" in proc.stdout.splitlines()[1]
+
+
+def test_parse_size() -> None:
+    from mpitrain.bench.algo import human, parse_size
+
+    assert [parse_size(s) for s in ("4K", "64KiB", "1M", "1000", "2G")] == [
+        4096,
+        65536,
+        1 << 20,
+        1000,
+        2 << 30,
+    ]
+    assert [human(n) for n in (4096, 1 << 20, 1000)] == ["4K", "1M", "1000"]
