@@ -16,6 +16,7 @@ on a CUDA device, so the same reducer serves the host and the CUDA-aware paths.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,7 @@ class HierarchicalReducer:
         self.uniform_nodes = uniform_nodes
         self.rs_ag_min_bytes = rs_ag_min_bytes
         self._queue: deque[_Op] = deque()
+        self._lock = threading.RLock()  # hooks may run on autograd's device thread
 
     @classmethod
     def create(
@@ -163,9 +165,10 @@ class HierarchicalReducer:
         if not self.overlap:
             self.allreduce_(t, average=average)
             return DONE
-        op = self._op(t, average)
-        self._queue.append(op)
-        self._drive(op, block=False)
+        with self._lock:
+            op = self._op(t, average)
+            self._queue.append(op)
+            self._drive(op, block=False)
         return _OpHandle(self, op)
 
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
@@ -177,13 +180,14 @@ class HierarchicalReducer:
             raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
         if self.world.size == 1 or t.numel() == 0:
             return
-        while self._queue:
-            self._drive(self._queue[0], block=True)
-        op = self._op(t, average)
-        for stage in op.stages:
-            stage(False)
-        op.finish()
-        op.done = True
+        with self._lock:
+            while self._queue:
+                self._drive(self._queue[0], block=True)
+            op = self._op(t, average)
+            for stage in op.stages:
+                stage(False)
+            op.finish()
+            op.done = True
 
     def _op(self, t: torch.Tensor, average: bool) -> _Op:
         flat = t.view(-1)
@@ -263,6 +267,10 @@ class HierarchicalReducer:
 
     def _drive(self, target: _Op, *, block: bool) -> None:
         """Advance queued operations in FIFO order; with ``block``, until ``target`` is done."""
+        with self._lock:
+            self._drive_locked(target, block=block)
+
+    def _drive_locked(self, target: _Op, *, block: bool) -> None:
         while True:
             self._advance()
             if target.done or not block:
