@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.allreduce import numpy_view, sum_op
+from mpitrain.comm import allreduce as _ar
+from mpitrain.comm.allreduce import sum_op
 from mpitrain.comm.handle import DONE, ChainedHandle, Handle, RequestHandle
 from mpitrain.errors import ConfigError, with_hint
 
@@ -31,10 +32,8 @@ def device_reducible(dtype: torch.dtype) -> bool:
 
 def mpi_buffer(t: torch.Tensor) -> tuple[Any, Any]:
     """Return ``(buffer spec, op)`` for mpi4py: numpy view on the host, the tensor on a device."""
-    dtype, op = sum_op(t.dtype)
     if t.device.type == "cpu":
-        arr = numpy_view(t)
-        return (arr if dtype is None else [arr, dtype]), op
+        return _ar.mpi_buffer(t)
     if not device_reducible(t.dtype):
         raise ConfigError(
             with_hint(
@@ -44,16 +43,13 @@ def mpi_buffer(t: torch.Tensor) -> tuple[Any, Any]:
         )
     if not t.is_contiguous():
         raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
+    dtype, op = sum_op(t.dtype)
     dev = t.detach()
     return (dev if dtype is None else [dev, dtype]), op
 
 
-def average_(t: torch.Tensor, n: int) -> None:
-    """Divide by ``n`` in place (floor division for integers, as the flat reducer does)."""
-    if t.is_floating_point() or t.is_complex():
-        t.div_(n)
-    else:
-        t.floor_divide_(n)
+#: divide in place by the number of ranks (floor division for integers), as FlatReducer does
+average_ = _ar.average_
 
 
 def wait_producer(t: torch.Tensor) -> None:
