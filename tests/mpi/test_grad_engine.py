@@ -43,3 +43,11 @@ def test_mismatched_model_fails_everywhere_with_same_message(mpirun: MpiRun) -> 
     assert len(msgs) == 1, caught
     msg = msgs.pop()
     assert "rank 1" in msg and "'3.weight'" in msg and "HINT:" in msg, msg
+
+
+@pytest.mark.mpi
+def test_horovod_script_runs_unchanged(mpirun: MpiRun) -> None:
+    proc = mpirun(2, ["grad_horovod.py"], timeout=60)
+    assert "PASS horovod script trains" in proc.stdout, proc.stdout
+    acc = float(proc.stdout.split("ACCURACY ")[1].split()[0])
+    assert acc > 0.8, proc.stdout
