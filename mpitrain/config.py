@@ -48,7 +48,9 @@ class TrainConfig:
     prefetch: int = _opt(2, "batches read ahead by the loader thread")
     eval_every: int = _opt(1, "evaluate every E epochs (0 = only at the end)")
     # gradient exchange
-    bucket_mb: float = _opt(4.0, "gradient bucket size in MB")
+    bucket_mb: float | None = _opt(
+        None, "gradient bucket size in MiB (default: measured, docs/engine.md)"
+    )
     compression: str = _opt(
         "none", "gradient compression hook (none, fp16, bf16, fp16-ef, bf16-ef)"
     )
@@ -62,6 +64,7 @@ class TrainConfig:
     straggler_ms: float = _opt(0.0, "test option: sleep this long on the last rank every step")
     # devices and transports
     device: str = _opt("auto", "compute device", ("auto", "cpu", "cuda"))
+    allow_shared_gpu: bool = _opt(False, "allow more ranks per node than GPUs")
     cuda_aware: str = _opt("auto", "hand device buffers to MPI", ("auto", "yes", "no"))
     allreduce: str = _opt("flat", "all-reduce algorithm", ("flat", "hierarchical", "auto"))
     # run directory, checkpoints, robustness
@@ -186,7 +189,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             )
     if cfg.lr <= 0:
         raise ConfigError(with_hint(f"option 'lr' = {cfg.lr} must be > 0", "e.g. --lr 0.05"))
-    if cfg.bucket_mb <= 0:
+    if cfg.bucket_mb is not None and cfg.bucket_mb <= 0:
         raise ConfigError(with_hint(f"option 'bucket_mb' = {cfg.bucket_mb} must be > 0", "e.g. 4"))
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume:
         raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))

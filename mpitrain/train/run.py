@@ -13,7 +13,7 @@ import torch
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.config import TrainConfig, add_arguments, resolve
-from mpitrain.errors import ConfigError, DeviceError, with_hint
+from mpitrain.errors import ConfigError, with_hint
 from mpitrain.preempt import PreemptFlag, parse_signals
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.world import World
@@ -61,19 +61,32 @@ def setup_logging(rank: int, level: str) -> None:
     root.propagate = False
 
 
-def choose_device(cfg: TrainConfig) -> torch.device:
-    """Return the compute device for this rank (CPU unless CUDA is asked for and present)."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            with_hint("--device cuda but torch sees no CUDA device", "use --device cpu or auto")
-        )
-    if cfg.precision == "fp16" and not (cfg.device != "cpu" and torch.cuda.is_available()):
+def choose_device(cfg: TrainConfig, world: World) -> torch.device:
+    """Collective: bind this rank to its device (one rank per GPU) and check the precision."""
+    from mpitrain.runtime.device import bind_device
+
+    device = bind_device(world, cfg.device, allow_shared=cfg.allow_shared_gpu)
+    if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             with_hint("--precision fp16 needs a CUDA device", "use --precision bf16 on CPU")
         )
-    if cfg.device in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return device
+
+
+def build_reducer(cfg: TrainConfig, world: World, device: torch.device) -> Any:
+    """Collective: pick the gradient transport (CUDA-aware, staged, flat or hierarchical)."""
+    from mpitrain.comm.factory import describe, make_reducer
+    from mpitrain.runtime.cuda_aware import decide_cuda_aware
+
+    decision = None
+    if device.type == "cuda":
+        decision = decide_cuda_aware(world.comm, device, cfg.cuda_aware)
+        if world.rank == 0:
+            log.info("CUDA-aware MPI: %s", decision.describe())
+    reducer = make_reducer(world, device=device, cuda_aware=decision, algo=cfg.allreduce)
+    if world.rank == 0:
+        log.info("gradient transport: %s", describe(reducer))
+    return reducer
 
 
 def build_parts(cfg: TrainConfig, world: World, device: torch.device) -> Parts:
@@ -123,7 +136,11 @@ def build_parts(cfg: TrainConfig, world: World, device: torch.device) -> Parts:
         world.comm, lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes)
     ).to(device)
     model = DataParallel(
-        module, comm=world.comm, bucket_mb=cfg.bucket_mb, hook=make_hook(cfg.compression)
+        module,
+        comm=world.comm,
+        bucket_mb=cfg.bucket_mb,
+        hook=make_hook(cfg.compression),
+        reducer=build_reducer(cfg, world, device),
     )
     optimizer = build_optimizer(cfg, module.parameters(), world.size)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
@@ -158,7 +175,7 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
     cfg = parse_config(argv)
     world = World.create(comm)
     setup_logging(world.rank, cfg.log_level)
-    device = agree(world.comm, lambda: choose_device(cfg))
+    device = choose_device(cfg, world)
     parts = build_parts(cfg, world, device)
     watchdog = _make_watchdog(world, cfg)
     trainer = Trainer(cfg, world, parts, watchdog=watchdog)
