@@ -1,7 +1,7 @@
 """Rank 1 builds a model with an extra layer: every rank must raise the same CommError.
 
 Run by hand: mpiexec -n 2 python tests/mpi/scenarios/grad_mismatch.py
-Each rank prints "CAUGHT <rank> <message>" and exits 0; anything else exits non-zero.
+Rank 0 prints one "CAUGHT <rank> <message>" line per rank (gathered, so lines never interleave).
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ def main() -> int:
     layers: list[nn.Module] = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)]
     if comm.rank == 1:
         layers.append(nn.Linear(2, 2))
+    outcome = "NOT RAISED"
     try:
         DataParallel(nn.Sequential(*layers), comm=comm)
     except CommError as exc:
-        print(f"CAUGHT {comm.rank} {exc}", flush=True)
-        return 0
-    print(f"NOT RAISED on rank {comm.rank}", flush=True)
-    return 1
+        outcome = f"CAUGHT {comm.rank} {exc}"
+    lines = comm.gather(outcome, root=0)
+    if comm.rank == 0:
+        print("\n".join(lines), flush=True)
+    return 0 if outcome.startswith("CAUGHT") else 1
 
 
 if __name__ == "__main__":
