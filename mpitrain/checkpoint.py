@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import re
 import sys
@@ -14,31 +13,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.errors import CheckpointError, with_hint
+from mpitrain.runtime.files import write_atomic
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 LATEST = "latest"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a unique temporary name, fsync, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from mpitrain.checkpoint import write_atomic
+from mpitrain.runtime.files import write_atomic
 
 log = logging.getLogger("mpitrain")
 
