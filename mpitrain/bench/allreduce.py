@@ -86,7 +86,7 @@ def _time_loop(comm: MPI.Intracomm, op: Callable[[], None], iters: int, reps: in
             op()
         dt = (time.perf_counter() - t0) / iters
         samples.append(comm.allreduce(dt, op=MPI.MAX))
-    return statistics.median(samples)
+    return float(statistics.median(samples))
 
 
 def worker(args: argparse.Namespace) -> int:

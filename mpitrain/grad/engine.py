@@ -54,6 +54,7 @@ class GradEngine:
         self._pending = [len(b.params) for b in self.buckets]
         self._handles: list[Handle | None] = [None] * len(self.buckets)
         self._next = 0
+        self._polled = 0
         with torch.no_grad():
             for p, v in zip(self.params, self._views, strict=True):
                 if p.grad is not None:
@@ -106,21 +107,26 @@ class GradEngine:
         if not self.enabled:
             return
         self._counts[i] += 1
-        if self._counts[i] != self.passes_per_step:
-            return
-        b = self._bucket_of[i]
-        self._pending[b] -= 1
-        if self.overlap and self._pending[b] == 0:
-            self._launch_ready()
+        if self._counts[i] == self.passes_per_step:
+            b = self._bucket_of[i]
+            self._pending[b] -= 1
+            if self.overlap and self._pending[b] == 0:
+                self._launch_ready()
+        if self._polled < self._next:
+            self._poll()
 
     def _launch(self, b: int) -> None:
         self._handles[b] = self.hook(self.state, self.buckets[b])
 
+    def _poll(self) -> None:
+        # drive progress of in-flight buckets: MPI progresses only inside MPI calls
+        while self._polled < self._next:
+            h = self._handles[self._polled]
+            if h is not None and not h.test():
+                return
+            self._polled += 1
+
     def _launch_ready(self) -> None:
-        # drive progress of earlier buckets (MPI progresses only inside MPI calls)
-        for h in self._handles[: self._next]:
-            if h is not None:
-                h.test()
         while self._next < len(self.buckets) and self._pending[self._next] == 0:
             self._launch(self._next)
             self._next += 1
@@ -144,6 +150,7 @@ class GradEngine:
         for b, bucket in enumerate(self.buckets):
             self._pending[b] = len(bucket.params)
         self._next = 0
+        self._polled = 0
 
     def remove_hooks(self) -> None:
         """Detach the engine from its parameters (grads stay as they are)."""
