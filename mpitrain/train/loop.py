@@ -211,6 +211,7 @@ class Trainer:
         if loader is None:
             return {}
         model, dev = self.p.model, self.p.device
+        loader.set_epoch(0)  # the whole split, in stored order, every time
         sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, real samples
         model.eval()
         with torch.no_grad():

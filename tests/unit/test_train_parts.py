@@ -28,7 +28,7 @@ def test_warmup_then_cosine() -> None:
 
 
 def test_step_schedule_and_scaling() -> None:
-    cfg = TrainConfig(lr_schedule="step", step_every=1, lr=0.1, scale_lr=True)
+    cfg = TrainConfig(lr_schedule="step", step_every=1, lr=0.1, scale_lr=True, warmup_epochs=0)
     assert lr_factor(cfg, 9, 10) == 1.0 and lr_factor(cfg, 10, 10) == pytest.approx(0.1)
     assert base_lr(cfg, 4) == pytest.approx(0.4)
 

@@ -1,0 +1,181 @@
+"""``ShardedDataset``: a read-only torch Dataset over HDF5 shards, opened lazily per process."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mpitrain.data.manifest import Manifest, load_manifest, safe_member
+from mpitrain.errors import DataError, with_hint
+
+#: a gap up to this many bytes between wanted samples is read through rather than skipped
+GAP_BYTES = 256 * 1024
+VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
+
+
+def file_sha256(path: Path, block: int = 1 << 22) -> str:
+    """Return the SHA-256 of a file, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shard(directory: Path, manifest: Manifest, index: int, *, checksum: bool) -> None:
+    """Raise DataError unless shard ``index`` exists and matches the manifest's arrays."""
+    import h5py
+
+    entry = manifest.shards[index]
+    path = safe_member(directory, entry.file, "shard")
+    if not path.exists():
+        raise DataError(with_hint(f"shard '{path}' is missing", VERIFY_HINT))
+    if checksum and file_sha256(path) != entry.sha256:
+        raise DataError(with_hint(f"shard '{path}' fails its SHA-256 checksum", VERIFY_HINT))
+    try:
+        with h5py.File(path, "r") as f:
+            for key, spec in manifest.arrays.items():
+                if key not in f:
+                    raise DataError(
+                        with_hint(f"shard '{entry.file}' has no dataset '{key}'", VERIFY_HINT)
+                    )
+                ds = f[key]
+                want = (entry.num_samples, *spec.shape)
+                if tuple(ds.shape) != want or str(ds.dtype) != spec.dtype:
+                    raise DataError(
+                        with_hint(
+                            f"shard '{entry.file}' dataset '{key}' is {tuple(ds.shape)} "
+                            f"{ds.dtype}, manifest says {want} {spec.dtype}",
+                            VERIFY_HINT,
+                        )
+                    )
+    except OSError as exc:
+        raise DataError(with_hint(f"shard '{path}' cannot be read: {exc}", VERIFY_HINT)) from None
+
+
+class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Samples of a data_tools dataset directory (optionally one named split of it).
+
+    Opening checks the manifest and every shard's arrays (and checksums with ``verify=True``);
+    the HDF5 files themselves are opened on first read in the reading process, so the object
+    pickles and survives fork, spawn and forkserver.
+    """
+
+    def __init__(self, path: str | Path, split: str | None = None, *, verify: bool = False) -> None:
+        self.directory = Path(path)
+        self.manifest = load_manifest(self.directory)
+        m = self.manifest
+        for i in range(len(m.shards)):
+            check_shard(self.directory, m, i, checksum=verify)
+        self.split = split
+        if split:
+            if split not in m.splits:
+                have = ", ".join(sorted(m.splits)) or "none"
+                raise DataError(
+                    with_hint(
+                        f"dataset '{self.directory}' has no split '{split}' (has: {have})",
+                        "make one with: python -m data_tools split DIR ...",
+                    )
+                )
+            entry = m.splits[split]
+            spath = safe_member(self.directory, entry.file, f"split '{split}'")
+            if verify and file_sha256(spath) != entry.sha256:
+                raise DataError(with_hint(f"split file '{spath}' fails its checksum", VERIFY_HINT))
+            self.indices: np.ndarray | None = np.load(spath).astype(np.int64)
+        else:
+            self.indices = None
+        self._starts = np.cumsum([0] + [s.num_samples for s in m.shards])
+        self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
+        self._sample_bytes = sum(
+            int(np.dtype(a.dtype).itemsize * np.prod(a.shape, dtype=np.int64))
+            for a in m.arrays.values()
+        )
+
+    # -- facts from the manifest (no I/O) --
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else self.manifest.num_samples
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of ``x``."""
+        return self.manifest.arrays["x"].shape
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (from the manifest, else max label + 1 over class counts)."""
+        if self.manifest.num_classes is not None:
+            return int(self.manifest.num_classes)
+        return max(int(k) for k in self.manifest.class_counts) + 1
+
+    # -- reading --
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+    def _file(self, shard: int) -> Any:
+        import h5py
+
+        if self._pid != os.getpid():  # forked: never share HDF5 handles across processes
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            path = self.directory / self.manifest.shards[shard].file
+            f = self._files[shard] = h5py.File(path, "r")
+        return f
+
+    def read_arrays(
+        self, indices: np.ndarray, keys: tuple[str, ...] = ("x", "y")
+    ) -> list[np.ndarray]:
+        """Read samples ``indices`` (of this split) with one slice per contiguous run."""
+        base = self.indices[indices] if self.indices is not None else np.asarray(indices)
+        order = np.argsort(base, kind="stable")
+        sorted_base = base[order]
+        outs = [
+            np.empty(
+                (len(base), *self.manifest.arrays[k].shape), dtype=self.manifest.arrays[k].dtype
+            )
+            for k in keys
+        ]
+        shard_of = np.searchsorted(self._starts, sorted_base, side="right") - 1
+        # one slice per segment: runs of sorted indices within a shard whose gaps are small
+        # enough that reading the gap is cheaper than another h5py call (GAP_BYTES)
+        max_gap = max(1, GAP_BYTES // max(1, self._sample_bytes))
+        breaks = np.flatnonzero((np.diff(sorted_base) > max_gap) | (np.diff(shard_of) != 0)) + 1
+        bounds = np.concatenate([[0], breaks, [len(sorted_base)]])
+        for a, b in itertools.pairwise(bounds):
+            if a == b:
+                continue
+            shard = int(shard_of[a])
+            lo = int(sorted_base[a] - self._starts[shard])
+            hi = int(sorted_base[b - 1] - self._starts[shard]) + 1
+            rows = sorted_base[a:b] - self._starts[shard] - lo
+            f = self._file(shard)
+            dest = order[a:b]
+            for out, key in zip(outs, keys, strict=True):
+                block = f[key][lo:hi]
+                out[dest] = block if hi - lo == b - a else block[rows]
+        return outs
+
+    def read_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (x, y) tensors for ``indices``."""
+        x, y = self.read_arrays(np.asarray(indices, dtype=np.int64))
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.read_batch(np.array([i]))
+        return x[0], y[0]
+
+    def close(self) -> None:
+        """Close open HDF5 files of this process."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
