@@ -229,7 +229,11 @@ class Trainer:
             self.watchdog.enter("eval all-reduce", sums.nbytes)
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         n = max(sums[2], 1.0)
-        return {"test_loss": sums[0] / n, "test_accuracy": sums[1] / n, "test_samples": sums[2]}
+        return {
+            "test_loss": float(sums[0] / n),
+            "test_accuracy": float(sums[1] / n),
+            "test_samples": float(sums[2]),
+        }
 
     # ---- the loop ------------------------------------------------------------------------
     def _flags(self) -> tuple[bool, bool]:
@@ -254,7 +258,7 @@ class Trainer:
         )
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         n = max(sums[2], 1.0)
-        train_loss, train_acc = sums[0] / n, sums[1] / n
+        train_loss, train_acc = float(sums[0] / n), float(sums[1] / n)
         self.state.last_train_loss = train_loss
         last = epoch + 1 == self.cfg.epochs
         ev: dict[str, float] = {}

@@ -136,6 +136,10 @@ def test_preempt_then_bitwise_resume_and_fallback(mpirun, tmp_path: Path) -> Non
     assert "preempted" in proc.stdout
     stopped = ckpt.find_latest(run_dir)
     assert stopped is not None and stopped.name == "step-000000012.pt"
+    one = tmp_path / "one"  # keep the mid-run checkpoint for the 2 -> 1 resume below
+    one.mkdir()
+    for f in (stopped, stopped.with_name(stopped.name + ".sha256")):
+        (one / f.name).write_bytes(f.read_bytes())
     res = mpirun(
         2,
         [*common, "--checkpoint-dir", str(run_dir), "--resume", "auto"],
@@ -156,11 +160,6 @@ def test_preempt_then_bitwise_resume_and_fallback(mpirun, tmp_path: Path) -> Non
     )
     assert "skipping checkpoint" in res.stderr and "checksum mismatch" in res.stderr
     # a different rank count resumes too (2 -> 1), from the mid-run checkpoint
-    one = tmp_path / "one"
-    one.mkdir()
-    (one / stopped.name).write_bytes(stopped.read_bytes())
-    sidecar = stopped.with_name(stopped.name + ".sha256")
-    (one / sidecar.name).write_bytes(sidecar.read_bytes())
     s = tmp_path / "one.json"
     res = mpirun(
         1,
