@@ -6,8 +6,10 @@ import hashlib
 import math
 import os
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -84,68 +86,121 @@ def write_split(directory: Path, name: str, indices: np.ndarray) -> SplitEntry:
     return SplitEntry(fname, len(indices), hashlib.sha256(data).hexdigest())
 
 
-def write_dataset(
-    out_dir: str | Path,
-    arrays: dict[str, np.ndarray],
+class ArraySource:
+    """In-memory arrays as a conversion source (``x``, ``y`` and extras, samples first)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.num_samples = check_arrays(arrays)
+        self.arrays = arrays
+
+    def specs(self) -> dict[str, ArraySpec]:
+        """Per-sample shape and dtype of every array."""
+        return {
+            k: ArraySpec(tuple(int(d) for d in a.shape[1:]), str(a.dtype))
+            for k, a in self.arrays.items()
+        }
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Return samples ``[start, stop)`` of every array."""
+        return {k: np.ascontiguousarray(a[start:stop]) for k, a in self.arrays.items()}
+
+
+class Source(Protocol):
+    """What a converter reads from: a sample count, specs, and contiguous sample ranges."""
+
+    num_samples: int
+
+    def specs(self) -> dict[str, ArraySpec]: ...
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class ShardResult:
+    """What writing one shard produced (gathered to the manifest writer)."""
+
+    entry: ShardEntry
+    counts: dict[str, int]
+
+
+def write_shards(
+    tmp: Path,
+    source: Source,
     *,
     name: str,
     samples_per_shard: int,
-    compression: str | None = None,
-    splits: dict[str, np.ndarray] | None = None,
-    params: dict[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``arrays`` (``x``, ``y`` and extras, first axis = samples) as a dataset directory.
+    compression: str | None,
+    shards: Iterable[int],
+) -> list[ShardResult]:
+    """Write shards ``shards`` (indices) of ``source`` into ``tmp``; return their entries.
 
-    Everything is written into a hidden temporary directory that is renamed into place at the
-    end, so an interrupted run leaves no manifest pointing at partial shards. An existing
-    dataset is replaced only with ``overwrite=True``.
+    Shard ``i`` always holds samples ``[i*K, (i+1)*K)``, whoever writes it, so a parallel
+    conversion produces the same shards as a serial one.
     """
-    out = Path(out_dir)
-    n = check_arrays(arrays)
-    if compression not in COMPRESSIONS:
-        raise DataError(
-            with_hint(f"compression {compression!r} is unknown", "use none, lzf or gzip")
+    specs = source.specs()
+    sample_bytes = sum(int(np.dtype(s.dtype).itemsize * math.prod(s.shape)) for s in specs.values())
+    chunk = chunk_samples(sample_bytes, samples_per_shard)
+    out = []
+    for i in shards:
+        start = i * samples_per_shard
+        part = source.read(start, min(start + samples_per_shard, source.num_samples))
+        path = tmp / shard_name(name, i)
+        write_shard(path, part, chunk, compression)
+        out.append(
+            ShardResult(
+                ShardEntry(path.name, len(part["x"]), file_sha256(path)), class_counts(part["y"])
+            )
         )
-    if samples_per_shard < 1:
-        raise DataError(
-            with_hint("samples per shard must be >= 1", "e.g. --samples-per-shard 50000")
-        )
+    return out
+
+
+def build_manifest(
+    source: Source,
+    results: list[ShardResult],
+    *,
+    name: str,
+    samples_per_shard: int,
+    compression: str | None,
+    splits: dict[str, SplitEntry],
+    params: dict[str, Any],
+) -> Manifest:
+    """Return the manifest for all shards' results (in shard order)."""
+    specs = source.specs()
+    sample_bytes = sum(int(np.dtype(s.dtype).itemsize * math.prod(s.shape)) for s in specs.values())
+    counts: dict[str, int] = {}
+    for r in results:
+        for k, v in r.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    counts = {k: counts[k] for k in sorted(counts, key=int)}
+    return Manifest(
+        name=name,
+        num_samples=source.num_samples,
+        arrays=specs,
+        shards=[r.entry for r in sorted(results, key=lambda r: r.entry.file)],
+        chunk_samples=chunk_samples(sample_bytes, samples_per_shard),
+        compression=None if compression in (None, "none") else compression,
+        num_classes=(max(int(k) for k in counts) + 1) if counts else None,
+        class_counts=counts,
+        splits=splits,
+        params=params,
+    )
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    """Raise unless ``out`` may be (re)written."""
     if out.exists() and not overwrite:
         raise DataError(
             with_hint(f"'{out}' already exists", "pass --overwrite to replace it, or pick --out")
         )
-    sample_bytes = sum(int(a[0].nbytes) for a in arrays.values())
-    chunk = chunk_samples(sample_bytes, samples_per_shard)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards = []
-    for i, start in enumerate(range(0, n, samples_per_shard)):
-        part = {
-            k: np.ascontiguousarray(a[start : start + samples_per_shard]) for k, a in arrays.items()
-        }
-        path = tmp / shard_name(name, i)
-        write_shard(path, part, chunk, compression)
-        shards.append(ShardEntry(path.name, len(part["x"]), file_sha256(path)))
-    split_entries = {k: write_split(tmp, k, v) for k, v in (splits or {}).items()}
-    counts = class_counts(arrays["y"])
-    manifest = Manifest(
-        name=name,
-        num_samples=n,
-        arrays={
-            k: ArraySpec(tuple(int(d) for d in a.shape[1:]), str(a.dtype))
-            for k, a in arrays.items()
-        },
-        shards=shards,
-        chunk_samples=chunk,
-        compression=None if compression in (None, "none") else compression,
-        num_classes=(max(int(k) for k in counts) + 1) if counts else None,
-        class_counts=counts,
-        splits=split_entries,
-        params=dict(params or {}),
-    )
-    write_manifest(tmp, manifest)
+
+
+def temp_dir_for(out: Path, tag: str) -> Path:
+    """Return the hidden temporary directory a conversion into ``out`` writes to."""
+    return out.with_name(f".{out.name}.{tag}.tmp")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` directory to ``out`` (replacing an old one last)."""
     if out.exists():
         trash = out.with_name(f".{out.name}.{os.getpid()}.old")
         os.replace(out, trash)
@@ -154,7 +209,65 @@ def write_dataset(
     else:
         os.replace(tmp, out)
     fsync_dir(out.parent)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    arrays: dict[str, np.ndarray] | Source,
+    *,
+    name: str,
+    samples_per_shard: int,
+    compression: str | None = None,
+    splits: dict[str, np.ndarray] | None = None,
+    params: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a dataset directory from arrays (or a Source) in this process.
+
+    Everything goes into a hidden temporary directory renamed into place at the end, so an
+    interrupted run leaves no manifest pointing at partial shards. An existing dataset is
+    replaced only with ``overwrite=True``.
+    """
+    out = Path(out_dir)
+    source: Source = ArraySource(arrays) if isinstance(arrays, dict) else arrays
+    check_options(compression, samples_per_shard)
+    check_target(out, overwrite)
+    tmp = temp_dir_for(out, str(os.getpid()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    results = write_shards(
+        tmp,
+        source,
+        name=name,
+        samples_per_shard=samples_per_shard,
+        compression=compression,
+        shards=range(shard_count(source.num_samples, samples_per_shard)),
+    )
+    split_entries = {k: write_split(tmp, k, v) for k, v in (splits or {}).items()}
+    manifest = build_manifest(
+        source,
+        results,
+        name=name,
+        samples_per_shard=samples_per_shard,
+        compression=compression,
+        splits=split_entries,
+        params=dict(params or {}),
+    )
+    write_manifest(tmp, manifest)
+    publish(tmp, out)
     return out
+
+
+def check_options(compression: str | None, samples_per_shard: int) -> None:
+    """Raise DataError for an unknown compression or a bad shard size."""
+    if compression not in COMPRESSIONS:
+        raise DataError(
+            with_hint(f"compression {compression!r} is unknown", "use none, lzf or gzip")
+        )
+    if samples_per_shard < 1:
+        raise DataError(
+            with_hint("samples per shard must be >= 1", "e.g. --samples-per-shard 50000")
+        )
 
 
 def shard_count(n: int, samples_per_shard: int) -> int:

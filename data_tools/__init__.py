@@ -1,0 +1,1 @@
+"""Preprocess datasets into mpitrain's HDF5 shards (schema in ``mpitrain.data.manifest``)."""
