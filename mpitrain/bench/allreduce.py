@@ -2,7 +2,8 @@
 
 ``python -m mpitrain.bench allreduce [-n 2] [--json PATH]`` launches ``mpiexec -n N`` of
 itself; every method runs in the same job, interleaved size by size. Time per op is the
-slowest rank's mean over a timed loop, the median of ``--reps`` loops; bus bandwidth is
+slowest rank's mean over a timed loop, the median of ``--reps`` loops run round-robin across
+methods (``mt/raw`` compares medians, ``min m/r`` the best loops); bus bandwidth is
 ``bytes / time * 2(n-1)/n``.
 """
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 SIZES = [4096 * 2**i for i in range(15)]  # 4 KiB ... 64 MiB
-METHODS = ("raw", "mpitrain", "mpitrain_async", "gloo")
+METHODS = ("raw", "mpitrain", "mpitrain_async", "mpitrain_talloc", "gloo")
 
 
 def relaunch(n: int, argv: list[str], timeout: float = 900) -> int:
@@ -73,24 +74,36 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _time_loop(comm: MPI.Intracomm, op: Callable[[], None], iters: int, reps: int) -> float:
+def _time_loop(comm: MPI.Intracomm, op: Callable[[], None], iters: int) -> float:
     from mpi4py import MPI
 
-    op()
-    op()
-    samples = []
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        op()
+    return float(comm.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+
+
+def _measure(
+    comm: MPI.Intracomm, ops: dict[str, Callable[[], None]], iters: int, reps: int
+) -> dict[str, list[float]]:
+    """Time each op ``reps`` times, round-robin (so machine noise hits all methods alike)."""
+    for op in ops.values():
+        op()
+        op()
+    samples: dict[str, list[float]] = {name: [] for name in ops}
     for _ in range(reps):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            op()
-        dt = (time.perf_counter() - t0) / iters
-        samples.append(comm.allreduce(dt, op=MPI.MAX))
-    return float(statistics.median(samples))
+        for name, op in ops.items():
+            samples[name].append(_time_loop(comm, op, iters))
+    return samples
 
 
 def worker(args: argparse.Namespace) -> int:
-    """Collective: measure every method at every size; rank 0 prints and writes JSON."""
+    """Collective: measure every method at every size; rank 0 prints and writes JSON.
+
+    MPI methods are measured first (round-robin per size), gloo afterwards in its own pass so
+    its progress threads cannot disturb the MPI numbers.
+    """
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -101,15 +114,23 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD.Dup()
     n = comm.size
-    init_gloo(comm)
     sizes = [s for s in SIZES if s <= args.max_bytes]
-    rows = []
-    for nbytes in sizes:
-        count = nbytes // 4
+    rows: list[dict[str, Any]] = [{"bytes": s, "iters": _iters(s)} for s in sizes]
+
+    def record(row: dict[str, Any], samples: dict[str, list[float]]) -> None:
+        for name, ts in samples.items():
+            t = statistics.median(ts)
+            row[f"{name}_us"] = t * 1e6
+            row[f"{name}_min_us"] = min(ts) * 1e6
+            row[f"{name}_busbw_GBs"] = row["bytes"] / t * 2 * (n - 1) / n / 1e9
+
+    for row in rows:
+        count = row["bytes"] // 4
         arr = np.ones(count, dtype=np.float32)
-        ten = torch.ones(count, dtype=torch.float32)
-        gt = torch.ones(count, dtype=torch.float32)
-        iters = max(5, min(2000, 2**28 // nbytes))
+        # like for like: the tensor wraps memory from the same (numpy) allocator as ``arr``;
+        # ``talloc`` uses torch's allocator (no huge pages unless THP_MEM_ALLOC_ENABLE=1)
+        ten = torch.from_numpy(np.ones(count, dtype=np.float32))
+        tal = torch.ones(count, dtype=torch.float32)
 
         def raw(arr: Any = arr) -> None:
             comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
@@ -120,24 +141,35 @@ def worker(args: argparse.Namespace) -> int:
         def mt_async(ten: torch.Tensor = ten) -> None:
             iallreduce_(ten, comm, average=False).wait()
 
+        def mt_talloc(tal: torch.Tensor = tal) -> None:
+            allreduce_(tal, comm, average=False)
+
+        ops: dict[str, Callable[[], None]] = {
+            "raw": raw, "mpitrain": mt, "mpitrain_async": mt_async, "mpitrain_talloc": mt_talloc
+        }
+        record(row, _measure(comm, ops, row["iters"], args.reps))
+    init_gloo(comm)
+    for row in rows:
+        gt = torch.ones(row["bytes"] // 4, dtype=torch.float32)
+
         def gloo(gt: torch.Tensor = gt) -> None:
             dist.all_reduce(gt)
 
-        ops = {"raw": raw, "mpitrain": mt, "mpitrain_async": mt_async, "gloo": gloo}
-        row: dict[str, Any] = {"bytes": nbytes, "iters": iters}
-        for name in METHODS:
-            t = _time_loop(comm, ops[name], iters, args.reps)
-            row[f"{name}_us"] = t * 1e6
-            row[f"{name}_busbw_GBs"] = nbytes / t * 2 * (n - 1) / n / 1e9
-        rows.append(row)
+        gloo_ops: dict[str, Callable[[], None]] = {"gloo": gloo}
+        record(row, _measure(comm, gloo_ops, max(3, row["iters"] // 10), args.reps))
         if comm.rank == 0:
             print(_format_row(row), flush=True)
     dist.destroy_process_group()
     if comm.rank == 0:
-        result = {"benchmark": "allreduce", "ranks": n, "machine": machine(), "rows": rows}
+        result = {"benchmark": "allreduce", "ranks": n, "machine": machine(), "rows": rows,
+                  "reps": args.reps, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _iters(nbytes: int) -> int:
+    return max(5, min(2000, 2**27 // nbytes))
 
 
 def _format_row(row: dict[str, Any]) -> str:
@@ -147,13 +179,14 @@ def _format_row(row: dict[str, Any]) -> str:
         f"{row[f'{m}_us']:>12.1f}{row[f'{m}_busbw_GBs']:>8.2f}" for m in METHODS
     )
     ratio = row["mpitrain_us"] / row["raw_us"]
-    return f"{label:>6}{cells}{ratio:>9.3f}"
+    best = row["mpitrain_min_us"] / row["raw_min_us"]
+    return f"{label:>6}{cells}{ratio:>9.3f}{best:>9.3f}"
 
 
 def header() -> str:
     """Table header (time in µs, busbw in GB/s)."""
-    cols = "".join(f"{m[:11]:>12}{'GB/s':>8}" for m in METHODS)
-    return f"{'size':>6}{cols}{'mt/raw':>9}"
+    cols = "".join(f"{m.replace('mpitrain', 'mt'):>12}{'GB/s':>8}" for m in METHODS)
+    return f"{'size':>6}{cols}{'mt/raw':>9}{'min m/r':>9}"
 
 
 def main(argv: list[str]) -> int:
@@ -161,7 +194,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m mpitrain.bench allreduce", description=__doc__)
     p.add_argument("-n", "--ranks", type=int, default=2, help="number of ranks (default 2)")
     p.add_argument("--json", help="write results as JSON here")
-    p.add_argument("--reps", type=int, default=5, help="timed loops per point (median)")
+    p.add_argument("--reps", type=int, default=7, help="timed loops per point (median)")
     p.add_argument("--max-bytes", type=int, default=SIZES[-1], help="largest message")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -69,9 +69,7 @@ def build_buckets(
     totals: dict[tuple[torch.dtype, torch.device], int] = {}
     for b, key in enumerate(keys):
         totals[key] = totals.get(key, 0) + sum(params[i].numel() for i in members[b])
-    buffers = {
-        key: torch.zeros(n, dtype=key[0], device=key[1]) for key, n in totals.items()
-    }
+    buffers = {key: alloc_buffer(n, *key) for key, n in totals.items()}
     # pass 2: slice buffers
     cursor = dict.fromkeys(totals, 0)
     views: list[torch.Tensor | None] = [None] * len(params)
@@ -93,6 +91,22 @@ def build_buckets(
             bucket_of[i] = b
         buckets.append(bucket)
     return BucketPlan(buffers, buckets, [v for v in views if v is not None], bucket_of)
+
+
+def alloc_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Return a zeroed flat buffer; host buffers come from numpy's allocator.
+
+    numpy advises transparent huge pages for large arrays (torch's allocator does not unless
+    THP_MEM_ALLOC_ENABLE=1); MPI's shared-memory copies of huge-page buffers were measured
+    up to ~30% faster at 8-32 MB here (docs/engine.md).
+    """
+    if device.type != "cpu":
+        return torch.zeros(numel, dtype=dtype, device=device)
+    import numpy as np
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(max(numel, 1) * itemsize, dtype=np.uint8))
+    return raw.view(dtype)[:numel]
 
 
 def bucket_bytes_from_mb(bucket_mb: float | None) -> int:
