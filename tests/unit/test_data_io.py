@@ -1,0 +1,184 @@
+"""Shards on disk: round trips, coalesced reads, loader, splits, verify and bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from data_tools import report, sources, split
+from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
+from mpitrain.data.writer import chunk_samples, write_dataset
+from mpitrain.errors import DataError
+
+
+@pytest.fixture()
+def arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "x": rng.random((230, 3, 4), dtype=np.float32),
+        "y": rng.integers(0, 5, 230),
+        "t": np.arange(230)[::-1].copy(),
+    }
+
+
+@pytest.fixture()
+def ds_dir(tmp_path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    return write_dataset(
+        tmp_path / "ds",
+        arrays,
+        name="toy",
+        samples_per_shard=64,
+        splits={"test": np.arange(0, 230, 10)},
+    )
+
+
+def test_manifest_round_trip(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    m = load_manifest(ds_dir)
+    assert m.num_samples == 230 and [s.num_samples for s in m.shards] == [64, 64, 64, 38]
+    assert m.arrays["x"].shape == (3, 4) and m.arrays["x"].dtype == "float32"
+    assert sum(m.class_counts.values()) == 230 and m.num_classes == 5
+    assert m.shards[0].file == "toy-00000.h5"
+    assert not list(ds_dir.parent.glob(".*tmp"))
+    with h5py.File(ds_dir / "toy-00000.h5") as f:
+        assert f["x"].chunks[0] == m.chunk_samples
+
+
+def test_reads_equal_source_in_any_order(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    ds = ShardedDataset(ds_dir)
+    idx = np.random.default_rng(1).permutation(230)[:77]
+    idx = np.concatenate([idx, idx[:3]])  # duplicates too (padding)
+    x, y = ds.read_batch(idx)
+    assert np.array_equal(x.numpy(), arrays["x"][idx]) and np.array_equal(
+        y.numpy(), arrays["y"][idx]
+    )
+    test = ShardedDataset(ds_dir, split="test")
+    assert len(test) == 23 and np.array_equal(test[2][0].numpy(), arrays["x"][20])
+    clone = pickle.loads(pickle.dumps(ds))  # picklable, reopens lazily
+    assert np.array_equal(clone[5][0].numpy(), arrays["x"][5])
+
+
+def test_loader_matches_sampler_and_tracks_consumed(
+    ds_dir: Path, arrays: dict[str, np.ndarray]
+) -> None:
+    ds = ShardedDataset(ds_dir)
+    sampler = DistributedSampler(len(ds), 1, 3, seed=4)
+    loader = BatchLoader(ds, sampler, 16, prefetch=3)
+    loader.set_epoch(0)
+    expected = list(sampler.batches(16))
+    got = []
+    for i, batch in enumerate(loader):
+        got.append(batch)
+        if i == 1:
+            assert loader.state_dict()["position"] == 2 * 16 * 3  # consumed, not prefetched
+            break
+    for (idx, mask), batch in zip(expected, got, strict=False):
+        assert np.array_equal(batch.x.numpy(), arrays["x"][idx])
+        assert np.array_equal(batch.mask.numpy(), mask)
+    assert len(loader) == len(expected) - 2
+
+
+def test_splits(tmp_path: Path, ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    y = arrays["y"]
+    parts = split.stratified_split(y, [0.7, 0.3], seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(230))
+    for cls in np.unique(y):
+        want = (y == cls).sum() * 0.7
+        assert abs((y[parts[0]] == cls).sum() - want) <= 1
+    folds = [split.kfold_split(230, 5, i, 0)[1] for i in range(5)]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(230))
+    early, late = split.time_split(arrays["t"], [0.8, 0.2])
+    assert arrays["t"][early].max() <= arrays["t"][late].min()
+    split.add_splits(ds_dir, {"train": parts[0]})
+    assert len(ShardedDataset(ds_dir, split="train")) == len(parts[0])
+    assert "test" in load_manifest(ds_dir).splits  # earlier splits kept
+
+
+def test_verify_catches_flipped_byte(ds_dir: Path) -> None:
+    assert report.verify(ds_dir) == []
+    shard = ds_dir / "toy-00002.h5"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    problems = report.verify(ds_dir)
+    assert len(problems) == 1 and "toy-00002.h5" in problems[0] and "checksum" in problems[0]
+    with pytest.raises(DataError, match="checksum"):
+        ShardedDataset(ds_dir, verify=True)
+
+
+def test_bad_inputs_name_file_and_hint(tmp_path: Path, ds_dir: Path) -> None:
+    def fails(path: Path, needle: str) -> None:
+        with pytest.raises(DataError) as info:
+            ShardedDataset(path)
+        assert needle in str(info.value) and "HINT" in str(info.value)
+
+    fails(tmp_path / "missing", "does not exist")
+    raw = json.loads((ds_dir / "manifest.json").read_text())
+    for bad_name in ("../../etc/passwd", "/etc/passwd"):
+        evil = tmp_path / f"evil{len(bad_name)}"
+        evil.mkdir()
+        (evil / "manifest.json").write_text(
+            json.dumps(
+                {**raw, "shards": [{**raw["shards"][0], "file": bad_name}], "num_samples": 64}
+            )
+        )
+        fails(evil, "outside the dataset")
+    (ds_dir / "toy-00003.h5").rename(tmp_path / "moved.h5")
+    fails(ds_dir, "toy-00003.h5' is missing")
+    (tmp_path / "moved.h5").rename(ds_dir / "toy-00003.h5")
+    with pytest.raises(DataError, match=r"no split 'val'"):
+        ShardedDataset(ds_dir, split="val")
+    with h5py.File(ds_dir / "toy-00001.h5", "r+") as f:
+        del f["x"]
+        f["x"] = np.zeros((64, 3, 5), dtype=np.float32)
+    fails(ds_dir, "manifest says (64, 3, 4)")
+
+
+def test_writer_refuses_and_overwrites(
+    tmp_path: Path, ds_dir: Path, arrays: dict[str, np.ndarray]
+) -> None:
+    with pytest.raises(DataError, match="already exists"):
+        write_dataset(ds_dir, arrays, name="toy", samples_per_shard=64)
+    write_dataset(
+        ds_dir,
+        {"x": arrays["x"][:10], "y": arrays["y"][:10]},
+        name="toy",
+        samples_per_shard=64,
+        overwrite=True,
+    )
+    assert load_manifest(ds_dir).num_samples == 10 and not (ds_dir / "toy-00001.h5").exists()
+    with pytest.raises(DataError, match="no samples"):
+        write_dataset(
+            tmp_path / "e", {"x": np.zeros((0, 2)), "y": np.zeros(0)}, name="e", samples_per_shard=4
+        )
+    assert chunk_samples(784 * 4 + 8, 50_000) == (1 << 20) // (784 * 4 + 8)
+
+
+def test_sources(tmp_path: Path) -> None:
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("a,b,label\n1,2,cat\n3,4,dog\n")
+    src = sources.from_csv(csv_path, "label")
+    assert src.read(0, 2)["x"].tolist() == [[1.0, 2.0], [3.0, 4.0]] and src.read(0, 2)[
+        "y"
+    ].tolist() == [0, 1]
+    csv_path.write_text("a,b,label\n1,x2,0\n")
+    with pytest.raises(DataError, match="line 2: column 'b' is not numeric"):
+        sources.from_csv(csv_path, "label")
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        Image.new("RGB", (6, 6), color=(10, 20, 30)).save(tmp_path / "img" / cls / "1.png")
+    (tmp_path / "img" / "b" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="broken.png"):
+        sources.from_images(tmp_path / "img", None, "fail")
+    imgs = sources.from_images(tmp_path / "img", 4, "skip")
+    assert imgs.read(0, 2)["x"].shape == (2, 4, 4, 3)
+    syn = sources.SyntheticSource(10_000, (7,), 3, seed=1)
+    whole = syn.read(0, 10_000)
+    assert np.array_equal(syn.read(4000, 4200)["x"], whole["x"][4000:4200])
+    assert sources.from_sklearn("iris").num_samples == 150
