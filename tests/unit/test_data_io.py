@@ -174,7 +174,7 @@ def test_sources(tmp_path: Path) -> None:
         (tmp_path / "img" / cls).mkdir(parents=True)
         Image.new("RGB", (6, 6), color=(10, 20, 30)).save(tmp_path / "img" / cls / "1.png")
     (tmp_path / "img" / "b" / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match=r"broken\.png"):
         sources.from_images(tmp_path / "img", None, "fail")
     imgs = sources.from_images(tmp_path / "img", 4, "skip")
     assert imgs.read(0, 2)["x"].shape == (2, 4, 4, 3)
