@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,13 @@ import torch
 from torch.utils.data import Dataset
 
 from mpitrain.data.manifest import Manifest, load_manifest, safe_member
+from mpitrain.data.reader import GAP_BYTES, ChunkCache, copy_rows, segments
 from mpitrain.errors import DataError, with_hint
 
-#: a gap up to this many bytes between wanted samples is read through rather than skipped
-GAP_BYTES = 256 * 1024
+#: bytes of decoded blocks a dataset keeps per process for cached reads
+CACHE_BYTES = 128 << 20
+#: cached reads fetch whole stored chunks, this many bytes' worth at a time
+BLOCK_BYTES = 1 << 20
 VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
 
 
@@ -60,6 +63,10 @@ def check_shard(directory: Path, manifest: Manifest, index: int, *, checksum: bo
         raise DataError(with_hint(f"shard '{path}' cannot be read: {exc}", VERIFY_HINT)) from None
 
 
+def _read_slice(f: Any, key: str, lo: int, hi: int) -> np.ndarray:
+    return np.asarray(f[key][lo:hi])
+
+
 class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Samples of a data_tools dataset directory (optionally one named split of it).
 
@@ -93,6 +100,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             self.indices = None
         self._starts = np.cumsum([0] + [s.num_samples for s in m.shards])
         self._files: dict[int, Any] = {}
+        self._cache = ChunkCache(CACHE_BYTES)
         self._pid = os.getpid()
         self._sample_bytes = sum(
             int(np.dtype(a.dtype).itemsize * np.prod(a.shape, dtype=np.int64))
@@ -109,6 +117,12 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return self.manifest.arrays["x"].shape
 
     @property
+    def block_samples(self) -> int:
+        """Samples per cached read: whole chunks, about BLOCK_BYTES (the unit to shuffle by)."""
+        cs = self.manifest.chunk_samples
+        return cs * max(1, BLOCK_BYTES // max(1, cs * self._sample_bytes))
+
+    @property
     def num_classes(self) -> int:
         """Number of classes (from the manifest, else max label + 1 over class counts)."""
         if self.manifest.num_classes is not None:
@@ -119,6 +133,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_files"] = {}
+        state["_cache"] = ChunkCache(CACHE_BYTES)
         return state
 
     def _file(self, shard: int) -> Any:
@@ -126,6 +141,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
         if self._pid != os.getpid():  # forked: never share HDF5 handles across processes
             self._files, self._pid = {}, os.getpid()
+            self._cache = ChunkCache(CACHE_BYTES)
         f = self._files.get(shard)
         if f is None:
             path = self.directory / self.manifest.shards[shard].file
@@ -133,41 +149,56 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return f
 
     def read_arrays(
-        self, indices: np.ndarray, keys: tuple[str, ...] = ("x", "y")
+        self, indices: np.ndarray, keys: tuple[str, ...] = ("x", "y"), *, cached: bool = False
     ) -> list[np.ndarray]:
-        """Read samples ``indices`` (of this split) with one slice per contiguous run."""
+        """Read samples ``indices`` (of this split), in that order.
+
+        Sorted indices are read per shard with one slice per segment whose gaps are smaller
+        than GAP_BYTES. With ``cached``, whole stored chunks are read instead and kept in a
+        small LRU, so batches that walk a chunk in pieces (sequential or chunk-shuffled order)
+        read it from disk once.
+        """
         base = self.indices[indices] if self.indices is not None else np.asarray(indices)
         order = np.argsort(base, kind="stable")
         sorted_base = base[order]
-        outs = [
-            np.empty(
-                (len(base), *self.manifest.arrays[k].shape), dtype=self.manifest.arrays[k].dtype
-            )
-            for k in keys
-        ]
+        specs = self.manifest.arrays
+        outs = [np.empty((len(base), *specs[k].shape), dtype=specs[k].dtype) for k in keys]
         shard_of = np.searchsorted(self._starts, sorted_base, side="right") - 1
-        # one slice per segment: runs of sorted indices within a shard whose gaps are small
-        # enough that reading the gap is cheaper than another h5py call (GAP_BYTES)
+        local = sorted_base - self._starts[shard_of]
+        if cached:
+            cs = self.block_samples
+            chunk_of = local // cs
+            groups = segments(shard_of * (1 << 32) + chunk_of, shard_of, 0)
+            for a, b in groups:
+                shard, c0 = int(shard_of[a]), int(chunk_of[a]) * cs
+                f = self._file(shard)
+                for out, key in zip(outs, keys, strict=True):
+                    block = self._cache.get(
+                        (shard, c0, key), functools.partial(_read_slice, f, key, c0, c0 + cs)
+                    )
+                    copy_rows(out, order[a:b], block, local[a:b] - c0)
+            return outs
         max_gap = max(1, GAP_BYTES // max(1, self._sample_bytes))
-        breaks = np.flatnonzero((np.diff(sorted_base) > max_gap) | (np.diff(shard_of) != 0)) + 1
-        bounds = np.concatenate([[0], breaks, [len(sorted_base)]])
-        for a, b in itertools.pairwise(bounds):
-            if a == b:
-                continue
-            shard = int(shard_of[a])
-            lo = int(sorted_base[a] - self._starts[shard])
-            hi = int(sorted_base[b - 1] - self._starts[shard]) + 1
-            rows = sorted_base[a:b] - self._starts[shard] - lo
-            f = self._file(shard)
+        for a, b in segments(sorted_base, shard_of, max_gap):
+            f = self._file(int(shard_of[a]))
+            lo, hi = int(local[a]), int(local[b - 1]) + 1
             dest = order[a:b]
+            direct = hi - lo == b - a and dest[-1] - dest[0] == b - a - 1
             for out, key in zip(outs, keys, strict=True):
-                block = f[key][lo:hi]
-                out[dest] = block if hi - lo == b - a else block[rows]
+                if direct and (b - a == 1 or bool(np.all(np.diff(dest) == 1))):
+                    # contiguous on disk and in the batch: HDF5 writes straight into the batch
+                    f[key].read_direct(
+                        out, np.s_[lo:hi], np.s_[int(dest[0]) : int(dest[0]) + b - a]
+                    )
+                else:
+                    copy_rows(out, dest, f[key][lo:hi], local[a:b] - lo)
         return outs
 
-    def read_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_batch(
+        self, indices: np.ndarray, *, cached: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (x, y) tensors for ``indices``."""
-        x, y = self.read_arrays(np.asarray(indices, dtype=np.int64))
+        x, y = self.read_arrays(np.asarray(indices, dtype=np.int64), cached=cached)
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,7 @@ class BatchLoader:
         self.sampler.load_state_dict(state)
 
     def _read(self, idx: np.ndarray, mask: np.ndarray) -> Batch:
-        x, y = self.dataset.read_batch(idx)
+        x, y = self.dataset.read_batch(idx, cached=self.sampler.shuffle == "chunk")
         m = torch.from_numpy(mask.copy())
         if self.pin_memory:
             x, y, m = x.pin_memory(), y.pin_memory(), m.pin_memory()

@@ -73,7 +73,8 @@ def build_model(cfg: TrainConfig, feature_shape: Sequence[int], num_classes: int
             )
         return SmallCNN(side, num_classes)
     if ":" in cfg.model:
-        return _load_factory(cfg.model)(cfg)
+        module: nn.Module = _load_factory(cfg.model)(cfg)
+        return module
     raise ConfigError(
         with_hint(f"unknown model '{cfg.model}'", "use mlp, cnn or package.module:factory")
     )

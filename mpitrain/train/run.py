@@ -107,7 +107,13 @@ def build_parts(cfg: TrainConfig, world: World, device: torch.device) -> Parts:
 
     train_ds, test_ds = agree(world.comm, open_data)
     sampler = DistributedSampler(
-        len(train_ds), world.rank, world.size, seed=cfg.seed, shuffle=cfg.shuffle, drop_last=True
+        len(train_ds),
+        world.rank,
+        world.size,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        drop_last=True,
+        chunk=train_ds.block_samples,
     )
     train_loader = BatchLoader(
         train_ds,

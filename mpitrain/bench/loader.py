@@ -1,0 +1,199 @@
+"""``python -m mpitrain.bench loader``: HDF5 loader throughput vs raw h5py, RSS, convert speed.
+
+Each measurement runs in a fresh process (so its peak RSS is its own), warm (files in the page
+cache) and cold (evicted with ``posix_fadvise(DONTNEED)`` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODES = ("raw", "sequential", "chunk", "global", "per-sample")
+
+
+def evict(directory: Path) -> None:
+    """Drop the dataset's files from the page cache."""
+    for f in directory.glob("*.h5"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure(directory: Path, mode: str, batch: int, limit_batches: int) -> dict[str, Any]:
+    """Read the dataset one way; return bytes/s, samples/s and this process's peak RSS."""
+    import h5py
+
+    from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
+
+    m = load_manifest(directory)
+    sample_bytes = sum(
+        int(np.dtype(a.dtype).itemsize * np.prod(a.shape, dtype=np.int64))
+        for a in m.arrays.values()
+    )
+    t0 = time.perf_counter()
+    samples = 0
+    if mode == "raw":
+        step = max(1, (64 << 20) // sample_bytes)
+        for s in m.shards:
+            with h5py.File(directory / s.file, "r") as f:
+                for a in range(0, s.num_samples, step):
+                    f["x"][a : a + step]
+                    f["y"][a : a + step]
+                    samples += min(step, s.num_samples - a)
+    elif mode == "per-sample":
+        ds = ShardedDataset(directory)
+        rng = np.random.default_rng(0)
+        for i in rng.integers(0, len(ds), limit_batches * 8):
+            ds[int(i)]
+            samples += 1
+    else:
+        ds = ShardedDataset(directory)
+        shuffle = {"sequential": "none", "chunk": "chunk", "global": "global"}[mode]
+        sampler = DistributedSampler(len(ds), 0, 1, shuffle=shuffle, chunk=ds.block_samples)
+        loader = BatchLoader(ds, sampler, batch, prefetch=4)
+        loader.set_epoch(0)
+        for k, b in enumerate(loader):
+            samples += len(b.y)
+            if mode == "global" and k + 1 >= limit_batches:
+                break
+    dt = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "mode": mode,
+        "samples": samples,
+        "seconds": dt,
+        "MB_per_s": samples * sample_bytes / dt / 1e6,
+        "samples_per_s": samples / dt,
+        "peak_rss_MB": rss_mb,
+    }
+
+
+def run_one(directory: Path, mode: str, cold: bool, batch: int, limit: int) -> dict[str, Any]:
+    """Measure in a fresh interpreter and return its JSON row."""
+    if cold:
+        evict(directory)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpitrain.bench.loader",
+        "--one",
+        mode,
+        "--dir",
+        str(directory.parent),
+        "--batch",
+        str(batch),
+        "--limit-batches",
+        str(limit),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    row: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    row["cache"] = "cold" if cold else "warm"
+    return row
+
+
+def convert_speed(base: Path, gb: float, ranks: list[int]) -> list[dict[str, Any]]:
+    """Time ``data_tools convert --synthetic`` with 1, 2, 4 ranks; MB/s of shards written."""
+    from mpitrain.runtime.launch import launch_env, mpiexec_command
+
+    n = int(gb * 1e9 / (784 * 4 + 8))
+    rows = []
+    for r in ranks:
+        out = base / f"convert-{r}"
+        cmd = [
+            *mpiexec_command(r),
+            sys.executable,
+            "-m",
+            "data_tools",
+            "convert",
+            "--synthetic",
+            str(n),
+            "--features",
+            "784",
+            "--samples-per-shard",
+            "20000",
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, check=True)
+        dt = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in out.glob("*.h5"))
+        rows.append({"ranks": r, "seconds": dt, "MB_per_s": size / dt / 1e6, "MB": size / 1e6})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the loader benchmark; print a table; optionally write JSON."""
+    p = argparse.ArgumentParser(prog="python -m mpitrain.bench loader", description=__doc__)
+    p.add_argument("--dir", type=Path, default=Path("/tmp/mpitrain-bench-loader"))
+    p.add_argument("--gb", type=float, default=0.5, help="dataset size (784 float32 features)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--limit-batches", type=int, default=500, help="for global/per-sample modes")
+    p.add_argument("--convert-gb", type=float, default=0.25)
+    p.add_argument("--convert-ranks", default="1,2,4")
+    p.add_argument("--no-cold", action="store_true")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    data = a.dir / "data"
+    if a.one:
+        print(json.dumps(measure(data, a.one, a.batch, a.limit_batches)))
+        return 0
+    from data_tools.sources import SyntheticSource
+    from mpitrain.data.writer import write_dataset
+
+    n = int(a.gb * 1e9 / (784 * 4 + 8))
+    if (
+        not (data / "manifest.json").exists()
+        or json.loads((data / "manifest.json").read_text())["num_samples"] != n
+    ):
+        print(f"creating {a.gb} GB synthetic dataset ({n} samples) in {data} ...", flush=True)
+        a.dir.mkdir(parents=True, exist_ok=True)
+        write_dataset(
+            data,
+            SyntheticSource(n, (784,), 10, 0),
+            name="bench",
+            samples_per_shard=50_000,
+            overwrite=True,
+        )
+    rows = []
+    for cold in [False] if a.no_cold else [False, True]:
+        for mode in MODES:
+            rows.append(run_one(data, mode, cold, a.batch, a.limit_batches))
+    raw = {r["cache"]: r["MB_per_s"] for r in rows if r["mode"] == "raw"}
+    print(f"\nloader benchmark: {n} samples x 784 float32 ({a.gb} GB), batch {a.batch}")
+    print(
+        f"{'cache':<6} {'mode':<11} {'MB/s':>9} {'samples/s':>11} {'vs raw':>7} {'peak RSS MB':>12}"
+    )
+    for r in rows:
+        r["vs_raw"] = r["MB_per_s"] / raw[r["cache"]]
+        print(
+            f"{r['cache']:<6} {r['mode']:<11} {r['MB_per_s']:9.0f} {r['samples_per_s']:11.0f} "
+            f"{r['vs_raw']:7.2f} {r['peak_rss_MB']:12.0f}"
+        )
+    conv = convert_speed(a.dir, a.convert_gb, [int(r) for r in a.convert_ranks.split(",") if r])
+    print(f"\ndata_tools convert --synthetic ({a.convert_gb} GB)")
+    print(f"{'ranks':>5} {'seconds':>8} {'MB/s':>8}")
+    for c in conv:
+        print(f"{c['ranks']:>5} {c['seconds']:8.1f} {c['MB_per_s']:8.0f}")
+    if a.json:
+        a.json.write_text(json.dumps({"loader": rows, "convert": conv, "gb": a.gb}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
