@@ -6,8 +6,9 @@ when ``state.average``). Hooks reach the transport only through ``state.reducer`
 in underneath unchanged.
 
 Compression hooks pre-divide by the number of ranks in full precision, cast into a
-half-precision scratch buffer allocated once per bucket, sum in half precision (MPICH's native
-``MPIX_C_FLOAT16``; a user-defined op for bfloat16) and cast back. Error-feedback variants
+half-precision scratch buffer allocated once per bucket, sum in half precision (a user-defined
+``MPI.Op`` adding with torch: MPI has no bfloat16 sum and MPICH's float16 one is slow) and cast
+back. Error-feedback variants
 keep the rounding residual of each bucket and add it to the next step's gradient.
 """
 

@@ -14,6 +14,7 @@ CHECKS = [
     "plain one bucket",
     "no_sync accumulation",
     "DistributedOptimizer backward_passes_per_step=2",
+    "broadcast_optimizer_state",
     "unused branch",
     "batchnorm buffers",
     "fp16 hook",

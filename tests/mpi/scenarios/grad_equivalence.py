@@ -210,6 +210,25 @@ def check_no_allocations(comm: MPI.Intracomm, model: DataParallel) -> None:
         print("PASS zero allocations in synchronize, grads alias buckets", flush=True)
 
 
+def check_broadcast_optimizer_state(comm: MPI.Intracomm) -> None:
+    """After a resume-like divergence, root's moments and hyperparameters reach every rank."""
+    torch.manual_seed(3)
+    model = Mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1 * (comm.rank + 1), momentum=0.5 + comm.rank)
+    x, y = my_chunk(comm, 0)
+    mse(model(x), y).backward()
+    opt.step()  # momentum buffers now differ per rank
+    broadcast_optimizer_state(opt, comm, root=0)
+    mine = (opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"],
+            [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()])
+    ref = comm.bcast(mine, root=0)
+    assert mine[:2] == ref[:2] == (0.1, 0.5), mine[:2]
+    for a, b in zip(mine[2], ref[2], strict=True):
+        assert torch.equal(a, b)
+    if comm.rank == 0:
+        print(f"PASS broadcast_optimizer_state (n={comm.size})", flush=True)
+
+
 def main() -> int:
     comm = MPI.COMM_WORLD.Dup()
     torch.set_num_threads(1)
@@ -218,6 +237,7 @@ def main() -> int:
     train_dp(comm, Mlp, "plain one bucket", bucket_mb=64)
     train_dp(comm, Mlp, "no_sync accumulation", micro=2)
     train_hvd_style(comm, 2)
+    check_broadcast_optimizer_state(comm)
 
     def branch(m: nn.Module) -> None:
         m.use_extra = comm.rank == 0  # type: ignore[assignment]
