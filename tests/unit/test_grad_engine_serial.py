@@ -164,3 +164,27 @@ def test_make_hook_registry() -> None:
     assert make_hook(None) is allreduce_hook and make_hook("none") is allreduce_hook
     with pytest.raises(ConfigError, match=r"unknown compression 'int8'.*HINT"):
         make_hook("int8")
+
+
+def test_distributed_optimizer_is_an_optimizer_for_schedulers() -> None:
+    from mpi4py import MPI
+
+    from mpitrain.grad.optimizer import DistributedOptimizer
+
+    model = mlp()
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        named_parameters=model.named_parameters(),
+        comm=MPI.COMM_SELF,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    opt.zero_grad()
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    assert opt.state_dict()["param_groups"][0]["lr"] == pytest.approx(0.05)
