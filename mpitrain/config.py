@@ -33,7 +33,7 @@ class TrainConfig:
     max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)")
     batch_size: int = _opt(32, "samples per rank per step")
     lr: float = _opt(0.05, "learning rate (for the whole job, see --scale-lr)")
-    scale_lr: bool = _opt(True, "multiply lr by the number of ranks (linear scaling rule)")
+    scale_lr: bool = _opt(True, "multiply lr by ranks x accumulate (linear scaling rule)")
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(False, "SGD Nesterov momentum")

@@ -11,8 +11,12 @@ from mpitrain.config import TrainConfig
 
 
 def base_lr(cfg: TrainConfig, world_size: int) -> float:
-    """Return the peak lr: ``cfg.lr``, times the number of ranks with --scale-lr."""
-    return cfg.lr * world_size if cfg.scale_lr else cfg.lr
+    """Return the peak lr: ``cfg.lr``, with --scale-lr times the growth of the global batch.
+
+    The linear scaling rule: ``cfg.lr`` is meant for one rank's batch, so N ranks each
+    accumulating K micro-batches (a global batch N*K times larger) use ``lr * N * K``.
+    """
+    return cfg.lr * world_size * cfg.accumulate if cfg.scale_lr else cfg.lr
 
 
 def build_optimizer(
