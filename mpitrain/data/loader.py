@@ -73,6 +73,7 @@ class BatchLoader:
         return Batch(x, y, m)
 
     def __iter__(self) -> Iterator[Batch]:
+        self.sampler.check_batch(self.batch_size)
         plan = list(self.sampler.batches(self.batch_size))
         if self.prefetch == 0:
             for idx, mask in plan:

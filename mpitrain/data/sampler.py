@@ -73,14 +73,31 @@ class DistributedSampler:
         return rank_part(self.order(), self.position, self.rank, self.world_size, self.drop_last)
 
     def num_batches(self, batch_size: int) -> int:
-        """Return the batches left in this epoch (the same on every rank)."""
-        return -(-len(self.part()[0]) // batch_size)
+        """Return the batches left in this epoch (the same on every rank).
+
+        With ``drop_last`` only full batches count: the tail of the epoch that does not fill
+        ``world_size * batch_size`` samples is left out (as in torch's DataLoader).
+        """
+        n = len(self.part()[0])
+        return n // batch_size if self.drop_last else -(-n // batch_size)
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices, mask) per batch from the current position; does not advance it."""
         idx, mask = self.part()
-        for k in range(0, len(idx), batch_size):
+        end = self.num_batches(batch_size) * batch_size
+        for k in range(0, min(end, len(idx)), batch_size):
             yield idx[k : k + batch_size], mask[k : k + batch_size]
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raise DataError when ``drop_last`` leaves no batch at all (same on every rank)."""
+        if self.drop_last and self.num_samples < self.world_size * batch_size:
+            raise DataError(
+                with_hint(
+                    f"{self.num_samples} samples are fewer than ranks x batch "
+                    f"({self.world_size} x {batch_size}) with drop_last",
+                    "lower the batch size, use fewer ranks or more data",
+                )
+            )
 
     def advance(self, per_rank: int) -> None:
         """Record that every rank consumed ``per_rank`` more samples of this epoch."""

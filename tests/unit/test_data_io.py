@@ -138,6 +138,32 @@ def test_bad_inputs_name_file_and_hint(tmp_path: Path, ds_dir: Path) -> None:
     fails(ds_dir, "manifest says (64, 3, 4)")
 
 
+def test_trainer_facing_bad_inputs(ds_dir: Path) -> None:
+    """Not-JSON manifest, shard without x, wrong dtype, checksum at load with verify=True."""
+    good = (ds_dir / "manifest.json").read_text()
+    (ds_dir / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest\.json' is not valid JSON.*HINT"):
+        ShardedDataset(ds_dir)
+    (ds_dir / "manifest.json").write_text(good)
+    shard = ds_dir / "toy-00002.h5"
+    raw = bytearray(shard.read_bytes())
+    raw[-200] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    ShardedDataset(ds_dir)  # shapes still match: only verify=True reads the bytes
+    with pytest.raises(DataError, match=r"toy-00002\.h5' fails its SHA-256.*HINT"):
+        ShardedDataset(ds_dir, verify=True)
+    with h5py.File(ds_dir / "toy-00001.h5", "r+") as f:
+        x = f["x"][...]
+        del f["x"]
+        f["x"] = x.astype(np.float64)
+    with pytest.raises(DataError, match=r"toy-00001\.h5' dataset 'x' is .*float64.*float32"):
+        ShardedDataset(ds_dir)
+    with h5py.File(ds_dir / "toy-00001.h5", "r+") as f:
+        del f["x"]
+    with pytest.raises(DataError, match=r"toy-00001\.h5' has no dataset 'x'.*HINT"):
+        ShardedDataset(ds_dir)
+
+
 def test_writer_refuses_and_overwrites(
     tmp_path: Path, ds_dir: Path, arrays: dict[str, np.ndarray]
 ) -> None:

@@ -30,15 +30,31 @@ def test_each_sample_once_and_equal_lengths(n: int, world: int, drop_last: bool)
             DistributedSampler(n, 0, world, drop_last=True)
         return
     parts = epoch(n, world, drop_last=drop_last)
+    if drop_last and n < world * 5:  # no full batch of 5 per rank: nothing to yield
+        assert all(batches == [] for batches in parts)
+        return
     lengths = {sum(len(i) for i, _ in batches) for batches in parts}
     counts = {len(batches) for batches in parts}
     assert len(lengths) == 1 and len(counts) == 1  # every rank: same samples, same batches
     real = np.concatenate([i[m] for batches in parts for i, m in batches])
     assert len(real) == len(set(real.tolist()))  # disjoint
-    expected = n - n % world if drop_last else n
+    expected = n - n % (world * 5) if drop_last else n  # drop_last: only full batches (b=5)
     assert len(real) == expected
     if not drop_last:
         assert sorted(real.tolist()) == list(range(n))
+    else:  # the kept samples are exactly the first full global batches of the order
+        order = epoch_order(n, 3, 2, "global")
+        assert sorted(real.tolist()) == sorted(order[:expected].tolist())
+        assert all(m.all() and len(i) == 5 for batches in parts for i, m in batches)
+
+
+def test_drop_last_with_fewer_samples_than_ranks_times_batch_fails_clearly() -> None:
+    s = DistributedSampler(30, 1, 4, drop_last=True)
+    assert s.num_batches(8) == 0
+    with pytest.raises(DataError, match=r"30 samples are fewer than ranks x batch \(4 x 8\)"):
+        s.check_batch(8)
+    s.check_batch(7)  # 28 <= 30: one full batch per rank
+    assert s.num_batches(7) == 1
 
 
 @pytest.mark.parametrize("shuffle", ["global", "chunk", "none"])
