@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mpitrain.comm.handle import Handle
+from mpitrain.errors import CommError, with_hint
 from mpitrain.grad.buckets import Bucket, BucketPlan, bucket_bytes_from_mb, build_buckets
 from mpitrain.grad.hooks import Hook, HookState
 
@@ -107,6 +108,15 @@ class GradEngine:
         if not self.enabled:
             return
         self._counts[i] += 1
+        if self._counts[i] > self.passes_per_step:
+            raise CommError(
+                with_hint(
+                    f"gradient of {self.names[i]!r} computed {self._counts[i]} times before "
+                    f"synchronize() (expected {self.passes_per_step})",
+                    "call synchronize()/step() after each backward, accumulate micro-batches "
+                    "inside model.no_sync(), or raise backward_passes_per_step",
+                )
+            )
         if self._counts[i] == self.passes_per_step:
             b = self._bucket_of[i]
             self._pending[b] -= 1

@@ -113,6 +113,17 @@ def test_backward_passes_per_step_reduces_once_after_k_passes() -> None:
     assert len(red.log) == 1
 
 
+def test_extra_backward_before_synchronize_raises() -> None:
+    from mpitrain.errors import CommError
+
+    model = mlp()
+    eng, _ = engine_for(model, bucket_mb=64)
+    model(torch.randn(2, 8)).sum().backward()
+    with pytest.raises(CommError, match=r"computed 2 times before synchronize\(\).*no_sync"):
+        model(torch.randn(2, 8)).sum().backward()
+    eng.reset()
+
+
 def test_disabled_engine_accumulates_locally() -> None:
     model = mlp()
     eng, red = engine_for(model, bucket_mb=64)
