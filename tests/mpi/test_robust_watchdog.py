@@ -1,0 +1,30 @@
+"""Never hang: the watchdog names a sleeping rank and aborts; kill -9 of a rank ends the job."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+
+def test_sleeping_rank_is_named_and_job_aborts(mpirun) -> None:
+    t0 = time.monotonic()
+    proc = mpirun(2, ["robust_hang.py", "3"], timeout=3 + 15, check=False)
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert elapsed < 3 + 15
+    assert "late: rank 1 " in out, out
+    assert "in sleepy_compute" in out, out  # rank 1's own stack, printed by its watchdog thread
+    assert "not reached" not in out
+
+
+def test_kill_9_of_rank_1_ends_job_within_30s(mpirun) -> None:
+    t0 = time.monotonic()
+    proc = mpirun(2, ["robust_kill.py", "10"], timeout=30, check=False)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert elapsed < 30
+    assert "SIGKILL myself" in proc.stdout
