@@ -80,9 +80,7 @@ def format_table(
 ) -> str:
     """Return rank 0's report: one row per rank, then the verdict line."""
     lines = [f"watchdog: a step did not complete within {timeout:g} s; state of {size} ranks:"]
-    lines.append(
-        f"  {'rank':>4}  {'host':<16} {'step':>6}  {'entered':>7}  last phase entered (seconds since)"
-    )
+    lines.append(f"  {'rank':>4}  {'host':<16} {'step':>6}  {'entered':>7}  last phase (s since)")
     for r in range(size):
         s = reports.get(r)
         if s is None:
