@@ -21,6 +21,8 @@ TABLE: dict[str, tuple[str, ...]] = {
     "slurm_restart_count": ("SLURM_RESTART_COUNT",),
     "slurm_array_task_id": ("SLURM_ARRAY_TASK_ID",),
     "slurm_cpus_per_task": ("SLURM_CPUS_PER_TASK",),
+    # set only when an mpirun (hydra / Open MPI) started the ranks inside a Slurm step
+    "mpirun_markers": ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_SIZE", "HYDI_CONTROL_FD"),
     # launchers' node-local rank hints (used only for reporting; MPI decides)
     "launcher_local_rank": ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"),
     # CUDA / vendor hints for CUDA-aware MPI
@@ -35,8 +37,14 @@ TABLE: dict[str, tuple[str, ...]] = {
     "ranks_per_node": ("MPITRAIN_RANKS_PER_NODE",),
     "require_mpi": ("MPITRAIN_REQUIRE_MPI",),
     "mpiexec": ("MPITRAIN_MPIEXEC",),
+    "require_slurm": ("MPITRAIN_REQUIRE_SLURM",),
     "xdg_cache_home": ("XDG_CACHE_HOME",),
     "home": ("HOME",),
+    # asynchronous exchange modes (docs/async.md)
+    "local_sgd_warmup": ("MPITRAIN_LOCAL_SGD_WARMUP",),
+    "local_sgd_average_optimizer": ("MPITRAIN_LOCAL_SGD_AVERAGE_OPTIMIZER",),
+    "double_buffer_progress": ("MPITRAIN_DOUBLE_BUFFER_PROGRESS",),
+    "delay_compensation": ("MPITRAIN_DELAY_COMPENSATION",),
 }
 
 #: prefix of configuration variables (``MPITRAIN_EPOCHS`` -> option ``epochs``)

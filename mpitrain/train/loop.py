@@ -81,6 +81,8 @@ class Trainer:
             "seen": self.state.seen,
         }
         gathered = self.comm.gather(per_rank, root=0)
+        model = self.p.model
+        exchange = model.exchange_state() if hasattr(model, "exchange_state") else None
         if self.world.rank != 0:
             return None
         loop = asdict(self.state)
@@ -98,6 +100,7 @@ class Trainer:
             "sampler": self.p.train_loader.state_dict(),
             "loop": loop,
             "ranks": gathered,
+            "exchange": exchange,  # asynchronous modes' state (docs/async.md)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -108,6 +111,8 @@ class Trainer:
         if self.p.scaler is not None and state.get("scaler") is not None:
             self.p.scaler.load_state_dict(state["scaler"])
         self.p.train_loader.load_state_dict(state["sampler"])
+        if hasattr(self.p.model, "load_exchange_state") and state.get("exchange") is not None:
+            self.p.model.load_exchange_state(state["exchange"])
         loop = dict(state["loop"])
         self.state = LoopState(**loop)
         ranks = state["ranks"]

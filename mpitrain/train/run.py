@@ -89,7 +89,9 @@ def build_reducer(cfg: TrainConfig, world: World, device: torch.device) -> Any:
     return reducer
 
 
-def build_parts(cfg: TrainConfig, world: World, device: torch.device) -> Parts:
+def build_parts(
+    cfg: TrainConfig, world: World, device: torch.device, ps_link: Any = None
+) -> Parts:
     """Collective: open the data, build and wrap the model, optimizer and schedule."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
     from mpitrain.grad import DataParallel
@@ -141,13 +143,21 @@ def build_parts(cfg: TrainConfig, world: World, device: torch.device) -> Parts:
     module = agree(
         world.comm, lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes)
     ).to(device)
-    model = DataParallel(
-        module,
-        comm=world.comm,
-        bucket_mb=cfg.bucket_mb,
-        hook=make_hook(cfg.compression),
-        reducer=build_reducer(cfg, world, device),
-    )
+    model: Any
+    if cfg.exchange == "sync":
+        model = DataParallel(
+            module,
+            comm=world.comm,
+            bucket_mb=cfg.bucket_mb,
+            hook=make_hook(cfg.compression),
+            reducer=build_reducer(cfg, world, device),
+        )
+    else:
+        from mpitrain.grad.modes import wrap_for_mode
+
+        model = wrap_for_mode(
+            cfg, world, module, steps_per_epoch=steps_per_epoch, link=ps_link
+        )
     optimizer = build_optimizer(cfg, module.parameters(), world.size)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -175,14 +185,28 @@ def resume_if_asked(cfg: TrainConfig, trainer: Trainer) -> None:
         )
 
 
-def main(argv: list[str], comm: MPI.Intracomm) -> int:
-    """Collective: run the train command on ``comm``; returns the process exit code."""
+def main(argv: list[str], comm: MPI.Intracomm, *, ps_link: Any = None) -> int:
+    """Collective: run the train command on ``comm``; returns the process exit code.
+
+    With ``--exchange param-server`` the last ``--servers`` ranks serve parameters and the
+    others run this function again on a workers-only communicator (``ps_link`` set).
+    """
     t_start = time.perf_counter()
     cfg = parse_config(argv)
     world = World.create(comm)
+    if cfg.exchange == "param-server" and ps_link is None:
+        from mpitrain.grad.modes.param_server import run_param_server
+        from mpitrain.train.optim import build_optimizer
+
+        return run_param_server(
+            cfg,
+            world,
+            lambda wcomm, link: main(argv, wcomm, ps_link=link),
+            lambda params: build_optimizer(cfg, params, 1),
+        )
     setup_logging(world.rank, cfg.log_level)
     device = choose_device(cfg, world)
-    parts = build_parts(cfg, world, device)
+    parts = build_parts(cfg, world, device, ps_link)
     watchdog = _make_watchdog(world, cfg)
     trainer = Trainer(cfg, world, parts, watchdog=watchdog)
     resume_if_asked(cfg, trainer)
