@@ -46,6 +46,7 @@ class RankState:
     nbytes: int
     seconds_in_phase: float
     entered: int  # phases entered since start (ranks in the same collective agree)
+    stack: str = ""  # main thread's innermost frames, "fn (file:line) <- caller ..."
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def format_table(
             f"  {r:>4}  {s.host[:16]:<16} {s.step:>6}  {s.entered:>7}  "
             f"{phase} ({s.seconds_in_phase:.1f}s){mark}"
         )
+        if s.stack:
+            lines.append(f"        main thread in: {s.stack}")
     parts = []
     if verdict.late:
         who = ", ".join(f"rank {r}" for r in verdict.late)
@@ -106,6 +109,19 @@ def format_table(
         )
     lines.append("watchdog: " + "; ".join(parts) + ". Aborting the job (exit 1).")
     return "\n".join(lines) + "\n"
+
+
+def stack_summary(thread_id: int | None, depth: int = 4) -> str:
+    """Return ``fn (file:line) <- caller (file:line) ...`` for a thread's innermost frames."""
+    if thread_id is None:
+        return ""
+    frame = sys._current_frames().get(thread_id)
+    parts: list[str] = []
+    while frame is not None and len(parts) < depth:
+        code = frame.f_code
+        parts.append(f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})")
+        frame = frame.f_back
+    return " <- ".join(parts)
 
 
 class Watchdog:
@@ -131,6 +147,8 @@ class Watchdog:
         self._abort = abort if abort is not None else comm.Abort
         self.poll = poll if poll is not None else max(0.05, min(0.5, self.timeout / 10))
         self.host = socket.gethostname()
+        self.main_ident = threading.get_ident()  # the thread that runs the steps
+        self.started_at: float | None = None
         self.ring: deque[tuple[float, str, int]] = deque(maxlen=RING)
         self.entered = 0
         self.step = -1
@@ -160,11 +178,14 @@ class Watchdog:
     def step_started(self, step: int) -> None:
         """Arm the timer for ``step``."""
         self.step = step
-        self.deadline = self.clock() + self.timeout
+        now = self.clock()
+        self.started_at = now
+        self.deadline = now + self.timeout
 
     def step_done(self) -> None:
         """Disarm the timer."""
         self.deadline = None
+        self.started_at = None
 
     def enter(self, name: str, nbytes: int = 0) -> None:
         """Record that this rank enters a collective or phase (kept in a ring of 16)."""
@@ -194,6 +215,7 @@ class Watchdog:
             nbytes,
             now - t,
             self.entered,
+            stack_summary(self.main_ident),
         )
 
     def _run(self) -> None:
@@ -212,6 +234,14 @@ class Watchdog:
 
     def _dump(self, why: str) -> None:
         out = sys.stderr
+        started = self.started_at
+        if started is not None:
+            out.write(
+                f"rank {self.rank}: watchdog: step {self.step} has run "
+                f"{self.clock() - started:.1f} s (limit {self.timeout:g} s)\n"
+            )
+        else:
+            out.write(f"rank {self.rank}: watchdog: between steps (last step {self.step})\n")
         ring = "\n".join(
             f"    {name} {nbytes} B ({self.clock() - t:.1f}s ago)" for t, name, nbytes in self.ring
         )

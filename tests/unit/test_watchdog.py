@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from mpitrain.runtime.watchdog import RankState, Watchdog, format_table, late_ranks
+from mpitrain.runtime.watchdog import (
+    RankState,
+    Watchdog,
+    format_table,
+    late_ranks,
+    stack_summary,
+)
 
 
 def _st(rank: int, entered: int, phase: str = "allreduce") -> RankState:
@@ -60,7 +66,23 @@ def test_fires_only_after_timeout_with_injected_clock(capfd) -> None:
     err = capfd.readouterr().err
     assert "watchdog rank 0/1" in err and "step not done within 10 s" in err
     assert "allreduce 128 B" in err
+    assert "rank 0: watchdog: step 2 has run 11.0 s (limit 10 s)" in err
     assert "test_fires_only_after_timeout_with_injected_clock" in err  # main-thread stack
+
+
+def test_stack_summary_names_innermost_frames_first() -> None:
+    import threading
+
+    def inner_helper() -> str:
+        return stack_summary(threading.get_ident(), depth=2)
+
+    text = inner_helper()
+    assert text.startswith("stack_summary (watchdog.py:"), text
+    assert " <- inner_helper (test_watchdog.py:" in text
+    assert stack_summary(None) == ""
+    reports = {0: RankState(0, "h", 1, True, "allreduce", 4, 1.0, 3, "sleep (x.py:1)")}
+    v = late_ranks(reports, 1)
+    assert "main thread in: sleep (x.py:1)" in format_table(reports, 1, 1.0, v)
 
 
 def test_enter_is_cheap() -> None:

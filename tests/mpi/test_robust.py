@@ -1,0 +1,50 @@
+"""Never hang, end to end: the trainer under mpiexec with a sleeping rank and a killed rank."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+MODELS = "tests.mpi.scenarios.train_models"
+COMMON = ["-m", "mpitrain", "--epochs", "2", "--no-progress"]
+
+
+def test_trainer_hang_names_rank_1_and_its_stack(mpirun) -> None:
+    t0 = time.monotonic()
+    proc = mpirun(
+        2,
+        [*COMMON, "--model", f"{MODELS}:sleeps", "--hang-timeout", "5"],
+        timeout=60,
+        check=False,
+        extra_env={"TEST_RANK": "1", "TEST_STEP": "3", "TEST_SLEEP": "120"},
+    )
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert elapsed < 45, elapsed  # ~20 s measured: start-up + 5 s limit + grace
+    assert "rank 1: watchdog: step 2 has run" in out and "(limit 5 s)" in out, out
+    assert "late: rank 1 " in out, out
+    # rank 0's table carries rank 1's main-thread position: the sleeping test hook
+    lines = out.splitlines()
+    row = next(i for i, ln in enumerate(lines) if ln.strip().startswith("1 ") and "LATE" in ln)
+    assert "main thread in: misbehave (train_models.py:" in lines[row + 1], out
+    # and rank 1's own faulthandler dump shows the frame
+    assert "in misbehave" in out
+
+
+def test_trainer_kill_9_of_rank_1_ends_job_within_30s(mpirun) -> None:
+    t0 = time.monotonic()
+    proc = mpirun(
+        2,
+        [*COMMON, "--model", f"{MODELS}:killed", "--hang-timeout", "10"],
+        timeout=30,
+        check=False,
+        extra_env={"TEST_RANK": "1", "TEST_STEP": "3"},
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert elapsed < 30, elapsed
+    assert "done:" not in proc.stdout
