@@ -38,6 +38,15 @@ TABLE: dict[str, tuple[str, ...]] = {
     "require_mpi": ("MPITRAIN_REQUIRE_MPI",),
     "mpiexec": ("MPITRAIN_MPIEXEC",),
     "require_slurm": ("MPITRAIN_REQUIRE_SLURM",),
+    # variables of the sbatch templates (slurm/README.md); not training options
+    "slurm_launcher": ("MPITRAIN_LAUNCHER",),
+    "slurm_srun_mpi": ("MPITRAIN_SRUN_MPI",),
+    "slurm_requeue": ("MPITRAIN_REQUEUE",),
+    "slurm_max_restarts": ("MPITRAIN_MAX_RESTARTS",),
+    "slurm_python": ("MPITRAIN_PYTHON",),
+    "slurm_mpirun": ("MPITRAIN_MPIRUN",),
+    "slurm_continuation": ("MPITRAIN_CONTINUATION",),
+    "slurm_sweep_dir": ("MPITRAIN_SWEEP_DIR",),
     "xdg_cache_home": ("XDG_CACHE_HOME",),
     "home": ("HOME",),
     # asynchronous exchange modes (docs/async.md)

@@ -1,0 +1,128 @@
+"""`python -m mpitrain slurm render TEMPLATE [options] -- TRAIN ARGS...` and `slurm list`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mpitrain.errors import ConfigError
+from mpitrain.runtime.files import write_atomic
+from mpitrain.slurm.render import (
+    LAUNCHERS,
+    REQUEUE,
+    SRUN_MPI,
+    RenderOptions,
+    list_templates,
+    render,
+)
+
+EPILOG = """\
+Everything after `--` is passed to the program the template runs (training flags, or
+data_tools convert flags for preprocess.sbatch); each word is shell-quoted.
+Example:
+  python -m mpitrain slurm render train-gpu --nodes 2 --gpus-per-node 4 --time 02:00:00 \\
+      --partition gpu --env-setup 'module load cuda; source ~/venv/bin/activate' \\
+      --output job.sbatch -- --epochs 30 --summary-json out/summary.json
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of the slurm command."""
+    parser = argparse.ArgumentParser(prog="python -m mpitrain slurm")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the packaged templates")
+    r = sub.add_parser(
+        "render",
+        help="render a template into a ready sbatch script",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = RenderOptions()
+    r.add_argument("template", help=f"one of {', '.join(list_templates())}, or a template file")
+    r.add_argument("--nodes", type=int, default=d.nodes)
+    r.add_argument("--ntasks-per-node", type=int, help="ranks per node (GPU: = --gpus-per-node)")
+    r.add_argument("--gpus-per-node", type=int, help="GPUs per node (train-gpu: one rank each)")
+    r.add_argument(
+        "--cpus-per-task", type=int, default=d.cpus_per_task, help="also OMP_NUM_THREADS"
+    )
+    r.add_argument("--time", default=d.time, help="wall time: MINUTES, HH:MM:SS or D-HH:MM:SS")
+    r.add_argument("--partition")
+    r.add_argument("--account")
+    r.add_argument("--job-name", default=d.job_name)
+    r.add_argument(
+        "--env-setup", default=d.env_setup, help="shell code run first (module loads...)"
+    )
+    r.add_argument("--launcher", choices=LAUNCHERS, default=d.launcher)
+    r.add_argument("--srun-mpi", choices=SRUN_MPI, default=d.srun_mpi, help="srun --mpi= plugin")
+    r.add_argument(
+        "--preempt-seconds",
+        type=int,
+        default=d.preempt_seconds,
+        help="USR1 this long before the time limit (--signal=B:USR1@N)",
+    )
+    r.add_argument("--max-restarts", type=int, default=d.max_restarts)
+    r.add_argument(
+        "--requeue",
+        choices=REQUEUE,
+        default=d.requeue,
+        help="after preemption: scontrol requeue, or a dependent sbatch job",
+    )
+    r.add_argument("--python", default=d.python, help="python executable inside the job")
+    r.add_argument("--log", default=d.log, help="sbatch --output pattern")
+    r.add_argument("--checkpoint-dir", help="default: checkpoints/JOBNAME-JOBID")
+    r.add_argument("--grid", type=Path, help="sweep: TOML or CSV grid, one array task per run")
+    r.add_argument("--sweep-dir", help="sweep: parent of the task-N run directories")
+    r.add_argument("--array-parallel", type=int, help="sweep: at most this many tasks at once")
+    r.add_argument("--output", "-o", type=Path, help="write the script here (default: stdout)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run the slurm command; returns the exit code."""
+    args = list(argv)
+    train_args: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, train_args = args[:cut], args[cut + 1 :]
+    ns = build_parser().parse_args(args)
+    if ns.action == "list":
+        for name in list_templates():
+            print(name)
+        return 0
+    opts = RenderOptions(
+        nodes=ns.nodes,
+        ntasks_per_node=ns.ntasks_per_node,
+        gpus_per_node=ns.gpus_per_node,
+        cpus_per_task=ns.cpus_per_task,
+        time=ns.time,
+        partition=ns.partition,
+        account=ns.account,
+        job_name=ns.job_name,
+        env_setup=ns.env_setup,
+        launcher=ns.launcher,
+        srun_mpi=ns.srun_mpi,
+        preempt_seconds=ns.preempt_seconds,
+        max_restarts=ns.max_restarts,
+        requeue=ns.requeue,
+        python=ns.python,
+        log=ns.log,
+        checkpoint_dir=ns.checkpoint_dir,
+        grid=ns.grid,
+        sweep_dir=ns.sweep_dir,
+        array_parallel=ns.array_parallel,
+        train_args=train_args,
+    )
+    try:
+        text = render(ns.template, opts)
+    except ConfigError as exc:
+        sys.stderr.write(f"mpitrain slurm: error: {exc}\n")
+        return exc.exit_code
+    if ns.output is None:
+        sys.stdout.write(text)
+    else:
+        write_atomic(ns.output, text.encode())
+        os.chmod(ns.output, 0o755)
+        sys.stderr.write(f"mpitrain slurm: wrote {ns.output} (submit: sbatch {ns.output})\n")
+    return 0

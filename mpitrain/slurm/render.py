@@ -1,0 +1,267 @@
+"""Render the sbatch templates: validate every value, shell-quote everything that is data.
+
+Templates use ``@@{name}`` placeholders (a :class:`string.Template` with delimiter ``@@``)
+so the shell's own ``$`` syntax passes through untouched. Values that land on ``#SBATCH``
+lines are checked against strict patterns (sbatch parses those lines itself, not the shell);
+values that land in shell code go through :func:`shlex.quote`. The one exception is
+``env_setup``: it is shell code the user writes, inserted verbatim in a marked block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from mpitrain.errors import ConfigError, with_hint
+from mpitrain.slurm.grid import load_grid
+
+TEMPLATE_SUFFIX = ".sbatch"
+LAUNCHERS = ("srun", "mpirun")
+SRUN_MPI = ("pmi2", "pmix", "pmix_v3", "pmix_v4", "pmix_v5", "cray_shasta", "none")
+REQUEUE = ("scontrol", "sbatch", "none")
+#: training flags the training templates manage themselves
+MANAGED_FLAGS = {
+    "--checkpoint-dir": "use the renderer's --checkpoint-dir",
+    "--resume": "the script adds --resume auto after a requeue",
+}
+SWEEP_FLAGS = {
+    "--run-dir": "each array task gets SWEEP_DIR/task-N (--sweep-dir)",
+    "--summary-json": "each task writes SWEEP_DIR/task-N/summary.json",
+}
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_NAME_LIST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}(,[A-Za-z0-9][A-Za-z0-9_.+-]{0,127})*$")
+# minutes | min:sec | h:min:sec | d-h | d-h:min | d-h:min:sec  (sbatch --time)
+NO_ENV_SETUP = "# (none given: the job inherits the submitting shell's environment)"
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_LOG = re.compile(r"^[A-Za-z0-9_.%+/-]{1,255}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CODE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # code may hold tabs and newlines
+
+
+class _Template(string.Template):
+    delimiter = "@@"
+    idpattern = r"[a-z_][a-z0-9_]*"
+    flags = re.ASCII
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Everything a template can be rendered with (defaults are the renderer's defaults)."""
+
+    nodes: int = 1
+    ntasks_per_node: int | None = None  # None: 1 on CPU templates, gpus_per_node on GPU ones
+    gpus_per_node: int | None = None
+    cpus_per_task: int = 1
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    job_name: str = "mpitrain"
+    env_setup: str = ""
+    launcher: str = "srun"
+    srun_mpi: str = "pmi2"
+    preempt_seconds: int = 120
+    max_restarts: int = 3
+    requeue: str = "scontrol"
+    python: str = "python"
+    log: str = "slurm-%x-%j.out"
+    checkpoint_dir: str | None = None
+    grid: Path | None = None
+    sweep_dir: str | None = None
+    array_parallel: int | None = None
+    train_args: list[str] = field(default_factory=list)
+
+
+def template_dir() -> Path:
+    """Return the directory of the packaged templates."""
+    return Path(str(resources.files("mpitrain.slurm") / "templates"))
+
+
+def list_templates() -> list[str]:
+    """Return the names of the packaged templates."""
+    return sorted(p.name for p in template_dir().glob("*" + TEMPLATE_SUFFIX))
+
+
+def find_template(name: str) -> Path:
+    """Return a packaged template by name (with or without .sbatch) or a template file path."""
+    path = Path(name)
+    if path.is_file() and (path.suffix == TEMPLATE_SUFFIX or "/" in name):
+        return path
+    base = name if name.endswith(TEMPLATE_SUFFIX) else name + TEMPLATE_SUFFIX
+    packaged = template_dir() / base
+    if "/" not in base and packaged.is_file():
+        return packaged
+    raise ConfigError(
+        with_hint(f"no template '{name}'", f"pick one of {', '.join(list_templates())} or a file")
+    )
+
+
+def _bad(option: str, value: object, hint: str) -> ConfigError:
+    return ConfigError(with_hint(f"--{option.replace('_', '-')} {value!r} is not valid", hint))
+
+
+def _check_int(option: str, value: int | None, low: int, high: int = 1 << 20) -> None:
+    if value is not None and (isinstance(value, bool) or not low <= value <= high):
+        raise _bad(option, value, f"give an integer from {low} to {high}")
+
+
+def _check_time(value: str) -> None:
+    m = _TIME.match(value)
+    ok = m is not None
+    if m is not None:
+        days, first, second, third = m.groups()
+        if days is not None:  # d-h, d-h:m, d-h:m:s
+            parts = [first, second, third]
+            ok = int(first) < 24 and all(p is None or int(p) < 60 for p in parts[1:])
+        elif third is not None:  # h:m:s
+            ok = int(second) < 60 and int(third) < 60
+        elif second is not None:  # m:s
+            ok = int(second) < 60
+    if not ok:
+        raise _bad(
+            "time", value, "use MINUTES, HH:MM:SS or D-HH:MM:SS (sbatch --time), e.g. 02:00:00"
+        )
+
+
+def _check_text(option: str, value: str, *, code: bool = False) -> None:
+    if (_CODE_CONTROL if code else _CONTROL).search(value):
+        raise _bad(option, value, "remove newlines and control characters")
+
+
+def validate(template: str, opts: RenderOptions) -> RenderOptions:
+    """Check every option for ``template`` (a file name); return them with defaults filled.
+
+    Raises:
+        ConfigError: naming the option, the bad value and a fix.
+    """
+    gpu = "gpu" in template
+    sweep = template.startswith("sweep")
+    for name in ("nodes", "cpus_per_task", "ntasks_per_node", "gpus_per_node", "array_parallel"):
+        _check_int(name, getattr(opts, name), 1)
+    _check_int("preempt_seconds", opts.preempt_seconds, 0, 65535)
+    _check_int("max_restarts", opts.max_restarts, 0, 1000)
+    _check_time(opts.time)
+    if not _NAME.match(opts.job_name):
+        raise _bad("job_name", opts.job_name, "use letters, digits and _ . + - (no spaces, quotes)")
+    if opts.account is not None and not _NAME.match(opts.account):
+        raise _bad("account", opts.account, "use letters, digits and _ . + -")
+    if opts.partition is not None and not _NAME_LIST.match(opts.partition):
+        raise _bad("partition", opts.partition, "use letters, digits and _ . + - (comma-separated)")
+    if not _LOG.match(opts.log) or ".." in opts.log.split("/"):
+        raise _bad("log", opts.log, "use letters, digits, _ . % + - and / (e.g. logs/%x-%j.out)")
+    for name, choices in (("launcher", LAUNCHERS), ("srun_mpi", SRUN_MPI), ("requeue", REQUEUE)):
+        if getattr(opts, name) not in choices:
+            raise _bad(name, getattr(opts, name), f"pick one of {', '.join(choices)}")
+    _check_text("env_setup", opts.env_setup, code=True)
+    for name in ("python", "checkpoint_dir", "sweep_dir"):
+        value = getattr(opts, name)
+        if value is not None:
+            _check_text(name, value)
+            if not value:
+                raise _bad(name, value, "give a non-empty value")
+    for arg in opts.train_args:
+        if _CONTROL.search(arg):
+            raise ConfigError(
+                with_hint(f"training argument {arg!r} has a control character", "remove it")
+            )
+    managed = dict(MANAGED_FLAGS, **(SWEEP_FLAGS if sweep else {}))
+    if template.startswith("preprocess"):
+        managed = {}
+    for arg in opts.train_args:
+        flag = arg.split("=", 1)[0]
+        if flag in managed:
+            raise ConfigError(
+                with_hint(f"training argument '{flag}' is set by the template", managed[flag])
+            )
+    if gpu:
+        gpus = opts.gpus_per_node or 1
+        tasks = opts.ntasks_per_node or gpus
+        if tasks != gpus:
+            raise ConfigError(
+                with_hint(
+                    f"--ntasks-per-node {tasks} differs from --gpus-per-node {gpus}",
+                    "the GPU template runs one rank per GPU: give equal values (or omit one)",
+                )
+            )
+        opts = dataclasses.replace(opts, gpus_per_node=gpus, ntasks_per_node=tasks)
+    else:
+        if opts.gpus_per_node is not None:
+            raise _bad("gpus_per_node", opts.gpus_per_node, "use train-gpu.sbatch for GPU jobs")
+        opts = dataclasses.replace(opts, ntasks_per_node=opts.ntasks_per_node or 1)
+    if sweep and opts.grid is None:
+        raise ConfigError(
+            with_hint("sweep.sbatch needs a grid", "pass --grid FILE (.toml or .csv)")
+        )
+    if not sweep and (opts.grid is not None or opts.sweep_dir is not None):
+        raise ConfigError(with_hint("--grid/--sweep-dir are for sweep.sbatch", "drop them"))
+    return opts
+
+
+def _quote_words(words: list[str]) -> str:
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _grid_cases(tasks: list[list[str]]) -> str:
+    return "\n".join(f"    {i}) TASK_ARGS=({_quote_words(w)}) ;;" for i, w in enumerate(tasks))
+
+
+def placeholders(text: str) -> set[str]:
+    """Return the placeholder names a template uses."""
+    return set(_Template(text).get_identifiers())
+
+
+def render_text(text: str, template: str, opts: RenderOptions) -> str:
+    """Render template source ``text`` (named ``template``) with validated options."""
+    opts = validate(template, opts)
+    directives = [f"#SBATCH --partition={opts.partition}"] if opts.partition else []
+    directives += [f"#SBATCH --account={opts.account}"] if opts.account else []
+    tasks = load_grid(opts.grid) if opts.grid is not None else []
+    array = f"0-{len(tasks) - 1}" + (f"%{opts.array_parallel}" if opts.array_parallel else "")
+    values = {
+        "job_name": opts.job_name,
+        "nodes": str(opts.nodes),
+        "ntasks_per_node": str(opts.ntasks_per_node),
+        "gpus_per_node": str(opts.gpus_per_node),
+        "cpus_per_task": str(opts.cpus_per_task),
+        "time": opts.time,
+        "log": opts.log,
+        "signal": f"B:USR1@{opts.preempt_seconds}",
+        "directives": "\n".join(directives) or "# (no --partition / --account given)",
+        "launcher": shlex.quote(opts.launcher),
+        "srun_mpi": shlex.quote(opts.srun_mpi),
+        "requeue": shlex.quote(opts.requeue),
+        "max_restarts": str(opts.max_restarts),
+        "python": shlex.quote(opts.python),
+        # a fixed expression (not user data) when no directory is given
+        "checkpoint_dir": shlex.quote(opts.checkpoint_dir)
+        if opts.checkpoint_dir
+        else '"checkpoints/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"',
+        "sweep_dir": shlex.quote(opts.sweep_dir)
+        if opts.sweep_dir
+        else '"sweeps/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}"',
+        "train_args": _quote_words(opts.train_args),
+        "env_setup": opts.env_setup.rstrip("\n") or NO_ENV_SETUP,
+        "grid_cases": _grid_cases(tasks),
+        "array": array,
+        "run_block": (template_dir() / "_run.sh").read_text(),
+    }
+    tpl = _Template(text)
+    if not tpl.is_valid():
+        raise ConfigError(with_hint(f"template '{template}': malformed @@ placeholder", "fix it"))
+    unknown = placeholders(text) - set(values)
+    if unknown:
+        raise ConfigError(
+            with_hint(f"template '{template}': unknown placeholders {sorted(unknown)}", "fix it")
+        )
+    return tpl.substitute({k: v for k, v in values.items() if k in placeholders(text)})
+
+
+def render(template: str, opts: RenderOptions) -> str:
+    """Render a packaged template (or a template file) and return the script text."""
+    path = find_template(template)
+    return render_text(path.read_text(), path.name, opts)

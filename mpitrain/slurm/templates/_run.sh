@@ -1,0 +1,78 @@
+# ---- run the training step; forward preemption signals; requeue (from templates/_run.sh) ----
+RESTARTS=$(( ${SLURM_RESTART_COUNT:-0} + ${MPITRAIN_CONTINUATION:-0} ))
+if [ "$RESTARTS" -gt "$MPITRAIN_MAX_RESTARTS" ]; then
+    echo "mpitrain: restart $RESTARTS is past MPITRAIN_MAX_RESTARTS=$MPITRAIN_MAX_RESTARTS: giving up" >&2
+    exit 1
+fi
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}   # srun does not inherit it from sbatch
+resume=()
+if [ "$RESTARTS" -gt 0 ]; then
+    resume=(--resume auto)
+fi
+case "$MPITRAIN_LAUNCHER" in
+    srun) launch=(srun --mpi="$MPITRAIN_SRUN_MPI" --kill-on-bad-exit=1 "${SRUN_EXTRA[@]}") ;;
+    mpirun) launch=("$MPITRAIN_MPIRUN" -n "$SLURM_NTASKS") ;;
+    *) echo "mpitrain: MPITRAIN_LAUNCHER must be srun or mpirun, not '$MPITRAIN_LAUNCHER'" >&2
+       exit 2 ;;
+esac
+
+# Slurm signals this batch shell (--signal=B:USR1@T, scancel --signal=USR1 --batch, or TERM
+# on cancel); the trap passes it on to the launcher, which hands it to every rank; mpitrain
+# stops all ranks at the next step, writes a checkpoint and exits with 99.
+signals=0
+child=
+forward() {
+    signals=$((signals + 1))
+    echo "mpitrain: batch script got SIG$1: forwarding it to the job step" >&2
+    if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null || true; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+echo "mpitrain: job ${SLURM_JOB_ID} restart ${RESTARTS} on ${SLURM_JOB_NODELIST}: ${launch[*]}"
+"${launch[@]}" "$MPITRAIN_PYTHON" -m mpitrain "${TRAIN_ARGS[@]}" \
+    --checkpoint-dir "$CHECKPOINT_DIR" "${resume[@]}" &
+child=$!
+while :; do
+    seen=$signals
+    wait "$child"
+    rc=$?
+    # a trap interrupts `wait`; wait again for the checkpoint and the real exit status
+    if [ "$signals" -ne "$seen" ] && [ "$rc" -gt 128 ]; then continue; fi
+    break
+done
+trap - USR1 TERM
+echo "mpitrain: training step exited with status $rc"
+
+if [ "$rc" -ne 99 ]; then
+    exit "$rc"   # finished (0) or crashed: never requeued by this script
+fi
+if [ "$RESTARTS" -ge "$MPITRAIN_MAX_RESTARTS" ]; then
+    echo "mpitrain: preempted, but restart $RESTARTS reached MPITRAIN_MAX_RESTARTS: not requeueing" >&2
+    exit 99
+fi
+case "$MPITRAIN_REQUEUE" in
+    scontrol)
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            echo "mpitrain: checkpoint written; requeued job $SLURM_JOB_ID"
+            exit 0
+        fi
+        echo "mpitrain: scontrol requeue failed: submitting a continuation job instead" >&2
+        ;&
+    sbatch)
+        # container fallback: a new job that starts once this one has ended
+        # ($0 is Slurm's copy of this script, which exists while the job runs)
+        if MPITRAIN_CONTINUATION=$((RESTARTS + 1)) MPITRAIN_CHECKPOINT_DIR=$CHECKPOINT_DIR \
+            MPITRAIN_SWEEP_DIR=${SWEEP_DIR:-} sbatch --export=ALL \
+            --dependency="afterany:$SLURM_JOB_ID" "${CONTINUE_ARGS[@]}" "$0"; then
+            exit 0
+        fi
+        echo "mpitrain: could not submit a continuation job" >&2
+        exit 99
+        ;;
+    *)
+        echo "mpitrain: preempted; MPITRAIN_REQUEUE=$MPITRAIN_REQUEUE: not requeueing" >&2
+        exit 99
+        ;;
+esac

@@ -1,0 +1,331 @@
+"""Slurm renderer: golden files, strict validation, quoting (no command injection) and the
+batch script's run/requeue logic executed by bash against stub srun/scontrol/sbatch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpitrain.errors import ConfigError
+from mpitrain.slurm import cli
+from mpitrain.slurm.grid import load_grid
+from mpitrain.slurm.render import RenderOptions, list_templates, placeholders, render, template_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "slurm" / "golden"
+PWNED = "/tmp/mpitrain-pwned"
+
+#: golden file -> renderer argv (run with --regen to rewrite the files after a deliberate change)
+# fmt: off
+CASES: dict[str, list[str]] = {
+    "train-cpu.sbatch": [
+        "train-cpu", "--nodes", "2", "--ntasks-per-node", "2", "--cpus-per-task", "4",
+        "--time", "02:00:00", "--partition", "cpu", "--account", "proj-1", "--job-name", "demo",
+        "--env-setup", "module load python/3.11\nsource ~/venv/bin/activate",
+        "--", "--epochs", "30", "--summary-json", "out/summary.json",
+    ],
+    "train-gpu.sbatch": [
+        "train-gpu", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8",
+        "--time", "1-00:00:00", "--partition", "gpu", "--job-name", "big",
+        "--srun-mpi", "pmix", "--preempt-seconds", "300", "--max-restarts", "5",
+        "--checkpoint-dir", "/scratch/me/ckpt run", "--env-setup", "module load cuda/12.4",
+        "--", "--model", "cnn", "--batch-size", "128",
+    ],
+    "sweep.sbatch": [
+        "sweep", "--grid", "tests/slurm/golden/grid.toml", "--ntasks-per-node", "2",
+        "--time", "30", "--job-name", "sw", "--sweep-dir", "sweeps/lr", "--array-parallel", "2",
+        "--", "--epochs", "5", "--no-progress",
+    ],
+    "preprocess.sbatch": [
+        "preprocess", "--ntasks-per-node", "4", "--launcher", "mpirun", "--job-name", "prep",
+        "--time", "10:00", "--", "--sklearn", "digits", "--out", "data/digits",
+    ],
+}
+# fmt: on
+
+
+def render_argv(argv: list[str], out: Path) -> None:
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        assert cli.main(["render", argv[0], "--output", str(out), *argv[1:]]) == 0
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name: str, tmp_path: Path) -> None:
+    out = tmp_path / name
+    render_argv(CASES[name], out)
+    expected = (GOLDEN / name).read_text()
+    assert out.read_text() == expected, (
+        f"differs from {GOLDEN / name}; regenerate with "
+        f"`python {Path(__file__).relative_to(ROOT)} --regen` if intended"
+    )
+    assert os.access(out, os.X_OK)
+
+
+def test_every_template_has_a_golden_case_and_renders_completely() -> None:
+    assert sorted(CASES) == list_templates()
+    for name in CASES:
+        assert "@@" not in (GOLDEN / name).read_text()
+        assert placeholders((template_dir() / name).read_text())
+        # the symlinked copies in slurm/ are the packaged templates
+        assert (ROOT / "slurm" / name).resolve() == (template_dir() / name).resolve()
+
+
+def test_bash_syntax_of_rendered_scripts() -> None:
+    for name in CASES:
+        proc = subprocess.run(["bash", "-n", str(GOLDEN / name)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("job_name", 'x"; touch /tmp/pwned; "'),
+        ("job_name", "a\nb"),
+        ("job_name", "two words"),
+        ("job_name", "$(id)"),
+        ("partition", "gpu;id"),
+        ("account", "a`id`"),
+        ("log", "logs/a b.out"),
+        ("log", "x\n#SBATCH --uid=0"),
+        ("time", "2h"),
+        ("time", "1:60"),
+        ("time", "1-25:00:00"),
+        ("time", "01:00:00\nid"),
+        ("nodes", 0),
+        ("cpus_per_task", -1),
+        ("preempt_seconds", 70000),
+        ("max_restarts", -1),
+        ("launcher", "ssh"),
+        ("srun_mpi", "pmi2; id"),
+        ("python", "py\nid"),
+        ("checkpoint_dir", ""),
+        ("env_setup", "module load x\x00"),
+    ],
+)
+def test_rejects_bad_values(option: str, value: object) -> None:
+    opts = RenderOptions(**{option: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="HINT"):
+        render("train-cpu", opts)
+
+
+@pytest.mark.parametrize(
+    "value", ["30", "30:00", "02:00:00", "100:00:00", "1-12", "1-12:30", "2-00:00:00"]
+)
+def test_accepts_slurm_time_formats(value: str) -> None:
+    assert f"#SBATCH --time={value}\n" in render("train-cpu", RenderOptions(time=value))
+
+
+def test_rejects_inconsistent_requests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train-gpu"):
+        render("train-cpu", RenderOptions(gpus_per_node=2))
+    with pytest.raises(ConfigError, match="one rank per GPU"):
+        render("train-gpu", RenderOptions(gpus_per_node=4, ntasks_per_node=2))
+    with pytest.raises(ConfigError, match="--checkpoint-dir"):
+        render("train-cpu", RenderOptions(train_args=["--checkpoint-dir=/x"]))
+    with pytest.raises(ConfigError, match="--resume"):
+        render("train-cpu", RenderOptions(train_args=["--resume", "auto"]))
+    with pytest.raises(ConfigError, match="--run-dir"):
+        render("sweep", RenderOptions(grid=GOLDEN / "grid.toml", train_args=["--run-dir", "x"]))
+    with pytest.raises(ConfigError, match="needs a grid"):
+        render("sweep", RenderOptions())
+    with pytest.raises(ConfigError, match="control character"):
+        render("train-cpu", RenderOptions(train_args=["--run-dir", "a\nb"]))
+    with pytest.raises(ConfigError, match="no template"):
+        render("nope", RenderOptions())
+    assert cli.main(["render", "train-cpu", "--job-name", "a b"]) == 2
+
+
+def test_gpu_defaults_one_rank_per_gpu() -> None:
+    text = render("train-gpu", RenderOptions(gpus_per_node=4))
+    assert "#SBATCH --ntasks-per-node=4\n" in text and "#SBATCH --gpus-per-node=4\n" in text
+
+
+# ---- grids ----
+
+
+def test_grid_toml_product_then_runs() -> None:
+    tasks = load_grid(GOLDEN / "grid.toml")
+    assert tasks == [
+        ["--lr", "0.1", "--seed", "1"],
+        ["--lr", "0.1", "--seed", "2"],
+        ["--lr", "0.05", "--seed", "1"],
+        ["--lr", "0.05", "--seed", "2"],
+        ["--lr", "0.02", "--seed", "3", "--optimizer", "adam", "--no-scale-lr"],
+    ]
+    text = render("sweep", RenderOptions(grid=GOLDEN / "grid.toml"))
+    assert "#SBATCH --array=0-4\n" in text
+
+
+def test_grid_csv_and_errors(tmp_path: Path) -> None:
+    csv_file = tmp_path / "g.csv"
+    csv_file.write_text("lr,batch_size,run_dir_note\n0.1,32,a b\n0.2,64,$(id)\n")
+    assert load_grid(csv_file) == [
+        ["--lr", "0.1", "--batch-size", "32", "--run-dir-note", "a b"],
+        ["--lr", "0.2", "--batch-size", "64", "--run-dir-note", "$(id)"],
+    ]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("lr,seed\n0.1\n")
+    with pytest.raises(ConfigError, match="columns"):
+        load_grid(bad)
+    for text, match in [
+        ('[grid]\n"lr;id" = [1]\n', "not valid"),
+        ("[grid]\nrun_dir = ['x']\n", "set by the sweep"),
+        ("[other]\nx = 1\n", r"\[grid\]"),
+        ("[grid]\nlr = [{a = 1}]\n", "dict"),
+        ("[grid]\nlr = []\n", "no runs"),
+    ]:
+        f = tmp_path / "g.toml"
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            load_grid(f)
+
+
+# ---- the rendered script run by bash against stubs (no Slurm needed) ----
+
+STUB = """#!/bin/bash
+printf '%s\\0' "$@" > "$STUB_DIR/$(basename "$0").argv"
+env > "$STUB_DIR/$(basename "$0").env"
+if [ "$(basename "$0")" = srun ] && [ -n "${STUB_WAIT_SIGNAL:-}" ]; then
+    trap 'echo USR1 > "$STUB_DIR/srun.signal"; exit 99' USR1
+    touch "$STUB_DIR/ready"
+    while :; do sleep 0.05; done
+fi
+case "$(basename "$0")" in
+    srun) exit "${STUB_RC:-0}" ;;
+    scontrol) exit "${STUB_SCONTROL_RC:-0}" ;;
+    *) exit 0 ;;
+esac
+"""
+
+NASTY = ["--run-dir", 'r\'un; touch /tmp/mpitrain-pwned; "$(touch /tmp/mpitrain-pwned)" `id` *']
+
+
+def run_script(tmp_path: Path, *, wait_signal: bool = False, **env: str) -> tuple[int, Path]:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    for name in ("srun", "scontrol", "sbatch", "mpirun"):
+        (stubs / name).write_text(STUB)
+        (stubs / name).chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    render_argv(
+        [
+            "train-cpu",
+            "--python",
+            "/opt/my python/bin/python3",
+            "--checkpoint-dir",
+            "ck $(touch /tmp/mpitrain-pwned)",
+            "--job-name",
+            "t",
+            "--",
+            *NASTY,
+        ],
+        script,
+    )
+    child_env = {
+        "PATH": f"{stubs}:/usr/bin:/bin",
+        "STUB_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "7",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_CPUS_PER_TASK": "3",
+        **env,
+    }
+    if wait_signal:
+        child_env["STUB_WAIT_SIGNAL"] = "1"
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env=child_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    if wait_signal:
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline, "stub srun never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=20)
+    (tmp_path / "script.out").write_text(out)
+    return proc.returncode, tmp_path
+
+
+def argv_of(d: Path, name: str) -> list[str]:
+    return (d / f"{name}.argv").read_text().split("\0")[:-1]
+
+
+def test_script_passes_values_verbatim_and_runs_nothing_injected(tmp_path: Path) -> None:
+    Path(PWNED).unlink(missing_ok=True)
+    rc, d = run_script(tmp_path)
+    assert rc == 0, (d / "script.out").read_text()
+    assert argv_of(d, "srun") == [
+        "--mpi=pmi2",
+        "--kill-on-bad-exit=1",
+        "/opt/my python/bin/python3",
+        "-m",
+        "mpitrain",
+        *NASTY,
+        "--checkpoint-dir",
+        "ck $(touch /tmp/mpitrain-pwned)",
+    ]
+    assert not Path(PWNED).exists()
+    assert not (d / "scontrol.argv").exists()
+    env = (d / "srun.env").read_text().splitlines()
+    assert "OMP_NUM_THREADS=3" in env
+
+
+def test_preempted_run_requeues_once_then_resumes(tmp_path: Path) -> None:
+    rc, d = run_script(tmp_path, STUB_RC="99")
+    assert rc == 0
+    assert argv_of(d, "scontrol") == ["requeue", "7"]
+    assert "--resume" not in argv_of(d, "srun")
+    (tmp_path / "again").mkdir()
+    rc, d = run_script(tmp_path / "again", SLURM_RESTART_COUNT="1")
+    assert rc == 0
+    assert argv_of(d, "srun")[-2:] == ["--resume", "auto"]
+
+
+def test_no_requeue_after_crash_or_at_max_restarts(tmp_path: Path) -> None:
+    rc, d = run_script(tmp_path, STUB_RC="1")
+    assert rc == 1 and not (d / "scontrol.argv").exists()
+    (tmp_path / "b").mkdir()
+    rc, d = run_script(tmp_path / "b", STUB_RC="99", SLURM_RESTART_COUNT="3")
+    assert rc == 99 and not (d / "scontrol.argv").exists()
+    (tmp_path / "c").mkdir()
+    rc, d = run_script(tmp_path / "c", SLURM_RESTART_COUNT="4")
+    assert rc == 1 and not (d / "srun.argv").exists()
+
+
+def test_continuation_job_when_scontrol_fails(tmp_path: Path) -> None:
+    rc, d = run_script(tmp_path, STUB_RC="99", STUB_SCONTROL_RC="1")
+    assert rc == 0
+    args = argv_of(d, "sbatch")
+    assert "--dependency=afterany:7" in args and args[-1].endswith("job.sbatch")
+    env = (d / "sbatch.env").read_text().splitlines()
+    assert "MPITRAIN_CONTINUATION=1" in env
+    assert "MPITRAIN_CHECKPOINT_DIR=ck $(touch /tmp/mpitrain-pwned)" in env
+
+
+def test_trap_forwards_usr1_to_the_step_and_requeues(tmp_path: Path) -> None:
+    rc, d = run_script(tmp_path, wait_signal=True)
+    assert (d / "srun.signal").read_text().strip() == "USR1"
+    assert rc == 0, (d / "script.out").read_text()
+    assert argv_of(d, "scontrol") == ["requeue", "7"]
+
+
+if __name__ == "__main__" and "--regen" in sys.argv:
+    for golden_name, argv in CASES.items():
+        render_argv(argv, GOLDEN / golden_name)
+        (GOLDEN / golden_name).chmod(0o644)
+        print("wrote", GOLDEN / golden_name)
