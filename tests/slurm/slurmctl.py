@@ -1,0 +1,63 @@
+"""Submit and follow jobs on the local test cluster (tests/slurm/cluster.sh) from Python."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+CLUSTER_SH = Path(__file__).resolve().parent / "cluster.sh"
+#: cluster.sh exit code for "cannot run here" (not root, no apt-get, install failed)
+CANNOT_RUN = 3
+
+
+def run(*cmd: str, check: bool = True) -> str:
+    """Run a Slurm client command and return its stdout."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} -> {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def sbatch(script: Path, *args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """Submit ``script``; return the job id."""
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={cwd}", *args, str(script)],
+        capture_output=True, text=True, timeout=60, env=env, cwd=cwd,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch {script} -> {proc.returncode}: {proc.stderr.strip()}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(job: str) -> dict[str, str]:
+    """Return ``scontrol show job`` fields (first record) as a dict ({} when unknown)."""
+    out = run("scontrol", "-o", "show", "job", job, check=False)
+    info: dict[str, str] = {}
+    for word in out.splitlines()[0].split() if out.strip() else []:
+        key, _, value = word.partition("=")
+        info.setdefault(key, value)
+    return info
+
+
+def states(job: str) -> list[str]:
+    """Return the states of a job (several for an array)."""
+    out = run("scontrol", "-o", "show", "job", job, check=False)
+    return [w.split("=", 1)[1] for line in out.splitlines() for w in line.split()
+            if w.startswith("JobState=")]
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "PREEMPTED"}
+
+
+def wait_for(job: str, timeout: float, *, want: set[str] | None = None) -> dict[str, str]:
+    """Wait until every record of ``job`` is in a final state (or one of ``want``)."""
+    targets = want or FINAL
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = states(job)
+        if st and all(s in targets for s in st):
+            return job_info(job)
+        time.sleep(0.25)
+    raise TimeoutError(f"job {job} still {states(job)} after {timeout}s: {job_info(job)}")
