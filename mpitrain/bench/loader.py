@@ -48,7 +48,8 @@ def measure(directory: Path, mode: str, batch: int, limit_batches: int) -> dict[
     if mode == "raw":
         step = max(1, (64 << 20) // sample_bytes)
         for s in m.shards:
-            with h5py.File(directory / s.file, "r") as f:
+            opts = {"rdcc_nbytes": 0} if m.compression in (None, "none") else {}
+            with h5py.File(directory / s.file, "r", **opts) as f:
                 for a in range(0, s.num_samples, step):
                     f["x"][a : a + step]
                     f["y"][a : a + step]
