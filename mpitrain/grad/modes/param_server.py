@@ -1,0 +1,376 @@
+"""Parameter server with bounded staleness over MPI point-to-point messages.
+
+The last ``S`` ranks are servers; each holds a contiguous shard of the flattened parameters
+(split evenly by element count) and an optimizer for it. Workers run the ordinary trainer on
+a workers-only communicator; :class:`ParamServerWorker` replaces the optimizer step with
+
+1. push: one ``Isend`` per server of (lr, local gradient shard) — round ``k`` is a worker's
+   k-th push (MPI keeps messages from one sender in order, so no round number travels);
+2. pull: the worker may compute round ``k`` with parameters of version ``u >= k - τ``
+   (``--max-staleness τ``); it blocks in ``Recv`` only when it is more than τ versions behind
+   and otherwise takes whatever newer versions have already arrived (``Iprobe``).
+
+A server applies round ``k`` once it holds all W workers' round-``k`` gradients: their
+average (summed in worker order) through its optimizer with the lr the workers sent, giving
+version ``k + 1``, which it ``Isend``s to every worker. With τ = 0 every round is computed on
+the newest parameters: exactly synchronous SGD (same data order, float rounding aside).
+With τ > 0 fast workers run up to τ rounds ahead, overlapping the push/pull round trip with
+compute and absorbing jitter; a rank that is slow on EVERY step still paces the servers.
+
+Why point-to-point and not RMA: rounds must be aggregated deterministically for τ = 0 to be
+synchronous SGD, and passive-target ``Accumulate`` on MPICH's shared-memory path still
+needs the target to enter MPI to progress — the server loop polls either way, and ordered
+two-sided messages make round accounting free (docs/async.md).
+
+Shutdown: a worker that finishes drains to the newest version and sends DONE (with its exit
+code); a server returns once every worker is done. A worker that raises aborts the whole
+job (``MPI_Abort`` on the world communicator), so servers never wait forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+
+from mpitrain.errors import CommError, ConfigError, with_hint
+from mpitrain.grad.broadcast import broadcast_parameters
+from mpitrain.grad.modes.base import (
+    ModeWrapper,
+    check_one_dtype,
+    flat_grads,
+    flat_params,
+    numel,
+    set_params,
+)
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+    from mpitrain.config import TrainConfig
+    from mpitrain.runtime.world import World
+
+TAG_INIT, TAG_PUSH, TAG_PARAMS, TAG_STATE = 71, 72, 73, 74
+GRAD, DONE, SAVE, LOAD = 0.0, 1.0, 2.0, 3.0
+HEAD = 4  # push header (float32 slots): lr as float64 in [0:2], kind [2], exit code [3]
+VHEAD = 2  # params header: version as float64 in [0:2]
+
+
+def shard_bounds(total: int, shards: int) -> list[tuple[int, int]]:
+    """Split ``total`` elements into ``shards`` contiguous ranges of (almost) equal size."""
+    cuts = [total * s // shards for s in range(shards + 1)]
+    return [(cuts[s], cuts[s + 1]) for s in range(shards)]
+
+
+@dataclass
+class ServerLink:
+    """A worker's view of the servers: the world communicator and the servers' ranks."""
+
+    comm: MPI.Intracomm
+    servers: list[int]
+    workers: int
+
+
+def run_param_server(
+    cfg: TrainConfig,
+    world: World,
+    worker_main: Callable[[MPI.Intracomm, ServerLink], int],
+    make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+) -> int:
+    """Collective: serve on the last ``cfg.servers`` ranks, train on the others.
+
+    Args:
+        cfg: the run's config (servers, max_staleness).
+        world: all ranks.
+        worker_main: ``worker_main(worker_comm, link) -> exit code`` runs the trainer.
+        make_optimizer: builds a server's optimizer for its shard (lr is set every round).
+
+    Returns:
+        The exit code: a worker's own; a server's is the largest its workers reported.
+    """
+    from mpitrain.runtime.abort import abort
+
+    n_servers, size = cfg.servers, world.size
+    if n_servers >= size:
+        raise ConfigError(
+            with_hint(
+                f"--servers {n_servers} leaves no workers among {size} ranks",
+                "launch more ranks than --servers",
+            )
+        )
+    is_server = world.rank >= size - n_servers
+    sub = cast("MPI.Intracomm", world.comm.Split(1 if is_server else 0, world.rank))
+    comm = world.comm.Dup()
+    servers = list(range(size - n_servers, size))
+    if is_server:
+        code = Server(comm, servers.index(world.rank), n_servers, size - n_servers).serve(
+            make_optimizer
+        )
+        sub.Free()
+        comm.Free()
+        return code
+    link = ServerLink(comm, servers, size - n_servers)
+    try:
+        code = worker_main(sub, link)
+        for s in servers:  # tell the servers this worker is done (after its last drain)
+            msg = np.zeros(HEAD, dtype=np.float32)
+            msg[2], msg[3] = DONE, float(code)
+            comm.Send(msg, dest=s, tag=TAG_PUSH)
+    except BaseException as exc:  # never leave servers waiting: take the job down
+        if isinstance(exc, SystemExit):
+            raise
+        abort(world.comm, exc)
+        raise
+    sub.Free()
+    comm.Free()
+    return code
+
+
+class Server:
+    """One server rank: aggregate rounds, step the shard, send versions (see module doc)."""
+
+    def __init__(self, comm: MPI.Intracomm, index: int, n_servers: int, workers: int) -> None:
+        self.comm = comm
+        self.index = index
+        self.n_servers = n_servers
+        self.workers = workers
+        self.version = 0
+        self.max_queue = 0
+
+    def serve(
+        self, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    ) -> int:
+        """Run until every worker sent DONE; return the largest worker exit code."""
+        from mpi4py import MPI
+
+        comm, w_count = self.comm, self.workers
+        init = comm.recv(source=0, tag=TAG_INIT)
+        shard = torch.nn.Parameter(torch.from_numpy(np.array(init)))
+        opt = make_optimizer([shard])
+        n = shard.numel()
+        bufs = [np.empty(HEAD + n, dtype=np.float32) for _ in range(w_count)]
+        reqs = [comm.Irecv(bufs[w], source=w, tag=TAG_PUSH) for w in range(w_count)]
+        next_round = [0] * w_count
+        rounds: dict[int, list[torch.Tensor | None]] = {}
+        lrs: dict[int, float] = {}
+        sends: list[tuple[Any, np.ndarray]] = []
+        done: set[int] = set()
+        code = 0
+        idle = 0
+        while len(done) < w_count:
+            w, flag = MPI.Request.Testany(reqs)
+            if not flag or w == MPI.UNDEFINED:
+                sends = [(r, b) for r, b in sends if not r.Test()]
+                idle += 1
+                if idle > 50:
+                    time.sleep(5e-5)  # leave the core to the workers (2-core machines)
+                continue
+            idle = 0
+            buf = bufs[w]
+            kind = float(buf[2])
+            if kind == GRAD:
+                r = next_round[w]
+                next_round[w] += 1
+                slot = rounds.setdefault(r, [None] * w_count)
+                slot[w] = torch.from_numpy(buf[HEAD:].copy())
+                lrs.setdefault(r, float(buf[0:2].view(np.float64)[0]))
+                self.max_queue = max(self.max_queue, len(rounds))
+                while self.version in rounds and all(g is not None for g in rounds[self.version]):
+                    grads = rounds.pop(self.version)
+                    total = grads[0]
+                    assert total is not None
+                    for g in grads[1:]:
+                        assert g is not None
+                        total += g
+                    total /= w_count
+                    shard.grad = total
+                    for group in opt.param_groups:
+                        group["lr"] = lrs.pop(self.version)
+                        break
+                    opt.step()
+                    self.version += 1
+                    out = np.empty(VHEAD + n, dtype=np.float32)
+                    out[0:2].view(np.float64)[0] = float(self.version)
+                    out[VHEAD:] = shard.detach().numpy()
+                    for dest in range(w_count):
+                        if dest not in done:
+                            sends.append((comm.Isend(out, dest=dest, tag=TAG_PARAMS), out))
+            elif kind == DONE:
+                done.add(w)
+                code = max(code, int(buf[3]))
+                reqs[w] = MPI.REQUEST_NULL
+                continue
+            elif kind == SAVE:
+                state = {
+                    "version": self.version,
+                    "param": shard.detach().clone(),
+                    "optimizer": opt.state_dict(),
+                    "max_queue": self.max_queue,
+                }
+                comm.send(state, dest=w, tag=TAG_STATE)
+            elif kind == LOAD:
+                state = comm.recv(source=w, tag=TAG_STATE)
+                with torch.no_grad():
+                    shard.copy_(state["param"])
+                opt.load_state_dict(state["optimizer"])
+                self.version = int(state["version"])
+                next_round = [self.version] * w_count
+                rounds.clear()
+                lrs.clear()
+                comm.send(True, dest=w, tag=TAG_STATE)
+            reqs[w] = comm.Irecv(buf, source=w, tag=TAG_PUSH)
+        for r, _ in sends:
+            r.Wait()
+        return code
+
+
+class ParamServerWorker(ModeWrapper):
+    """A worker's model wrapper: push gradients, pull parameter versions (collective init).
+
+    Args:
+        module: the model (identical on all workers after the broadcast here).
+        comm: the workers-only communicator.
+        link: the servers (from :func:`run_param_server`).
+        max_staleness: τ, the most versions a worker's parameters may lag its round.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, comm: MPI.Intracomm, link: ServerLink, *, max_staleness: int
+    ) -> None:
+        super().__init__(module)
+        self.comm = comm
+        self.link = link
+        self.tau = max_staleness
+        self.dtype = check_one_dtype(self.params, "param-server")
+        if self.dtype != torch.float32:
+            raise ConfigError(
+                with_hint("--exchange param-server sends float32", "use a float32 model")
+            )
+        broadcast_parameters(module, comm, root=0)
+        self.n = numel(self.params)
+        self.bounds = shard_bounds(self.n, len(link.servers))
+        self._flat = torch.zeros(self.n, dtype=self.dtype)
+        self._grad = torch.zeros(self.n, dtype=self.dtype)
+        flat_params(self.params, self._flat)
+        if comm.rank == 0:
+            for s, (a, b) in zip(link.servers, self.bounds, strict=True):
+                link.comm.send(self._flat[a:b].numpy().copy(), dest=s, tag=TAG_INIT)
+        self.versions = [0] * len(link.servers)  # newest version held, per server
+        self.pushed = 0  # rounds pushed
+        self.staleness_hist: dict[int, int] = {}
+        self._last_staleness = 0
+        self._sends: list[tuple[Any, np.ndarray]] = []
+        self._rbufs = [np.empty(VHEAD + b - a, dtype=np.float32) for a, b in self.bounds]
+        self.wait_seconds = 0.0
+        self._last_wait = 0.0
+
+    @property
+    def version(self) -> int:
+        """The oldest shard version this worker's parameters hold."""
+        return min(self.versions)
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        """Push this round's gradient with the current lr, then pull to within τ versions."""
+        staleness = self.pushed - self.version
+        if staleness > self.tau:
+            raise CommError(f"param-server: round {self.pushed} on version {self.version}")
+        self._last_staleness = staleness
+        self.staleness_hist[staleness] = self.staleness_hist.get(staleness, 0) + 1
+        lr = float(opt.param_groups[0]["lr"])
+        flat_grads(self.params, self._grad)
+        self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+        for s, (a, b) in zip(self.link.servers, self.bounds, strict=True):
+            msg = np.empty(HEAD + b - a, dtype=np.float32)
+            msg[0:2].view(np.float64)[0] = lr
+            msg[2], msg[3] = GRAD, 0.0
+            msg[HEAD:] = self._grad[a:b].numpy()
+            self._sends.append((self.link.comm.Isend(msg, dest=s, tag=TAG_PUSH), msg))
+        self.pushed += 1
+        self.pull(self.pushed - self.tau)
+
+    def pull(self, need: int) -> None:
+        """Receive versions until every shard is at least ``need``; take newer ones that wait."""
+        t0 = time.perf_counter()
+        comm, got = self.link.comm, False
+        for i, (s, (a, b)) in enumerate(zip(self.link.servers, self.bounds, strict=True)):
+            buf = self._rbufs[i]
+            while self.versions[i] < need or comm.Iprobe(source=s, tag=TAG_PARAMS):
+                comm.Recv(buf, source=s, tag=TAG_PARAMS)
+                self.versions[i] = int(buf[0:2].view(np.float64)[0])
+                self._flat[a:b] = torch.from_numpy(buf[VHEAD:])
+                got = True
+        if got:
+            set_params(self.params, self._flat)
+        self._last_wait = time.perf_counter() - t0
+        self.wait_seconds += self._last_wait
+
+    def drain(self) -> None:
+        """Pull the newest version (every pushed round applied) and finish sends."""
+        self.pull(self.pushed)
+        for r, _ in self._sends:
+            r.Wait()
+        self._sends = []
+
+    def train(self, mode: bool = True) -> ParamServerWorker:
+        """Switch mode; evaluation first pulls the newest parameters."""
+        if not mode and hasattr(self, "link"):
+            self.drain()
+        super().train(mode)
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        """This step's staleness (rounds ahead of the parameters used), max so far, wait."""
+        return {
+            "staleness": float(self._last_staleness),
+            "staleness_max": float(max(self.staleness_hist, default=0)),
+            "version": float(self.version),
+            "exchange_wait_s": self._last_wait,
+        }
+
+    def exchange_state(self) -> dict[str, Any] | None:
+        """Collective over workers: drain; worker 0 fetches every server's shard state."""
+        self.drain()
+        hists = self.comm.gather(self.staleness_hist, root=0)
+        if self.comm.rank != 0 or hists is None:
+            return None
+        shards = []
+        for s in self.link.servers:
+            msg = np.zeros(HEAD, dtype=np.float32)
+            msg[2] = SAVE
+            self.link.comm.Send(msg, dest=s, tag=TAG_PUSH)
+            shards.append(self.link.comm.recv(source=s, tag=TAG_STATE))
+        return {
+            "mode": "param-server",
+            "version": self.pushed,
+            "bounds": [list(b) for b in self.bounds],
+            "servers": shards,
+            "staleness_hist": [[[k, v] for k, v in sorted(h.items())] for h in hists],
+        }
+
+    def load_exchange_state(self, state: dict[str, Any]) -> None:
+        """Restore server shards (same --servers), versions and staleness histograms."""
+        if [list(b) for b in self.bounds] != [list(b) for b in state["bounds"]]:
+            raise ConfigError(
+                with_hint(
+                    f"checkpoint has {len(state['bounds'])} server shards, "
+                    f"this run {len(self.bounds)}",
+                    "resume with the same --servers",
+                )
+            )
+        if self.comm.rank == 0:
+            for s, shard in zip(self.link.servers, state["servers"], strict=True):
+                msg = np.zeros(HEAD, dtype=np.float32)
+                msg[2] = LOAD
+                self.link.comm.Send(msg, dest=s, tag=TAG_PUSH)
+                self.link.comm.send(shard, dest=s, tag=TAG_STATE)
+                self.link.comm.recv(source=s, tag=TAG_STATE)  # loaded: no push overtakes it
+        self.comm.Barrier()
+        self.pushed = int(state["version"])
+        self.versions = [self.pushed] * len(self.bounds)
+        hists = state["staleness_hist"]
+        if len(hists) == self.comm.size:
+            self.staleness_hist = {int(k): int(v) for k, v in hists[self.comm.rank]}
