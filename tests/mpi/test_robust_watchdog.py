@@ -27,4 +27,16 @@ def test_kill_9_of_rank_1_ends_job_within_30s(mpirun) -> None:
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
     assert elapsed < 30
-    assert "SIGKILL myself" in proc.stdout
+    assert "rank 1: SIGKILL myself" in proc.stdout
+
+
+def test_frozen_rank_is_named_as_never_answered(mpirun) -> None:
+    """SIGSTOP: rank 1 alive but unable to run even its watchdog thread; rank 0 names it."""
+    t0 = time.monotonic()
+    proc = mpirun(2, ["robust_kill.py", "3", "stop"], timeout=3 + 15, check=False)
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert elapsed < 3 + 15
+    assert "rank 1: SIGSTOP myself" in out
+    assert "never answered: rank 1. Aborting the job (exit 1)." in out, out
