@@ -71,7 +71,7 @@ def measure(directory: Path, mode: str, batch: int, limit_batches: int) -> dict[
             if mode == "global" and k + 1 >= limit_batches:
                 break
     dt = time.perf_counter() - t0
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     return {
         "mode": mode,
         "samples": samples,
@@ -80,6 +80,18 @@ def measure(directory: Path, mode: str, batch: int, limit_batches: int) -> dict[
         "samples_per_s": samples / dt,
         "peak_rss_MB": rss_mb,
     }
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak RSS in MB: VmHWM (ru_maxrss survives exec on Linux, so a
+    child started by a large parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_one(directory: Path, mode: str, cold: bool, batch: int, limit: int) -> dict[str, Any]:
