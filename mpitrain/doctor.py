@@ -51,7 +51,7 @@ def _h5py() -> tuple[str, str]:
 def _slurm_check(world_size: int) -> str | None:
     """Return the Slurm world-size problem, or None."""
     try:
-        from mpitrain.slurm import check_slurm_world
+        from mpitrain.slurm.world import check_slurm_world
     except ImportError:
         ntasks = env.get_int("slurm_ntasks")
         if ntasks is None or ntasks == world_size:
