@@ -202,8 +202,9 @@ class Watchdog:
     def state(self) -> RankState:
         """Return this rank's state now."""
         now = self.clock()
-        if self.ring:
-            t, name, nbytes = self.ring[-1]
+        recent = list(self.ring)  # one C-level copy: the main thread may append meanwhile
+        if recent:
+            t, name, nbytes = recent[-1]
         else:
             t, name, nbytes = now, "", 0
         return RankState(
@@ -243,7 +244,8 @@ class Watchdog:
         else:
             out.write(f"rank {self.rank}: watchdog: between steps (last step {self.step})\n")
         ring = "\n".join(
-            f"    {name} {nbytes} B ({self.clock() - t:.1f}s ago)" for t, name, nbytes in self.ring
+            f"    {name} {nbytes} B ({self.clock() - t:.1f}s ago)"
+            for t, name, nbytes in list(self.ring)
         )
         out.write(
             f"watchdog rank {self.rank}/{self.size} on {self.host}: {why}; step {self.step}; "
