@@ -40,3 +40,16 @@ def test_frozen_rank_is_named_as_never_answered(mpirun) -> None:
     assert elapsed < 3 + 15
     assert "rank 1: SIGSTOP myself" in out
     assert "never answered: rank 1. Aborting the job (exit 1)." in out, out
+
+
+def test_exception_in_background_thread_aborts_job(mpirun) -> None:
+    t0 = time.monotonic()
+    proc = mpirun(2, ["robust_thread_exc.py"], timeout=30, check=False)
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert elapsed < 30  # watchdog is armed with 60 s: only the excepthook can be this fast
+    assert "rank 1/2 on " in out and "unhandled exception, aborting the job" in out, out
+    assert "OSError: injected read failure in a background thread" in out
+    assert "in prefetch_worker" in out  # the traceback names the failing thread function
+    assert "not reached" not in out
