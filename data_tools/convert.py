@@ -89,7 +89,7 @@ def convert(
             params=dict(params or {}),
         )
         write_manifest(tmp, manifest)
-        publish(tmp, out)
+        publish(tmp, out, overwrite)
 
     agree(comm, finish)
     return out

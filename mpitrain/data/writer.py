@@ -199,8 +199,15 @@ def temp_dir_for(out: Path, tag: str) -> Path:
     return out.with_name(f".{out.name}.{tag}.tmp")
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` directory to ``out`` (replacing an old one last)."""
+def publish(tmp: Path, out: Path, overwrite: bool = False) -> None:
+    """Rename the finished ``tmp`` directory to ``out`` (replacing an old one last).
+
+    Without ``overwrite``, a dataset that appeared at ``out`` meanwhile (a concurrent writer)
+    is kept and ``tmp`` removed: DataError says so.
+    """
+    if out.exists() and not overwrite:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(with_hint(f"'{out}' appeared while writing", "another writer won; use it"))
     if out.exists():
         trash = out.with_name(f".{out.name}.{os.getpid()}.old")
         os.replace(out, trash)
@@ -235,26 +242,30 @@ def write_dataset(
     tmp = temp_dir_for(out, str(os.getpid()))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    results = write_shards(
-        tmp,
-        source,
-        name=name,
-        samples_per_shard=samples_per_shard,
-        compression=compression,
-        shards=range(shard_count(source.num_samples, samples_per_shard)),
-    )
-    split_entries = {k: write_split(tmp, k, v) for k, v in (splits or {}).items()}
-    manifest = build_manifest(
-        source,
-        results,
-        name=name,
-        samples_per_shard=samples_per_shard,
-        compression=compression,
-        splits=split_entries,
-        params=dict(params or {}),
-    )
-    write_manifest(tmp, manifest)
-    publish(tmp, out)
+    try:
+        results = write_shards(
+            tmp,
+            source,
+            name=name,
+            samples_per_shard=samples_per_shard,
+            compression=compression,
+            shards=range(shard_count(source.num_samples, samples_per_shard)),
+        )
+        split_entries = {k: write_split(tmp, k, v) for k, v in (splits or {}).items()}
+        manifest = build_manifest(
+            source,
+            results,
+            name=name,
+            samples_per_shard=samples_per_shard,
+            compression=compression,
+            splits=split_entries,
+            params=dict(params or {}),
+        )
+        write_manifest(tmp, manifest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing partial survives a failed write
+        raise
+    publish(tmp, out, overwrite)
     return out
 
 

@@ -73,11 +73,13 @@ def ensure_digits(comm: MPI.Intracomm) -> Path:
                     "scale": "x/16",
                 },
             )
-        except OSError as exc:
-            error = with_hint(
-                f"rank 0: cannot create the digits cache in '{out}': {exc}",
-                "set MPITRAIN_CACHE to a writable directory",
-            )
+        except (OSError, DataError) as exc:
+            # another job sharing the cache may have published it first: that copy is as good
+            if not (out / "manifest.json").exists():
+                error = with_hint(
+                    f"rank 0: cannot create the digits cache in '{out}': {exc}",
+                    "set MPITRAIN_CACHE to a writable directory",
+                )
     error = comm.bcast(error, root=0)
     if error is not None:
         raise DataError(error)

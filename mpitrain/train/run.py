@@ -17,6 +17,7 @@ from mpitrain.errors import ConfigError, with_hint
 from mpitrain.preempt import PreemptFlag, parse_signals
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.world import World
+from mpitrain.slurm.world import check_slurm_world
 from mpitrain.train.loop import Parts, Trainer
 from mpitrain.train.metrics import print_line, summary_line, write_summary
 
@@ -194,6 +195,7 @@ def main(argv: list[str], comm: MPI.Intracomm, *, ps_link: Any = None) -> int:
     t_start = time.perf_counter()
     cfg = parse_config(argv)
     world = World.create(comm)
+    check_slurm_world(world.size)  # srun without PMI starts N worlds of size 1: say so
     if cfg.exchange == "param-server" and ps_link is None:
         from mpitrain.grad.modes.param_server import run_param_server
         from mpitrain.train.optim import build_optimizer
