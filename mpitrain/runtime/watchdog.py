@@ -142,6 +142,8 @@ class Watchdog:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout = float(timeout)
+        self.enabled = self.timeout > 0
+        self.mpi_in_thread = True  # create() checks the thread level
         self.grace = grace if grace is not None else min(5.0, max(1.0, self.timeout / 2))
         self.clock = clock
         self._abort = abort if abort is not None else comm.Abort
@@ -169,15 +171,31 @@ class Watchdog:
         abort: Callable[[int], None] | None = None,
         poll: float | None = None,
     ) -> Watchdog:
-        """Collective: duplicate ``comm`` for the watchdog's traffic and start its thread."""
+        """Collective: duplicate ``comm`` for the watchdog's traffic and start its thread.
+
+        ``timeout <= 0`` turns the watchdog off (the duplicate is still made, so every rank
+        performs the same collectives). Below ``MPI_THREAD_MULTIPLE`` the thread makes no MPI
+        calls except the final ``Abort``: each rank then reports only its own state.
+        """
+        from mpi4py import MPI
+
         dog = cls(comm.Dup(), timeout, grace=grace, clock=clock, abort=abort, poll=poll)
-        dog._thread.start()
+        dog.mpi_in_thread = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        if not dog.mpi_in_thread and dog.rank == 0 and dog.enabled:
+            sys.stderr.write(
+                "mpitrain: warning: MPI thread level is below MULTIPLE: the hang watchdog "
+                "cannot ask other ranks for their state; each rank reports only its own\n"
+            )
+        if dog.enabled:
+            dog._thread.start()
         return dog
 
     # --- called by the training loop (main thread) ---
     def step_started(self, step: int) -> None:
         """Arm the timer for ``step``."""
         self.step = step
+        if not self.enabled:
+            return
         now = self.clock()
         self.started_at = now
         self.deadline = now + self.timeout
@@ -228,7 +246,11 @@ class Watchdog:
             if deadline is not None and self.clock() > deadline:
                 self._fire(initiator=True)
                 return
-            if self.size > 1 and self.comm.Iprobe(source=self._any, tag=TAG_REQUEST):
+            if (
+                self.mpi_in_thread
+                and self.size > 1
+                and self.comm.Iprobe(source=self._any, tag=TAG_REQUEST)
+            ):
                 self.comm.recv(source=self._any, tag=TAG_REQUEST)
                 self._fire(initiator=False)
                 return
@@ -264,6 +286,11 @@ class Watchdog:
             else "another rank's watchdog fired"
         )
         self._dump(why)
+        if not self.mpi_in_thread:
+            sys.stderr.write(f"watchdog rank {self.rank}: aborting the job (exit 1)\n")
+            sys.stderr.flush()
+            self._abort(1)
+            return
         pending = []
         if initiator:
             pending += [

@@ -85,6 +85,61 @@ def test_stack_summary_names_innermost_frames_first() -> None:
     assert "main thread in: sleep (x.py:1)" in format_table(reports, 1, 1.0, v)
 
 
+def test_zero_timeout_turns_it_off() -> None:
+    from mpi4py import MPI
+
+    dog = Watchdog.create(MPI.COMM_SELF, 0.0, abort=lambda code: None)
+    dog.step_started(1)
+    assert dog.deadline is None and not dog._thread.is_alive()
+    dog.close()
+
+
+def test_below_thread_multiple_still_dumps_and_aborts(tmp_path) -> None:
+    """A process whose MPI runs at THREAD_SERIALIZED: no MPI from the thread but Abort."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "serialized.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            import mpi4py
+            mpi4py.rc.thread_level = "serialized"
+            from mpi4py import MPI
+            from mpitrain.runtime.watchdog import Watchdog
+
+            def stuck_here():
+                time.sleep(20)
+
+            def bye(code):
+                sys.stderr.flush()
+                os._exit(3)
+
+            dog = Watchdog.create(MPI.COMM_WORLD, 0.3, abort=bye, poll=0.05)
+            dog.step_started(5)
+            stuck_here()
+            """
+        )
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": root},
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "thread level is below MULTIPLE" in proc.stderr
+    assert "rank 0: watchdog: step 5 has run" in proc.stderr
+    assert "in stuck_here" in proc.stderr
+
+
 def test_enter_is_cheap() -> None:
     import time
 
