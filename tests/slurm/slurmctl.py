@@ -61,3 +61,19 @@ def wait_for(job: str, timeout: float, *, want: set[str] | None = None) -> dict[
             return job_info(job)
         time.sleep(0.25)
     raise TimeoutError(f"job {job} still {states(job)} after {timeout}s: {job_info(job)}")
+
+
+def wait_stepds_gone(job: str, timeout: float = 30) -> None:
+    """Wait until no slurmstepd of ``job`` runs (a released requeue must not meet the old one).
+
+    The new incarnation reuses step ids (J.batch, J.0): an old slurmstepd still tearing down
+    removes the new step's socket, and srun then fails in PMI ("failed to send temp kvs").
+    """
+    deadline = time.monotonic() + timeout
+    tag = f"slurmstepd: [{job}."
+    while time.monotonic() < deadline:
+        procs = run("ps", "-eo", "args", check=False)
+        if not any(line.startswith(tag) for line in procs.splitlines()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"slurmstepd of job {job} still running after {timeout}s")
