@@ -8,18 +8,15 @@ Run locally (as root): `.venv/bin/pytest -m slurm tests/slurm -v`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mpitrain.runtime import env
 from tests.slurm import slurmctl
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(240)]
@@ -29,34 +26,6 @@ HELLO = Path(__file__).resolve().parent / "hello_mpi.py"
 PY = sys.executable
 #: enough digits epochs for >= 95% test accuracy with 2 ranks
 EPOCHS = "10"
-
-
-def _unavailable(reason: str) -> None:
-    if env.get("require_slurm") == "1":
-        pytest.fail(f"{reason} but MPITRAIN_REQUIRE_SLURM=1")
-    pytest.skip(f"{reason} (set MPITRAIN_REQUIRE_SLURM=1 to make this a failure)")
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Start the local cluster (idempotent); stop it at the end if this session started it."""
-    if os.name != "posix" or os.geteuid() != 0:
-        _unavailable("the Slurm tests need root (slurmd runs as SlurmUser=root)")
-    if not any(Path(p, "apt-get").exists() for p in os.environ.get("PATH", "").split(":")) and \
-            not Path("/usr/sbin/slurmctld").exists():
-        _unavailable("no apt-get to install Slurm")
-    state = Path("/tmp/mpitrain-slurm")
-    was_running = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0 \
-        if Path("/usr/bin/sinfo").exists() else False
-    proc = subprocess.run([str(slurmctl.CLUSTER_SH), "start", str(state)],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode == slurmctl.CANNOT_RUN:
-        _unavailable(f"cannot start Slurm here: {proc.stderr.strip()}")
-    if proc.returncode != 0:
-        pytest.fail(f"cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}")
-    yield tmp_path_factory.mktemp("slurm")
-    if not was_running:
-        subprocess.run([str(slurmctl.CLUSTER_SH), "stop", str(state)], capture_output=True)
 
 
 def job_env(workdir: Path) -> dict[str, str]:
@@ -178,8 +147,6 @@ def test_preemption_requeue_resume_bitwise(cluster: Path) -> None:
 
 def test_sweep_array_and_summary(cluster: Path) -> None:
     """A 3-task job array trains one grid row each; sweep-summary lists 3 results."""
-    if importlib.util.find_spec("mpitrain.slurm.sweep") is None:
-        pytest.xfail("mpitrain.slurm.sweep (sweep-summary) not written yet")
     work = cluster / "sweep"
     work.mkdir()
     grid = work / "grid.csv"
