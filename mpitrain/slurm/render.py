@@ -174,9 +174,11 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
         managed = {}
     for arg in opts.train_args:
         flag = arg.split("=", 1)[0]
-        if flag in managed:
+        # argparse also accepts unambiguous prefixes (--resum): refuse those too
+        hits = [m for m in managed if len(flag) >= 5 and m.startswith(flag)]
+        if hits:
             raise ConfigError(
-                with_hint(f"training argument '{flag}' is set by the template", managed[flag])
+                with_hint(f"training argument '{flag}' is set by the template", managed[hits[0]])
             )
     if gpu:
         gpus = opts.gpus_per_node or 1

@@ -134,6 +134,8 @@ def test_rejects_inconsistent_requests(tmp_path: Path) -> None:
         render("train-cpu", RenderOptions(train_args=["--checkpoint-dir=/x"]))
     with pytest.raises(ConfigError, match="--resume"):
         render("train-cpu", RenderOptions(train_args=["--resume", "auto"]))
+    with pytest.raises(ConfigError, match="--resum"):
+        render("train-cpu", RenderOptions(train_args=["--resum", "auto"]))
     with pytest.raises(ConfigError, match="--run-dir"):
         render("sweep", RenderOptions(grid=GOLDEN / "grid.toml", train_args=["--run-dir", "x"]))
     with pytest.raises(ConfigError, match="needs a grid"):
