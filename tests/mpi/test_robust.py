@@ -12,14 +12,25 @@ MODELS = "tests.mpi.scenarios.train_models"
 COMMON = ["-m", "mpitrain", "--epochs", "2", "--no-progress"]
 
 
-def test_trainer_hang_names_rank_1_and_its_stack(mpirun) -> None:
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One digits cache for both runs (building it costs ~7 s on the 2-core VM)."""
+    return str(tmp_path_factory.mktemp("digits-cache"))
+
+
+def test_trainer_hang_names_rank_1_and_its_stack(mpirun, cache: str) -> None:
     t0 = time.monotonic()
     proc = mpirun(
         2,
         [*COMMON, "--model", f"{MODELS}:sleeps", "--hang-timeout", "5"],
         timeout=60,
         check=False,
-        extra_env={"TEST_RANK": "1", "TEST_STEP": "3", "TEST_SLEEP": "120"},
+        extra_env={
+            "TEST_RANK": "1",
+            "TEST_STEP": "3",
+            "TEST_SLEEP": "120",
+            "MPITRAIN_CACHE": cache,
+        },
     )
     elapsed = time.monotonic() - t0
     out = proc.stdout + proc.stderr
@@ -35,14 +46,14 @@ def test_trainer_hang_names_rank_1_and_its_stack(mpirun) -> None:
     assert "in misbehave" in out
 
 
-def test_trainer_kill_9_of_rank_1_ends_job_within_30s(mpirun) -> None:
+def test_trainer_kill_9_of_rank_1_ends_job_within_30s(mpirun, cache: str) -> None:
     t0 = time.monotonic()
     proc = mpirun(
         2,
         [*COMMON, "--model", f"{MODELS}:killed", "--hang-timeout", "10"],
         timeout=30,
         check=False,
-        extra_env={"TEST_RANK": "1", "TEST_STEP": "3"},
+        extra_env={"TEST_RANK": "1", "TEST_STEP": "3", "MPITRAIN_CACHE": cache},
     )
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
