@@ -122,7 +122,11 @@ def main(argv: list[str]) -> int:
     if ns.output is None:
         sys.stdout.write(text)
     else:
-        write_atomic(ns.output, text.encode())
-        os.chmod(ns.output, 0o755)
+        try:
+            write_atomic(ns.output, text.encode())
+            os.chmod(ns.output, 0o755)
+        except OSError as exc:
+            sys.stderr.write(f"mpitrain slurm: error: cannot write '{ns.output}': {exc}\n")
+            return 1
         sys.stderr.write(f"mpitrain slurm: wrote {ns.output} (submit: sbatch {ns.output})\n")
     return 0
