@@ -157,7 +157,25 @@ def problems(facts: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def render(facts: list[dict[str, Any]], cuda_aware: str, found: list[str]) -> str:
+def cuda_facts(comm: MPI.Intracomm) -> list[str]:
+    """Return what the MPI library and the environment say about CUDA support (no communication)."""
+    try:
+        from mpitrain.runtime.cuda_aware import facts_lines
+    except ImportError:
+        return []
+    try:
+        lines = facts_lines(comm)
+    except Exception as exc:  # a query that fails must not stop the report
+        return [f"CUDA queries failed: {type(exc).__name__}: {exc}"]
+    return [ln for ln in lines if not ln.startswith("MPI library:")]  # printed already
+
+
+def render(
+    facts: list[dict[str, Any]],
+    cuda_aware: str,
+    found: list[str],
+    cuda_notes: list[str] | None = None,
+) -> str:
     """Return the readable report printed by rank 0."""
     f0 = facts[0]
     lines = [
@@ -169,6 +187,7 @@ def render(facts: list[dict[str, Any]], cuda_aware: str, found: list[str]) -> st
         f"  h5py {f0['h5py']}, parallel HDF5: {f0['h5py_mpi']}",
         f"  world: {len(facts)} ranks on {len({f['host'] for f in facts})} node(s)",
         f"  cuda-aware MPI: {cuda_aware}",
+        *[f"    {line}" for line in cuda_notes or []],
         f"  tmp dir: {f0['tmp_dir']} ({f0['tmp_writable']})  cache dir: {f0['cache_dir']}"
         f" ({f0['cache_writable']})",
     ]
@@ -223,10 +242,16 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
     found: list[str] = []
     if facts is not None:
         found = problems(facts)
-        sys.stdout.write(render(facts, cuda_aware, found))
+        notes = cuda_facts(world.comm)
+        sys.stdout.write(render(facts, cuda_aware, found, notes))
         sys.stdout.flush()
         if args.json is not None:
-            report = {"ranks": facts, "cuda_aware": cuda_aware, "problems": found}
+            report = {
+                "ranks": facts,
+                "cuda_aware": cuda_aware,
+                "cuda_facts": notes,
+                "problems": found,
+            }
             write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
     bad = world.comm.bcast(bool(found), root=0)
     return 1 if bad else 0

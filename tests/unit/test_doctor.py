@@ -70,6 +70,18 @@ def test_mpirun_inside_slurm_is_only_a_note() -> None:
     assert "OK: no problems found" in text
 
 
+def test_cuda_facts_are_listed_under_the_decision() -> None:
+    from mpi4py import MPI
+
+    from mpitrain.doctor import cuda_facts
+
+    notes = cuda_facts(MPI.COMM_SELF)
+    assert notes and not any(n.startswith("MPI library:") for n in notes)
+    assert any(n.startswith("CUDA query") for n in notes), notes
+    text = render([_facts(0)], "no CUDA device", [], notes)
+    assert f"  cuda-aware MPI: no CUDA device\n    {notes[0]}\n" in text
+
+
 def test_writable_reports_unusable_dir(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     assert writable(tmp_path / "file" / "sub").startswith("NOT WRITABLE")  # fails as root too
