@@ -29,8 +29,14 @@ def mpiexec() -> str:
     return exe
 
 
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MPITRAIN_CACHE for the whole session: the digits shards are built once."""
+    return tmp_path_factory.mktemp("mpitrain-cache")
+
+
 @pytest.fixture()
-def mpirun(mpiexec: str, tmp_path: Path) -> MpiRun:
+def mpirun(mpiexec: str, digits_cache: Path) -> MpiRun:
     """Run ``mpiexec -n N python ARGS`` from the repo root; returns the completed process.
 
     ``args`` is a script path (relative to tests/mpi/scenarios or absolute) or ``-m module``
@@ -49,7 +55,7 @@ def mpirun(mpiexec: str, tmp_path: Path) -> MpiRun:
         if argv and argv[0].endswith(".py") and not Path(argv[0]).is_absolute():
             argv[0] = str(SCENARIOS / argv[0])
         cmd = [*mpiexec_command(n, mpiexec), sys.executable, *argv]
-        child_env = launch_env({"MPITRAIN_CACHE": str(tmp_path / "cache"), **(extra_env or {})})
+        child_env = launch_env({"MPITRAIN_CACHE": str(digits_cache), **(extra_env or {})})
         try:
             proc = subprocess.run(
                 cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout

@@ -53,6 +53,9 @@ class Trainer:
         self.p = parts
         self.state = LoopState()
         self.watchdog = watchdog
+        self._grad_bytes = sum(
+            p.numel() * p.element_size() for p in parts.model.module.parameters() if p.requires_grad
+        )
         self.metrics = MetricsLog(
             Path(cfg.run_dir) if (cfg.run_dir and world.rank == 0) else None,
             cfg.tensorboard if world.rank == 0 else None,
@@ -130,13 +133,31 @@ class Trainer:
                 self.state.seen = sum(r["seen"] for r in ranks)
             torch.manual_seed(self.cfg.seed + 1000 * self.world.rank + self.state.step)
 
+    @contextlib.contextmanager
+    def _guarded(self, phase: str) -> Iterator[None]:
+        """Arm the hang watchdog around a collective phase outside the step (eval, save)."""
+        if self.watchdog is None:
+            yield
+            return
+        self.watchdog.step_started(self.state.step)
+        self.watchdog.enter(phase, 0)
+        try:
+            yield
+        finally:
+            self.watchdog.step_done()
+
     def save(self) -> Path:
         """Collective: write a checkpoint of the current step."""
         assert self.cfg.checkpoint_dir is not None
-        state = self.state_dict()
-        path = ckpt.save_collective(
-            self.comm, state, Path(self.cfg.checkpoint_dir), self.state.step, self.cfg.keep_last
-        )
+        with self._guarded("checkpoint"):
+            state = self.state_dict()
+            path = ckpt.save_collective(
+                self.comm,
+                state,
+                Path(self.cfg.checkpoint_dir),
+                self.state.step,
+                self.cfg.keep_last,
+            )
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = self.state.step
         if self.world.rank == 0:
@@ -184,7 +205,7 @@ class Trainer:
             time.sleep(self.cfg.straggler_ms / 1000.0)
         t0 = time.perf_counter()
         if self.watchdog is not None:
-            self.watchdog.enter("gradient all-reduce", 0)
+            self.watchdog.enter("gradient all-reduce", self._grad_bytes)
         model.synchronize()
         self.comm_wait += time.perf_counter() - t0
         if self.p.scaler is not None:
@@ -362,9 +383,11 @@ class Trainer:
             del it
             bar.close()
             st.mid_epoch = False
-            self._epoch_end(
-                st.epoch, st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start
-            )
+            with self._guarded("end of epoch: metrics and evaluation"):
+                self._epoch_end(
+                    st.epoch,
+                    st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start,
+                )
             st.epoch += 1
         if stop and not st.last_eval:
             st.last_eval = self.evaluate()
