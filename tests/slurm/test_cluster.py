@@ -63,7 +63,7 @@ def log_of(workdir: Path) -> str:
 
 
 def test_srun_pmi2_and_mpirun_give_one_world(cluster: Path) -> None:
-    """Mechanics without the trainer: srun --mpi=pmi2 and mpirun both build one 2-rank world."""
+    """srun --mpi=pmi2 and mpirun build one 2-rank world; the trainer refuses srun --mpi=none."""
     work = cluster / "hello"
     work.mkdir()
     script = work / "hello.sbatch"
@@ -71,8 +71,9 @@ def test_srun_pmi2_and_mpirun_give_one_world(cluster: Path) -> None:
         "#!/bin/bash\n#SBATCH --ntasks=2 --output=hello.out\n"
         f"srun --mpi=pmi2 {PY} {HELLO} srun.json\n"
         f"mpirun -n \"$SLURM_NTASKS\" {PY} {HELLO} mpirun.json\n"
-        f"srun --mpi=none {PY} -c 'from mpi4py import MPI; from mpitrain.slurm import "
-        "check_slurm_world as c; c(MPI.COMM_WORLD.size)' 2> mismatch.err || true\n"
+        # no PMI: two separate 1-rank worlds; the trainer must refuse with the --mpi= hint
+        f"srun --mpi=none {PY} -m mpitrain --max-steps 1 --no-progress > mismatch.err 2>&1; "
+        "echo \"rc=$?\" >> mismatch.err\n"
     )
     info = finish(slurmctl.sbatch(script, cwd=work, env=job_env(work)), 60)
     assert info["JobState"] == "COMPLETED", log_of(work)
@@ -80,6 +81,7 @@ def test_srun_pmi2_and_mpirun_give_one_world(cluster: Path) -> None:
         assert json.loads((work / name).read_text()) == {"world_size": 2, "ranks": [0, 1]}
     err = (work / "mismatch.err").read_text()
     assert "MPI world size is 1 but SLURM_NTASKS=2" in err and "srun --mpi=pmi2" in err, err
+    assert "rc=0" not in err and "mpitrain: done" not in err, err
 
 
 def test_train_cpu_template_srun_and_mpirun(cluster: Path) -> None:
@@ -113,7 +115,7 @@ def test_preemption_requeue_resume_bitwise(cluster: Path) -> None:
     """USR1 to the batch script -> checkpoint, exit 99, requeue, resume, bitwise-equal result."""
     import torch
 
-    train = ["--epochs", "4", "--no-progress", "--straggler-ms", "40"]
+    train = ["--epochs", "3", "--no-progress", "--straggler-ms", "40"]
     jobs = {}
     for name in ("preempted", "reference"):
         work = cluster / name
@@ -124,7 +126,7 @@ def test_preemption_requeue_resume_bitwise(cluster: Path) -> None:
         jobs[name] = (work, slurmctl.sbatch(script, cwd=work, env=job_env(work)))
     work, job = jobs["preempted"]
     deadline = time.monotonic() + 90
-    while "epoch   1/4" not in log_of(work):  # mid-run: after the first epoch
+    while "epoch   1/3" not in log_of(work):  # mid-run: after the first epoch
         log = log_of(work)
         assert time.monotonic() < deadline and "exited with status" not in log, log
         time.sleep(0.2)
