@@ -326,6 +326,32 @@ def test_trap_forwards_usr1_to_the_step_and_requeues(tmp_path: Path) -> None:
     assert argv_of(d, "scontrol") == ["requeue", "7"]
 
 
+def test_sweep_script_picks_its_grid_row(tmp_path: Path) -> None:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("srun", "scontrol"):
+        (stubs / name).write_text(STUB)
+        (stubs / name).chmod(0o755)
+    script = tmp_path / "sweep.sbatch"
+    render_argv(["sweep", "--grid", str(GOLDEN / "grid.toml"), "--sweep-dir", "sw dir",
+                 "--", "--epochs", "1"], script)  # fmt: skip
+    base = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "9",
+            "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"}  # fmt: skip
+    ok = subprocess.run(["bash", str(script)], env={**base, "SLURM_ARRAY_TASK_ID": "4"},
+                        cwd=tmp_path, capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    run_dir = "sw dir/task-4"
+    assert argv_of(tmp_path, "srun")[5:] == [
+        "--epochs", "1", "--lr", "0.02", "--seed", "3", "--optimizer", "adam", "--no-scale-lr",
+        "--run-dir", run_dir, "--summary-json", f"{run_dir}/summary.json",
+        "--checkpoint-dir", f"{run_dir}/checkpoints",
+    ]  # fmt: skip
+    assert (tmp_path / run_dir).is_dir()
+    bad = subprocess.run(["bash", str(script)], env={**base, "SLURM_ARRAY_TASK_ID": "5"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert bad.returncode == 2 and "no grid row 5" in bad.stderr
+
+
 if __name__ == "__main__" and "--regen" in sys.argv:
     for golden_name, argv in CASES.items():
         render_argv(argv, GOLDEN / golden_name)
