@@ -145,12 +145,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         f = self._files.get(shard)
         if f is None:
             path = self.directory / self.manifest.shards[shard].file
-            # Uncompressed chunks are read straight into the destination when HDF5's chunk
-            # cache is off: no 1 MiB cache fill per random sample, no extra copy per slice
-            # (measured ~3x faster per sample, ~1.3x for slices; docs/data.md).
-            raw = self.manifest.compression in (None, "none")
-            opts = {"rdcc_nbytes": 0} if raw else {}
-            f = self._files[shard] = h5py.File(path, "r", **opts)
+            f = self._files[shard] = h5py.File(path, "r")
         return f
 
     def read_arrays(
