@@ -20,6 +20,14 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "training step time: single process vs mpitrain vs torch DDP (gloo)",
     ),
     "loader": ("mpitrain.bench.loader", "data loader throughput (HDF5 shards)"),
+    "algo": (
+        "mpitrain.bench.algo",
+        "flat vs hierarchical all-reduce (pretend nodes), host / staged / CUDA-aware paths",
+    ),
+    "async": (
+        "mpitrain.bench.async_study",
+        "exchange modes: accuracy vs steps and wall time against sync SGD (+ plots)",
+    ),
 }
 
 

@@ -190,7 +190,15 @@ def header() -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: parse options, launch the ranks (or be one)."""
+    """Entry point: parse options, launch the ranks (or be one).
+
+    ``--algo flat,hierarchical`` hands the whole command line to ``bench algo`` (flat vs
+    hierarchical side by side at 4 ranks as 2 pretend nodes).
+    """
+    if any(a == "--algo" or a.startswith("--algo=") for a in argv):
+        from mpitrain.bench import algo
+
+        return algo.main(argv)
     p = argparse.ArgumentParser(prog="python -m mpitrain.bench allreduce", description=__doc__)
     p.add_argument("-n", "--ranks", type=int, default=2, help="number of ranks (default 2)")
     p.add_argument("--json", help="write results as JSON here")

@@ -77,3 +77,30 @@ def wait_stepds_gone(job: str, timeout: float = 30) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"slurmstepd of job {job} still running after {timeout}s")
+
+
+#: seconds between the old incarnation's end and the release of a requeued job
+REVOKE_GAP_S = 2.5
+
+
+def release_requeued(job: str) -> None:
+    """Start a requeued (PENDING, BeginTime in ~120 s) job now, the way Slurm's delay would.
+
+    Two races hide behind Slurm's own requeue delay: the old slurmstepd tearing down (see
+    :func:`wait_stepds_gone`), and slurmd's revoked-credential check, which compares whole
+    seconds: a credential issued in the same second as the requeue's revoke is refused and
+    the new incarnation fails at once (exit 1, RunTime 0, no output). Waiting a couple of
+    seconds after the old steps are gone avoids both.
+    """
+    wait_stepds_gone(job)
+    time.sleep(REVOKE_GAP_S)
+    run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+def slurmd_log_tail(lines: int = 40) -> str:
+    """Return the end of the test cluster's slurmd log (for failure messages)."""
+    log = Path("/tmp/mpitrain-slurm/log/slurmd.log")
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no slurmd log: {exc})"
