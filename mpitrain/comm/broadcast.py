@@ -1,4 +1,9 @@
-"""Broadcast of CPU torch tensors in place, through zero-copy numpy views."""
+"""Broadcast of torch tensors in place: zero-copy numpy views on the host.
+
+Device tensors (CUDA) are staged through a host copy: broadcasts happen at wrap time, after a
+resume and for BatchNorm-style buffers, where one extra copy is cheap and needs no CUDA-aware
+MPI.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,12 @@ if TYPE_CHECKING:
 def broadcast_(t: torch.Tensor, comm: MPI.Intracomm, root: int = 0) -> None:
     """Collective: overwrite ``t`` in place with ``root``'s values."""
     if comm.size == 1 or t.numel() == 0:
+        return
+    if t.device.type != "cpu":
+        host = t.detach().to("cpu").contiguous()
+        comm.Bcast(numpy_view(host), root=root)
+        with torch.no_grad():
+            t.copy_(host)
         return
     comm.Bcast(numpy_view(t), root=root)
 

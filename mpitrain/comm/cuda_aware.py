@@ -25,9 +25,13 @@ if TYPE_CHECKING:
 
 
 def device_reducible(dtype: torch.dtype) -> bool:
-    """Whether MPI can sum ``dtype`` on a device buffer (no Python user op involved)."""
+    """Whether MPI can sum ``dtype`` on a device buffer (no Python user op involved).
+
+    float16 and bfloat16 are summed by a Python user op that reads host memory
+    (``torch.frombuffer``), so on a device they always go through host staging.
+    """
     dt, _op = sum_op(dtype)
-    return dt is None or dtype == torch.float16
+    return dt is None
 
 
 def mpi_buffer(t: torch.Tensor) -> tuple[Any, Any]:

@@ -24,7 +24,7 @@ def test_wrappers_equal_serial_references(mpirun: MpiRun, n: int) -> None:
 @pytest.mark.mpi
 def test_modes_through_trainer(mpirun: MpiRun, tmp_path: Path) -> None:
     """sync/local-sgd/double-buffer on 2 ranks, param-server on 2 workers + 1 server."""
-    proc = mpirun(3, ["modes_train.py", str(tmp_path)], timeout=120)
+    proc = mpirun(3, ["modes_train.py", str(tmp_path)], timeout=180)
     text = "\n".join(_passed(proc.stdout))
     for needle in (
         "local-sgd H=1 equals sync",
@@ -35,5 +35,6 @@ def test_modes_through_trainer(mpirun: MpiRun, tmp_path: Path) -> None:
         "staleness <= tau at every step",
         "histograms <= tau",
         "param-server resume",
+        "local-sgd resume mid-cycle",
     ):
         assert needle in text, proc.stdout

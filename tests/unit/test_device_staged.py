@@ -134,6 +134,7 @@ def test_mpi_buffer_is_zero_copy_on_host() -> None:
     assert t[2] == 5.0
     assert device_reducible(torch.float32) and device_reducible(torch.int64)
     assert not device_reducible(torch.bfloat16)  # needs a Python op: staged instead
+    assert not device_reducible(torch.float16)  # the same Python op reads host memory
 
 
 def test_choose_algo() -> None:

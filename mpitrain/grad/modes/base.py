@@ -41,6 +41,10 @@ class ModeWrapper(torch.nn.Module):
         """Return per-step statistics merged into the trainer's metrics record."""
         return {}
 
+    def replicas_identical(self) -> bool:
+        """Whether every rank should hold the same parameters now (checked after a resume)."""
+        return True
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped module's gradients."""
         self.module.zero_grad(set_to_none=set_to_none)

@@ -122,6 +122,10 @@ class LocalSGD(ModeWrapper):
         """Steps since the last model average (the models' divergence horizon)."""
         return {"local_steps_since_average": float(self._since_average)}
 
+    def replicas_identical(self) -> bool:
+        """Only right after a model average: between averages each rank has its own model."""
+        return self._since_average == 0
+
     def _opt_tensors(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         if self._optimizer is not None:
