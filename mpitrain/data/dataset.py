@@ -20,6 +20,8 @@ from mpitrain.errors import DataError, with_hint
 CACHE_BYTES = 128 << 20
 #: cached reads fetch whole stored chunks, this many bytes' worth at a time
 BLOCK_BYTES = 1 << 20
+#: open uncompressed shards without HDF5's chunk cache (measured: docs/benchmarks.md)
+RAW_NO_CACHE = True
 VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
 
 
@@ -63,8 +65,8 @@ def check_shard(directory: Path, manifest: Manifest, index: int, *, checksum: bo
         raise DataError(with_hint(f"shard '{path}' cannot be read: {exc}", VERIFY_HINT)) from None
 
 
-def _read_slice(f: Any, key: str, lo: int, hi: int) -> np.ndarray:
-    return np.asarray(f[key][lo:hi])
+def _read_slice(ds: Any, lo: int, hi: int) -> np.ndarray:
+    return np.asarray(ds[lo:hi])
 
 
 class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -101,6 +103,8 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self._starts = np.cumsum([0] + [s.num_samples for s in m.shards])
         self._files: dict[int, Any] = {}
         self._cache = ChunkCache(CACHE_BYTES)
+        self._scratch: dict[str, np.ndarray] = {}
+        self._dsets: dict[tuple[int, str], Any] = {}
         self._pid = os.getpid()
         self._sample_bytes = sum(
             int(np.dtype(a.dtype).itemsize * np.prod(a.shape, dtype=np.int64))
@@ -115,6 +119,11 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def feature_shape(self) -> tuple[int, ...]:
         """Per-sample shape of ``x``."""
         return self.manifest.arrays["x"].shape
+
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample over all stored arrays."""
+        return self._sample_bytes
 
     @property
     def block_samples(self) -> int:
@@ -134,19 +143,33 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         state = dict(self.__dict__)
         state["_files"] = {}
         state["_cache"] = ChunkCache(CACHE_BYTES)
+        state["_scratch"] = {}
+        state["_dsets"] = {}
         return state
 
     def _file(self, shard: int) -> Any:
         import h5py
 
         if self._pid != os.getpid():  # forked: never share HDF5 handles across processes
-            self._files, self._pid = {}, os.getpid()
+            self._files, self._dsets, self._pid = {}, {}, os.getpid()
             self._cache = ChunkCache(CACHE_BYTES)
         f = self._files.get(shard)
         if f is None:
             path = self.directory / self.manifest.shards[shard].file
-            f = self._files[shard] = h5py.File(path, "r")
+            # uncompressed chunks go straight into the destination with HDF5's chunk cache
+            # off (no copy through the cache); compressed ones need it to decode once
+            raw = self.manifest.compression in (None, "none")
+            opts = {"rdcc_nbytes": 0} if raw and RAW_NO_CACHE else {}
+            f = self._files[shard] = h5py.File(path, "r", **opts)
         return f
+
+    def _dataset(self, shard: int, key: str) -> Any:
+        """The open h5py dataset ``key`` of ``shard`` (looking it up by name costs ~80 us)."""
+        f = self._file(shard)  # first: resets the handles after a fork
+        ds = self._dsets.get((shard, key))
+        if ds is None:
+            ds = self._dsets[(shard, key)] = f[key]
+        return ds
 
     def read_arrays(
         self, indices: np.ndarray, keys: tuple[str, ...] = ("x", "y"), *, cached: bool = False
@@ -171,28 +194,36 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             groups = segments(shard_of * (1 << 32) + chunk_of, shard_of, 0)
             for a, b in groups:
                 shard, c0 = int(shard_of[a]), int(chunk_of[a]) * cs
-                f = self._file(shard)
                 for out, key in zip(outs, keys, strict=True):
+                    ds = self._dataset(shard, key)
                     block = self._cache.get(
-                        (shard, c0, key), functools.partial(_read_slice, f, key, c0, c0 + cs)
+                        (shard, c0, key), functools.partial(_read_slice, ds, c0, c0 + cs)
                     )
                     copy_rows(out, order[a:b], block, local[a:b] - c0)
             return outs
         max_gap = max(1, GAP_BYTES // max(1, self._sample_bytes))
-        for a, b in segments(sorted_base, shard_of, max_gap):
-            f = self._file(int(shard_of[a]))
-            lo, hi = int(local[a]), int(local[b - 1]) + 1
-            dest = order[a:b]
-            direct = hi - lo == b - a and dest[-1] - dest[0] == b - a - 1
-            for out, key in zip(outs, keys, strict=True):
-                if direct and (b - a == 1 or bool(np.all(np.diff(dest) == 1))):
-                    # contiguous on disk and in the batch: HDF5 writes straight into the batch
-                    f[key].read_direct(
-                        out, np.s_[lo:hi], np.s_[int(dest[0]) : int(dest[0]) + b - a]
-                    )
+        # read in sorted (file) order, straight into a buffer: the output itself when the
+        # indices were already sorted, else a scratch buffer gathered into the output once
+        in_order = bool(np.all(order == np.arange(len(order))))
+        for out, key in zip(outs, keys, strict=True):
+            dst = out if in_order else self._scratch_like(out, key)
+            for a, b in segments(sorted_base, shard_of, max_gap):
+                ds = self._dataset(int(shard_of[a]), key)
+                lo, hi = int(local[a]), int(local[b - 1]) + 1
+                if hi - lo == b - a:  # no gaps: HDF5 writes straight into the buffer
+                    ds.read_direct(dst, np.s_[lo:hi], np.s_[a:b])
                 else:
-                    copy_rows(out, dest, f[key][lo:hi], local[a:b] - lo)
+                    dst[a:b] = ds[lo:hi][local[a:b] - lo]
+            if not in_order:
+                out[order] = dst
         return outs
+
+    def _scratch_like(self, out: np.ndarray, key: str) -> np.ndarray:
+        """A reused buffer shaped like ``out`` (a fresh 16 MiB one per read costs page faults)."""
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape[0] < out.shape[0]:
+            buf = self._scratch[key] = np.empty_like(out)
+        return buf[: out.shape[0]]
 
     def read_batch(
         self, indices: np.ndarray, *, cached: bool = False
@@ -207,6 +238,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def close(self) -> None:
         """Close open HDF5 files of this process."""
+        self._dsets = {}
         for f in self._files.values():
             f.close()
         self._files = {}

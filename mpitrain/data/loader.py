@@ -25,14 +25,19 @@ class Batch:
 
 
 _DONE = object()
+#: default bytes read per call (a group of consecutive batches): large reads run at the speed
+#: of the file system, per-batch Python and HDF5 call overhead is paid once per group
+READ_AHEAD_BYTES = 16 << 20
 
 
 class BatchLoader:
     """Iterate a rank's batches of ``dataset`` in ``sampler`` order.
 
-    A daemon thread reads up to ``prefetch`` batches ahead (one slice per contiguous run);
-    ``state_dict()`` reflects the batches handed out, not the ones read ahead, so a checkpoint
-    taken between steps resumes exactly. An exception in the reader is raised in the consumer.
+    Consecutive batches are read together, ``read_ahead_bytes`` at a time (one slice per
+    contiguous run on disk), and handed out as views of that read. A daemon thread reads up
+    to ``prefetch`` batches ahead (at least one group); ``state_dict()`` reflects the batches
+    handed out, not the ones read ahead, so a checkpoint taken between steps resumes exactly.
+    An exception in the reader is raised in the consumer.
     """
 
     def __init__(
@@ -43,12 +48,16 @@ class BatchLoader:
         *,
         prefetch: int = 2,
         pin_memory: bool = False,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ) -> None:
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
         self.prefetch = max(0, prefetch)
         self.pin_memory = pin_memory
+        batch_bytes = max(1, batch_size * dataset.sample_bytes)
+        #: batches read by one call
+        self.group = max(1, read_ahead_bytes // batch_bytes)
 
     def __len__(self) -> int:
         return self.sampler.num_batches(self.batch_size)
@@ -65,31 +74,45 @@ class BatchLoader:
         """Continue from a saved state."""
         self.sampler.load_state_dict(state)
 
-    def _read(self, idx: np.ndarray, mask: np.ndarray) -> Batch:
-        x, y = self.dataset.read_batch(idx, cached=self.sampler.shuffle == "chunk")
-        m = torch.from_numpy(mask.copy())
+    def _read(self, group: list[tuple[np.ndarray, np.ndarray]]) -> list[Batch]:
+        """Read consecutive batches with one call; return them as views of that read."""
+        idx = np.concatenate([i for i, _ in group]) if len(group) > 1 else group[0][0]
+        mask = np.concatenate([m for _, m in group]) if len(group) > 1 else group[0][1].copy()
+        # a group spans whole chunk-shuffle windows: read it sorted, not through the LRU
+        cached = self.sampler.shuffle == "chunk" and len(idx) < 4 * self.dataset.block_samples
+        x, y = self.dataset.read_batch(idx, cached=cached)
+        m = torch.from_numpy(mask)
         if self.pin_memory:
             x, y, m = x.pin_memory(), y.pin_memory(), m.pin_memory()
-        return Batch(x, y, m)
+        out, start = [], 0
+        for i, _ in group:
+            end = start + len(i)
+            out.append(Batch(x[start:end], y[start:end], m[start:end]))
+            start = end
+        return out
+
+    def _groups(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        plan = list(self.sampler.batches(self.batch_size))
+        return [plan[k : k + self.group] for k in range(0, len(plan), self.group)]
 
     def __iter__(self) -> Iterator[Batch]:
         self.sampler.check_batch(self.batch_size)
-        plan = list(self.sampler.batches(self.batch_size))
+        groups = self._groups()
         if self.prefetch == 0:
-            for idx, mask in plan:
-                batch = self._read(idx, mask)
-                self.sampler.advance(len(idx))
-                yield batch
+            for group in groups:
+                for batch in self._read(group):
+                    self.sampler.advance(len(batch.y))
+                    yield batch
             return
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        q: queue.Queue[Any] = queue.Queue(maxsize=max(1, -(-self.prefetch // self.group)))
         stop = threading.Event()
 
         def reader() -> None:
             try:
-                for idx, mask in plan:
+                for group in groups:
                     if stop.is_set():
                         return
-                    item = self._read(idx, mask)
+                    item = self._read(group)
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.1)
@@ -103,14 +126,15 @@ class BatchLoader:
         thread = threading.Thread(target=reader, name="mpitrain-prefetch", daemon=True)
         thread.start()
         try:
-            for idx, _ in plan:
+            for _ in groups:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item is _DONE:  # pragma: no cover - plan and reader agree on length
                     break
-                self.sampler.advance(len(idx))
-                yield item
+                for batch in item:
+                    self.sampler.advance(len(batch.y))
+                    yield batch
         finally:
             stop.set()
             thread.join(timeout=5)

@@ -82,6 +82,34 @@ def test_loader_matches_sampler_and_tracks_consumed(
     assert len(loader) == len(expected) - 2
 
 
+@pytest.mark.parametrize("shuffle", ["none", "chunk", "global"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_grouped_reads_equal_batch_by_batch(
+    ds_dir: Path, arrays: dict[str, np.ndarray], shuffle: str, prefetch: int
+) -> None:
+    """Reading several batches per call (views of one read) hands out exactly the same batches
+    as reading one batch per call, for every shuffle mode, and the state counts batches."""
+    ds = ShardedDataset(ds_dir)
+    batch_bytes = 7 * ds.sample_bytes
+    runs = []
+    for read_ahead in (1, 5 * batch_bytes, 1 << 30):  # 1 batch, 5 batches, whole epoch
+        sampler = DistributedSampler(len(ds), 1, 2, seed=3, shuffle=shuffle, chunk=8)
+        loader = BatchLoader(ds, sampler, 7, prefetch=prefetch, read_ahead_bytes=read_ahead)
+        loader.set_epoch(1)
+        want = list(sampler.batches(7))
+        got = []
+        for k, b in enumerate(loader):
+            got.append((b.x.numpy().copy(), b.y.numpy().copy(), b.mask.numpy().copy()))
+            assert loader.state_dict()["position"] == min(230, (k + 1) * 7 * 2)
+        assert len(got) == len(want)
+        for (idx, mask), (x, y, m) in zip(want, got, strict=True):
+            assert np.array_equal(x, arrays["x"][idx]) and np.array_equal(y, arrays["y"][idx])
+            assert np.array_equal(m, mask)
+        runs.append(got)
+    for other in runs[1:]:
+        assert all(np.array_equal(a[0], b[0]) for a, b in zip(runs[0], other, strict=True))
+
+
 def test_splits(tmp_path: Path, ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
     y = arrays["y"]
     parts = split.stratified_split(y, [0.7, 0.3], seed=0)
