@@ -13,12 +13,14 @@ cuda       not CUDA-aware  StagedReducer(host reducer)
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from mpitrain.errors import ConfigError, with_hint
 
 if TYPE_CHECKING:
     import torch
+    from mpi4py import MPI
 
     from mpitrain.comm.reducer import Reducer
     from mpitrain.runtime.cuda_aware import Decision
@@ -113,3 +115,21 @@ def describe(reducer: Reducer) -> str:
     if isinstance(reducer, HierarchicalReducer):
         return f"Hierarchical[{reducer.variant}]"
     return type(reducer).__name__.removesuffix("Reducer")
+
+
+def default_reducer(
+    comm: MPI.Intracomm, params: Iterable[torch.Tensor], *, overlap: bool
+) -> Reducer:
+    """Return the reducer a wrapper uses when given none (not collective).
+
+    Host MPI (:class:`FlatReducer`) for CPU parameters; for parameters on a device, the same
+    staged through reused host buffers, which is correct with any MPI. For CUDA-aware MPI pass
+    ``make_reducer(...)``'s result instead (that choice is collective: it probes the MPI).
+    """
+    from mpitrain.comm.reducer import FlatReducer
+    from mpitrain.comm.staged import StagedReducer
+
+    flat = FlatReducer(comm, overlap=overlap)
+    if any(p.device.type != "cpu" for p in params):
+        return StagedReducer(flat)
+    return flat

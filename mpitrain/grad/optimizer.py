@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.reducer import FlatReducer, Reducer, default_overlap
+from mpitrain.comm.factory import default_reducer
+from mpitrain.comm.reducer import Reducer, default_overlap
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.consistency import check_same_layout, layout
 from mpitrain.grad.engine import GradEngine
@@ -95,8 +96,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if overlap is None:
             overlap = getattr(reducer, "overlap", None)
             overlap = default_overlap() if overlap is None else bool(overlap)
-        if reducer is None:
-            reducer = FlatReducer(comm, overlap=overlap)
+        if reducer is None:  # host MPI; staged through host buffers for device parameters
+            reducer = default_reducer(comm, [p for _, p in named], overlap=overlap)
         self.reducer = reducer
         self.hook_state = HookState(reducer, average=op == "average")
         self.engine = GradEngine(

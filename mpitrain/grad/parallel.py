@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.comm.broadcast import broadcast_
-from mpitrain.comm.reducer import FlatReducer, Reducer, default_overlap
+from mpitrain.comm.factory import default_reducer
+from mpitrain.comm.reducer import Reducer, default_overlap
 from mpitrain.grad.broadcast import broadcast_parameters
 from mpitrain.grad.consistency import check_same_layout, layout
 from mpitrain.grad.engine import GradEngine
@@ -36,7 +37,8 @@ class DataParallel(torch.nn.Module):
         bucket_mb: bucket size cap in MiB (default ``buckets.DEFAULT_BUCKET_MB``).
         hook: ``hook(state, bucket) -> Handle`` or a registry name (none|fp16|bf16|fp16-ef|bf16-ef).
         hook_state: explicit state for the hook (default ``HookState(reducer)``).
-        reducer: the transport (default ``FlatReducer(comm, overlap=overlap)``).
+        reducer: the transport (default: host MPI, staged for device parameters; see
+            :func:`mpitrain.comm.factory.default_reducer`).
         overlap: start each bucket's reduction during backward (default: per MPI library).
         broadcast_buffers: after each synchronize, broadcast buffers (BatchNorm statistics)
             from rank 0, like DDP does before each forward.
@@ -64,8 +66,8 @@ class DataParallel(torch.nn.Module):
         if overlap is None:
             overlap = getattr(reducer, "overlap", None)
             overlap = default_overlap() if overlap is None else bool(overlap)
-        if reducer is None:
-            reducer = FlatReducer(comm, overlap=overlap)
+        if reducer is None:  # host MPI; staged through host buffers for device parameters
+            reducer = default_reducer(comm, [p for _, p in named_params], overlap=overlap)
         if hook is None:
             hook = allreduce_hook
         elif isinstance(hook, str):

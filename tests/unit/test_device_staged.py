@@ -146,3 +146,17 @@ def test_choose_algo() -> None:
     assert choose_algo("hierarchical", 1, 1, 1) == "hierarchical"
     with pytest.raises(ConfigError, match="--allreduce 'tree'"):
         choose_algo("tree", 1, 1, 1)
+
+
+def test_wrappers_default_to_staging_for_device_parameters() -> None:
+    """No reducer given: host MPI for CPU parameters, staged through host for device ones."""
+    from mpi4py import MPI
+
+    from mpitrain.comm.factory import default_reducer
+    from mpitrain.comm.reducer import FlatReducer
+
+    cpu = default_reducer(MPI.COMM_SELF, [torch.zeros(2)], overlap=True)
+    assert type(cpu) is FlatReducer
+    dev = default_reducer(MPI.COMM_SELF, [torch.zeros(2), torch.zeros(2, device="meta")],
+                          overlap=True)
+    assert isinstance(dev, StagedReducer) and type(dev.inner) is FlatReducer
