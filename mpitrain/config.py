@@ -46,6 +46,9 @@ class TrainConfig:
     seed: int = _opt(0, "seed for model init, data order and dropout")
     shuffle: str = _opt("global", "data order within an epoch", ("global", "chunk", "none"))
     prefetch: int = _opt(2, "batches read ahead by the loader thread")
+    hdf5_driver: str = _opt(
+        "posix", "open shards per rank (posix) or collectively with MPI-IO", ("posix", "mpio")
+    )
     eval_every: int = _opt(1, "evaluate every E epochs (0 = only at the end)")
     # gradient exchange
     bucket_mb: float | None = _opt(

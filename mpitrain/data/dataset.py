@@ -20,6 +20,9 @@ from mpitrain.errors import DataError, with_hint
 CACHE_BYTES = 128 << 20
 #: cached reads fetch whole stored chunks, this many bytes' worth at a time
 BLOCK_BYTES = 1 << 20
+#: datasets up to this size are read into memory once per process (random access then costs
+#: a numpy gather instead of HDF5 calls); larger ones are read batch by batch
+IN_MEMORY_BYTES = 64 << 20
 #: open uncompressed shards without HDF5's chunk cache (measured: docs/benchmarks.md)
 RAW_NO_CACHE = True
 VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
@@ -77,7 +80,14 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     pickles and survives fork, spawn and forkserver.
     """
 
-    def __init__(self, path: str | Path, split: str | None = None, *, verify: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | None = None,
+        *,
+        verify: bool = False,
+        in_memory: bool | None = None,
+    ) -> None:
         self.directory = Path(path)
         self.manifest = load_manifest(self.directory)
         m = self.manifest
@@ -110,6 +120,10 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             int(np.dtype(a.dtype).itemsize * np.prod(a.shape, dtype=np.int64))
             for a in m.arrays.values()
         )
+        total = m.num_samples * self._sample_bytes
+        #: keep all samples in memory (read once, on first use): small datasets only
+        self.in_memory = total <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
+        self._ram: dict[str, np.ndarray] = {}
 
     # -- facts from the manifest (no I/O) --
     def __len__(self) -> int:
@@ -145,6 +159,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         state["_cache"] = ChunkCache(CACHE_BYTES)
         state["_scratch"] = {}
         state["_dsets"] = {}
+        state["_ram"] = {}
         return state
 
     def _file(self, shard: int) -> Any:
@@ -182,6 +197,8 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         read it from disk once.
         """
         base = self.indices[indices] if self.indices is not None else np.asarray(indices)
+        if self.in_memory:
+            return [np.take(self._all(k), base, axis=0) for k in keys]
         order = np.argsort(base, kind="stable")
         sorted_base = base[order]
         specs = self.manifest.arrays
@@ -218,6 +235,21 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
                 out[order] = dst
         return outs
 
+    def preload(self) -> None:
+        """Read an ``in_memory`` dataset now (else it is read on the first batch)."""
+        if self.in_memory:
+            for key in self.manifest.arrays:
+                self._all(key)
+
+    def _all(self, key: str) -> np.ndarray:
+        """Every sample of ``key``, read once into memory (in_memory datasets)."""
+        arr = self._ram.get(key)
+        if arr is None or self._pid != os.getpid():
+            shards = range(len(self.manifest.shards))
+            parts = [np.asarray(self._dataset(i, key)[()]) for i in shards]
+            arr = self._ram[key] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return arr
+
     def _scratch_like(self, out: np.ndarray, key: str) -> np.ndarray:
         """A reused buffer shaped like ``out`` (a fresh 16 MiB one per read costs page faults)."""
         buf = self._scratch.get(key)
@@ -235,6 +267,12 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.read_batch(np.array([i]))
         return x[0], y[0]
+
+    def adopt_files(self, files: dict[int, Any]) -> None:
+        """Read through these already open HDF5 files (e.g. MPI-IO ones) in this process."""
+        self.close()
+        self._files = dict(files)
+        self._pid = os.getpid()
 
     def close(self) -> None:
         """Close open HDF5 files of this process."""

@@ -58,6 +58,7 @@ class BatchLoader:
         batch_bytes = max(1, batch_size * dataset.sample_bytes)
         #: batches read by one call
         self.group = max(1, read_ahead_bytes // batch_bytes)
+        dataset.preload()  # small datasets: into memory now, not inside the first step
 
     def __len__(self) -> int:
         return self.sampler.num_batches(self.batch_size)
@@ -92,13 +93,20 @@ class BatchLoader:
         return out
 
     def _groups(self) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Split the epoch's remaining batches into reads of 1, 2, 4, ... up to ``group``
+        batches: the first batch comes quickly, later reads are large."""
         plan = list(self.sampler.batches(self.batch_size))
-        return [plan[k : k + self.group] for k in range(0, len(plan), self.group)]
+        out, k, size = [], 0, 1
+        while k < len(plan):
+            out.append(plan[k : k + size])
+            k += size
+            size = min(2 * size, self.group)
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         self.sampler.check_batch(self.batch_size)
         groups = self._groups()
-        if self.prefetch == 0:
+        if self.prefetch == 0 or self.dataset.in_memory:  # in memory: a read is a gather
             for group in groups:
                 for batch in self._read(group):
                     self.sampler.advance(len(batch.y))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
+from mpitrain.train.agree import StepAgreement
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.state import LoopState, rng_state, set_rng_state
 
@@ -61,6 +62,9 @@ class Trainer:
             cfg.tensorboard if world.rank == 0 else None,
         )
         self.preempt = PreemptFlag([])
+        # param-server workers may run up to tau steps apart: agree on flags tau steps late
+        lag = cfg.max_staleness if cfg.exchange == "param-server" else 0
+        self.agreement = StepAgreement(self.comm, lag)
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = -1
         self.data_wait = 0.0
@@ -264,16 +268,15 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def _flags(self) -> tuple[bool, bool]:
         """Collective: (stop for preemption, time-based checkpoint due) agreed by all ranks."""
-        from mpi4py import MPI
-
         bits = 1 if self.preempt.received is not None else 0
         minutes = self.cfg.checkpoint_minutes
         if self.world.rank == 0 and minutes and self.cfg.checkpoint_dir:
             if time.monotonic() - self._last_ckpt_time >= 60.0 * minutes:
                 bits |= 2
+                self._last_ckpt_time = time.monotonic()  # asked once, even when agreed late
         if self.watchdog is not None:
             self.watchdog.enter("step agreement", 4)
-        agreed = int(self.comm.allreduce(bits, op=MPI.BOR))
+        agreed = self.agreement.exchange(bits)
         return bool(agreed & 1), bool(agreed & 2)
 
     def _epoch_end(self, epoch: int, epoch_seconds: float) -> None:
@@ -367,6 +370,8 @@ class Trainer:
                 if self.watchdog is not None:
                     self.watchdog.step_done()
                 steps_due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
+                if stop_now:
+                    self.agreement.drain()
                 if cfg.checkpoint_dir and (steps_due or time_due or stop_now):
                     self.save()
                 if stop_now:
@@ -389,6 +394,7 @@ class Trainer:
                     st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start,
                 )
             st.epoch += 1
+        self.agreement.drain()  # late agreements (param-server) of the last steps: done anyway
         if stop and not st.last_eval:
             st.last_eval = self.evaluate()
         if cfg.checkpoint_dir and self.last_saved_step != st.step:

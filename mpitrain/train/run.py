@@ -109,6 +109,17 @@ def build_parts(
         return train, test
 
     train_ds, test_ds = agree(world.comm, open_data)
+    if cfg.hdf5_driver != "posix":
+        from mpi4py import MPI
+
+        from mpitrain.data.parallel_io import check_driver, open_mpio
+
+        level = MPI.Query_thread()
+        agree(world.comm, lambda: check_driver(cfg.hdf5_driver, cfg.prefetch, level,
+                                               MPI.THREAD_MULTIPLE))
+        for ds in (train_ds, test_ds):
+            if ds is not None:
+                open_mpio(ds, world.comm)
     sampler = DistributedSampler(
         len(train_ds),
         world.rank,
@@ -130,7 +141,9 @@ def build_parts(
         test_sampler = DistributedSampler(
             len(test_ds), world.rank, world.size, seed=cfg.seed, shuffle="none", drop_last=False
         )
-        test_loader = BatchLoader(test_ds, test_sampler, max(256, cfg.batch_size), prefetch=1)
+        test_loader = BatchLoader(
+            test_ds, test_sampler, max(256, cfg.batch_size), prefetch=min(1, cfg.prefetch)
+        )
     steps_per_epoch = -(-len(train_loader) // cfg.accumulate)
     if steps_per_epoch < 1:
         raise ConfigError(

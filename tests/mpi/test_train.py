@@ -75,6 +75,15 @@ def test_config_errors_exit_2(mpirun, tmp_path: Path) -> None:
         assert proc.returncode == 2, (args, proc.stderr)
         assert needle in proc.stderr and "HINT" in proc.stderr
 
+    import h5py
+
+    if not h5py.get_config().mpi:  # the PyPI h5py: the MPI-IO driver is refused on every rank
+        proc = mpirun(2, ["-m", "mpitrain", "--hdf5-driver", "mpio", "--max-steps", "1"],
+                      timeout=60, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "this h5py has no MPI support" in proc.stderr, proc.stderr
+        assert "HDF5_MPI=ON" in proc.stderr
+
 
 def test_bad_data_dirs_fail_on_every_rank(mpirun, tmp_path: Path) -> None:
     import h5py

@@ -110,6 +110,33 @@ def test_grouped_reads_equal_batch_by_batch(
         assert all(np.array_equal(a[0], b[0]) for a, b in zip(runs[0], other, strict=True))
 
 
+def test_hdf5_driver_checks() -> None:
+    from mpitrain.data.parallel_io import check_driver, h5py_has_mpi
+    from mpitrain.errors import ConfigError
+
+    check_driver("posix", 2, 0, 3)
+    with pytest.raises(ConfigError, match="unknown"):
+        check_driver("lustre", 2, 3, 3)
+    if not h5py_has_mpi():
+        with pytest.raises(ConfigError, match=r"no MPI support.*HINT.*HDF5_MPI=ON"):
+            check_driver("mpio", 0, 3, 3)
+    else:
+        check_driver("mpio", 0, 0, 3)
+        with pytest.raises(ConfigError, match="MPI_THREAD_MULTIPLE"):
+            check_driver("mpio", 2, 2, 3)
+
+
+def test_adopted_files_are_read(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Files opened elsewhere (the MPI-IO path) are what reads go through."""
+    ds = ShardedDataset(ds_dir)
+    files = {i: h5py.File(ds_dir / s.file, "r") for i, s in enumerate(ds.manifest.shards)}
+    ds.adopt_files(files)
+    x, _ = ds.read_batch(np.arange(60, 70))
+    assert np.array_equal(x.numpy(), arrays["x"][60:70])
+    assert all(ds._files[i] is f for i, f in files.items())
+    ds.close()
+
+
 def test_splits(tmp_path: Path, ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
     y = arrays["y"]
     parts = split.stratified_split(y, [0.7, 0.3], seed=0)

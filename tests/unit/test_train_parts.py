@@ -65,3 +65,20 @@ def test_rng_roundtrip() -> None:
     set_rng_state(state)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_step_agreement_lag(lag: int) -> None:
+    """Step t's bits come back at step t + lag (0 before), on every rank alike."""
+    from mpi4py import MPI
+
+    from mpitrain.train.agree import StepAgreement
+
+    ag = StepAgreement(MPI.COMM_SELF, lag)
+    sent = [0, 1, 0, 2, 3, 0, 0, 0]
+    got = [ag.exchange(b) for b in sent]
+    assert got == [0] * lag + sent[: len(sent) - lag]
+    ag.drain()
+    assert not ag._pending
+    with pytest.raises(ValueError):
+        StepAgreement(MPI.COMM_SELF, -1)

@@ -116,6 +116,9 @@ def main() -> int:
         recs = records(work / "ps2")
         stale = [int(r["staleness"]) for r in recs]
         assert stale and max(stale) <= tau, stale
+        # no per-step barrier among workers (flags are agreed tau steps late): the fast worker
+        # runs tau versions ahead of the straggler on most steps (was ~half with a barrier)
+        assert stale.count(tau) > 0.7 * len(stale), stale
         assert max(int(r["staleness_max"]) for r in recs) <= tau
         print(f"PASS param-server tau={tau}: staleness <= tau at every step "
               f"(histogram {sorted((s, stale.count(s)) for s in set(stale))})")
