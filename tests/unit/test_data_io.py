@@ -48,8 +48,12 @@ def test_manifest_round_trip(ds_dir: Path, arrays: dict[str, np.ndarray]) -> Non
         assert f["x"].chunks[0] == m.chunk_samples
 
 
-def test_reads_equal_source_in_any_order(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
-    ds = ShardedDataset(ds_dir)
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_reads_equal_source_in_any_order(
+    ds_dir: Path, arrays: dict[str, np.ndarray], in_memory: bool
+) -> None:
+    ds = ShardedDataset(ds_dir, in_memory=in_memory)
+    assert ds.in_memory is in_memory
     idx = np.random.default_rng(1).permutation(230)[:77]
     idx = np.concatenate([idx, idx[:3]])  # duplicates too (padding)
     x, y = ds.read_batch(idx)
@@ -62,10 +66,11 @@ def test_reads_equal_source_in_any_order(ds_dir: Path, arrays: dict[str, np.ndar
     assert np.array_equal(clone[5][0].numpy(), arrays["x"][5])
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
 def test_loader_matches_sampler_and_tracks_consumed(
-    ds_dir: Path, arrays: dict[str, np.ndarray]
+    ds_dir: Path, arrays: dict[str, np.ndarray], in_memory: bool
 ) -> None:
-    ds = ShardedDataset(ds_dir)
+    ds = ShardedDataset(ds_dir, in_memory=in_memory)
     sampler = DistributedSampler(len(ds), 1, 3, seed=4)
     loader = BatchLoader(ds, sampler, 16, prefetch=3)
     loader.set_epoch(0)
@@ -89,7 +94,7 @@ def test_grouped_reads_equal_batch_by_batch(
 ) -> None:
     """Reading several batches per call (views of one read) hands out exactly the same batches
     as reading one batch per call, for every shuffle mode, and the state counts batches."""
-    ds = ShardedDataset(ds_dir)
+    ds = ShardedDataset(ds_dir, in_memory=False)  # the HDF5 read path (tiny data: RAM default)
     batch_bytes = 7 * ds.sample_bytes
     runs = []
     for read_ahead in (1, 5 * batch_bytes, 1 << 30):  # 1 batch, 5 batches, whole epoch
@@ -128,7 +133,7 @@ def test_hdf5_driver_checks() -> None:
 
 def test_adopted_files_are_read(ds_dir: Path, arrays: dict[str, np.ndarray]) -> None:
     """Files opened elsewhere (the MPI-IO path) are what reads go through."""
-    ds = ShardedDataset(ds_dir)
+    ds = ShardedDataset(ds_dir, in_memory=False)
     files = {i: h5py.File(ds_dir / s.file, "r") for i, s in enumerate(ds.manifest.shards)}
     ds.adopt_files(files)
     x, _ = ds.read_batch(np.arange(60, 70))

@@ -29,7 +29,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD.Dup()
     directory = sys.argv[1]
     x_ref, _ = reference(directory)
-    ds = ShardedDataset(directory)
+    ds = ShardedDataset(directory, in_memory=False)  # each rank reads its part from HDF5
     for shuffle in ("global", "chunk"):
         sampler = DistributedSampler(len(ds), comm.rank, comm.size, seed=7, shuffle=shuffle)
         loader = BatchLoader(ds, sampler, 32, prefetch=2)
