@@ -196,6 +196,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(with_hint(f"option 'bucket_mb' = {cfg.bucket_mb} must be > 0", "e.g. 4"))
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume:
         raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))
+    if cfg.precision == "fp16" and cfg.exchange in ("local-sgd", "param-server"):
+        # the loss scaler's skip-on-overflow is agreed through the averaged gradients; these
+        # modes step on each rank's own gradients, so ranks would skip steps independently
+        raise ConfigError(
+            with_hint(
+                f"--precision fp16 is not supported with --exchange {cfg.exchange}",
+                "use --precision bf16 (no loss scaling needed) or --exchange sync",
+            )
+        )
     if cfg.resume == "auto" and cfg.checkpoint_dir is None:
         raise ConfigError(
             with_hint("--resume auto needs --checkpoint-dir", "pass --checkpoint-dir DIR")

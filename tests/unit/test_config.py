@@ -86,3 +86,12 @@ def test_bad_choice_flag_exits_2() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         resolve({"config": str(tmp_path / "nope.toml")}, environ={})
+
+
+@pytest.mark.parametrize("mode", ["local-sgd", "param-server"])
+def test_fp16_refused_with_modes_that_step_on_local_gradients(mode: str) -> None:
+    from mpitrain.config import validate
+
+    with pytest.raises(ConfigError, match=r"fp16 is not supported.*HINT.*bf16"):
+        validate(TrainConfig(precision="fp16", exchange=mode))
+    validate(TrainConfig(precision="fp16", exchange="double-buffer"))
