@@ -6,7 +6,9 @@ own copy of the model and they take turns, round-robin, ``--rounds`` times:
 
 - ``single``: rank 0 alone (no communication; the other ranks sleep), the 1-process baseline;
 - ``mpitrain[:BUCKET_MB][:on|off][:HOOK]``: ``DataParallel`` (overlap on/off, compression hook);
-- ``ddp``: torch ``DistributedDataParallel`` over gloo (rank/size from mpi4py, rank 0 hosts).
+- ``ddp``: torch ``DistributedDataParallel`` over gloo (rank/size from mpi4py, rank 0 hosts);
+- ``nocomm``: every rank trains its own copy at once with no gradient exchange: the ceiling
+  that N ranks sharing this machine's cores and memory bandwidth can reach.
 
 Taking turns in one job exposes every method to the same machine noise (the reference machine
 is shared), so ratios stay meaningful. Batch 64 per rank, 1 torch thread per rank, SGD with
@@ -75,7 +77,7 @@ def parse_method(spec: str) -> dict[str, Any]:
             out["bucket_mb"] = float(o)
         elif o:
             out["hook"] = o
-    if name not in ("single", "ddp", "mpitrain"):
+    if name not in ("single", "ddp", "mpitrain", "nocomm"):
         raise ValueError(f"unknown method {spec!r}")
     return out
 
@@ -169,8 +171,8 @@ def main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--ranks", type=int, default=2)
     p.add_argument("--models", default="mlp,cnn")
-    p.add_argument("--methods", default="single,mpitrain,ddp",
-                   help="comma list: single, ddp, mpitrain[:BUCKET_MB][:on|off][:HOOK]")
+    p.add_argument("--methods", default="single,nocomm,mpitrain,ddp",
+                   help="comma list: single, nocomm, ddp, mpitrain[:BUCKET_MB][:on|off][:HOOK]")
     p.add_argument("--batch", type=int, default=64, help="per-rank batch")
     p.add_argument("--rounds", type=int, default=7, help="turns per method (median)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply timed steps per turn")
@@ -205,20 +207,24 @@ def main(argv: list[str]) -> int:
             got = json.loads(out.read_text())
         single = next((r for r in got if r["mode"] == "single"), None)
         ddp = next((r for r in got if r["mode"] == "ddp"), None)
+        ceiling = next((r for r in got if r["mode"] == "nocomm"), None)
         for r in got:
+            r["vs_nocomm"] = r["samples_per_s"] / ceiling["samples_per_s"] if ceiling else None
             r["efficiency"] = (r["samples_per_s"] / (r["ranks"] * single["samples_per_s"])
                                if single else None)
             r["vs_ddp"] = r["samples_per_s"] / ddp["samples_per_s"] if ddp else None
         rows += got
     print(f"{'model':<5} {'method':<20} {'ranks':>5} {'step ms':>8} {'samples/s':>10} "
-          f"{'sync ms':>8} {'eff %':>6} {'vs ddp':>7}")
+          f"{'sync ms':>8} {'eff %':>6} {'vs ddp':>7} {'of nocomm':>9}")
     for r in rows:
         eff = f"{100 * r['efficiency']:.1f}" if r["efficiency"] else "-"
         vs = f"{r['vs_ddp']:.2f}x" if r["vs_ddp"] else "-"
+        ceil = f"{100 * r['vs_nocomm']:.1f}%" if r.get("vs_nocomm") else "-"
         print(f"{r['model']:<5} {r['spec']:<20} {r['ranks']:>5} {r['step_ms']:>8.2f} "
-              f"{r['samples_per_s']:>10.0f} {r['sync_wait_ms']:>8.2f} {eff:>6} {vs:>7}")
+              f"{r['samples_per_s']:>10.0f} {r['sync_wait_ms']:>8.2f} {eff:>6} {vs:>7} "
+              f"{ceil:>9}")
     print("eff: samples/s / (ranks x single); vs ddp: samples/s / torch DDP (gloo)'s; "
-          "sync: time in synchronize()")
+          "of nocomm: samples/s / N ranks computing with no exchange; sync: in synchronize()")
     if args.json:
         result = {"benchmark": "train", "ranks": n, "batch": args.batch, "machine": machine(),
                   "argv": argv, "rounds": args.rounds, "rows": rows,
