@@ -92,7 +92,7 @@ def main(argv: list[str]) -> int:
         for n in a.workers:
             groups.append((ds, n, 0.0))
         if a.straggler_ms:
-            groups.append((ds, min(a.workers), a.straggler_ms))
+            groups += [(ds, n, a.straggler_ms) for n in a.workers]
     rows: list[dict[str, Any]] = []
     print(f"{'data':<7}{'N':>3}{'slow ms':>8}  {'mode':<14}{'acc':>7}{'train s':>9}"
           f"{'wall s':>8}{'samples/s':>11}")
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
             print(f"{ds:<7}{n:>3}{slow:>8.0f}  {mode:<14}{res['test_accuracy']:>7.4f}"
                   f"{res['train_seconds']:>9.2f}{res['wall_seconds']:>8.2f}"
                   f"{res['samples_per_sec']:>11.0f}", flush=True)
-        for x in ("step", "time"):
+        for x in ("step", "wall"):
             out = plots / f"{group.name}-{x}"
             subprocess.run([sys.executable, "-m", "mpitrain", "plot", *dirs, "--out", str(out),
                             "--x", x], check=False, capture_output=True)

@@ -320,6 +320,7 @@ class Trainer:
     def fit(self, preempt: PreemptFlag) -> int:
         """Collective: train until done, max_steps, or an agreed preemption; return exit code."""
         self.preempt = preempt
+        self._fit_t0 = time.perf_counter()  # the metrics' wall-clock axis (this process)
         cfg, st = self.cfg, self.state
         loader = self.p.train_loader
         self.p.model.train()
@@ -362,6 +363,7 @@ class Trainer:
                         "data_wait_frac": (self.data_wait - waited) / dt if dt > 0 else 0.0,
                         "comm_frac": (self.comm_wait - comm_before) / dt if dt > 0 else 0.0,
                         "time": st.train_seconds,
+                        "wall": time.perf_counter() - self._fit_t0,
                     }
                     if hasattr(self.p.model, "metrics"):
                         record.update(self.p.model.metrics())

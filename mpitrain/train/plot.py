@@ -1,10 +1,11 @@
 """`python -m mpitrain plot RUN_DIR [RUN_DIR ...]`: loss, accuracy and throughput curves as PNG.
 
 Reads each run's ``metrics.jsonl`` (train lines: step, epoch, loss, lr, samples_per_sec,
-data_wait_frac, comm_frac, time; eval lines: kind="eval", epoch, step, test_loss,
+data_wait_frac, comm_frac, time, wall; eval lines: kind="eval", epoch, step, test_loss,
 test_accuracy, ...) and writes ``loss.png``, ``accuracy.png`` and ``throughput.png`` to
 ``--out`` (default: ``RUN_DIR/plots`` of the first run). Several runs are overlaid, labelled
-by their directory name; ``--x time`` puts training seconds on the x axis instead of steps.
+by their directory name; ``--x time`` puts summed training-step seconds on the x axis instead
+of steps, ``--x wall`` the wall clock since the start of training (rank 0).
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def _x(run: Run, records: list[dict[str, Any]], axis: str) -> list[float]:
     """Return x values (step, or training seconds looked up by step for eval lines)."""
     if axis == "step":
         return [float(r.get("step", i)) for i, r in enumerate(records)]
-    by_step = {int(r["step"]): float(r["time"]) for r in run.train if "time" in r and "step" in r}
+    key = axis  # "time": summed training-step seconds; "wall": wall clock since the start
+    by_step = {int(r["step"]): float(r[key]) for r in run.train if key in r and "step" in r}
     xs = []
     last = 0.0
     for r in records:
-        if "time" in r:
-            last = float(r["time"])
+        if key in r:
+            last = float(r[key])
         elif "step" in r and int(r["step"]) in by_step:
             last = by_step[int(r["step"])]
         xs.append(last)
@@ -104,7 +106,7 @@ def draw(runs: list[Run], out_dir: Path, axis: str = "step") -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    xlabel = "step" if axis == "step" else "training time (s)"
+    xlabel = {"step": "step", "time": "training time (s)", "wall": "wall clock (s)"}[axis]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
 
@@ -176,7 +178,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpitrain plot", description=__doc__)
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, default=None, help="output dir (RUN_DIR/plots)")
-    parser.add_argument("--x", choices=("step", "time"), default="step", dest="axis")
+    parser.add_argument("--x", choices=("step", "time", "wall"), default="step", dest="axis")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(d) for d in args.run_dirs]

@@ -24,6 +24,7 @@ def _run_dir(path: Path, steps: int = 40, torn: bool = False) -> Path:
                 "data_wait_frac": 0.1,
                 "comm_frac": 0.3,
                 "time": 0.01 * s,
+                "wall": 0.02 * s,
             }
         )
         if s % 20 == 0:
@@ -57,11 +58,17 @@ def test_single_run_writes_three_pngs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert len(loaded.train) == 40 and len(loaded.evals) == 2  # torn last line skipped
 
 
-def test_overlay_two_runs_by_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("axis", ["time", "wall"])
+def test_overlay_two_runs_by_time(tmp_path: Path, axis: str) -> None:
+    from mpitrain.train.plot import _x
+
     a, b = _run_dir(tmp_path / "a"), _run_dir(tmp_path / "b", steps=20)
     out = tmp_path / "cmp"
-    assert main([str(a), str(b), "--out", str(out), "--x", "time"]) == 0
+    assert main([str(a), str(b), "--out", str(out), "--x", axis]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "loss.png", "throughput.png"]
+    run = load_run(a)
+    per_step = 0.01 if axis == "time" else 0.02  # eval lines take their step's clock
+    assert _x(run, run.evals, axis) == pytest.approx([20 * per_step, 40 * per_step])
 
 
 def test_missing_metrics_is_a_clear_error(
