@@ -91,14 +91,24 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD.Dup()
     methods = [parse_method(s) for s in args.methods.split(",")]
+    device = torch.device("cpu")
+    if args.device == "cuda":  # one rank per GPU, by node-local rank
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        device = torch.device(f"cuda:{local.rank % torch.cuda.device_count()}")
+        local.Free()
+        torch.cuda.set_device(device)
     g = torch.Generator().manual_seed(1 + comm.rank)
-    x = torch.randn(args.batch, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x = torch.randn(args.batch, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+
+    def fence() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     if any(m["mode"] == "ddp" for m in methods):
         init_gloo(comm)
     steps: list[Callable[[], float]] = []
     for m in methods:
-        model = build_model(args.model)
+        model = build_model(args.model).to(device)
         wrapped: Any = model
         sync: Callable[[], None] | None = None
         if m["mode"] == "mpitrain":
@@ -112,7 +122,9 @@ def worker(args: argparse.Namespace) -> int:
         elif m["mode"] == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            wrapped = DistributedDataParallel(model)
+            wrapped = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step(wrapped: Any = wrapped, opt: Any = opt, sync: Any = sync) -> float:
@@ -139,9 +151,11 @@ def worker(args: argparse.Namespace) -> int:
                     steps[i]()
                 if m["mode"] != "single":
                     comm.Barrier()
+                fence()
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     waited += steps[i]()
+                fence()
                 elapsed = time.perf_counter() - t0
             times[i].append(comm.allreduce(elapsed, op=MPI.MAX) / args.steps)
             waits[i].append(comm.allreduce(waited, op=MPI.MAX) / args.steps)
@@ -177,6 +191,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=7, help="turns per method (median)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply timed steps per turn")
     p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: one rank per GPU (mpitrain stages gradients through host "
+                        "buffers unless given a CUDA-aware reducer)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
@@ -196,7 +213,7 @@ def main(argv: list[str]) -> int:
             cmd = [
                 *mpiexec_command(n), sys.executable, "-m", "mpitrain.bench", "train", "--worker",
                 "--model", model, "--methods", args.methods, "--batch", str(args.batch),
-                "--rounds", str(args.rounds), "--warmup", str(warmup),
+                "--rounds", str(args.rounds), "--warmup", str(warmup), "--device", args.device,
                 "--steps", str(max(1, int(steps * args.scale))), "--out", str(out),
             ]
             proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True,
