@@ -24,6 +24,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mpitrain.bench.algo",
         "flat vs hierarchical all-reduce (pretend nodes), host / staged / CUDA-aware paths",
     ),
+    "ps-transport": (
+        "mpitrain.bench.ps_transport",
+        "parameter-server round: two-sided messages vs one-sided RMA (Accumulate/Get)",
+    ),
     "async": (
         "mpitrain.bench.async_study",
         "exchange modes: accuracy vs steps and wall time against sync SGD (+ plots)",

@@ -40,3 +40,15 @@ def test_bench_allreduce_smoke(mpiexec: str, tmp_path: Path) -> None:
     assert [r["bytes"] for r in rows][-1] == 65536
     for r in rows:
         assert all(r[f"{m}_us"] > 0 for m in ("raw", "mpitrain", "mpitrain_async", "gloo"))
+
+
+@pytest.mark.mpi
+def test_bench_ps_transport_smoke(mpiexec: str, tmp_path: Path) -> None:
+    """Both parameter-server transports run and deliver the workers' average (checked inside)."""
+    out = tmp_path / "pst.json"
+    _bench(["ps-transport", "--workers", "1,2", "--sizes", "4K,64K", "--rounds", "3",
+            "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["protocol"], r["workers"], r["bytes"]) for r in rows}
+    assert got == {(p, w, b) for p in ("p2p", "rma") for w in (1, 2) for b in (4096, 65536)}
+    assert all(r["round_us"] > 0 for r in rows)
