@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -60,4 +61,13 @@ def test_trainer_kill_9_of_rank_1_ends_job_within_30s(mpirun, cache: str) -> Non
     # launch + torch import + 3 steps + the kill: the kill-to-exit time alone (~0.05 s with
     # hydra) is measured by test_robust_watchdog.py; this bounds the whole job on a busy CI box
     assert elapsed < 40, elapsed
-    assert "done:" not in proc.stdout
+    out = proc.stdout + proc.stderr
+    assert "done:" not in proc.stdout, out
+    # the injected kill happened on rank 1 (so the failure is not some other start-up error) ...
+    killed = re.search(r"^rank 1 \(pid (\d+)\): SIGKILL myself$", proc.stdout, re.MULTILINE)
+    assert killed is not None, out
+    # ... and the launcher reports that process's death by signal 9, naming its pid. MPICH's
+    # hydra: "PID <pid> RUNNING AT <host>" ... "EXIT STRING: Killed (signal 9)"; Open MPI:
+    # "process rank 1 with PID <pid> on node <host> exited on signal 9 (Killed)"
+    assert "signal 9" in out, out
+    assert f"PID {killed.group(1)} " in out, out

@@ -2,6 +2,9 @@
 
 Each wraps the built-in MLP and misbehaves on one rank at one training step, chosen by
 environment variables the test sets: ``TEST_RANK`` (default 1) and ``TEST_STEP`` (default 3).
+With ``TEST_RECORD`` set to a directory, every rank appends each training batch's inputs to
+``rank<R>.bin`` there (per batch: int64 rows, int64 width, the float32 rows), so a test can
+check which samples a run trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from mpi4py import MPI
 from torch import nn
@@ -27,10 +31,17 @@ class _Faulty(nn.Module):
         self.rank = MPI.COMM_WORLD.Get_rank()
         self.target_rank = int(os.environ.get("TEST_RANK", "1"))
         self.target_step = int(os.environ.get("TEST_STEP", "3"))
+        record = os.environ.get("TEST_RECORD")
+        self.record = os.path.join(record, f"rank{self.rank}.bin") if record else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.calls += 1
+            if self.record is not None:
+                rows = x.detach().cpu().to(torch.float32).reshape(len(x), -1).numpy()
+                with open(self.record, "ab") as f:
+                    f.write(np.int64(rows.shape[0]).tobytes() + np.int64(rows.shape[1]).tobytes())
+                    f.write(rows.tobytes())
             if self.rank == self.target_rank and self.calls == self.target_step:
                 self.misbehave()
         return self.inner(x)  # type: ignore[no-any-return]
@@ -43,6 +54,8 @@ class _Faulty(nn.Module):
         if self.action == "sleep":
             time.sleep(float(os.environ.get("TEST_SLEEP", "60")))
         if self.action == "kill":
+            # the pid lets a test match the launcher's report of the dead process to this rank
+            print(f"rank {self.rank} (pid {os.getpid()}): SIGKILL myself", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -62,7 +75,7 @@ def sleeps(cfg: Any) -> nn.Module:
 
 
 def killed(cfg: Any) -> nn.Module:
-    """SIGKILL this process on TEST_RANK at TEST_STEP."""
+    """SIGKILL this process on TEST_RANK at TEST_STEP, after printing its rank and pid."""
     return _Faulty(cfg, "kill")
 
 
