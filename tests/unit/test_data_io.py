@@ -55,11 +55,12 @@ def test_reads_equal_source_in_any_order(
     ds = ShardedDataset(ds_dir, in_memory=in_memory)
     assert ds.in_memory is in_memory
     idx = np.random.default_rng(1).permutation(230)[:77]
-    idx = np.concatenate([idx, idx[:3]])  # duplicates too (padding)
-    x, y = ds.read_batch(idx)
-    assert np.array_equal(x.numpy(), arrays["x"][idx]) and np.array_equal(
-        y.numpy(), arrays["y"][idx]
-    )
+    idx = np.concatenate([idx, idx[:3], np.arange(100, 140), [120, 120]])  # duplicates, runs
+    for cached in (False, True):  # coalesced slices / direct runs + LRU blocks
+        x, y = ds.read_batch(idx, cached=cached)
+        assert np.array_equal(x.numpy(), arrays["x"][idx]) and np.array_equal(
+            y.numpy(), arrays["y"][idx]
+        )
     test = ShardedDataset(ds_dir, split="test")
     assert len(test) == 23 and np.array_equal(test[2][0].numpy(), arrays["x"][20])
     clone = pickle.loads(pickle.dumps(ds))  # picklable, reopens lazily
