@@ -64,7 +64,11 @@ class TrainConfig:
     local_steps: int = _opt(4, "local SGD: local steps between model averages")
     servers: int = _opt(1, "param-server: ranks that hold parameters")
     max_staleness: int = _opt(0, "param-server: max parameter versions a worker may lag")
-    straggler_ms: float = _opt(0.0, "test option: sleep this long on the last rank every step")
+    straggler_ms: float = _opt(0.0, "test option: sleep this long on one rank every step")
+    straggler: str = _opt(
+        "last", "test option: which rank sleeps: the last one, or a seeded random one per step",
+        ("last", "random"),
+    )
     # devices and transports
     device: str = _opt("auto", "compute device", ("auto", "cpu", "cuda"))
     allow_shared_gpu: bool = _opt(False, "allow more ranks per node than GPUs")

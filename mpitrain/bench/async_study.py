@@ -75,6 +75,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--straggler-ms", type=float, default=20.0)
+    ap.add_argument("--straggler", choices=("last", "random"), default="last",
+                    help="slow the last rank every step, or a random rank each step (jitter)")
+    ap.add_argument("--only-straggler", action="store_true", help="skip the no-straggler runs")
     ap.add_argument("--datasets", nargs="+", default=["digits", "synth"])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--mpiexec", default=None)
@@ -89,8 +92,8 @@ def main(argv: list[str]) -> int:
     plots = a.plots or a.out / "plots"
     groups: list[tuple[str, int, float]] = []
     for ds in a.datasets:
-        for n in a.workers:
-            groups.append((ds, n, 0.0))
+        if not a.only_straggler:
+            groups += [(ds, n, 0.0) for n in a.workers]
         if a.straggler_ms:
             groups += [(ds, n, a.straggler_ms) for n in a.workers]
     rows: list[dict[str, Any]] = []
@@ -98,15 +101,17 @@ def main(argv: list[str]) -> int:
           f"{'wall s':>8}{'samples/s':>11}")
     for ds, n, slow in groups:
         data = [] if ds == "digits" else ["--data", str(make_synthetic(a.out / "synth-data"))]
-        group = a.out / f"{ds}-n{n}-slow{int(slow)}"
+        tag = "-random" if slow and a.straggler == "random" else ""
+        group = a.out / f"{ds}-n{n}-slow{int(slow)}{tag}"
         dirs = []
         for mode in a.modes:
             flags, servers = MODES[mode]
             argv_run = [*data, "--epochs", str(a.epochs), "--seed", "0", *flags]
             if slow:
-                argv_run += ["--straggler-ms", str(slow)]
+                argv_run += ["--straggler-ms", str(slow), "--straggler", a.straggler]
             res = run_one(mpiexec, n + servers, argv_run, group / mode, a.timeout)
-            res.update(data=ds, workers=n, straggler_ms=slow, mode=mode)
+            res.update(data=ds, workers=n, straggler_ms=slow, mode=mode,
+                       straggler=a.straggler if slow else "")
             rows.append(res)
             dirs.append(str(group / mode))
             if "error" in res:
@@ -121,7 +126,7 @@ def main(argv: list[str]) -> int:
                             "--x", x], check=False, capture_output=True)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        keep = ("data", "workers", "straggler_ms", "mode", "ranks", "test_accuracy",
+        keep = ("data", "workers", "straggler_ms", "straggler", "mode", "ranks", "test_accuracy",
                 "train_seconds", "wall_seconds", "samples_per_sec", "error")
         a.json.write_text(json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=1))
     return 0

@@ -17,6 +17,22 @@ import numpy as np
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from mpitrain.config import TrainConfig
+
+
+def agreement_lag(cfg: TrainConfig) -> int:
+    """Steps by which the exchange mode lets ranks drift apart, so the flags may come late.
+
+    sync: 0 (the all-reduce synchronises every step anyway). double-buffer: 1 (step t waits
+    for step t-1's all-reduce). local SGD: H - 1 (ranks meet at every model average).
+    param-server: tau (the staleness bound).
+    """
+    return {
+        "double-buffer": 1,
+        "local-sgd": cfg.local_steps - 1,
+        "param-server": cfg.max_staleness,
+    }.get(cfg.exchange, 0)
+
 
 class StepAgreement:
     """Agree on per-step bits (bitwise OR over ``comm``), at once or ``lag`` steps late."""
@@ -54,3 +70,4 @@ class StepAgreement:
         while self._pending:
             req, _, _ = self._pending.popleft()
             req.Wait()
+

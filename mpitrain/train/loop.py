@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
-from mpitrain.train.agree import StepAgreement
+from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.state import LoopState, rng_state, set_rng_state
+from mpitrain.train.straggler import straggler_rank
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -62,9 +63,7 @@ class Trainer:
             cfg.tensorboard if world.rank == 0 else None,
         )
         self.preempt = PreemptFlag([])
-        # param-server workers may run up to tau steps apart: agree on flags tau steps late
-        lag = cfg.max_staleness if cfg.exchange == "param-server" else 0
-        self.agreement = StepAgreement(self.comm, lag)
+        self.agreement = StepAgreement(self.comm, agreement_lag(cfg))
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = -1
         self.data_wait = 0.0
@@ -205,7 +204,9 @@ class Trainer:
             loss_value += float(loss.detach()) * max(total, 1.0)
         self.state.loss_sum += loss_value
         self.state.seen += int(total)
-        if self.cfg.straggler_ms and self.world.rank == self.world.size - 1:
+        if self.cfg.straggler_ms and self.world.rank == straggler_rank(
+            self.cfg.straggler, self.cfg.seed, self.state.step, self.world.size
+        ):
             time.sleep(self.cfg.straggler_ms / 1000.0)
         t0 = time.perf_counter()
         if self.watchdog is not None:

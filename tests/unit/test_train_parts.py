@@ -82,3 +82,22 @@ def test_step_agreement_lag(lag: int) -> None:
     assert not ag._pending
     with pytest.raises(ValueError):
         StepAgreement(MPI.COMM_SELF, -1)
+
+
+def test_straggler_rank_last_or_seeded_random() -> None:
+    from mpitrain.train.straggler import straggler_rank
+
+    assert {straggler_rank("last", 0, s, 4) for s in range(20)} == {3}
+    picks = [straggler_rank("random", 0, s, 4) for s in range(200)]
+    assert picks == [straggler_rank("random", 0, s, 4) for s in range(200)]  # deterministic
+    assert set(picks) == {0, 1, 2, 3}  # every rank gets slowed at some step
+
+
+def test_agreement_lag_per_mode() -> None:
+    from mpitrain.train.agree import agreement_lag
+
+    assert agreement_lag(TrainConfig()) == 0
+    assert agreement_lag(TrainConfig(exchange="double-buffer")) == 1
+    assert agreement_lag(TrainConfig(exchange="local-sgd", local_steps=4)) == 3
+    assert agreement_lag(TrainConfig(exchange="local-sgd", local_steps=1)) == 0
+    assert agreement_lag(TrainConfig(exchange="param-server", max_staleness=2)) == 2
