@@ -24,6 +24,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mpitrain.bench.algo",
         "flat vs hierarchical all-reduce (pretend nodes), host / staged / CUDA-aware paths",
     ),
+    "half": (
+        "mpitrain.bench.half",
+        "16-bit gradient sums: user-defined MPI op vs allgather + float32 reduction",
+    ),
     "ps-transport": (
         "mpitrain.bench.ps_transport",
         "parameter-server round: two-sided messages vs one-sided RMA (Accumulate/Get)",

@@ -52,3 +52,15 @@ def test_bench_ps_transport_smoke(mpiexec: str, tmp_path: Path) -> None:
     got = {(r["protocol"], r["workers"], r["bytes"]) for r in rows}
     assert got == {(p, w, b) for p in ("p2p", "rma") for w in (1, 2) for b in (4096, 65536)}
     assert all(r["round_us"] > 0 for r in rows)
+
+
+@pytest.mark.mpi
+def test_bench_half_smoke(mpiexec: str, tmp_path: Path) -> None:
+    """Both half-precision sum designs run; their results stay within a few ulps of exact."""
+    out = tmp_path / "half.json"
+    _bench(["half", "--sizes", "4K", "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"float16", "bfloat16"}
+    for r in rows:
+        assert r["op_us"] > 0 and r["gather_us"] > 0
+        assert r["op_max_err_eps"] <= 8 and r["gather_max_err_eps"] <= 8  # 2 ranks: one rounding
