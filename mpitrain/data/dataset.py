@@ -23,8 +23,6 @@ BLOCK_BYTES = 1 << 20
 #: datasets up to this size are read into memory once per process (random access then costs
 #: a numpy gather instead of HDF5 calls); larger ones are read batch by batch
 IN_MEMORY_BYTES = 64 << 20
-#: open uncompressed shards without HDF5's chunk cache (measured: docs/benchmarks.md)
-RAW_NO_CACHE = True
 VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
 
 
@@ -174,7 +172,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             # uncompressed chunks go straight into the destination with HDF5's chunk cache
             # off (no copy through the cache); compressed ones need it to decode once
             raw = self.manifest.compression in (None, "none")
-            opts = {"rdcc_nbytes": 0} if raw and RAW_NO_CACHE else {}
+            opts = {"rdcc_nbytes": 0} if raw else {}
             f = self._files[shard] = h5py.File(path, "r", **opts)
         return f
 
@@ -243,8 +241,8 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def _all(self, key: str) -> np.ndarray:
         """Every sample of ``key``, read once into memory (in_memory datasets)."""
-        arr = self._ram.get(key)
-        if arr is None or self._pid != os.getpid():
+        arr = self._ram.get(key)  # (plain arrays: still valid in a forked child)
+        if arr is None:
             shards = range(len(self.manifest.shards))
             parts = [np.asarray(self._dataset(i, key)[()]) for i in shards]
             arr = self._ram[key] = np.concatenate(parts) if len(parts) > 1 else parts[0]

@@ -72,7 +72,9 @@ def open_mpio(dataset: ShardedDataset, comm: MPI.Intracomm) -> None:
         failed = comm.allreduce(1 if error else 0, op=MPI.MAX)  # opens are collective
         if failed:
             reasons = [e for e in comm.allgather(error) if e]
-            for f in files.values():
-                f.close()
+            # closing is collective too: close only the shards every rank opened (before i);
+            # shard i is open on some ranks only and is left to process exit
+            for j in range(i):
+                files[j].close()
             raise DataError(with_hint(reasons[0], "check that every node sees the dataset"))
     dataset.adopt_files(files)

@@ -4,7 +4,7 @@ Every step the ranks OR a few bits together, so that a signal seen by one rank s
 them at the same step. Done blocking, this is a barrier per step. With ``lag`` L > 0 the
 all-reduce of step t is non-blocking and its result is used at step t + L on every rank: the
 decision is still taken at the same step everywhere, but a fast rank may run up to L steps
-ahead of a slow one (what the parameter server's bounded staleness needs to pay off).
+ahead of a slow one (what the asynchronous exchange modes need to absorb a slow step).
 """
 
 from __future__ import annotations
@@ -70,4 +70,3 @@ class StepAgreement:
         while self._pending:
             req, _, _ = self._pending.popleft()
             req.Wait()
-

@@ -397,7 +397,7 @@ class Trainer:
                     st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start,
                 )
             st.epoch += 1
-        self.agreement.drain()  # late agreements (param-server) of the last steps: done anyway
+        self.agreement.drain()  # late agreements of the last steps: the run is done anyway
         if stop and not st.last_eval:
             st.last_eval = self.evaluate()
         if cfg.checkpoint_dir and self.last_saved_step != st.step:
