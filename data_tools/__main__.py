@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from mpi4py import MPI
-
 from data_tools.cli import main
-from mpitrain.runtime.abort import install_excepthook
+from mpitrain.runtime.abort import run_mpi
 
 if __name__ == "__main__":
-    comm = MPI.COMM_WORLD.Dup()
-    install_excepthook(comm)
-    sys.exit(main(sys.argv[1:], comm))
+    sys.exit(run_mpi(lambda comm: main(sys.argv[1:], comm)))

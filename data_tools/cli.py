@@ -3,18 +3,63 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_tools import report, sources, split
-from mpitrain.data.manifest import load_manifest
+from mpitrain.data.manifest import check_name, load_manifest
 from mpitrain.data.writer import Source
-from mpitrain.errors import DataError, MpitrainError
+from mpitrain.errors import DataError, MpitrainError, with_hint
+from mpitrain.runtime.collective import agree
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+
+def _int_at_least(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is not >= {minimum}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (numpy's generators take no negative seeds)."""
+    return _int_at_least(text, 0)
+
+
+def shape(text: str) -> tuple[int, ...]:
+    """argparse type: a per-sample shape such as ``784`` or ``28x28`` (positive sizes)."""
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 784 or 28x28") from None
+    if any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r} has a size < 1")
+    return dims
+
+
+def fractions(text: str) -> list[float]:
+    """argparse type: comma-separated finite fractions >= 0 with a positive sum."""
+    try:
+        values = [float(f) for f in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list such as 0.8,0.2") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need finite fractions >= 0, sum > 0")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,28 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--csv", type=Path, help="CSV with a header (see --label)")
     src.add_argument("--images", type=Path, help="folder with one sub-folder per class")
     src.add_argument("--sklearn", choices=sources.SKLEARN_SETS)
-    src.add_argument("--synthetic", type=int, metavar="N", help="N seeded synthetic samples")
+    src.add_argument("--synthetic", type=positive_int, metavar="N", help="N seeded samples")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--name", default=None, help="shard name prefix (default: --out's name)")
-    c.add_argument("--samples-per-shard", type=int, default=50_000)
+    c.add_argument("--samples-per-shard", type=positive_int, default=50_000)
     c.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset data_tools made at --out (nothing else)")
     c.add_argument("--x-key", default="x")
     c.add_argument("--y-key", default="y")
     c.add_argument("--label", default="label", help="CSV label column")
-    c.add_argument("--resize", type=int, default=None, help="resize images to N x N")
+    c.add_argument("--resize", type=positive_int, default=None, help="resize images to N x N")
     c.add_argument("--on-error", choices=("fail", "skip"), default="fail")
-    c.add_argument("--features", default="784", help="synthetic sample shape, e.g. 784 or 28x28")
-    c.add_argument("--classes", type=int, default=10)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--features", type=shape, default=(784,),
+                   help="synthetic sample shape, e.g. 784 or 28x28")
+    c.add_argument("--classes", type=positive_int, default=None,
+                   help="number of classes: labels must lie in [0, N) (synthetic: default 10)")
+    c.add_argument("--seed", type=non_negative_int, default=0)
     s = sub.add_parser("split", help="add split index files to a dataset (no data copied)")
     s.add_argument("dir", type=Path)
     s.add_argument("--method", choices=split.METHODS, default="random")
-    s.add_argument("--fractions", default="0.8,0.2")
+    s.add_argument("--fractions", type=fractions, default=[0.8, 0.2])
     s.add_argument("--names", default="train,test")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--folds", type=int, default=5)
-    s.add_argument("--fold", type=int, default=0)
+    s.add_argument("--seed", type=non_negative_int, default=0)
+    s.add_argument("--folds", type=positive_int, default=5)
+    s.add_argument("--fold", type=non_negative_int, default=0)
     s.add_argument("--key", default="t", help="time-series: the array that orders samples")
     for name, text in (("inspect", "print a summary"), ("verify", "check every shard")):
         sub.add_parser(name, help=text).add_argument("dir", type=Path)
@@ -68,50 +116,64 @@ def make_source(a: argparse.Namespace) -> Source:
         return sources.from_images(a.images, a.resize, a.on_error)
     if a.sklearn:
         return sources.from_sklearn(a.sklearn)
-    shape = tuple(int(d) for d in a.features.lower().split("x"))
-    return sources.SyntheticSource(a.synthetic, shape, a.classes, a.seed)
+    classes = 10 if a.classes is None else a.classes
+    return sources.SyntheticSource(a.synthetic, a.features, classes, a.seed)
+
+
+def inputs_of(a: argparse.Namespace) -> list[Path]:
+    """The files and folders a convert command reads (``--out`` must stay clear of them)."""
+    return [p for p in (a.npz, *(a.npy or ()), a.csv, a.images) if p is not None]
+
+
+def split_names(text: str) -> list[str]:
+    """The ``--names`` list: plain, distinct file-name parts."""
+    names = text.split(",")
+    for name in names:
+        check_name(name, "--names: split name")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise DataError(with_hint(f"--names gives {dup!r} twice", "give each split its own name"))
+    return names
 
 
 def run_split(a: argparse.Namespace) -> None:
     """Compute and record the splits asked for."""
-    names = a.names.split(",")
-    fractions = [float(f) for f in a.fractions.split(",")]
+    names = split_names(a.names)
     n = load_manifest(a.dir).num_samples
     if a.method == "random":
-        parts = split.random_split(n, fractions, a.seed)
+        parts = split.random_split(n, a.fractions, a.seed)
     elif a.method == "stratified":
-        parts = split.stratified_split(split.read_array(a.dir, "y"), fractions, a.seed)
+        parts = split.stratified_split(split.read_array(a.dir, "y"), a.fractions, a.seed)
     elif a.method == "kfold":
         parts = split.kfold_split(n, a.folds, a.fold, a.seed)
     else:
-        parts = split.time_split(split.read_array(a.dir, a.key), fractions)
+        parts = split.time_split(split.read_array(a.dir, a.key), a.fractions)
     if len(names) != len(parts):
-        raise DataError(f"--names gives {len(names)} names for {len(parts)} parts")
+        raise DataError(
+            with_hint(f"--names gives {len(names)} names for {len(parts)} parts",
+                      "give one name per fraction (kfold: two, e.g. --names train,test)")
+        )
     split.add_splits(a.dir, dict(zip(names, parts, strict=True)))
     print(" ".join(f"{k}={len(v)}" for k, v in zip(names, parts, strict=True)))
 
 
-def main(argv: Sequence[str] | None, comm: MPI.Intracomm) -> int:
-    """Run one subcommand; ``convert`` uses every rank of ``comm``, the others rank 0 only."""
-    a = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -> int:
+    """Run one subcommand; ``convert`` uses every rank of ``comm``, the others rank 0 only.
+
+    Called with no ``comm`` (the ``data-tools`` console script), this is the entry point: it
+    takes its arguments from ``sys.argv`` and runs under the shared MPI entry helper, which
+    owns the duplicate of COMM_WORLD and the abort-on-exception hook.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if comm is None:
+        build_parser().parse_args(args)  # --help and bad flags answer before MPI starts
+        from mpitrain.runtime.abort import run_mpi
+
+        return run_mpi(lambda world: main(args, world))
+    a = build_parser().parse_args(args)
     try:
         if a.command == "convert":
-            from data_tools.convert import convert
-
-            source = make_source(a)
-            out = convert(
-                comm,
-                source,
-                a.out,
-                name=a.name or a.out.name,
-                samples_per_shard=a.samples_per_shard,
-                compression=a.compression,
-                overwrite=a.overwrite,
-                params={k: str(v) for k, v in vars(a).items() if v is not None and k != "command"},
-            )
-            if comm.rank == 0:
-                print(report.inspect(out))
-            return 0
+            return run_convert(a, comm)
         if comm.rank != 0:
             return 0
         if a.command == "split":
@@ -125,6 +187,38 @@ def main(argv: Sequence[str] | None, comm: MPI.Intracomm) -> int:
             print(f"{a.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
     except MpitrainError as exc:
-        sys.stderr.write(f"data_tools: error: rank {comm.rank}: {exc}\n")
-        return 1
+        # convert's errors are agreed (the same on every rank, prefixed with the failing rank)
+        if a.command != "convert" or comm.rank == 0:
+            prefix = "" if str(exc).startswith("rank ") else f"rank {comm.rank}: "
+            sys.stderr.write(f"data_tools: error: {prefix}{exc}\n")
+        return exc.exit_code
+    return 0
+
+
+def run_convert(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
+    """Collective: convert the source named by the flags; rank 0 prints the summary."""
+    from data_tools.convert import convert
+
+    out = Path(os.path.abspath(a.out))
+    name = a.name if a.name is not None else out.name
+    source = agree(comm, lambda: make_source(a))
+    params = {
+        k: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        for k, v in vars(a).items()
+        if v is not None and k != "command"
+    }
+    convert(
+        comm,
+        source,
+        out,
+        name=name,
+        samples_per_shard=a.samples_per_shard,
+        compression=a.compression,
+        overwrite=a.overwrite,
+        params=params,
+        inputs=inputs_of(a),
+        num_classes=a.classes,
+    )
+    if comm.rank == 0:
+        print(report.inspect(out))
     return 0

@@ -22,7 +22,15 @@ def from_npz(path: Path, x_key: str = "x", y_key: str = "y") -> ArraySource:
     """Arrays of an ``.npz`` file: ``x_key``/``y_key`` plus every other named array."""
     if not path.exists():
         raise DataError(with_hint(f"'{path}' does not exist", "check --npz"))
-    with np.load(path) as data:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(
+            with_hint(f"'{path}' cannot be read as .npz: {exc}", "check --npz")
+        ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DataError(with_hint(f"'{path}' is a .npy file, not .npz", "use --npy X.npy Y.npy"))
+    with data:
         missing = [k for k in (x_key, y_key) if k not in data.files]
         if missing:
             raise DataError(
@@ -31,24 +39,62 @@ def from_npz(path: Path, x_key: str = "x", y_key: str = "y") -> ArraySource:
                     "name the arrays with --x-key/--y-key",
                 )
             )
-        arrays = {"x": data[x_key], "y": data[y_key]}
+        arrays = {"x": _member(data, path, x_key), "y": _member(data, path, y_key)}
         for k in data.files:
             if k not in (x_key, y_key):
-                arrays[k] = data[k]
-    return ArraySource(arrays)
+                arrays[k] = _member(data, path, k)
+    try:
+        return ArraySource(arrays, origin=f"'{path}'")
+    except DataError as exc:
+        raise DataError(f"'{path}': {exc}") from None
+
+
+def _member(data: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    try:
+        return np.asarray(data[key])
+    except ValueError as exc:
+        what = "Python objects (dtype object)" if "allow_pickle" in str(exc) else str(exc)
+        raise DataError(
+            with_hint(f"'{path}': array '{key}' holds {what}", "save plain numeric arrays")
+        ) from None
 
 
 def from_npy(x_path: Path, y_path: Path) -> ArraySource:
     """Two ``.npy`` files (memory-mapped, so they may exceed memory)."""
-    for p in (x_path, y_path):
+    arrays: dict[str, np.ndarray] = {}
+    for key, p in (("x", x_path), ("y", y_path)):
         if not p.exists():
             raise DataError(with_hint(f"'{p}' does not exist", "check --npy X.npy Y.npy"))
-    return ArraySource({"x": np.load(x_path, mmap_mode="r"), "y": np.load(y_path, mmap_mode="r")})
+        try:
+            arrays[key] = np.load(p, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(
+                with_hint(f"'{p}' cannot be read as .npy: {exc}", "check --npy X.npy Y.npy")
+            ) from None
+    try:
+        return ArraySource(arrays, origin=f"'{x_path}' + '{y_path}'")
+    except DataError as exc:
+        raise DataError(f"'{x_path}' + '{y_path}': {exc}") from None
 
 
 def from_csv(path: Path, label: str) -> ArraySource:
     """A CSV with a header: every column but ``label`` is a float32 feature."""
-    with open(path, newline="") as fh:
+    if not path.is_file():
+        raise DataError(with_hint(f"'{path}' does not exist", "check --csv"))
+    try:
+        return _read_csv(path, label)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            with_hint(f"'{path}' is not UTF-8 text (offset {exc.start})", "save it as UTF-8 CSV")
+        ) from None
+    except (OSError, csv.Error) as exc:
+        raise DataError(
+            with_hint(f"'{path}' cannot be read as CSV: {exc}", "check --csv")
+        ) from None
+
+
+def _read_csv(path: Path, label: str) -> ArraySource:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # (-sig: a BOM is no column)
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -60,6 +106,13 @@ def from_csv(path: Path, label: str) -> ArraySource:
         li = header.index(label)
         xs, ys = [], []
         for lineno, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise DataError(
+                    with_hint(
+                        f"'{path}' line {lineno} has {len(row)} fields, the header {len(header)}",
+                        "give every row one value per column",
+                    )
+                )
             try:
                 xs.append([float(v) for i, v in enumerate(row) if i != li])
             except ValueError:
@@ -73,13 +126,16 @@ def from_csv(path: Path, label: str) -> ArraySource:
                     )
                 ) from None
             ys.append(row[li])
+    if not ys:
+        raise DataError(with_hint(f"'{path}' has a header but no rows", "add samples"))
     y = np.array(ys)
     try:
         y_arr = y.astype(np.int64)
     except ValueError:  # string labels: map to class ids in sorted order
         classes, y_arr = np.unique(y, return_inverse=True)
         log.info("labels mapped to ids: %s", dict(enumerate(classes.tolist())))
-    return ArraySource({"x": np.asarray(xs, dtype=np.float32), "y": y_arr.astype(np.int64)})
+    x = np.asarray(xs, dtype=np.float64)  # float32 (and NaN checks) when converted
+    return ArraySource({"x": x, "y": y_arr.astype(np.int64)}, origin=f"'{path}'")
 
 
 def _is_float(v: str) -> bool:
@@ -92,6 +148,16 @@ def _is_float(v: str) -> bool:
 
 def from_images(folder: Path, size: int | None, on_error: str = "fail") -> ArraySource:
     """A folder with one sub-folder per class; images become float32 HxWxC in [0, 1]."""
+    try:
+        return _read_images(folder, size, on_error)
+    except OSError as exc:  # a folder that cannot be listed (an unreadable image is handled)
+        where = exc.filename or folder
+        raise DataError(
+            with_hint(f"'{where}' cannot be read: {exc.strerror or exc}", "check --images")
+        ) from None
+
+
+def _read_images(folder: Path, size: int | None, on_error: str) -> ArraySource:
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
@@ -117,9 +183,12 @@ def from_images(folder: Path, size: int | None, on_error: str = "fail") -> Array
                     )
                 ) from None
     shapes = {x.shape for x in xs}
+    if not xs:
+        raise DataError(with_hint(f"'{folder}' holds no readable images", "check --images"))
     if len(shapes) > 1:
         raise DataError(with_hint(f"images in '{folder}' differ in size", "pass --resize N"))
-    return ArraySource({"x": np.stack(xs), "y": np.asarray(ys, dtype=np.int64)})
+    return ArraySource({"x": np.stack(xs), "y": np.asarray(ys, dtype=np.int64)},
+                       origin=f"'{folder}'")
 
 
 def from_sklearn(name: str) -> ArraySource:
@@ -130,7 +199,10 @@ def from_sklearn(name: str) -> ArraySource:
         raise DataError(with_hint(f"unknown scikit-learn set '{name}'", f"use {SKLEARN_SETS}"))
     data = getattr(skd, f"load_{name}")()
     x = data.images / 16.0 if name == "digits" else data.data
-    return ArraySource({"x": np.asarray(x, dtype=np.float32), "y": data.target.astype(np.int64)})
+    return ArraySource(
+        {"x": np.asarray(x, dtype=np.float32), "y": data.target.astype(np.int64)},
+        origin=f"scikit-learn '{name}'",
+    )
 
 
 class SyntheticSource:

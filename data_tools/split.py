@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from mpitrain.data.dataset import ShardedDataset
-from mpitrain.data.manifest import load_manifest, write_manifest
+from mpitrain.data.dataset import ShardedDataset, file_sha256
+from mpitrain.data.manifest import SplitEntry, read_manifest, write_manifest
 from mpitrain.data.writer import write_split
 from mpitrain.errors import DataError, with_hint
+from mpitrain.runtime.files import remove_path
 
 METHODS = ("random", "stratified", "kfold", "time")
 
@@ -19,7 +22,7 @@ METHODS = ("random", "stratified", "kfold", "time")
 def fraction_sizes(n: int, fractions: list[float]) -> list[int]:
     """Return part sizes for ``fractions`` of ``n`` (largest remainders; they sum to n)."""
     total = sum(fractions)
-    if total <= 0 or any(f < 0 for f in fractions):
+    if not all(math.isfinite(f) and f >= 0 for f in fractions) or not total > 0:
         raise DataError(with_hint(f"bad fractions {fractions}", "e.g. --fractions 0.8,0.1,0.1"))
     raw = [n * f / total for f in fractions]
     sizes = [int(r) for r in raw]
@@ -66,13 +69,50 @@ def time_split(key: np.ndarray, fractions: list[float]) -> list[np.ndarray]:
     return [np.sort(order[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
+#: the index files data_tools writes: split-NAME.npy (older) or split-NAME-<sha prefix>.npy
+_SPLIT_FILE = re.compile(r"^split-.+\.npy$")
+
+
 def add_splits(directory: Path, parts: dict[str, np.ndarray]) -> None:
-    """Write split index files and rewrite the manifest atomically with them added."""
-    manifest = load_manifest(directory)
-    entries = dict(manifest.splits)
-    for name, idx in parts.items():
-        entries[name] = write_split(directory, name, idx)
-    write_manifest(directory, replace(manifest, splits=entries))
+    """Add (or replace) splits without ever showing a reader old and new files mixed.
+
+    New index files get new names (their content's hash); the manifest is then switched in
+    one atomic rename, and only if nobody switched it meanwhile; last, the index files of
+    replaced splits are removed when they are data_tools' own (named split-*.npy and still
+    holding what the old manifest recorded). A reader that opened the old split keeps its
+    indices; one that is opening it re-reads the new manifest. An interruption before the
+    switch leaves the old manifest and its files as they were.
+    """
+    manifest, expect = read_manifest(directory)
+    present = {p.name for p in directory.iterdir()}
+    written: list[str] = []
+    try:
+        entries = dict(manifest.splits)
+        for name, idx in parts.items():
+            entries[name] = write_split(directory, name, idx, manifest.num_samples)
+            if entries[name].file not in present:
+                written.append(entries[name].file)
+        write_manifest(directory, replace(manifest, splits=entries), expect=expect)
+    except BaseException:
+        for file in written:  # only what this call created; the old state stays whole
+            remove_path(directory / file)
+        raise
+    named = {e.file for e in entries.values()}
+    for name in parts:
+        old = manifest.splits.get(name)
+        if old is not None and old.file not in named and _own_split_file(directory, old):
+            remove_path(directory / old.file)
+
+
+def _own_split_file(directory: Path, entry: SplitEntry) -> bool:
+    """Whether ``entry``'s file is one data_tools wrote and nobody changed since."""
+    path = directory / entry.file
+    return (
+        _SPLIT_FILE.match(entry.file) is not None
+        and path.is_file()
+        and not path.is_symlink()
+        and file_sha256(path) == entry.sha256
+    )
 
 
 def read_array(directory: Path, key: str) -> np.ndarray:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, bool]] = {
     "plot": ("mpitrain.train.plot", False),
     "slurm": ("mpitrain.slurm.cli", False),
     "sweep-summary": ("mpitrain.slurm.sweep", False),
+    "cluster": ("mpitrain.cluster.cli", False),
 }
 
 
@@ -29,24 +30,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args[0] if args and args[0] in COMMANDS else "train"
     rest = args[1:] if args and args[0] in COMMANDS else args
     module_name, needs_mpi = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    if not needs_mpi:
-        return int(module.main(rest))
-    from mpi4py import MPI
+    preempt = None
+    if name == "train":
+        # before torch is imported: a preemption signal from now on is recorded, not fatal
+        from mpitrain.preempt import DEFAULT_SIGNALS, PreemptFlag, parse_signals
 
-    from mpitrain.runtime.abort import abort, install_excepthook
-
-    comm = MPI.COMM_WORLD.Dup()
-    install_excepthook(comm)
+        preempt = PreemptFlag(parse_signals(DEFAULT_SIGNALS)).install()
     try:
-        return int(module.main(rest, comm))
+        module = importlib.import_module(module_name)
+        if not needs_mpi:
+            return int(module.main(rest))
     except ConfigError as exc:
-        # resolved from the same flags/env/file on every rank: each rank exits on its own
-        if comm.rank == 0:
-            sys.stderr.write(f"mpitrain: error: {exc}\n")
+        sys.stderr.write(f"mpitrain: error: {exc}\n")
         return exc.exit_code
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        abort(comm, exc)
-        return 1
+    from mpitrain.runtime.abort import run_mpi
+
+    if preempt is not None:
+        return run_mpi(lambda comm: int(module.main(rest, comm, preempt=preempt)))
+    return run_mpi(lambda comm: int(module.main(rest, comm)))

@@ -1,70 +1,138 @@
-"""Training configuration, resolved in one place: CLI > MPITRAIN_* env > TOML file > defaults."""
+"""Training configuration, resolved in one place: CLI > MPITRAIN_* env > TOML file > defaults.
+
+What each option accepts is declared once, in its field's metadata (``accepted=Range(...)``,
+``choices=``, ``check=``); :func:`coerce` and :func:`validate` both read it, so a value from a
+flag, a variable, a file or code is held to the same rules.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from mpitrain.config_values import (
+    Range,
+    available_stop_signals,
+    check_model,
+    check_nonempty,
+    check_signals,
+    convert,
+    has_type,
+    read_config_text,
+    show,
+)
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime import env
 
 
-def _opt(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(
+    default: Any,
+    help: str,
+    choices: Sequence[str] | None = None,
+    *,
+    accepted: Range | None = None,
+    check: Callable[[Any, str], None] | None = None,
+    internal: bool = False,
+) -> Any:
+    meta = {
+        "help": help, "choices": choices, "accepted": accepted, "check": check,
+        "internal": internal,
+    }
+    return field(default=default, metadata=meta)
+
+
+_MILLION = 1_000_000
+_TRILLION = 1_000_000_000_000
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every option of a training run; field names are the option names."""
+    """Every option of a training run; field names are the option names.
+
+    ``run_id`` is the one field that is not an option: the trainer sets it (see
+    :func:`mpitrain.checkpoint.plan_run`) and carries it into its checkpoints.
+    """
 
     # data and model
-    data: str | None = _opt(None, "dataset directory made by data_tools (default: built-in digits)")
-    train_split: str = _opt("train", "split of --data to train on")
+    data: str | None = _opt(
+        None, "dataset directory made by data_tools (default: built-in digits)",
+        check=check_nonempty("data"),
+    )
+    train_split: str = _opt(
+        "train", "split of --data to train on", check=check_nonempty("train_split")
+    )
     test_split: str = _opt("test", "split of --data to evaluate on ('' to skip)")
-    model: str = _opt("mlp", "mlp | cnn | package.module:factory (factory(config) -> nn.Module)")
-    hidden: int = _opt(128, "hidden width of the built-in models")
+    model: str = _opt(
+        "mlp", "mlp | cnn | package.module:factory (factory(config) -> nn.Module)",
+        check=check_model,
+    )
+    hidden: int = _opt(128, "hidden width of the built-in models", accepted=Range(1, 1 << 20))
     # schedule
-    epochs: int = _opt(12, "passes over the training split")
-    max_steps: int = _opt(0, "stop after this many optimizer steps (0 = no limit)")
-    batch_size: int = _opt(32, "samples per rank per step")
-    lr: float = _opt(0.05, "learning rate (for the whole job, see --scale-lr)")
+    epochs: int = _opt(12, "passes over the training split", accepted=Range(1, _MILLION))
+    max_steps: int = _opt(
+        0, "stop after this many optimizer steps (0 = no limit)", accepted=Range(0, _TRILLION)
+    )
+    batch_size: int = _opt(32, "samples per rank per step", accepted=Range(1, 1 << 20))
+    lr: float = _opt(
+        0.05, "learning rate (for the whole job, see --scale-lr)",
+        accepted=Range(0, 1000, lo_open=True),
+    )
     scale_lr: bool = _opt(True, "multiply lr by ranks x accumulate (linear scaling rule)")
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
-    momentum: float = _opt(0.9, "SGD momentum")
+    momentum: float = _opt(0.9, "SGD momentum", accepted=Range(0, 1, hi_open=True))
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(0.0, "weight decay")
+    weight_decay: float = _opt(0.0, "weight decay", accepted=Range(0, 1))
     lr_schedule: str = _opt("cosine", "lr decay after warm-up", ("constant", "cosine", "step"))
-    warmup_epochs: float = _opt(1.0, "linear lr warm-up length in epochs")
-    step_every: int = _opt(10, "epochs between x0.1 decays for --lr-schedule step")
-    clip_grad_norm: float = _opt(0.0, "clip gradients to this global norm (0 = off)")
+    warmup_epochs: float = _opt(
+        1.0, "linear lr warm-up length in epochs", accepted=Range(0, _MILLION)
+    )
+    step_every: int = _opt(
+        10, "epochs between x0.1 decays for --lr-schedule step", accepted=Range(1, _MILLION)
+    )
+    clip_grad_norm: float = _opt(
+        0.0, "clip gradients to this global norm (0 = off)", accepted=Range(0, 1e9)
+    )
     precision: str = _opt("fp32", "autocast precision", ("fp32", "bf16", "fp16"))
-    seed: int = _opt(0, "seed for model init, data order and dropout")
+    seed: int = _opt(
+        0, "seed for model init, data order and dropout", accepted=Range(0, 2**32 - 1)
+    )
     shuffle: str = _opt("global", "data order within an epoch", ("global", "chunk", "none"))
-    prefetch: int = _opt(2, "batches read ahead by the loader thread")
+    prefetch: int = _opt(2, "batches read ahead by the loader thread", accepted=Range(1, 1024))
     hdf5_driver: str = _opt(
         "posix", "open shards per rank (posix) or collectively with MPI-IO", ("posix", "mpio")
     )
-    eval_every: int = _opt(1, "evaluate every E epochs (0 = only at the end)")
+    eval_every: int = _opt(
+        1, "evaluate every E epochs (0 = only at the end)", accepted=Range(0, _MILLION)
+    )
     # gradient exchange
     bucket_mb: float | None = _opt(
-        None, "gradient bucket size in MiB (default: measured, docs/engine.md)"
+        None, "gradient bucket size in MiB (default: measured, docs/engine.md)",
+        accepted=Range(0, 4096, lo_open=True),
     )
     compression: str = _opt(
-        "none", "gradient compression hook (none, fp16, bf16, fp16-ef, bf16-ef)"
+        "none", "gradient compression hook", ("none", "fp16", "bf16", "fp16-ef", "bf16-ef")
     )
-    accumulate: int = _opt(1, "micro-batches accumulated per optimizer step")
+    accumulate: int = _opt(
+        1, "micro-batches accumulated per optimizer step", accepted=Range(1, 65536)
+    )
     exchange: str = _opt(
         "sync", "gradient exchange mode", ("sync", "double-buffer", "local-sgd", "param-server")
     )
-    local_steps: int = _opt(4, "local SGD: local steps between model averages")
-    servers: int = _opt(1, "param-server: ranks that hold parameters")
-    max_staleness: int = _opt(0, "param-server: max parameter versions a worker may lag")
-    straggler_ms: float = _opt(0.0, "test option: sleep this long on one rank every step")
+    local_steps: int = _opt(
+        4, "local SGD: local steps between model averages", accepted=Range(1, _MILLION)
+    )
+    servers: int = _opt(1, "param-server: ranks that hold parameters", accepted=Range(1, 65536))
+    max_staleness: int = _opt(
+        0, "param-server: max parameter versions a worker may lag", accepted=Range(0, _MILLION)
+    )
+    straggler_ms: float = _opt(
+        0.0, "test option: sleep this long on one rank every step", accepted=Range(0, 3_600_000)
+    )
     straggler: str = _opt(
         "last", "test option: which rank sleeps: the last one, or a seeded random one per step",
         ("last", "random"),
@@ -75,18 +143,44 @@ class TrainConfig:
     cuda_aware: str = _opt("auto", "hand device buffers to MPI", ("auto", "yes", "no"))
     allreduce: str = _opt("flat", "all-reduce algorithm", ("flat", "hierarchical", "auto"))
     # run directory, checkpoints, robustness
-    run_dir: str | None = _opt(None, "directory for metrics.jsonl and the summary")
-    summary_json: str | None = _opt(None, "rank 0 writes the final summary here as JSON")
-    checkpoint_dir: str | None = _opt(None, "directory for checkpoints")
-    checkpoint_every: int = _opt(0, "checkpoint every N optimizer steps (0 = off)")
-    checkpoint_minutes: float = _opt(0.0, "checkpoint every M minutes (0 = off)")
-    keep_last: int = _opt(3, "checkpoints kept")
+    run_dir: str | None = _opt(
+        None, "directory for metrics.jsonl and the summary", check=check_nonempty("run_dir")
+    )
+    summary_json: str | None = _opt(
+        None, "rank 0 writes the final summary here as JSON",
+        check=check_nonempty("summary_json"),
+    )
+    checkpoint_dir: str | None = _opt(
+        None, "directory for the checkpoints of one run", check=check_nonempty("checkpoint_dir")
+    )
+    checkpoint_every: int = _opt(
+        0, "checkpoint every N optimizer steps (0 = off)", accepted=Range(0, _TRILLION)
+    )
+    checkpoint_minutes: float = _opt(
+        0.0, "checkpoint every M minutes (0 = off)", accepted=Range(0, 525_600)
+    )
+    keep_last: int = _opt(3, "checkpoints of this run kept", accepted=Range(1, _MILLION))
     resume: str | None = _opt(None, "'auto' (latest complete checkpoint, if any) or a path")
-    preempt_signals: str = _opt("USR1,TERM", "signals that stop the run with a checkpoint")
-    hang_timeout: float = _opt(600.0, "abort when a step takes longer than this (seconds)")
+    preempt_signals: str = _opt(
+        "USR1,TERM", "signals that stop the run with a checkpoint", check=check_signals
+    )
+    hang_timeout: float = _opt(
+        600.0, "abort when a step takes longer than this (seconds; 0 = off)",
+        accepted=Range(1, 30 * 86400, off=0),
+    )
+    io_timeout: float = _opt(
+        1800.0, "abort when opening the data, loading or writing a checkpoint takes longer "
+        "than this (seconds; 0 = off)",
+        accepted=Range(1, 30 * 86400, off=0),
+    )
     progress: bool = _opt(True, "rank-0 progress bar (plain lines when not a TTY)")
     log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
-    tensorboard: str | None = _opt(None, "also write TensorBoard events to this directory")
+    tensorboard: str | None = _opt(
+        None, "also write TensorBoard events to this directory",
+        check=check_nonempty("tensorboard"),
+    )
+    # not an option: set by the trainer
+    run_id: str | None = _opt(None, "id of the run the checkpoints belong to", internal=True)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """Return a copy with some fields changed (validated)."""
@@ -97,29 +191,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_ALL = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: the options a user may set (flags, MPITRAIN_* variables, files)
+_FIELDS = {name: f for name, f in _ALL.items() if not f.metadata["internal"]}
 _TYPES: dict[str, Any] = get_type_hints(TrainConfig)
-_POSITIVE = (
-    "epochs",
-    "batch_size",
-    "accumulate",
-    "local_steps",
-    "servers",
-    "keep_last",
-    "prefetch",
-)
-_NON_NEGATIVE = (
-    "max_steps",
-    "checkpoint_every",
-    "checkpoint_minutes",
-    "eval_every",
-    "max_staleness",
-    "straggler_ms",
-    "warmup_epochs",
-    "weight_decay",
-    "clip_grad_norm",
-    "momentum",
-)
 
 
 def valid_keys() -> list[str]:
@@ -131,6 +206,41 @@ def _base_type(name: str) -> type:
     hint = _TYPES[name]
     args = [a for a in getattr(hint, "__args__", ()) if a is not type(None)]
     return args[0] if args else hint  # type: ignore[no-any-return]
+
+
+def _optional(name: str) -> bool:
+    return type(None) in getattr(_TYPES[name], "__args__", ())
+
+
+def accepted(name: str) -> str:
+    """Say in words what option ``name`` accepts (the HINT of its errors)."""
+    f, typ = _ALL[name], _base_type(name)
+    meta = f.metadata
+    if meta["accepted"] is not None:
+        text = meta["accepted"].describe(typ is int)
+    elif meta["choices"]:
+        text = f"one of {', '.join(meta['choices'])}"
+    elif typ is bool:
+        text = "true/false (in flags and variables also 1/0, yes/no, on/off)"
+    elif name == "preempt_signals":
+        text = f"a string: a comma-separated list of {', '.join(available_stop_signals())}"
+    else:
+        text = "a string"
+    return f"{text} (or unset)" if _optional(name) and f.default is None else text
+
+
+_KIND = {int: "integer", float: "number", bool: "true/false", str: "string"}
+
+
+def _not_a(name: str, value: Any, source: str) -> ConfigError:
+    """The error for a value that is not of the option's type at all."""
+    return ConfigError(
+        with_hint(
+            f"option '{name}' from {source} has a bad value {show(value)} "
+            f"(expected {_KIND[_base_type(name)]})",
+            f"accepted: {accepted(name)}",
+        )
+    )
 
 
 def _unknown(key: str, source: str) -> ConfigError:
@@ -145,60 +255,63 @@ def _unknown(key: str, source: str) -> ConfigError:
     )
 
 
+def _check_value(name: str, value: Any, source: str | None, shown: Any) -> None:
+    """Raise a ConfigError unless ``value`` (already of the option's type) is accepted.
+
+    ``source`` names where the value came from (a flag, a variable, a file), None for code.
+    """
+    if value is None and _optional(name):
+        return
+    meta = _ALL[name].metadata
+    head = (
+        f"option '{name}' from {source} has a bad value {show(shown)}"
+        if source is not None
+        else f"option '{name}' = {show(shown)} is out of range"
+    )
+    rng: Range | None = meta["accepted"]
+    if rng is not None and not rng.contains(value):
+        raise ConfigError(with_hint(head, f"accepted: {accepted(name)}"))
+    choices = meta["choices"]
+    if choices and value not in choices:
+        raise ConfigError(with_hint(head, f"choose one of {', '.join(choices)}"))
+    check = meta["check"]
+    if check is not None:
+        check(value, source or "the config")
+
+
 def coerce(name: str, value: Any, source: str) -> Any:
-    """Convert a raw value (string from env/CLI or TOML value) to the option's type."""
-    typ = _base_type(name)
+    """Convert a raw value (string from env/CLI or TOML value) to the option's type, checked.
+
+    Raises:
+        ConfigError: naming the option, the source, the value and what is accepted.
+    """
     if value is None:
         return None
+    typ = _base_type(name)
     try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        if typ in (int, float) and isinstance(value, bool):
-            raise ValueError(value)
-        return typ(value)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            with_hint(
-                f"option '{name}' from {source} has a bad value {value!r}",
-                f"expected {typ.__name__}",
-            )
-        ) from None
+        typed = convert(typ, value)
+    except (TypeError, ValueError, OverflowError):
+        raise _not_a(name, value, source) from None
+    _check_value(name, typed, source, value)
+    return typed
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check ranges and choices; return ``cfg`` unchanged or raise ConfigError."""
-    for name, f in _FIELDS.items():
+    """Check every option's type, range and choices, and their combinations.
+
+    Returns ``cfg`` unchanged; raises ConfigError.
+    """
+    for name in _ALL:
         value = getattr(cfg, name)
-        choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if not (_optional(name) if value is None else has_type(_base_type(name), value)):
             raise ConfigError(
                 with_hint(
-                    f"option '{name}' = {value!r} is not valid",
-                    f"choose one of {', '.join(choices)}",
+                    f"option '{name}' = {show(value)} has the wrong type",
+                    f"accepted: {accepted(name)}",
                 )
             )
-        if name in _POSITIVE and value < 1:
-            raise ConfigError(
-                with_hint(f"option '{name}' = {value} must be >= 1", "give a positive integer")
-            )
-        if name in _NON_NEGATIVE and value < 0:
-            raise ConfigError(
-                with_hint(f"option '{name}' = {value} must be >= 0", "give a value >= 0")
-            )
-    if cfg.lr <= 0:
-        raise ConfigError(with_hint(f"option 'lr' = {cfg.lr} must be > 0", "e.g. --lr 0.05"))
-    if cfg.bucket_mb is not None and cfg.bucket_mb <= 0:
-        raise ConfigError(with_hint(f"option 'bucket_mb' = {cfg.bucket_mb} must be > 0", "e.g. 4"))
-    if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume:
+        _check_value(name, value, None, value)
+    if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
         raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))
     if cfg.precision == "fp16" and cfg.exchange in ("local-sgd", "param-server"):
         # the loss scaler's skip-on-overflow is agreed through the averaged gradients; these
@@ -209,9 +322,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "use --precision bf16 (no loss scaling needed) or --exchange sync",
             )
         )
+    if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:
+        raise ConfigError(
+            with_hint("--nesterov needs --momentum > 0", "give --momentum 0.9 or --no-nesterov")
+        )
     if cfg.resume == "auto" and cfg.checkpoint_dir is None:
         raise ConfigError(
             with_hint("--resume auto needs --checkpoint-dir", "pass --checkpoint-dir DIR")
+        )
+    if cfg.checkpoint_dir is None and (cfg.checkpoint_every or cfg.checkpoint_minutes):
+        which = "checkpoint_every" if cfg.checkpoint_every else "checkpoint_minutes"
+        value = getattr(cfg, which)
+        raise ConfigError(
+            with_hint(
+                f"option '{which}' = {value!r} asks for checkpoints, but no --checkpoint-dir "
+                "is given: none would be written",
+                "pass --checkpoint-dir DIR",
+            )
         )
     return cfg
 
@@ -219,22 +346,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file (top-level keys, or a [train] table); keys may use - or _."""
     p = Path(path)
+    where = f"config file '{p}'"
     try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(with_hint(f"config file '{p}' not found", "check --config")) from None
+        data = tomllib.loads(read_config_text(p))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(
-            with_hint(f"config file '{p}' is not valid TOML: {exc}", "fix the syntax")
+            with_hint(f"{where} is not valid TOML: {exc}", "fix the syntax")
         ) from None
-    if isinstance(data.get("train"), dict) and len(data) == 1:
+    if isinstance(data.get("train"), dict):
+        if len(data) != 1:
+            raise ConfigError(
+                with_hint(
+                    f"{where} has a [train] table and top-level options",
+                    "put every option in the [train] table, or none",
+                )
+            )
         data = data["train"]
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in _FIELDS:
-            raise _unknown(key, f"config file '{p}'")
-        out[name] = coerce(name, value, f"config file '{p}'")
+            raise _unknown(key, where)
+        if name in out:
+            raise ConfigError(
+                with_hint(f"option '{name}' is given twice in {where}", "keep one of them")
+            )
+        out[name] = coerce(name, value, where)
     return out
 
 
@@ -270,6 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> TrainConfig:
     """Merge defaults < file < env < CLI into a validated TrainConfig.
 
+    Every value is type- and range-checked where it is read, so an error names its source.
+
     Args:
         cli: options given on the command line (argparse namespace as a dict, unset ones absent);
             may hold ``config`` (a TOML path).
@@ -277,10 +416,16 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
     """
     values: dict[str, Any] = {}
     cli = dict(cli)
-    file_path = cli.pop("config", None) or env.config_vars(environ).pop("config", None)
-    if file_path:
+    variables = env.config_vars(environ)
+    file_path = cli.pop("config", None)
+    source = "--config"
+    if file_path is None:
+        file_path, source = variables.get("config"), "MPITRAIN_CONFIG"
+    if file_path is not None:
+        if not str(file_path).strip():
+            raise ConfigError(with_hint(f"{source} is empty", "give a TOML file or leave it out"))
         values.update(load_file(file_path))
-    for key, raw in env.config_vars(environ).items():
+    for key, raw in variables.items():
         if key == "config":
             continue
         if key not in _FIELDS:

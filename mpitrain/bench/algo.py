@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpitrain.runtime.abort import run_mpi
+
 if TYPE_CHECKING:
     from mpi4py import MPI
 
@@ -149,14 +151,13 @@ def measure(
     return statistics.median(times)
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Measure every (size, algorithm, path); rank 0 prints the table and writes JSON."""
     import torch
     from mpi4py import MPI
 
     from mpitrain.runtime.world import World
 
-    comm = MPI.COMM_WORLD.Dup()
     world = World.create(comm)
     device = torch.device("cpu")
     if args.device == "cuda":
@@ -223,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(args_list)
     if not args.worker:
         return launch(args, args_list)
-    return worker(args)
+    return run_mpi(lambda comm: worker(args, comm))
 
 
 if __name__ == "__main__":

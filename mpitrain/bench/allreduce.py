@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.launch import launch_env, mpiexec_command
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def _measure(
     return samples
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Collective: measure every method at every size; rank 0 prints and writes JSON.
 
     MPI methods are measured first (round-robin per size), gloo afterwards in its own pass so
@@ -112,7 +113,6 @@ def worker(args: argparse.Namespace) -> int:
     from mpitrain.comm.allreduce import allreduce_, iallreduce_
 
     torch.set_num_threads(1)
-    comm = MPI.COMM_WORLD.Dup()
     n = comm.size
     sizes = [s for s in SIZES if s <= args.max_bytes]
     rows: list[dict[str, Any]] = [{"bytes": s, "iters": _iters(s)} for s in sizes]
@@ -207,7 +207,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args)
+        return run_mpi(lambda comm: worker(args, comm))
     print(f"all-reduce float32 sum, {args.ranks} ranks; time per op (us), busbw (GB/s)")
     print(header(), flush=True)
     fwd = [

@@ -19,23 +19,25 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpitrain.bench.algo import human, parse_size
 from mpitrain.bench.allreduce import _measure, relaunch
+from mpitrain.runtime.abort import run_mpi
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 DTYPES = ("float16", "bfloat16")
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Collective: time op / gather / float32 per size and dtype; rank 0 writes the JSON."""
     import torch
-    from mpi4py import MPI
 
     from mpitrain.comm.allreduce import allreduce_, numpy_view
 
     torch.set_num_threads(1)
-    comm = MPI.COMM_WORLD.Dup()
     n = comm.size
     rows: list[dict[str, Any]] = []
     for dtype_name in args.dtypes.split(","):
@@ -88,7 +90,6 @@ def worker(args: argparse.Namespace) -> int:
                   f"{r['gather_max_err_eps']:>10.1f}")
         if args.json:
             Path(args.json).write_text(json.dumps({"benchmark": "half", "rows": rows}, indent=1))
-    comm.Free()
     return 0
 
 
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args)
+        return run_mpi(lambda comm: worker(args, comm))
     fwd = ["half", "--sizes", args.sizes, "--dtypes", args.dtypes, "--reps", str(args.reps)]
     if args.json:
         fwd += ["--json", str(Path(args.json).resolve())]

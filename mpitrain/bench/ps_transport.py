@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mpitrain.bench.algo import human, parse_size
+from mpitrain.runtime.abort import run_mpi
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -128,11 +129,10 @@ class RmaServer:
         self.par_win.Unlock(s)
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Collective: time ``args.protocol`` for every size; rank 0 writes the rows as JSON."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD.Dup()
     server = comm.size - 1
     rows = []
     for size in [parse_size(s) for s in args.sizes.split(",")]:
@@ -163,7 +163,6 @@ def worker(args: argparse.Namespace) -> int:
                      "round_us": statistics.median(times) * 1e6})
     if comm.rank == 0:
         Path(args.out).write_text(json.dumps(rows))
-    comm.Free()
     return 0
 
 
@@ -181,7 +180,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args)
+        return run_mpi(lambda comm: worker(args, comm))
     from mpitrain.runtime.launch import launch_env, mpiexec_command
 
     rows: list[dict[str, Any]] = []

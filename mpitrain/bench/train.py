@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpitrain.bench.allreduce import init_gloo, machine
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.launch import launch_env, mpiexec_command
 
 if TYPE_CHECKING:
@@ -82,14 +83,13 @@ def parse_method(spec: str) -> dict[str, Any]:
     return out
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Collective: time every method in turns; rank 0 writes the JSON result."""
     import torch
     import torch.nn.functional as F
     from mpi4py import MPI
 
     torch.set_num_threads(1)
-    comm = MPI.COMM_WORLD.Dup()
     methods = [parse_method(s) for s in args.methods.split(",")]
     device = torch.device("cpu")
     if args.device == "cuda":  # one rank per GPU, by node-local rank
@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args)
+        return run_mpi(lambda comm: worker(args, comm))
     n = args.ranks
     print(f"train step, {n} ranks, batch {args.batch}/rank, 1 thread/rank, methods taking "
           f"turns in one job per model, median of {args.rounds} rounds", flush=True)

@@ -12,8 +12,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mpitrain.data.manifest import Manifest, load_manifest, safe_member
-from mpitrain.data.reader import GAP_BYTES, ChunkCache, copy_rows, segments
+from mpitrain.data.manifest import MANIFEST, Manifest, ShardEntry, load_manifest, safe_member
+from mpitrain.data.reader import (
+    GAP_BYTES,
+    ChunkCache,
+    copy_rows,
+    first_bad_label,
+    hdf5_problem,
+    index_problem,
+    segments,
+)
 from mpitrain.errors import DataError, with_hint
 
 #: bytes of decoded blocks a dataset keeps per process for cached reads
@@ -23,6 +31,9 @@ BLOCK_BYTES = 1 << 20
 #: datasets up to this size are read into memory once per process (random access then costs
 #: a numpy gather instead of HDF5 calls); larger ones are read batch by batch
 IN_MEMORY_BYTES = 64 << 20
+#: labels are range-checked when the dataset opens up to this many label bytes (beyond it,
+#: batch by batch as they are read)
+LABEL_CHECK_BYTES = 64 << 20
 VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
 
 
@@ -35,35 +46,128 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_shard(directory: Path, manifest: Manifest, index: int, *, checksum: bool) -> None:
-    """Raise DataError unless shard ``index`` exists and matches the manifest's arrays."""
-    import h5py
-
+def check_shard(
+    directory: Path, manifest: Manifest, index: int, *, checksum: bool, labels: bool = False
+) -> None:
+    """Raise DataError unless shard ``index`` exists, matches the manifest's arrays and reaches
+    nothing outside itself; with ``labels``, also unless every label is in ``[0, classes)``."""
     entry = manifest.shards[index]
     path = safe_member(directory, entry.file, "shard")
     if not path.exists():
         raise DataError(with_hint(f"shard '{path}' is missing", VERIFY_HINT))
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(with_hint(f"shard '{path}' cannot be read: {exc}", VERIFY_HINT)) from None
+    declared = entry.num_samples * manifest.sample_bytes
+    if manifest.compression is None and size < declared:
+        raise DataError(
+            with_hint(
+                f"manifest '{directory / MANIFEST}': shard '{entry.file}' declares "
+                f"{entry.num_samples} samples ({declared} bytes) but the file holds {size} bytes",
+                VERIFY_HINT,
+            )
+        )
     if checksum and file_sha256(path) != entry.sha256:
         raise DataError(with_hint(f"shard '{path}' fails its SHA-256 checksum", VERIFY_HINT))
     try:
-        with h5py.File(path, "r") as f:
-            for key, spec in manifest.arrays.items():
-                if key not in f:
-                    raise DataError(
-                        with_hint(f"shard '{entry.file}' has no dataset '{key}'", VERIFY_HINT)
+        _check_hdf5(path, manifest, entry, labels=labels)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        reason = str(exc).replace("\n", " ")
+        raise DataError(
+            with_hint(f"shard '{path}' cannot be read: {reason}", VERIFY_HINT)
+        ) from None
+
+
+def _check_hdf5(path: Path, manifest: Manifest, entry: ShardEntry, *, labels: bool) -> None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        problem = hdf5_problem(f, manifest.arrays)
+        if problem:
+            key, why = problem
+            hint = "re-convert the dataset with data_tools (it writes self-contained shards)"
+            if why == "is missing":
+                raise DataError(with_hint(f"shard '{entry.file}' has no dataset '{key}'",
+                                          VERIFY_HINT))
+            raise DataError(with_hint(f"shard '{path}': '{key}' {why}", hint))
+        for key, spec in manifest.arrays.items():
+            ds = f[key]
+            want = (entry.num_samples, *spec.shape)
+            if tuple(ds.shape) != want or str(ds.dtype) != spec.dtype:
+                raise DataError(
+                    with_hint(
+                        f"shard '{entry.file}' dataset '{key}' is {tuple(ds.shape)} "
+                        f"{ds.dtype}, manifest says {want} {spec.dtype}",
+                        VERIFY_HINT,
                     )
-                ds = f[key]
-                want = (entry.num_samples, *spec.shape)
-                if tuple(ds.shape) != want or str(ds.dtype) != spec.dtype:
-                    raise DataError(
-                        with_hint(
-                            f"shard '{entry.file}' dataset '{key}' is {tuple(ds.shape)} "
-                            f"{ds.dtype}, manifest says {want} {spec.dtype}",
-                            VERIFY_HINT,
-                        )
-                    )
-    except OSError as exc:
-        raise DataError(with_hint(f"shard '{path}' cannot be read: {exc}", VERIFY_HINT)) from None
+                )
+        if labels:
+            check_labels(path, np.asarray(f["y"][()]), manifest.classes, 0)
+
+
+def check_labels(path: Path, y: np.ndarray, num_classes: int, offset: int) -> None:
+    """Raise DataError naming shard ``path`` if a label of ``y`` is outside [0, num_classes)."""
+    bad = first_bad_label(y, num_classes)
+    if bad is not None:
+        raise DataError(
+            with_hint(
+                f"shard '{path}' dataset 'y' holds label {int(y[bad])} at row {offset + bad}, "
+                f"outside [0, {num_classes})",
+                "fix the labels and re-convert (or convert with --classes N)",
+            )
+        )
+
+
+def load_split(directory: Path, manifest: Manifest, split: str, *, verify: bool) -> np.ndarray:
+    """Read and check the index file of ``split``: sorted, unique, integer, inside the data."""
+    entry = manifest.splits[split]
+    spath = safe_member(directory, entry.file, f"split '{split}'")
+    hint = "re-create it with: python -m data_tools split DIR ..."
+    try:
+        if verify and file_sha256(spath) != entry.sha256:
+            raise DataError(with_hint(f"split file '{spath}' fails its checksum", VERIFY_HINT))
+        idx = np.load(spath, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(with_hint(f"split file '{spath}' is missing", hint)) from None
+    except (OSError, ValueError, EOFError) as exc:
+        reason = str(exc).replace("\n", " ")
+        raise DataError(with_hint(f"split file '{spath}' cannot be read: {reason}", hint)) from None
+    problem = index_problem(idx, manifest.num_samples, entry.num_samples)
+    if problem:
+        raise DataError(with_hint(f"split file '{spath}' {problem}", hint))
+    return np.asarray(idx, dtype=np.int64)
+
+
+def open_checked(
+    directory: Path, split: str | None, *, verify: bool
+) -> tuple[Manifest, np.ndarray | None]:
+    """Load the manifest, check every shard and read the indices of ``split`` (if any).
+
+    A split file that vanished because a re-split switched the manifest meanwhile is
+    looked up once more in the new manifest.
+    """
+    for attempt in (0, 1):
+        m = load_manifest(directory)
+        labels = m.num_samples * np.dtype(m.arrays["y"].dtype).itemsize <= LABEL_CHECK_BYTES
+        for i in range(len(m.shards)):
+            check_shard(directory, m, i, checksum=verify, labels=labels)
+        if not split:
+            return m, None
+        if split not in m.splits:
+            have = ", ".join(sorted(m.splits)) or "none"
+            raise DataError(
+                with_hint(
+                    f"dataset '{directory}' has no split '{split}' (has: {have})",
+                    "make one with: python -m data_tools split DIR ...",
+                )
+            )
+        try:
+            return m, load_split(directory, m, split, verify=verify)
+        except DataError:
+            if attempt or (directory / m.splits[split].file).exists():
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _read_slice(ds: Any, lo: int, hi: int) -> np.ndarray:
@@ -87,37 +191,17 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         in_memory: bool | None = None,
     ) -> None:
         self.directory = Path(path)
-        self.manifest = load_manifest(self.directory)
-        m = self.manifest
-        for i in range(len(m.shards)):
-            check_shard(self.directory, m, i, checksum=verify)
         self.split = split
-        if split:
-            if split not in m.splits:
-                have = ", ".join(sorted(m.splits)) or "none"
-                raise DataError(
-                    with_hint(
-                        f"dataset '{self.directory}' has no split '{split}' (has: {have})",
-                        "make one with: python -m data_tools split DIR ...",
-                    )
-                )
-            entry = m.splits[split]
-            spath = safe_member(self.directory, entry.file, f"split '{split}'")
-            if verify and file_sha256(spath) != entry.sha256:
-                raise DataError(with_hint(f"split file '{spath}' fails its checksum", VERIFY_HINT))
-            self.indices: np.ndarray | None = np.load(spath).astype(np.int64)
-        else:
-            self.indices = None
+        self.manifest, self.indices = open_checked(self.directory, split, verify=verify)
+        m = self.manifest
+        self._num_classes = m.classes
         self._starts = np.cumsum([0] + [s.num_samples for s in m.shards])
         self._files: dict[int, Any] = {}
         self._cache = ChunkCache(CACHE_BYTES)
         self._scratch: dict[str, np.ndarray] = {}
         self._dsets: dict[tuple[int, str], Any] = {}
         self._pid = os.getpid()
-        self._sample_bytes = sum(
-            int(np.dtype(a.dtype).itemsize * np.prod(a.shape, dtype=np.int64))
-            for a in m.arrays.values()
-        )
+        self._sample_bytes = m.sample_bytes
         total = m.num_samples * self._sample_bytes
         #: keep all samples in memory (read once, on first use): small datasets only
         self.in_memory = total <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
@@ -146,9 +230,7 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     @property
     def num_classes(self) -> int:
         """Number of classes (from the manifest, else max label + 1 over class counts)."""
-        if self.manifest.num_classes is not None:
-            return int(self.manifest.num_classes)
-        return max(int(k) for k in self.manifest.class_counts) + 1
+        return self._num_classes
 
     # -- reading --
     def __getstate__(self) -> dict[str, Any]:
@@ -259,7 +341,19 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self, indices: np.ndarray, *, cached: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (x, y) tensors for ``indices``."""
-        x, y = self.read_arrays(np.asarray(indices, dtype=np.int64), cached=cached)
+        idx = np.asarray(indices, dtype=np.int64)
+        x, y = self.read_arrays(idx, cached=cached)
+        bad = first_bad_label(y, self._num_classes)
+        if bad is not None:
+            sample = int(self.indices[idx[bad]] if self.indices is not None else idx[bad])
+            shard = int(np.searchsorted(self._starts, sample, side="right")) - 1
+            check_labels(self.directory / self.manifest.shards[shard].file, y[bad : bad + 1],
+                         self._num_classes, sample - int(self._starts[shard]))
+        # the training contract: float32 features, int64 labels (older shards may differ)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        if y.dtype != np.int64:
+            y = y.astype(np.int64)
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:

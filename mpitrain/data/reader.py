@@ -1,13 +1,20 @@
-"""Reading strategies for sorted sample indices: coalesced runs, or cached whole chunks."""
+"""Reading: strategies for sorted sample indices (coalesced runs, or cached whole chunks), and
+the checks applied to what is read before it is trusted (a shard's HDF5 layout, a split file,
+labels, and a conversion source's dtypes and values)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import numpy as np
+
+from mpitrain.data.manifest import ArraySpec
+from mpitrain.errors import DataError, with_hint
+from mpitrain.runtime.files import name_problem
 
 #: a gap up to this many bytes between wanted samples is read through rather than skipped
 GAP_BYTES = 256 * 1024
@@ -51,3 +58,191 @@ def segments(sorted_base: np.ndarray, shard_of: np.ndarray, max_gap: int) -> lis
     breaks = np.flatnonzero((np.diff(sorted_base) > max_gap) | (np.diff(shard_of) != 0)) + 1
     bounds = np.concatenate([[0], breaks, [len(sorted_base)]])
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if a < b]
+
+
+# -- checks on what a reader is about to trust (HDF5 layout, split indices, labels) --
+
+
+def hdf5_problem(f: Any, keys: Iterable[str]) -> tuple[str, str] | None:
+    """Return (key, why) for the first feature of open HDF5 file ``f`` that could reach
+    outside it or read as something it is not: external links anywhere at the top level;
+    for the arrays ``keys``: soft links, groups, virtual datasets, external raw storage,
+    chunks never written. None when the file is plain."""
+    import h5py
+
+    for name in f:
+        if isinstance(f.get(name, getlink=True), h5py.ExternalLink):
+            return name, "is an external link to another file"
+    for key in keys:
+        link = f.get(key, getlink=True)
+        if link is None:
+            return key, "is missing"
+        if isinstance(link, h5py.SoftLink):
+            return key, f"is a soft link (to '{link.path}'), not a dataset"
+        obj = f[key]
+        if not isinstance(obj, h5py.Dataset):
+            return key, "is a group, not a dataset"
+        if obj.is_virtual:
+            return key, "is a virtual dataset (it reads other files)"
+        if obj.external:
+            return key, "keeps its data in external raw files"
+        missing = unallocated(obj)
+        if missing:
+            return key, missing
+    return None
+
+
+def unallocated(ds: Any) -> str | None:
+    """Why dataset ``ds`` does not hold all its data on disk (None when it does)."""
+    nbytes = int(ds.size) * ds.dtype.itemsize
+    if ds.chunks is None:
+        stored = int(ds.id.get_storage_size())
+        return None if stored >= nbytes else f"has {stored} of {nbytes} bytes allocated"
+    want = math.prod(-(-s // c) for s, c in zip(ds.shape, ds.chunks, strict=True))
+    have = int(ds.id.get_num_chunks())
+    return None if have >= want else f"has only {have} of its {want} chunks allocated"
+
+
+def index_problem(idx: Any, n: int, count: int) -> str | None:
+    """Why ``idx`` is not a valid split index array over ``n`` samples with ``count`` entries."""
+    if not isinstance(idx, np.ndarray):
+        return "does not hold an array"
+    if idx.dtype.kind not in "iu":
+        return f"holds {idx.dtype} values, not integer sample indices"
+    if idx.ndim != 1:
+        return f"is {idx.ndim}-D, not a 1-D list of sample indices"
+    if len(idx) != count:
+        return f"holds {len(idx)} indices, the manifest says {count}"
+    bad = np.flatnonzero((idx < 0) | (idx >= n))
+    if len(bad):
+        i = int(bad[0])
+        return f"has index {int(idx[i])} at position {i}, outside [0, {n})"
+    step = np.flatnonzero(np.diff(idx) <= 0)
+    if len(step):
+        i = int(step[0]) + 1
+        return (f"is not sorted and unique at position {i} ({int(idx[i])} after "
+                f"{int(idx[i - 1])})")
+    return None
+
+
+def first_bad_label(y: np.ndarray, num_classes: int) -> int | None:
+    """Position of the first label outside ``[0, num_classes)`` (None when all are inside)."""
+    if not len(y) or (int(y.min()) >= 0 and int(y.max()) < num_classes):
+        return None
+    return int(np.flatnonzero((y < 0) | (y >= num_classes))[0])
+
+
+class Source(Protocol):
+    """What a converter reads from: a sample count, specs, and contiguous sample ranges."""
+
+    num_samples: int
+
+    def specs(self) -> dict[str, ArraySpec]: ...
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]: ...
+
+
+class CheckedSource:
+    """A source seen through the training contract: float32 features, int64 labels.
+
+    Decided from the dtypes before anything is written (and listed in ``notes``): features of
+    any real dtype become float32, labels of an integer, boolean or integral float dtype
+    become int64, extra arrays are kept as they are. Refused at once: arrays that are not
+    real numbers, labels that are not one value per sample, names that are not plain. Refused
+    as each block is read, naming the value and the sample index: NaN or infinite features
+    (or float64 ones too large for float32), and labels that are NaN, fractional, negative
+    or not below ``num_classes``.
+    """
+
+    def __init__(self, source: Source, num_classes: int | None = None) -> None:
+        self.source = source
+        self.num_samples = source.num_samples
+        self.num_classes = num_classes
+        self.origin = str(getattr(source, "origin", "the source"))
+        self.notes: list[str] = []
+        self._specs: dict[str, ArraySpec] = {}
+        if num_classes is not None and num_classes < 1:
+            self._refuse(f"num_classes must be >= 1, got {num_classes}", "e.g. --classes 10")
+        for key, spec in source.specs().items():
+            self._specs[key] = ArraySpec(spec.shape, self._target(key, spec))
+            if self._specs[key].dtype != spec.dtype:
+                self.notes.append(f"{key}: {spec.dtype} -> {self._specs[key].dtype}")
+
+    def _refuse(self, message: str, hint: str) -> None:
+        raise DataError(with_hint(f"{self.origin}: {message}", hint))
+
+    def _target(self, key: str, spec: ArraySpec) -> str:
+        problem = name_problem(key)
+        if problem:
+            self._refuse(f"array name {key!r} {problem}", "rename the array")
+        kind = np.dtype(spec.dtype).kind
+        if kind not in "biuf":
+            what = "Python objects" if kind == "O" else "values that are not real numbers"
+            self._refuse(f"array '{key}' holds {what} (dtype {spec.dtype})",
+                         "convert it to numbers first (labels: class ids 0, 1, 2 ...)")
+        if any(d < 1 for d in spec.shape):
+            self._refuse(f"array '{key}' has an empty per-sample shape {spec.shape}",
+                         "drop the array")
+        if key == "y":
+            if spec.shape != ():
+                shape = (self.num_samples, *spec.shape)
+                self._refuse(f"array 'y' has shape {shape}; labels must be one class id per "
+                             "sample", "pass 1-D integer labels (argmax one-hot labels first)")
+            return "int64"
+        return "float32" if key == "x" else spec.dtype
+
+    def specs(self) -> dict[str, ArraySpec]:
+        """Per-sample shapes and the dtypes written."""
+        return dict(self._specs)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Samples ``[start, stop)``, converted and checked (DataError names a bad value)."""
+        part = self.source.read(start, stop)
+        out = dict(part)
+        out["x"] = self._features(part["x"], start)
+        out["y"] = self._labels(part["y"], start)
+        return out
+
+    def _bad(self, key: str, arr: np.ndarray, mask: np.ndarray, start: int, why: str) -> None:
+        pos = tuple(int(p) for p in np.argwhere(mask)[0])
+        value = arr[pos].item()
+        hint = ("drop or repair those samples before converting" if key == "x" else
+                "labels must be class ids 0 .. num_classes-1 (convert with --classes N)")
+        self._refuse(f"{'value' if key == 'x' else 'label'} {value!r} at index {start + pos[0]} "
+                     f"of array '{key}' {why}", hint)
+
+    def _features(self, x: np.ndarray, start: int) -> np.ndarray:
+        if x.dtype.kind != "f":
+            return x.astype(np.float32)
+        finite = np.isfinite(x)
+        if not finite.all():
+            self._bad("x", x, ~finite, start, "is not a finite number")
+        if x.dtype == np.float32:
+            return x
+        with np.errstate(over="ignore"):
+            cast = x.astype(np.float32)
+        overflow = ~np.isfinite(cast)
+        if overflow.any():
+            self._bad("x", x, overflow, start, "does not fit float32")
+        return cast
+
+    def _labels(self, y: np.ndarray, start: int) -> np.ndarray:
+        if y.dtype.kind == "f":
+            finite = np.isfinite(y)
+            if not finite.all():
+                self._bad("y", y, ~finite, start, "is not a number")
+            frac = y != np.floor(y)
+            if frac.any():
+                self._bad("y", y, frac, start, "is not an integer")
+        if y.dtype.kind == "u" and y.dtype.itemsize == 8:
+            big = y > np.iinfo(np.int64).max
+            if big.any():
+                self._bad("y", y, big, start, "is too large")
+        labels = y.astype(np.int64)
+        if (labels < 0).any():
+            self._bad("y", labels, labels < 0, start, "is negative")
+        if self.num_classes is not None and (labels >= self.num_classes).any():
+            self._bad("y", labels, labels >= self.num_classes, start,
+                      f"is outside [0, {self.num_classes}) (num_classes {self.num_classes})")
+        return labels
+

@@ -1,26 +1,44 @@
-"""Write arrays as HDF5 shards plus a manifest; every file lands under its final name last."""
+"""Write arrays as HDF5 shards plus a manifest; every file lands under its final name last.
+
+A dataset is written into a fresh hidden directory (unique per writer) and published with one
+rename. ``overwrite`` replaces only a directory that is a dataset this module wrote (its
+manifest names every file in it) and that no other writer replaced meanwhile.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
-import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from mpitrain.data.dataset import file_sha256
-from mpitrain.data.manifest import ArraySpec, Manifest, ShardEntry, SplitEntry, write_manifest
+from mpitrain.data.manifest import (
+    LOCK,
+    MANIFEST,
+    ArraySpec,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    check_name,
+    load_manifest,
+    write_manifest,
+)
+from mpitrain.data.reader import CheckedSource, index_problem
+from mpitrain.data.reader import Source as Source  # re-exported: converters import it here
 from mpitrain.errors import DataError, with_hint
-from mpitrain.runtime.files import fsync_dir, write_atomic
+from mpitrain.runtime import files
 
 #: target bytes per HDF5 chunk (see docs/data.md for the measurement behind it)
 CHUNK_BYTES = 1 << 20
 COMPRESSIONS = (None, "none", "lzf", "gzip")
+SPACE_HINT = "free some space (or pick another --out) and re-run"
 
 
 def chunk_samples(sample_bytes: int, samples_per_shard: int) -> int:
@@ -36,18 +54,22 @@ def shard_name(name: str, index: int) -> str:
 def write_shard(
     path: Path, arrays: dict[str, np.ndarray], chunk: int, compression: str | None
 ) -> None:
-    """Write one shard file atomically (temporary name, fsync, rename)."""
+    """Write one shard file atomically (unique temporary name, fsync, rename).
+
+    Raises:
+        DataError: the write failed; it names the file and the space it needed.
+    """
     import h5py
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     comp = None if compression in (None, "none") else compression
-    with h5py.File(tmp, "w") as f:
-        for key, arr in arrays.items():
-            chunks = (min(chunk, max(1, len(arr))), *arr.shape[1:])
-            f.create_dataset(key, data=arr, chunks=chunks, compression=comp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with files.temporary_path(path) as tmp, h5py.File(tmp, "w") as f:
+            for key, arr in arrays.items():
+                chunks = (min(chunk, max(1, len(arr))), *arr.shape[1:])
+                f.create_dataset(key, data=arr, chunks=chunks, compression=comp)
+    except OSError as exc:
+        needed = sum(int(a.nbytes) for a in arrays.values())
+        raise DataError(with_hint(files.write_failure(path, exc, needed), SPACE_HINT)) from None
 
 
 def class_counts(y: np.ndarray) -> dict[str, int]:
@@ -63,6 +85,12 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> int:
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(with_hint(f"no array named '{key}' to convert", "pass x and y arrays"))
+    for key, arr in arrays.items():
+        if np.ndim(arr) == 0:
+            raise DataError(
+                with_hint(f"array '{key}' is a single value, not one value per sample",
+                          "save arrays whose first axis is the sample")
+            )
     n = len(arrays["x"])
     if n == 0:
         raise DataError(with_hint("the source has no samples", "check the input"))
@@ -74,24 +102,47 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> int:
     return n
 
 
-def write_split(directory: Path, name: str, indices: np.ndarray) -> SplitEntry:
-    """Write split ``name`` as a sorted ``split-NAME.npy`` index file; return its entry."""
-    import io
+def split_file_name(name: str, data: bytes) -> str:
+    """``split-NAME-<12 hex of its SHA-256>.npy``: a new split never reuses an old file name."""
+    return f"split-{name}-{hashlib.sha256(data).hexdigest()[:12]}.npy"
 
+
+def write_split(
+    directory: Path, name: str, indices: np.ndarray, num_samples: int | None = None
+) -> SplitEntry:
+    """Write split ``name`` as a sorted index file named by its content; return its entry.
+
+    Raises:
+        DataError: a bad name, indices that repeat or (given ``num_samples``) fall outside
+            ``[0, num_samples)``, or a failed write (naming the file and the space needed).
+    """
+    check_name(name, "split name")
+    idx = np.sort(np.asarray(indices, dtype=np.int64).ravel())
+    problem = index_problem(idx, num_samples if num_samples is not None else 1 << 62, len(idx))
+    if problem:
+        raise DataError(with_hint(f"split '{name}' {problem}", "pass unique sample indices"))
     buf = io.BytesIO()
-    np.save(buf, np.sort(np.asarray(indices, dtype=np.int64)))
+    np.save(buf, idx)
     data = buf.getvalue()
-    fname = f"split-{name}.npy"
-    write_atomic(directory / fname, data)
-    return SplitEntry(fname, len(indices), hashlib.sha256(data).hexdigest())
+    path = directory / split_file_name(name, data)
+    sha = hashlib.sha256(data).hexdigest()
+    if not (path.is_file() and file_sha256(path) == sha):
+        try:
+            files.write_atomic(path, data)
+        except OSError as exc:
+            raise DataError(with_hint(files.write_failure(path, exc, len(data)),
+                                      SPACE_HINT)) from None
+    return SplitEntry(path.name, len(idx), sha)
 
 
 class ArraySource:
     """In-memory arrays as a conversion source (``x``, ``y`` and extras, samples first)."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+    def __init__(self, arrays: dict[str, np.ndarray], origin: str = "the arrays") -> None:
         self.num_samples = check_arrays(arrays)
         self.arrays = arrays
+        #: where the arrays came from, for error messages (a file name)
+        self.origin = origin
 
     def specs(self) -> dict[str, ArraySpec]:
         """Per-sample shape and dtype of every array."""
@@ -103,16 +154,6 @@ class ArraySource:
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Return samples ``[start, stop)`` of every array."""
         return {k: np.ascontiguousarray(a[start:stop]) for k, a in self.arrays.items()}
-
-
-class Source(Protocol):
-    """What a converter reads from: a sample count, specs, and contiguous sample ranges."""
-
-    num_samples: int
-
-    def specs(self) -> dict[str, ArraySpec]: ...
-
-    def read(self, start: int, stop: int) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -138,8 +179,7 @@ def write_shards(
     conversion produces the same shards as a serial one.
     """
     specs = source.specs()
-    sample_bytes = sum(int(np.dtype(s.dtype).itemsize * math.prod(s.shape)) for s in specs.values())
-    chunk = chunk_samples(sample_bytes, samples_per_shard)
+    chunk = chunk_samples(sum(s.sample_bytes for s in specs.values()), samples_per_shard)
     out = []
     for i in shards:
         start = i * samples_per_shard
@@ -166,12 +206,16 @@ def build_manifest(
 ) -> Manifest:
     """Return the manifest for all shards' results (in shard order)."""
     specs = source.specs()
-    sample_bytes = sum(int(np.dtype(s.dtype).itemsize * math.prod(s.shape)) for s in specs.values())
+    sample_bytes = sum(s.sample_bytes for s in specs.values())
     counts: dict[str, int] = {}
     for r in results:
         for k, v in r.counts.items():
             counts[k] = counts.get(k, 0) + v
     counts = {k: counts[k] for k in sorted(counts, key=int)}
+    num_classes = getattr(source, "num_classes", None)
+    if num_classes is None and counts:
+        num_classes = max(int(k) for k in counts) + 1
+    notes = getattr(source, "notes", [])
     return Manifest(
         name=name,
         num_samples=source.num_samples,
@@ -179,43 +223,119 @@ def build_manifest(
         shards=[r.entry for r in sorted(results, key=lambda r: r.entry.file)],
         chunk_samples=chunk_samples(sample_bytes, samples_per_shard),
         compression=None if compression in (None, "none") else compression,
-        num_classes=(max(int(k) for k in counts) + 1) if counts else None,
+        num_classes=num_classes,
         class_counts=counts,
         splits=splits,
-        params=params,
+        params={**params, **({"converted": "; ".join(notes)} if notes else {})},
     )
 
 
-def check_target(out: Path, overwrite: bool) -> None:
-    """Raise unless ``out`` may be (re)written."""
-    if out.exists() and not overwrite:
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def check_inputs(out: Path, inputs: Sequence[Path]) -> None:
+    """Raise DataError when ``out`` is, contains or lies inside one of ``inputs``."""
+    target = _absolute(out).resolve()
+    for p in inputs:
+        src = _absolute(p).resolve()
+        if src == target or src.is_relative_to(target):
+            raise DataError(with_hint(f"--out '{out}' holds the input '{p}'",
+                                      "write the dataset to a directory of its own"))
+        if target.is_relative_to(src):
+            raise DataError(with_hint(f"--out '{out}' lies inside the input '{p}'",
+                                      "write the dataset outside its input"))
+
+
+def foreign_entries(directory: Path, manifest: Manifest) -> list[str]:
+    """Names in ``directory`` that its manifest does not name (and that are no temporaries)."""
+    ours = {MANIFEST, LOCK, *(s.file for s in manifest.shards),
+            *(sp.file for sp in manifest.splits.values())}
+    return sorted(
+        p.name for p in directory.iterdir()
+        if not ((p.name in ours and p.is_file() and not p.is_symlink())
+                or files.is_temporary_name(p.name))
+    )
+
+
+def check_target(
+    out: Path, overwrite: bool, inputs: Sequence[Path] = ()
+) -> files.DirIdentity | None:
+    """Raise unless ``out`` may be written; return the identity of the dataset it replaces.
+
+    ``out`` may be absent or an empty directory. With ``overwrite`` it may also be a dataset
+    directory that holds nothing its manifest does not name. It may never be, contain or lie
+    inside an input of the same command.
+    """
+    check_inputs(out, inputs)
+    target = _absolute(out)
+    if not os.path.lexists(target):
+        return None
+    if target.is_symlink():
+        raise DataError(with_hint(f"--out '{out}' is a symbolic link",
+                                  "pass the directory it points to, or another --out"))
+    if target.is_dir() and not any(target.iterdir()):
+        return None
+    if not overwrite:
         raise DataError(
             with_hint(f"'{out}' already exists", "pass --overwrite to replace it, or pick --out")
         )
+    refuse = "so --overwrite will not replace it"
+    if not target.is_dir():
+        raise DataError(with_hint(f"--out '{out}' is a file, not a dataset directory, {refuse}",
+                                  "remove it yourself or pick another --out"))
+    try:
+        manifest = load_manifest(target)
+    except DataError as exc:
+        first = sorted(p.name for p in target.iterdir())[0]
+        raise DataError(
+            with_hint(f"--out '{out}' (holding '{first}' ...) is not a dataset made by "
+                      f"data_tools, {refuse} ({str(exc).split('. HINT:')[0]})",
+                      "remove it yourself if it is safe to, or pick another --out")
+        ) from None
+    foreign = foreign_entries(target, manifest)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DataError(
+            with_hint(f"--out '{out}' holds '{foreign[0]}'{more}, which its manifest does not "
+                      f"name, {refuse}", "move those files out, or pick another --out")
+        )
+    return files.dir_identity(target, MANIFEST)
 
 
-def temp_dir_for(out: Path, tag: str) -> Path:
-    """Return the hidden temporary directory a conversion into ``out`` writes to."""
-    return out.with_name(f".{out.name}.{tag}.tmp")
+def make_temp_dir(out: Path) -> Path:
+    """Create the fresh hidden directory a writer into ``out`` fills (unique per writer)."""
+    try:
+        return files.make_temp_dir(_absolute(out))
+    except OSError as exc:
+        raise DataError(
+            with_hint(f"cannot create a directory beside '{out}': {exc.strerror or exc}",
+                      "pick an --out in a writable directory")
+        ) from None
 
 
-def publish(tmp: Path, out: Path, overwrite: bool = False) -> None:
-    """Rename the finished ``tmp`` directory to ``out`` (replacing an old one last).
+def publish(tmp: Path, out: Path, replace: files.DirIdentity | None) -> None:
+    """Rename the finished ``tmp`` to ``out``, replacing the dataset ``replace`` identified.
 
-    Without ``overwrite``, a dataset that appeared at ``out`` meanwhile (a concurrent writer)
-    is kept and ``tmp`` removed: DataError says so.
+    A dataset another writer published at ``out`` meanwhile is kept: DataError says so (and
+    ``tmp`` is left for the caller to remove).
     """
-    if out.exists() and not overwrite:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(with_hint(f"'{out}' appeared while writing", "another writer won; use it"))
-    if out.exists():
-        trash = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    fsync_dir(out.parent)
+    try:
+        files.publish_dir(tmp, _absolute(out), replace=replace, marker=MANIFEST)
+    except files.PublishConflict:
+        if replace is None:
+            raise DataError(
+                with_hint(f"'{out}' appeared while this conversion was writing (another writer "
+                          "published there first; its dataset is kept)",
+                          "use that dataset, or re-run with --overwrite to replace it")
+            ) from None
+        raise DataError(
+            with_hint(f"'{out}' changed while this conversion was writing (another writer "
+                      "replaced it; its dataset is kept)",
+                      "re-run with --overwrite if this conversion should replace it")
+        ) from None
+    except OSError as exc:
+        raise DataError(with_hint(f"cannot publish '{out}': {exc}", SPACE_HINT)) from None
 
 
 def write_dataset(
@@ -228,20 +348,23 @@ def write_dataset(
     splits: dict[str, np.ndarray] | None = None,
     params: dict[str, Any] | None = None,
     overwrite: bool = False,
+    num_classes: int | None = None,
 ) -> Path:
     """Write a dataset directory from arrays (or a Source) in this process.
 
-    Everything goes into a hidden temporary directory renamed into place at the end, so an
-    interrupted run leaves no manifest pointing at partial shards. An existing dataset is
-    replaced only with ``overwrite=True``.
+    Features become float32 and labels int64 (reported in the manifest's params); NaN or
+    infinite features and labels that are not integers in ``[0, num_classes)`` are refused.
+    Everything goes into a fresh hidden directory renamed into place at the end, so an
+    interrupted run leaves no manifest pointing at partial shards. ``overwrite`` replaces
+    only a dataset directory (see :func:`check_target`).
     """
     out = Path(out_dir)
-    source: Source = ArraySource(arrays) if isinstance(arrays, dict) else arrays
+    check_name(name, "dataset name")
     check_options(compression, samples_per_shard)
-    check_target(out, overwrite)
-    tmp = temp_dir_for(out, str(os.getpid()))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    raw: Source = ArraySource(arrays) if isinstance(arrays, dict) else arrays
+    source = CheckedSource(raw, num_classes)
+    replace = check_target(out, overwrite)
+    tmp = make_temp_dir(out)
     try:
         results = write_shards(
             tmp,
@@ -251,7 +374,9 @@ def write_dataset(
             compression=compression,
             shards=range(shard_count(source.num_samples, samples_per_shard)),
         )
-        split_entries = {k: write_split(tmp, k, v) for k, v in (splits or {}).items()}
+        split_entries = {
+            k: write_split(tmp, k, v, source.num_samples) for k, v in (splits or {}).items()
+        }
         manifest = build_manifest(
             source,
             results,
@@ -262,10 +387,9 @@ def write_dataset(
             params=dict(params or {}),
         )
         write_manifest(tmp, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing partial survives a failed write
-        raise
-    publish(tmp, out, overwrite)
+        publish(tmp, out, replace)
+    finally:
+        files.remove_path(tmp)  # gone after a publish; nothing partial survives a failure
     return out
 
 

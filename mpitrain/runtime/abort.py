@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -54,3 +56,92 @@ def install_excepthook(comm: MPI.Comm) -> None:
 
     sys.excepthook = hook
     threading.excepthook = thread_hook
+
+
+def _end_together(errcomm: MPI.Intracomm, comm: MPI.Comm, exc: BaseException | None,
+                  code: int, grace: float) -> int:
+    """End the job after an expected failure (MpitrainError, argparse's exit) on this rank.
+
+    Every rank that fails enters a barrier on ``errcomm`` (a communicator used for nothing
+    else). When all ranks reach it within ``grace`` seconds the failure is shared: rank 0
+    prints each distinct message once and every rank returns the largest exit code. When some
+    rank does not arrive (it is waiting in a collective this rank will never reach), this
+    rank prints its own message, naming itself, and aborts the whole job.
+    """
+    from mpi4py import MPI
+
+    message = str(exc) if exc is not None else None
+    host = socket.gethostname()
+    size = errcomm.Get_size()
+    if size == 1:
+        if message is not None:
+            sys.stderr.write(f"mpitrain: error: {message}\n")
+        return code
+    request = errcomm.Ibarrier()
+    deadline = time.monotonic() + grace
+    while not request.Test():
+        if time.monotonic() > deadline:
+            rank = errcomm.Get_rank()
+            text = message if message is not None else f"exit code {code}"
+            sys.stderr.write(
+                f"mpitrain: error: rank {rank}/{size} on {host}: {text} "
+                f"(other ranks did not fail within {grace:g} s: aborting the job)\n"
+            )
+            sys.stderr.flush()
+            sys.stdout.flush()
+            comm.Abort(code)
+        time.sleep(0.01)
+    reports = errcomm.gather((message, host), root=0)
+    worst = int(errcomm.allreduce(code, op=MPI.MAX))
+    if reports is not None:
+        _print_shared(reports)
+    return worst
+
+
+def _print_shared(reports: list[tuple[str | None, str]]) -> None:
+    """Print each distinct failure once (with its ranks when the ranks' messages differ)."""
+    distinct: dict[str, list[int]] = {}
+    for rank, (message, _host) in enumerate(reports):
+        if message is not None:
+            distinct.setdefault(message, []).append(rank)
+    for message, ranks in distinct.items():
+        if len(distinct) == 1:
+            sys.stderr.write(f"mpitrain: error: {message}\n")
+        else:
+            names = ",".join(str(r) for r in ranks)
+            hosts = sorted({reports[r][1] for r in ranks})
+            sys.stderr.write(f"mpitrain: error: rank {names} on {','.join(hosts)}: {message}\n")
+    sys.stderr.flush()
+
+
+def run_mpi(main: Callable[[MPI.Intracomm], int], *, grace: float = 5.0) -> int:
+    """Run an MPI entry point so that any failure on any rank ends the whole job.
+
+    ``main`` gets a duplicate of COMM_WORLD. An uncaught exception (in any thread) prints
+    ``rank R/N on HOST`` and its traceback and aborts the job at once. An MpitrainError or a
+    non-zero ``SystemExit`` (argparse) is decided together: when every rank fails within
+    ``grace`` seconds the job exits with the error's code and rank 0 prints it once; when only
+    some ranks fail they print their reason and abort the job (see :func:`_end_together`).
+
+    Returns:
+        The exit code for ``sys.exit``.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD.Dup()
+    errcomm = MPI.COMM_WORLD.Dup()
+    install_excepthook(comm)
+    try:
+        return int(main(comm))
+    except MpitrainError as exc:
+        return _end_together(errcomm, comm, exc, exc.exit_code, grace)
+    except SystemExit as exc:
+        if exc.code is None or exc.code == 0:
+            return 0
+        code = exc.code if isinstance(exc.code, int) else 1
+        if not isinstance(exc.code, int):
+            sys.stderr.write(f"{exc.code}\n")
+        return _end_together(errcomm, comm, None, code, grace)
+    except BaseException as exc:
+        abort(comm, exc)
+        return 1

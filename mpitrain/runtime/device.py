@@ -154,6 +154,18 @@ def bind_device(
 
     name = agree(world.comm, choose)
     device = torch.device(name)
+    kinds = world.comm.allgather(device.type)
+    if len(set(kinds)) > 1:
+        # later collectives (the CUDA-aware decision, staging) would be reached by some only
+        cpu = [r for r, k in enumerate(kinds) if k == "cpu"]
+        raise DeviceError(
+            with_hint(
+                f"--device {mode}: ranks {cpu} got the CPU, the others a GPU "
+                f"({len(cpu)} of {len(kinds)} ranks see no CUDA device)",
+                "give every node a GPU (check CUDA_VISIBLE_DEVICES and the job's GPU request) "
+                "or use --device cpu",
+            )
+        )
     if device.type == "cuda" and set_current:
         torch.cuda.set_device(device)
     return device

@@ -38,6 +38,9 @@ TABLE: dict[str, tuple[str, ...]] = {
     "require_mpi": ("MPITRAIN_REQUIRE_MPI",),
     "mpiexec": ("MPITRAIN_MPIEXEC",),
     "require_slurm": ("MPITRAIN_REQUIRE_SLURM",),
+    "require_cluster": ("MPITRAIN_REQUIRE_CLUSTER",),
+    # the emulated cluster (docs/cluster.md) sets OMP_NUM_THREADS=1 on its ranks when unset
+    "omp_num_threads": ("OMP_NUM_THREADS",),
     # variables of the sbatch templates (slurm/README.md); not training options
     "slurm_launcher": ("MPITRAIN_LAUNCHER",),
     "slurm_srun_mpi": ("MPITRAIN_SRUN_MPI",),
@@ -76,10 +79,30 @@ def get(
     return default
 
 
-def get_int(key: str, environ: Mapping[str, str] | None = None) -> int | None:
-    """Return a table key as an int, or None when unset."""
+def get_int(
+    key: str, environ: Mapping[str, str] | None = None, *, minimum: int = 0
+) -> int | None:
+    """Return a table key as an int (``>= minimum``), or None when unset.
+
+    Raises:
+        ConfigError: the variable is not a plain decimal integer in range (names it).
+    """
+    from mpitrain.errors import ConfigError, with_hint
+
     value = get(key, environ=environ)
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < minimum:
+        src = os.environ if environ is None else environ
+        name = next((n for n in TABLE[key] if src.get(n)), TABLE[key][0])
+        raise ConfigError(
+            with_hint(
+                f"environment variable {name}={value!r} is not an integer >= {minimum}",
+                f"set {name} to a whole number or unset it",
+            )
+        )
+    return int(text)
 
 
 def config_vars(environ: Mapping[str, str] | None = None) -> dict[str, str]:

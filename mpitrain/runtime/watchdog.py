@@ -1,4 +1,9 @@
-"""Hang watchdog: abort the job, naming the late ranks, when a step takes too long.
+"""Hang watchdog: abort the job, naming the late ranks, when a step or phase takes too long.
+
+Steps are timed against ``timeout`` (``--hang-timeout``). Phases that do I/O (opening the
+data, loading the checkpoint to resume from, writing a checkpoint) are timed separately
+against the longer ``io_timeout`` (``--io-timeout``), so a slow but healthy checkpoint write
+is not killed as a hung step; the report names the phase that stalled.
 
 Every rank runs a daemon thread. When this rank's step has been armed for longer than the
 timeout, the thread prints this rank's Python stacks (faulthandler, all threads) and its
@@ -14,13 +19,14 @@ The thread keeps running while the main thread sleeps in Python or blocks inside
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import socket
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -136,13 +142,17 @@ class Watchdog:
         clock: Callable[[], float] = time.monotonic,
         abort: Callable[[int], None] | None = None,
         poll: float | None = None,
+        io_timeout: float | None = None,
     ) -> None:
         """Wrap an already duplicated ``comm``; use :meth:`create` (it dups and starts)."""
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout = float(timeout)
-        self.enabled = self.timeout > 0
+        self.io_timeout = float(io_timeout) if io_timeout is not None else self.timeout
+        self.enabled = self.timeout > 0 or self.io_timeout > 0
+        self.phase = "step"  # what the armed timer times: "step" or an I/O phase's name
+        self.limit = self.timeout
         self.mpi_in_thread = True  # create() checks the thread level
         self.grace = grace if grace is not None else min(5.0, max(1.0, self.timeout / 2))
         self.clock = clock
@@ -170,16 +180,21 @@ class Watchdog:
         clock: Callable[[], float] = time.monotonic,
         abort: Callable[[int], None] | None = None,
         poll: float | None = None,
+        io_timeout: float | None = None,
     ) -> Watchdog:
         """Collective: duplicate ``comm`` for the watchdog's traffic and start its thread.
 
-        ``timeout <= 0`` turns the watchdog off (the duplicate is still made, so every rank
-        performs the same collectives). Below ``MPI_THREAD_MULTIPLE`` the thread makes no MPI
-        calls except the final ``Abort``: each rank then reports only its own state.
+        ``io_timeout`` limits the phases armed with :meth:`guard` ``(io=True)`` (default: the
+        step ``timeout``). Both ``<= 0`` turn the watchdog off (the duplicate is still made,
+        so every rank performs the same collectives). Below ``MPI_THREAD_MULTIPLE`` the thread
+        makes no MPI calls except the final ``Abort``: each rank then reports only its own state.
         """
         from mpi4py import MPI
 
-        dog = cls(comm.Dup(), timeout, grace=grace, clock=clock, abort=abort, poll=poll)
+        dog = cls(
+            comm.Dup(), timeout, grace=grace, clock=clock, abort=abort, poll=poll,
+            io_timeout=io_timeout,
+        )
         dog.mpi_in_thread = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         if not dog.mpi_in_thread and dog.rank == 0 and dog.enabled:
             sys.stderr.write(
@@ -190,15 +205,35 @@ class Watchdog:
             dog._thread.start()
         return dog
 
+    @classmethod
+    def off(cls, comm: MPI.Intracomm) -> Watchdog:
+        """Return a watchdog that never fires and starts no thread (not collective)."""
+        return cls(comm, 0.0, io_timeout=0.0)
+
     # --- called by the training loop (main thread) ---
     def step_started(self, step: int) -> None:
-        """Arm the timer for ``step``."""
+        """Arm the timer for ``step`` (the step limit)."""
         self.step = step
-        if not self.enabled:
+        self._arm("step", self.timeout)
+
+    def _arm(self, phase: str, limit: float) -> None:
+        self.phase, self.limit = phase, limit
+        if not self.enabled or limit <= 0:
+            self.deadline = None
             return
         now = self.clock()
         self.started_at = now
-        self.deadline = now + self.timeout
+        self.deadline = now + limit
+
+    @contextlib.contextmanager
+    def guard(self, phase: str, *, io: bool = False) -> Iterator[None]:
+        """Time ``phase`` (outside a step) against the I/O limit (``io``) or the step limit."""
+        self._arm(phase, self.io_timeout if io else self.timeout)
+        self.enter(phase, 0)
+        try:
+            yield
+        finally:
+            self.step_done()
 
     def step_done(self) -> None:
         """Disarm the timer."""
@@ -259,9 +294,10 @@ class Watchdog:
         out = sys.stderr
         started = self.started_at
         if started is not None:
+            what = f"step {self.step}" if self.phase == "step" else self.phase
             out.write(
-                f"rank {self.rank}: watchdog: step {self.step} has run "
-                f"{self.clock() - started:.1f} s (limit {self.timeout:g} s)\n"
+                f"rank {self.rank}: watchdog: {what} has run "
+                f"{self.clock() - started:.1f} s (limit {self.limit:g} s)\n"
             )
         else:
             out.write(f"rank {self.rank}: watchdog: between steps (last step {self.step})\n")
@@ -280,11 +316,13 @@ class Watchdog:
 
     def _fire(self, initiator: bool) -> None:
         self.fired.set()
-        why = (
-            f"step not done within {self.timeout:g} s"
-            if initiator
-            else "another rank's watchdog fired"
-        )
+        if not initiator:
+            why = "another rank's watchdog fired"
+        elif self.phase == "step":
+            why = f"step not done within {self.limit:g} s (--hang-timeout)"
+        else:
+            limit = "--io-timeout" if self.limit == self.io_timeout else "--hang-timeout"
+            why = f"{self.phase} not done within {self.limit:g} s ({limit})"
         self._dump(why)
         if not self.mpi_in_thread:
             sys.stderr.write(f"watchdog rank {self.rank}: aborting the job (exit 1)\n")

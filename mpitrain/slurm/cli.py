@@ -7,13 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from mpitrain.errors import ConfigError
+from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime.files import write_atomic
 from mpitrain.slurm.render import (
     LAUNCHERS,
     REQUEUE,
     SRUN_MPI,
     RenderOptions,
+    find_template,
     list_templates,
     render,
 )
@@ -75,8 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--grid", type=Path, help="sweep: TOML or CSV grid, one array task per run")
     r.add_argument("--sweep-dir", help="sweep: parent of the task-N run directories")
     r.add_argument("--array-parallel", type=int, help="sweep: at most this many tasks at once")
+    r.add_argument(
+        "--max-array-size",
+        type=int,
+        default=d.max_array_size,
+        help="sweep: refuse grids with more runs (Slurm's MaxArraySize; default %(default)s)",
+    )
     r.add_argument("--output", "-o", type=Path, help="write the script here (default: stdout)")
     return parser
+
+
+def _check_output(output: Path | None, template: str, grid: Path | None) -> None:
+    """Refuse an --output that is one of the command's own inputs (it would be replaced)."""
+    if output is None:
+        return
+    inputs = [p for p in (grid, find_template(template)) if p is not None]
+    for path in inputs:
+        try:
+            same = output.exists() and os.path.samefile(output, path)
+        except OSError:
+            same = False
+        if same:
+            raise ConfigError(
+                with_hint(
+                    f"--output {str(output)!r} is the input {str(path)!r}: "
+                    "writing would replace it",
+                    "write the script to another file",
+                )
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -112,10 +139,12 @@ def main(argv: list[str]) -> int:
         grid=ns.grid,
         sweep_dir=ns.sweep_dir,
         array_parallel=ns.array_parallel,
+        max_array_size=ns.max_array_size,
         train_args=train_args,
     )
     try:
         text = render(ns.template, opts)
+        _check_output(ns.output, ns.template, ns.grid)
     except ConfigError as exc:
         sys.stderr.write(f"mpitrain slurm: error: {exc}\n")
         return exc.exit_code

@@ -1,10 +1,12 @@
 """Render the sbatch templates: validate every value, shell-quote everything that is data.
 
 Templates use ``@@{name}`` placeholders (a :class:`string.Template` with delimiter ``@@``)
-so the shell's own ``$`` syntax passes through untouched. Values that land on ``#SBATCH``
-lines are checked against strict patterns (sbatch parses those lines itself, not the shell);
-values that land in shell code go through :func:`shlex.quote`. The one exception is
-``env_setup``: it is shell code the user writes, inserted verbatim in a marked block.
+so the shell's own ``$`` syntax passes through untouched. No value may hold a control
+character (newlines included). Values that land on ``#SBATCH`` lines must match strict
+patterns in full (sbatch parses those lines itself, not the shell); values that land in shell
+code go through :func:`shlex.quote`; training flags are parsed as the trainer will parse them.
+The one exception is ``env_setup``: shell code the user writes, inserted verbatim in a marked
+block.
 """
 
 from __future__ import annotations
@@ -18,30 +20,34 @@ from importlib import resources
 from pathlib import Path
 
 from mpitrain.errors import ConfigError, with_hint
-from mpitrain.slurm.grid import load_grid
+from mpitrain.slurm.args import (
+    MANAGED,
+    SWEEP_MANAGED,
+    bad_character,
+    check_text,
+    check_train_args,
+)
+from mpitrain.slurm.grid import MAX_ARRAY_SIZE, load_grid
 
 TEMPLATE_SUFFIX = ".sbatch"
 LAUNCHERS = ("srun", "mpirun")
 SRUN_MPI = ("pmi2", "pmix", "pmix_v3", "pmix_v4", "pmix_v5", "cray_shasta", "none")
 REQUEUE = ("scontrol", "sbatch", "none")
-#: training flags the training templates manage themselves
-MANAGED_FLAGS = {
-    "--checkpoint-dir": "use the renderer's --checkpoint-dir",
-    "--resume": "the script adds --resume auto after a requeue",
-}
-SWEEP_FLAGS = {
-    "--run-dir": "each array task gets SWEEP_DIR/task-N (--sweep-dir)",
-    "--summary-json": "each task writes SWEEP_DIR/task-N/summary.json",
-}
+#: Slurm's largest MaxArraySize
+ARRAY_SIZE_LIMIT = 4_000_001
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-_NAME_LIST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}(,[A-Za-z0-9][A-Za-z0-9_.+-]{0,127})*$")
-# minutes | min:sec | h:min:sec | d-h | d-h:min | d-h:min:sec  (sbatch --time)
+# every pattern is matched in full (fullmatch: a trailing newline does not pass)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+_NAME_LIST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}(,[A-Za-z0-9][A-Za-z0-9_.+-]{0,127})*")
 NO_ENV_SETUP = "# (none given: the job inherits the submitting shell's environment)"
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-_LOG = re.compile(r"^[A-Za-z0-9_.%+/-]{1,255}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_CODE_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # code may hold tabs and newlines
+# minutes | min:sec | h:min:sec | d-h | d-h:min | d-h:min:sec  (sbatch --time); ASCII digits
+_TIME = re.compile(r"(?:([0-9]{1,5})-)?([0-9]{1,7})(?::([0-9]{1,2}))?(?::([0-9]{1,2}))?")
+_LOG = re.compile(r"[A-Za-z0-9_.%+/-]{1,255}")
+#: options whose values are plain text (shell-quoted), checked for control characters
+_TEXT = ("python", "checkpoint_dir", "sweep_dir")
+#: options whose values must not start with '-' (they follow an option of srun/mpirun/the
+#: trainer, which would read them as one of their own)
+_NO_DASH = {"python": "srun/mpirun", "checkpoint_dir": "the trainer", "sweep_dir": "the trainer"}
 
 
 class _Template(string.Template):
@@ -74,6 +80,7 @@ class RenderOptions:
     grid: Path | None = None
     sweep_dir: str | None = None
     array_parallel: int | None = None
+    max_array_size: int = MAX_ARRAY_SIZE
     train_args: list[str] = field(default_factory=list)
 
 
@@ -89,6 +96,9 @@ def list_templates() -> list[str]:
 
 def find_template(name: str) -> Path:
     """Return a packaged template by name (with or without .sbatch) or a template file path."""
+    found = bad_character(name)
+    if found is not None:
+        raise ConfigError(with_hint(f"template name {name!r} has {found}", "remove it"))
     path = Path(name)
     if path.is_file() and (path.suffix == TEMPLATE_SUFFIX or "/" in name):
         return path
@@ -105,13 +115,15 @@ def _bad(option: str, value: object, hint: str) -> ConfigError:
     return ConfigError(with_hint(f"--{option.replace('_', '-')} {value!r} is not valid", hint))
 
 
-def _check_int(option: str, value: int | None, low: int, high: int = 1 << 20) -> None:
-    if value is not None and (isinstance(value, bool) or not low <= value <= high):
+def _check_int(option: str, value: object, low: int, high: int = 1 << 20) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _bad(option, value, f"give an integer from {low} to {high}")
 
 
 def _check_time(value: str) -> None:
-    m = _TIME.match(value)
+    m = _TIME.fullmatch(value)
     ok = m is not None
     if m is not None:
         days, first, second, third = m.groups()
@@ -128,9 +140,35 @@ def _check_time(value: str) -> None:
         )
 
 
-def _check_text(option: str, value: str, *, code: bool = False) -> None:
-    if (_CODE_CONTROL if code else _CONTROL).search(value):
-        raise _bad(option, value, "remove newlines and control characters")
+def _check_text(option: str, value: object, *, code: bool = False) -> None:
+    if not isinstance(value, str):
+        raise _bad(option, value, "give a string")
+    check_text(f"--{option.replace('_', '-')}", value, code=code)
+
+
+def _check_train_words(words: object) -> list[str]:
+    """Check that the training arguments are strings without control characters."""
+    if not isinstance(words, list | tuple):
+        raise ConfigError(with_hint(f"training arguments {words!r} are not a list", "fix it"))
+    for i, word in enumerate(words):
+        if not isinstance(word, str):
+            raise ConfigError(
+                with_hint(f"training argument {i} ({word!r}) is not a string", "pass strings")
+            )
+        after = f" (after {words[i - 1]!r})" if i and not word.startswith("-") else ""
+        check_text(f"training argument{after}", word)
+    return list(words)
+
+
+def _check_strings(opts: RenderOptions) -> None:
+    """Refuse a control character in any string option, before any pattern is tried."""
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name == "env_setup":
+            _check_text(f.name, value, code=True)
+        elif f.type in ("str", "str | None") and value is not None:
+            _check_text(f.name, value)
+    _check_train_words(opts.train_args)
 
 
 def validate(template: str, opts: RenderOptions) -> RenderOptions:
@@ -141,45 +179,33 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
     """
     gpu = "gpu" in template
     sweep = template.startswith("sweep")
+    _check_strings(opts)
     for name in ("nodes", "cpus_per_task", "ntasks_per_node", "gpus_per_node", "array_parallel"):
         _check_int(name, getattr(opts, name), 1)
     _check_int("preempt_seconds", opts.preempt_seconds, 0, 65535)
     _check_int("max_restarts", opts.max_restarts, 0, 1000)
+    _check_int("max_array_size", opts.max_array_size, 1, ARRAY_SIZE_LIMIT)
     _check_time(opts.time)
-    if not _NAME.match(opts.job_name):
+    if not _NAME.fullmatch(opts.job_name):
         raise _bad("job_name", opts.job_name, "use letters, digits and _ . + - (no spaces, quotes)")
-    if opts.account is not None and not _NAME.match(opts.account):
+    if opts.account is not None and not _NAME.fullmatch(opts.account):
         raise _bad("account", opts.account, "use letters, digits and _ . + -")
-    if opts.partition is not None and not _NAME_LIST.match(opts.partition):
+    if opts.partition is not None and not _NAME_LIST.fullmatch(opts.partition):
         raise _bad("partition", opts.partition, "use letters, digits and _ . + - (comma-separated)")
-    if not _LOG.match(opts.log) or ".." in opts.log.split("/"):
+    if not _LOG.fullmatch(opts.log) or ".." in opts.log.split("/"):
         raise _bad("log", opts.log, "use letters, digits, _ . % + - and / (e.g. logs/%x-%j.out)")
     for name, choices in (("launcher", LAUNCHERS), ("srun_mpi", SRUN_MPI), ("requeue", REQUEUE)):
         if getattr(opts, name) not in choices:
             raise _bad(name, getattr(opts, name), f"pick one of {', '.join(choices)}")
-    _check_text("env_setup", opts.env_setup, code=True)
-    for name in ("python", "checkpoint_dir", "sweep_dir"):
+    for name in _TEXT:
         value = getattr(opts, name)
-        if value is not None:
-            _check_text(name, value)
-            if not value:
-                raise _bad(name, value, "give a non-empty value")
-    for arg in opts.train_args:
-        if _CONTROL.search(arg):
-            raise ConfigError(
-                with_hint(f"training argument {arg!r} has a control character", "remove it")
-            )
-    managed = dict(MANAGED_FLAGS, **(SWEEP_FLAGS if sweep else {}))
-    if template.startswith("preprocess"):
-        managed = {}
-    for arg in opts.train_args:
-        flag = arg.split("=", 1)[0]
-        # argparse also accepts unambiguous prefixes (--resum): refuse those too
-        hits = [m for m in managed if len(flag) >= 5 and m.startswith(flag)]
-        if hits:
-            raise ConfigError(
-                with_hint(f"training argument '{flag}' is set by the template", managed[hits[0]])
-            )
+        if value is not None and not value:
+            raise _bad(name, value, "give a non-empty value")
+        if value is not None and value.startswith("-"):
+            hint = f"{_NO_DASH[name]} would read it as an option: write ./{value}"
+            raise _bad(name, value, hint)
+    if not template.startswith("preprocess"):  # preprocess runs data_tools, not the trainer
+        check_train_args(opts.train_args, "training arguments", SWEEP_MANAGED if sweep else MANAGED)
     if gpu:
         gpus = opts.gpus_per_node or 1
         tasks = opts.ntasks_per_node or gpus
@@ -222,7 +248,7 @@ def render_text(text: str, template: str, opts: RenderOptions) -> str:
     opts = validate(template, opts)
     directives = [f"#SBATCH --partition={opts.partition}"] if opts.partition else []
     directives += [f"#SBATCH --account={opts.account}"] if opts.account else []
-    tasks = load_grid(opts.grid) if opts.grid is not None else []
+    tasks = load_grid(opts.grid, max_tasks=opts.max_array_size) if opts.grid is not None else []
     array = f"0-{len(tasks) - 1}" + (f"%{opts.array_parallel}" if opts.array_parallel else "")
     values = {
         "job_name": opts.job_name,
@@ -266,4 +292,14 @@ def render_text(text: str, template: str, opts: RenderOptions) -> str:
 def render(template: str, opts: RenderOptions) -> str:
     """Render a packaged template (or a template file) and return the script text."""
     path = find_template(template)
-    return render_text(path.read_text(), path.name, opts)
+    try:
+        text = path.read_bytes().decode()
+    except OSError as exc:
+        raise ConfigError(
+            with_hint(f"template {str(path)!r}: {exc.strerror or exc}", "check the path")
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            with_hint(f"template {str(path)!r} is not UTF-8 text", "pass an sbatch template")
+        ) from None
+    return render_text(text, path.name, opts)

@@ -37,7 +37,8 @@ def collect(directory: Path, metric: str) -> tuple[list[Result], list[str]]:
     """Read ``DIR/*/summary.json``; return results and the names of dirs without a summary.
 
     Raises:
-        ConfigError: DIR missing, or a summary that is not valid JSON.
+        ConfigError: DIR missing, or a summary that is not a UTF-8 JSON object (with an
+            object or nothing under "config").
     """
     if not directory.is_dir():
         raise ConfigError(
@@ -50,14 +51,29 @@ def collect(directory: Path, metric: str) -> tuple[list[Result], list[str]]:
         if not path.is_file():
             missing.append(sub.name)
             continue
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                with_hint(f"summary '{path}' is unreadable: {exc}", "delete it or rerun the task")
-            ) from None
+        summary = _read_summary(path)
         results.append(Result(sub.name, summary, _score(summary, metric)))
     return results, missing
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    hint = "delete it or rerun the task"
+    try:
+        doc = json.loads(path.read_bytes().decode())
+    except UnicodeDecodeError:
+        raise ConfigError(with_hint(f"summary {str(path)!r} is not UTF-8 text", hint)) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ConfigError(
+            with_hint(f"summary {str(path)!r} is unreadable: {reason}", hint)
+        ) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            with_hint(f"summary {str(path)!r} is not a JSON object ({type(doc).__name__})", hint)
+        )
+    if not isinstance(doc.get("config") or {}, dict):
+        raise ConfigError(with_hint(f"summary {str(path)!r}: 'config' is not a JSON object", hint))
+    return doc
 
 
 def rank(results: list[Result], *, lower_is_better: bool) -> list[Result]:
@@ -143,7 +159,14 @@ def main(argv: list[str]) -> int:
         print(f"{name}: no summary.json (still running, failed or preempted)")
     if ns.json is not None:
         doc = [{"task": r.name, ns.metric: r.score, "summary": r.summary} for r in ranked]
-        write_atomic(ns.json, (json.dumps(doc, indent=2) + "\n").encode())
+        try:
+            write_atomic(ns.json, (json.dumps(doc, indent=2) + "\n").encode())
+        except OSError as exc:
+            sys.stderr.write(
+                f"mpitrain sweep-summary: error: cannot write {str(ns.json)!r}: "
+                f"{exc.strerror or exc}\n"
+            )
+            return 1
     if not ranked:
         sys.stderr.write(f"mpitrain sweep-summary: no finished task under '{ns.directory}'\n")
         return 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
-from mpitrain.errors import CommError, with_hint
+from mpitrain.errors import CommError, ConfigError, with_hint
 from mpitrain.runtime import env
 
+_COUNT = re.compile(r"[0-9]{1,9}")
 #: fact name -> env TABLE key
 FACTS: dict[str, str] = {
     "job_id": "slurm_job_id",
@@ -35,6 +37,10 @@ def check_slurm_world(world_size: int, environ: Mapping[str, str] | None = None)
 
     Checked only inside a job step launched by srun itself: under ``mpirun`` inside the
     allocation, Slurm's task count describes mpirun's proxies, not the MPI ranks.
+
+    Raises:
+        CommError: the world size differs from the task count.
+        ConfigError: the task count is not a whole number (every rank reads the same value).
     """
     if env.get("slurm_step_id", environ=environ) is None:
         return
@@ -45,10 +51,15 @@ def check_slurm_world(world_size: int, environ: Mapping[str, str] | None = None)
     raw = env.get("slurm_ntasks", environ=environ)
     if raw is None:
         return
-    try:
-        ntasks = int(raw)
-    except ValueError:
-        return
+    if not _COUNT.fullmatch(raw):  # int() would take ' 4', '+4', '1_0' and non-ASCII digits
+        names = " or ".join(env.TABLE["slurm_ntasks"])
+        raise ConfigError(
+            with_hint(
+                f"Slurm's task count {names} = {raw!r} is not a whole number",
+                "it is set by srun: do not set it yourself, or unset it before srun",
+            )
+        )
+    ntasks = int(raw)
     if ntasks == world_size:
         return
     procid = env.get("slurm_procid", environ=environ)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
+from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.state import LoopState, rng_state, set_rng_state
@@ -47,14 +48,14 @@ class Trainer:
     """Run epochs of synchronous data-parallel training on one rank (collective throughout)."""
 
     def __init__(
-        self, cfg: TrainConfig, world: World, parts: Parts, *, watchdog: Any | None = None
+        self, cfg: TrainConfig, world: World, parts: Parts, *, watchdog: Watchdog | None = None
     ) -> None:
         self.cfg = cfg
         self.world = world
         self.comm: MPI.Intracomm = world.comm
         self.p = parts
         self.state = LoopState()
-        self.watchdog = watchdog
+        self.watchdog = watchdog if watchdog is not None else Watchdog.off(world.comm)
         self._grad_bytes = sum(
             p.numel() * p.element_size() for p in parts.model.module.parameters() if p.requires_grad
         )
@@ -95,7 +96,10 @@ class Trainer:
         for key in ("loss_sum", "correct", "seen"):
             loop.pop(key)
         return {
-            "format": 1,
+            "format": ckpt.FORMAT,
+            "run_id": self.cfg.run_id,  # whose checkpoint this is (checkpoint.plan_run)
+            "saved_at": ckpt.now_iso(),
+            "step": self.state.step,
             "mpitrain_version": __version__,
             "world_size": self.world.size,
             "config": self.cfg.to_dict(),
@@ -136,30 +140,23 @@ class Trainer:
                 self.state.seen = sum(r["seen"] for r in ranks)
             torch.manual_seed(self.cfg.seed + 1000 * self.world.rank + self.state.step)
 
-    @contextlib.contextmanager
-    def _guarded(self, phase: str) -> Iterator[None]:
-        """Arm the hang watchdog around a collective phase outside the step (eval, save)."""
-        if self.watchdog is None:
-            yield
-            return
-        self.watchdog.step_started(self.state.step)
-        self.watchdog.enter(phase, 0)
-        try:
-            yield
-        finally:
-            self.watchdog.step_done()
-
     def save(self) -> Path:
-        """Collective: write a checkpoint of the current step."""
+        """Collective: write a checkpoint of the current step, as a file of this run."""
         assert self.cfg.checkpoint_dir is not None
-        with self._guarded("checkpoint"):
+        directory = Path(self.cfg.checkpoint_dir)
+        run_id = self.cfg.run_id
+        if run_id is None:  # not planned up front (train.run.resume_if_asked): claim it now
+            run_id = ckpt.plan_run(self.comm, None, directory).run_id
+            self.cfg = self.cfg.replace(run_id=run_id)
+        with self.watchdog.guard("checkpoint save", io=True):
             state = self.state_dict()
             path = ckpt.save_collective(
                 self.comm,
                 state,
-                Path(self.cfg.checkpoint_dir),
+                directory,
                 self.state.step,
                 self.cfg.keep_last,
+                run_id=run_id,
             )
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = self.state.step
@@ -209,8 +206,7 @@ class Trainer:
         ):
             time.sleep(self.cfg.straggler_ms / 1000.0)
         t0 = time.perf_counter()
-        if self.watchdog is not None:
-            self.watchdog.enter("gradient all-reduce", self._grad_bytes)
+        self.watchdog.enter("gradient all-reduce", self._grad_bytes)
         model.synchronize()
         self.comm_wait += time.perf_counter() - t0
         if self.p.scaler is not None:
@@ -256,8 +252,7 @@ class Trainer:
                 sums[1] += float(((logits.argmax(1) == y).double() * mask).sum())
                 sums[2] += float(mask.sum())
         model.train()
-        if self.watchdog is not None:
-            self.watchdog.enter("eval all-reduce", sums.nbytes)
+        self.watchdog.enter("eval all-reduce", sums.nbytes)
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         n = max(sums[2], 1.0)
         return {
@@ -275,8 +270,7 @@ class Trainer:
             if time.monotonic() - self._last_ckpt_time >= 60.0 * minutes:
                 bits |= 2
                 self._last_ckpt_time = time.monotonic()  # asked once, even when agreed late
-        if self.watchdog is not None:
-            self.watchdog.enter("step agreement", 4)
+        self.watchdog.enter("step agreement", 4)
         agreed = self.agreement.exchange(bits)
         return bool(agreed & 1), bool(agreed & 2)
 
@@ -344,8 +338,7 @@ class Trainer:
                 micro = self._micro_batches(it)
                 if not micro:
                     break
-                if self.watchdog is not None:
-                    self.watchdog.step_started(st.step)
+                self.watchdog.step_started(st.step)
                 loss = self._step(micro)
                 st.step += 1
                 n_global = sum(int(b.mask.sum()) for b in micro) * self.world.size
@@ -370,8 +363,7 @@ class Trainer:
                         record.update(self.p.model.metrics())
                     self.metrics.write(record)
                 stop_now, time_due = self._flags()
-                if self.watchdog is not None:
-                    self.watchdog.step_done()
+                self.watchdog.step_done()
                 steps_due = cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0
                 if stop_now:
                     self.agreement.drain()
@@ -380,9 +372,13 @@ class Trainer:
                 if stop_now:
                     if self.world.rank == 0:
                         sig = self.preempt.received
+                        saved = "no checkpoint written (no --checkpoint-dir)"
+                        if cfg.checkpoint_dir and self.last_saved_step == st.step:
+                            where = ckpt.checkpoint_path(Path(cfg.checkpoint_dir), st.step)
+                            saved = f"checkpoint saved to {where}"
                         print_line(
                             f"mpitrain: preempted ({sig.name if sig else 'signal on another rank'})"
-                            f" at step {st.step}; checkpoint saved, exiting {PREEMPTED_EXIT_CODE}"
+                            f" at step {st.step}; {saved}, exiting {PREEMPTED_EXIT_CODE}"
                         )
                     return PREEMPTED_EXIT_CODE
                 if cfg.max_steps and st.step >= cfg.max_steps:
@@ -391,15 +387,16 @@ class Trainer:
             del it
             bar.close()
             st.mid_epoch = False
-            with self._guarded("end of epoch: metrics and evaluation"):
+            with self.watchdog.guard("end of epoch: metrics and evaluation"):
                 self._epoch_end(
                     st.epoch,
                     st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start,
                 )
             st.epoch += 1
-        self.agreement.drain()  # late agreements of the last steps: the run is done anyway
-        if stop and not st.last_eval:
-            st.last_eval = self.evaluate()
+        with self.watchdog.guard("end of training: last agreements and final evaluation"):
+            self.agreement.drain()  # late agreements of the last steps: the run is done anyway
+            if stop and not st.last_eval:
+                st.last_eval = self.evaluate()
         if cfg.checkpoint_dir and self.last_saved_step != st.step:
             self.save()  # the final model, also what a resumed finished run starts from
         return 0

@@ -16,6 +16,7 @@ from mpitrain.config import TrainConfig, add_arguments, resolve
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.preempt import PreemptFlag, parse_signals
 from mpitrain.runtime.collective import agree
+from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.runtime.world import World
 from mpitrain.slurm.world import check_slurm_world
 from mpitrain.train.loop import Parts, Trainer
@@ -30,7 +31,8 @@ DESCRIPTION = """\
 Train a PyTorch model data-parallel across MPI ranks:  mpiexec -n N python -m mpitrain [options]
 With no options it trains an MLP on scikit-learn's handwritten digits (cached as HDF5 shards).
 Options also come from MPITRAIN_<NAME> variables and --config FILE (TOML); flags win.
-Other commands: doctor, bench, plot, slurm, sweep-summary (python -m mpitrain COMMAND --help).
+Other commands: doctor, bench, plot, slurm, sweep-summary, cluster
+(python -m mpitrain COMMAND --help).
 """
 
 
@@ -178,70 +180,100 @@ def build_parts(
     return Parts(model, optimizer, scheduler, train_loader, test_loader, device, scaler)
 
 
-def resume_if_asked(cfg: TrainConfig, trainer: Trainer) -> None:
-    """Collective: load the checkpoint named by --resume and check all ranks agree on it."""
-    if cfg.resume is None:
-        return
+def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> None:
+    """Collective: take the run's id from ``plan``, then load the checkpoint it names, if any.
+
+    ``plan`` comes from :func:`mpitrain.checkpoint.plan_run`, called before any data is opened:
+    a fresh run in a --checkpoint-dir that holds checkpoints, or a resumed one in a directory
+    of another run, is refused there on every rank.
+    """
     directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    path = ckpt.resolve_resume(trainer.comm, cfg.resume, directory)
-    if path is None:
-        if trainer.world.rank == 0:
-            log.info("no checkpoint in %s: starting fresh", directory)
+    trainer.cfg = trainer.cfg.replace(run_id=plan.run_id)
+    info = plan.resume_from
+    if info is None:
+        if trainer.world.rank == 0 and cfg.resume is not None:
+            log.info("no usable checkpoint in %s: run %s starts fresh", directory, plan.run_id)
+        elif trainer.world.rank == 0 and directory is not None:
+            log.info("run %s: checkpoints go to %s", plan.run_id, directory)
         return
-    state = agree(trainer.comm, lambda: ckpt.load(path))
+    state = agree(trainer.comm, lambda: ckpt.load_of_run(info, plan.run_id))
     trainer.load_state_dict(state)
+    if directory is not None and info.path.resolve().parent == directory.resolve():
+        trainer.last_saved_step = trainer.state.step  # that file is there: not written again
     identical = getattr(trainer.p.model, "replicas_identical", None)
     if identical is None or identical():
         digest = ckpt.state_digest(trainer.p.model.module, trainer.p.optimizer)
-        ckpt.check_same_everywhere(trainer.comm, digest, f"loading '{path}'")
+        ckpt.check_same_everywhere(trainer.comm, digest, f"loading '{info.path}'")
     # local SGD between averages: each rank restored its own saved model, which differ by design
     if trainer.world.rank == 0:
+        run = info.run_id or f"unknown (format 1), continued as {plan.run_id}"
         print_line(
-            f"mpitrain: resumed from {path} (step {trainer.state.step}, "
-            f"saved by {state['world_size']} ranks, now {trainer.world.size})"
+            f"mpitrain: resumed from {info.path} (step {trainer.state.step}, run {run}, "
+            f"{info.when}; saved by {state['world_size']} ranks, now {trainer.world.size})"
         )
 
 
-def main(argv: list[str], comm: MPI.Intracomm, *, ps_link: Any = None) -> int:
+def main(
+    argv: list[str],
+    comm: MPI.Intracomm,
+    *,
+    ps_link: Any = None,
+    preempt: PreemptFlag | None = None,
+) -> int:
     """Collective: run the train command on ``comm``; returns the process exit code.
 
     With ``--exchange param-server`` the last ``--servers`` ranks serve parameters and the
     others run this function again on a workers-only communicator (``ps_link`` set).
+    ``preempt`` is the flag the entry point installed at process start (so a signal during
+    start-up, data loading or resume is recorded, not fatal); a new one is installed if None.
     """
     t_start = time.perf_counter()
     cfg = parse_config(argv)
+    flag = preempt if preempt is not None else PreemptFlag([]).install()
+    flag.switch(parse_signals(cfg.preempt_signals))
     world = World.create(comm)
     check_slurm_world(world.size)  # srun without PMI starts N worlds of size 1: say so
     if cfg.exchange == "param-server" and ps_link is None:
         from mpitrain.grad.modes.param_server import run_param_server
         from mpitrain.train.optim import build_optimizer
 
-        return run_param_server(
-            cfg,
-            world,
-            lambda wcomm, link: main(argv, wcomm, ps_link=link),
-            lambda params: build_optimizer(cfg, params, 1),
-        )
+        try:
+            return run_param_server(
+                cfg,
+                world,
+                lambda wcomm, link: main(argv, wcomm, ps_link=link, preempt=flag),
+                lambda params: build_optimizer(cfg, params, 1),
+                flag,
+            )
+        finally:
+            flag.uninstall()
     setup_logging(world.rank, cfg.log_level)
+    # before any data is opened: refuse another run's checkpoint directory on every rank
+    plan = ckpt.plan_run(world.comm, cfg.resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
+                         else None)
     device = choose_device(cfg, world)
-    parts = build_parts(cfg, world, device, ps_link)
-    watchdog = _make_watchdog(world, cfg)
-    trainer = Trainer(cfg, world, parts, watchdog=watchdog)
-    resume_if_asked(cfg, trainer)
-    preempt = PreemptFlag(parse_signals(cfg.preempt_signals)).install()
-    if world.rank == 0:
-        log.info(
-            "%s; %d ranks on %d node(s); device %s", cfg.model, world.size, world.num_nodes, device
-        )
+    watchdog = Watchdog.create(world.comm, cfg.hang_timeout, io_timeout=cfg.io_timeout)
     try:
-        code = trainer.fit(preempt)
+        with watchdog.guard("opening the data and building the model", io=True):
+            parts = build_parts(cfg, world, device, ps_link)
+        trainer = Trainer(cfg, world, parts, watchdog=watchdog)
+        with watchdog.guard("resume: loading the checkpoint", io=True):
+            resume_if_asked(cfg, trainer, plan)
+        if world.rank == 0:
+            log.info(
+                "%s; %d ranks on %d node(s); device %s",
+                cfg.model, world.size, world.num_nodes, device,
+            )
+        try:
+            code = trainer.fit(flag)
+        finally:
+            trainer.metrics.close()
     finally:
-        preempt.uninstall()
-        trainer.metrics.close()
-        if watchdog is not None:
-            watchdog.close()
+        flag.uninstall()
+        watchdog.close()
     if code != 0:
         return code
+    cfg = trainer.cfg  # with the run id
     st = trainer.state
     summary = {
         "world_size": world.size,
@@ -264,12 +296,3 @@ def main(argv: list[str], comm: MPI.Intracomm, *, ps_link: Any = None) -> int:
         if cfg.run_dir:
             write_summary(Path(cfg.run_dir) / "summary.json", summary)
     return 0
-
-
-def _make_watchdog(world: World, cfg: TrainConfig) -> Any | None:
-    """Collective: start the hang watchdog (None while the module is unavailable)."""
-    try:
-        from mpitrain.runtime.watchdog import Watchdog
-    except ImportError:
-        return None
-    return Watchdog.create(world.comm, cfg.hang_timeout)

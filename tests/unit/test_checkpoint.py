@@ -16,7 +16,7 @@ def _state(v: float) -> dict[str, object]:
 
 
 def test_save_load_roundtrip(tmp_path: Path) -> None:
-    path = ckpt.save(_state(1.0), tmp_path, 1, keep_last=3)
+    path = ckpt.save(_state(1.0), tmp_path, 1, keep_last=3, run_id="r")
     assert ckpt.verify(path) is None
     assert (tmp_path / "latest").read_text().strip() == path.name
     loaded = ckpt.load(path)
@@ -26,7 +26,7 @@ def test_save_load_roundtrip(tmp_path: Path) -> None:
 
 def test_keep_last_prunes_oldest(tmp_path: Path) -> None:
     for s in range(1, 6):
-        ckpt.save(_state(float(s)), tmp_path, s, keep_last=2)
+        ckpt.save(_state(float(s)), tmp_path, s, keep_last=2, run_id="r")
     names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
     assert names == ["step-000000005.pt", "step-000000004.pt"]
     assert sorted(p.name for p in tmp_path.glob("*.sha256")) == [
@@ -37,8 +37,8 @@ def test_keep_last_prunes_oldest(tmp_path: Path) -> None:
 def test_corrupt_latest_falls_back_with_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ckpt.save(_state(1.0), tmp_path, 1, keep_last=3)
-    newest = ckpt.save(_state(2.0), tmp_path, 2, keep_last=3)
+    ckpt.save(_state(1.0), tmp_path, 1, keep_last=3, run_id="r")
+    newest = ckpt.save(_state(2.0), tmp_path, 2, keep_last=3, run_id="r")
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
@@ -48,7 +48,7 @@ def test_corrupt_latest_falls_back_with_warning(
 
 
 def test_truncated_and_missing_sidecar(tmp_path: Path) -> None:
-    p = ckpt.save(_state(1.0), tmp_path, 1, keep_last=3)
+    p = ckpt.save(_state(1.0), tmp_path, 1, keep_last=3, run_id="r")
     p.write_bytes(p.read_bytes()[:10])
     assert ckpt.verify(p) == "checksum mismatch (truncated or modified)"
     p.with_name(p.name + ".sha256").unlink()

@@ -23,6 +23,7 @@ LAYERS = {
     "mpitrain.horovod": 3,
     "mpitrain.train": 4,
     "mpitrain.slurm": 4,
+    "mpitrain.cluster": 4,
     "mpitrain.doctor": 4,
     "mpitrain.cli": 5,
     "mpitrain.__main__": 5,

@@ -3,6 +3,7 @@ batch script's run/requeue logic executed by bash against stub srun/scontrol/sba
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -147,6 +148,43 @@ def test_rejects_inconsistent_requests(tmp_path: Path) -> None:
     assert cli.main(["render", "train-cpu", "--job-name", "a b"]) == 2
 
 
+def test_train_parser_matches_the_trainers_parser() -> None:
+    from mpitrain.slurm.args import train_parser
+    from mpitrain.train.run import build_parser
+
+    def options(p: argparse.ArgumentParser) -> set[str]:
+        return {s for a in p._actions for s in a.option_strings}
+
+    real, ours = build_parser(), train_parser()
+    assert options(ours) == options(real) and ours.allow_abbrev == real.allow_abbrev
+
+
+def test_train_args_accepted_as_the_trainer_reads_them() -> None:
+    words = ["--config", "run.toml", "--epochs=3", "--no-progress", "--lr", "0.1", "--mod", "cnn"]
+    text = render("train-cpu", RenderOptions(train_args=words))
+    assert "TRAIN_ARGS=(--config run.toml --epochs=3 --no-progress --lr 0.1 --mod cnn)" in text
+    # preprocess runs data_tools, whose flags the trainer's parser does not know
+    render("preprocess", RenderOptions(train_args=["--sklearn", "digits", "--resume", "--"]))
+
+
+def test_output_must_not_overwrite_the_grid_or_template(tmp_path: Path) -> None:
+    grid = tmp_path / "g.toml"
+    grid.write_text("[grid]\nlr = [0.1]\n")
+    assert cli.main(["render", "sweep", "--grid", str(grid), "-o", str(grid)]) == 2
+    assert grid.read_text() == "[grid]\nlr = [0.1]\n"
+    tpl = tmp_path / "mine.sbatch"
+    tpl.write_text((template_dir() / "train-cpu.sbatch").read_text())
+    assert cli.main(["render", str(tpl), "-o", str(tpl)]) == 2
+    assert tpl.read_text() == (template_dir() / "train-cpu.sbatch").read_text()
+
+
+def test_unreadable_template_file_is_a_config_error(tmp_path: Path) -> None:
+    tpl = tmp_path / "bin.sbatch"
+    tpl.write_bytes(b"#!/bin/bash\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        render(str(tpl), RenderOptions())
+
+
 def test_gpu_defaults_one_rank_per_gpu() -> None:
     text = render("train-gpu", RenderOptions(gpus_per_node=4))
     assert "#SBATCH --ntasks-per-node=4\n" in text and "#SBATCH --gpus-per-node=4\n" in text
@@ -170,10 +208,10 @@ def test_grid_toml_product_then_runs() -> None:
 
 def test_grid_csv_and_errors(tmp_path: Path) -> None:
     csv_file = tmp_path / "g.csv"
-    csv_file.write_text("lr,batch_size,run_dir_note\n0.1,32,a b\n0.2,64,$(id)\n")
+    csv_file.write_text("lr,batch_size,data,nesterov\n0.1,32,a b,true\n0.2,64,$(id),no\n")
     assert load_grid(csv_file) == [
-        ["--lr", "0.1", "--batch-size", "32", "--run-dir-note", "a b"],
-        ["--lr", "0.2", "--batch-size", "64", "--run-dir-note", "$(id)"],
+        ["--lr", "0.1", "--batch-size", "32", "--data", "a b", "--nesterov"],
+        ["--lr", "0.2", "--batch-size", "64", "--data", "$(id)", "--no-nesterov"],
     ]
     bad = tmp_path / "bad.csv"
     bad.write_text("lr,seed\n0.1\n")
@@ -184,12 +222,24 @@ def test_grid_csv_and_errors(tmp_path: Path) -> None:
         ("[grid]\nrun_dir = ['x']\n", "set by the sweep"),
         ("[other]\nx = 1\n", r"\[grid\]"),
         ("[grid]\nlr = [{a = 1}]\n", "dict"),
-        ("[grid]\nlr = []\n", "no runs"),
+        ("[grid]\nlr = []\n", "'lr' is an empty list"),
+        ("[grid]\n", "no runs"),
     ]:
         f = tmp_path / "g.toml"
         f.write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_grid(f)
+
+
+def test_grid_values_that_start_with_a_dash_stay_values(tmp_path: Path) -> None:
+    from mpitrain.slurm.args import train_parser
+
+    f = tmp_path / "g.toml"
+    f.write_text("[grid]\ndata = ['--resume']\ntest_split = ['-x', 'y']\n")
+    assert load_grid(f) == [["--data=--resume", "--test-split=-x"], ["--data=--resume",
+                            "--test-split", "y"]]  # fmt: skip
+    ns = train_parser().parse_args(load_grid(f)[0])
+    assert (ns.data, ns.test_split) == ("--resume", "-x")
 
 
 # ---- the rendered script run by bash against stubs (no Slurm needed) ----
@@ -309,6 +359,79 @@ def test_no_requeue_after_crash_or_at_max_restarts(tmp_path: Path) -> None:
     assert rc == 1 and not (d / "srun.argv").exists()
 
 
+# (variable, value): each must stop the job before the launch, never requeue it
+MALFORMED_COUNTERS = [
+    ("MPITRAIN_MAX_RESTARTS", "abc"),
+    ("MPITRAIN_MAX_RESTARTS", "-1"),
+    ("MPITRAIN_MAX_RESTARTS", "1.5"),
+    ("MPITRAIN_MAX_RESTARTS", " 3"),
+    ("MPITRAIN_MAX_RESTARTS", "3 "),
+    ("MPITRAIN_MAX_RESTARTS", ""),
+    ("MPITRAIN_MAX_RESTARTS", "0x10"),
+    ("MPITRAIN_MAX_RESTARTS", "1001"),
+    ("MPITRAIN_MAX_RESTARTS", "99999999999999999999"),
+    ("MPITRAIN_MAX_RESTARTS", "3\n"),
+    ("SLURM_RESTART_COUNT", "abc"),
+    ("SLURM_RESTART_COUNT", "-1"),
+    ("SLURM_RESTART_COUNT", "1 2"),
+    ("SLURM_RESTART_COUNT", ""),
+    ("SLURM_RESTART_COUNT", "99999999999999999999"),
+    ("SLURM_RESTART_COUNT", "18446744073709551615"),
+    ("MPITRAIN_CONTINUATION", "x[$(touch /tmp/mpitrain-pwned)]"),
+    ("MPITRAIN_CONTINUATION", "+1"),
+    ("MPITRAIN_CONTINUATION", "\t"),
+    ("MPITRAIN_CONTINUATION", "1e3"),
+    ("MPITRAIN_CONTINUATION", "-9223372036854775808"),
+]
+
+
+@pytest.mark.parametrize(("var", "value"), MALFORMED_COUNTERS)
+def test_malformed_restart_counters_stop_and_never_requeue(
+    tmp_path: Path, var: str, value: str
+) -> None:
+    Path(PWNED).unlink(missing_ok=True)
+    rc, d = run_script(tmp_path, STUB_RC="99", STUB_SCONTROL_RC="1", **{var: value})
+    out = (d / "script.out").read_text()
+    assert rc == 2, out
+    line = next(x for x in out.splitlines() if var in x)
+    shown = "".join("?" if ord(c) < 32 else c for c in value)  # one line, controls as '?'
+    assert "HINT: " in line and f"{var}='{shown}'" in line, out
+    for cmd in ("srun", "scontrol", "sbatch"):
+        assert not (d / f"{cmd}.argv").exists(), (cmd, out)
+    assert not Path(PWNED).exists()
+
+
+def test_counters_with_leading_zeros_are_decimal(tmp_path: Path) -> None:
+    rc, d = run_script(
+        tmp_path, STUB_RC="99", STUB_SCONTROL_RC="1",
+        MPITRAIN_CONTINUATION="08", SLURM_RESTART_COUNT="01", MPITRAIN_MAX_RESTARTS="010",
+    )  # fmt: skip
+    out = (d / "script.out").read_text()
+    assert rc == 0, out
+    assert "restart 9 " in out and argv_of(d, "srun")[-2:] == ["--resume", "auto"]
+    assert "MPITRAIN_CONTINUATION=10" in (d / "sbatch.env").read_text().splitlines()
+
+
+@pytest.mark.parametrize("template", ["train-gpu", "sweep"])
+def test_every_training_template_checks_the_counters(tmp_path: Path, template: str) -> None:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("srun", "scontrol", "sbatch"):
+        (stubs / name).write_text(STUB)
+        (stubs / name).chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    extra = ["--grid", str(GOLDEN / "grid.toml")] if template == "sweep" else []
+    render_argv([template, *extra], script)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "9",
+           "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_ARRAY_TASK_ID": "0",
+           "SLURM_JOB_NAME": "j", "SLURM_ARRAY_JOB_ID": "9", "STUB_RC": "99"}  # fmt: skip
+    for var, value in [("MPITRAIN_MAX_RESTARTS", ""), ("MPITRAIN_CONTINUATION", "two")]:
+        proc = subprocess.run(["bash", str(script)], env={**env, var: value}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=20)  # fmt: skip
+        assert proc.returncode == 2 and var in proc.stderr, proc.stdout + proc.stderr
+        assert not (tmp_path / "srun.argv").exists() and not (tmp_path / "scontrol.argv").exists()
+
+
 def test_continuation_job_when_scontrol_fails(tmp_path: Path) -> None:
     rc, d = run_script(tmp_path, STUB_RC="99", STUB_SCONTROL_RC="1")
     assert rc == 0
@@ -317,6 +440,16 @@ def test_continuation_job_when_scontrol_fails(tmp_path: Path) -> None:
     env = (d / "sbatch.env").read_text().splitlines()
     assert "MPITRAIN_CONTINUATION=1" in env
     assert "MPITRAIN_CHECKPOINT_DIR=ck $(touch /tmp/mpitrain-pwned)" in env
+
+
+def test_continuation_counts_restarts_once(tmp_path: Path) -> None:
+    # a requeued job (SLURM_RESTART_COUNT=1) whose scontrol fails: the continuation carries
+    # the total in MPITRAIN_CONTINUATION and must not inherit the old restart count as well
+    rc, d = run_script(tmp_path, STUB_RC="99", STUB_SCONTROL_RC="1", SLURM_RESTART_COUNT="1")
+    assert rc == 0, (d / "script.out").read_text()
+    env = (d / "sbatch.env").read_text().splitlines()
+    assert "MPITRAIN_CONTINUATION=2" in env
+    assert not [line for line in env if line.startswith("SLURM_RESTART_COUNT=")]
 
 
 def test_trap_forwards_usr1_to_the_step_and_requeues(tmp_path: Path) -> None:

@@ -52,3 +52,36 @@ def test_empty_or_missing_dir(tmp_path: Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "summary.json").write_text("{not json")
     assert sweep.main([str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"[1, 2]", "not a JSON object"),
+        (b'"done"', "not a JSON object"),
+        (b'{"test_accuracy": 0.5, "config": [1]}', "'config'"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"{not json", "unreadable"),
+        (b"[" * 100000 + b"]" * 100000, "unreadable"),
+    ],
+)
+def test_malformed_summary_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, needle: str
+) -> None:
+    write(tmp_path, "task-0", 0.9, 0.3, lr=0.1)
+    (tmp_path / "task-1").mkdir()
+    (tmp_path / "task-1" / "summary.json").write_bytes(content)
+    assert sweep.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HINT: " in err and needle in err, err
+    assert "task-1" in err
+
+
+def test_unwritable_json_output_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "task-0", 0.9, 0.3, lr=0.1)
+    out = tmp_path / "no" / "such" / "dir" / "ranked.json"
+    assert sweep.main([str(tmp_path), "--json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "ranked.json" in err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpitrain.errors import CommError
+from mpitrain.errors import CommError, ConfigError
 from mpitrain.slurm import check_slurm_world, slurm_facts
 
 STEP = {"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"}
@@ -41,3 +41,18 @@ def test_facts_from_the_table() -> None:
         "ntasks": "4", "restart_count": "1", "array_task_id": "3",
     }
     assert slurm_facts({}) == {}
+
+
+@pytest.mark.parametrize("value", ["four", " 4", "4\n", "-4", "+4", "4.0", "\u0664", "1_0"])
+def test_malformed_ntasks_is_an_error_naming_the_variable(value: str) -> None:
+    # before: int() accepted ' 4' and the Arabic-Indic digit, and 'four' skipped the check
+    with pytest.raises(ConfigError) as err:
+        check_slurm_world(4, environ={**STEP, "SLURM_NTASKS": value})
+    msg = str(err.value)
+    assert "SLURM_NTASKS" in msg and "HINT: " in msg and "\n" not in msg
+
+
+def test_malformed_nprocs_fallback_is_named() -> None:
+    env = {k: v for k, v in STEP.items() if k != "SLURM_NTASKS"}
+    with pytest.raises(ConfigError, match="SLURM_NPROCS"):
+        check_slurm_world(4, environ={**env, "SLURM_NPROCS": "x"})

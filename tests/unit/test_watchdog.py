@@ -153,3 +153,32 @@ def test_enter_is_cheap() -> None:
     per_call = (time.perf_counter() - t0) / n
     assert len(dog.ring) == 16 and dog.entered == n
     assert per_call < 2e-6, per_call
+
+
+def test_io_phase_has_its_own_longer_limit_and_is_named(capfd) -> None:
+    """A checkpoint write past the step limit is not a hang; past the I/O limit it is, by name."""
+    from mpi4py import MPI
+
+    now = [0.0]
+    aborted: list[int] = []
+    dog = Watchdog.create(
+        MPI.COMM_SELF, 10.0, grace=0.0, clock=lambda: now[0], abort=aborted.append, poll=0.01,
+        io_timeout=100.0,
+    )
+    try:
+        with dog.guard("checkpoint save", io=True):
+            now[0] = 50.0  # 5x the step limit: a slow save, not a hang
+            assert not dog.fired.wait(0.2)
+        now[0] = 500.0
+        assert not dog.fired.wait(0.2)  # disarmed after the phase
+        with dog.guard("opening data", io=True):
+            now[0] = 601.0
+            assert dog.fired.wait(5)
+        dog._thread.join(5)
+        assert aborted == [1]
+    finally:
+        dog.close()
+    err = capfd.readouterr().err
+    assert "opening data not done within 100 s (--io-timeout)" in err, err
+    assert "rank 0: watchdog: opening data has run 101.0 s (limit 100 s)" in err, err
+    assert "step not done" not in err

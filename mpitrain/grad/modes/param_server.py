@@ -22,13 +22,17 @@ synchronous SGD, and passive-target ``Accumulate`` on MPICH's shared-memory path
 needs the target to enter MPI to progress — the server loop polls either way, and ordered
 two-sided messages make round accounting free (docs/async.md).
 
-Shutdown: a worker that finishes drains to the newest version and sends DONE (with its exit
-code); a server returns once every worker is done. A worker that raises aborts the whole
+Shutdown: a worker that finishes (done, stopped early or preempted) drains to the newest
+version, whatever the trainer did last, and sends DONE (with its exit code); a server returns
+once every worker is done. Preemption: a server that receives a stop signal puts it in the
+header of every version it sends, so the workers stop, with a checkpoint, within τ + 1 rounds;
+the server's exit code is then the workers' (99). A worker that raises aborts the whole
 job (``MPI_Abort`` on the world communicator), so servers never wait forever.
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,12 +56,13 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.config import TrainConfig
+    from mpitrain.preempt import PreemptFlag
     from mpitrain.runtime.world import World
 
 TAG_INIT, TAG_PUSH, TAG_PARAMS, TAG_STATE = 71, 72, 73, 74
 GRAD, DONE, SAVE, LOAD = 0.0, 1.0, 2.0, 3.0
 HEAD = 4  # push header (float32 slots): lr as float64 in [0:2], kind [2], exit code [3]
-VHEAD = 2  # params header: version as float64 in [0:2]
+VHEAD = 4  # params header: version as float64 in [0:2], server's stop signal [2], spare [3]
 
 
 def shard_bounds(total: int, shards: int) -> list[tuple[int, int]]:
@@ -73,6 +78,8 @@ class ServerLink:
     comm: MPI.Intracomm
     servers: list[int]
     workers: int
+    preempt: PreemptFlag | None = None
+    drain: Callable[[], None] | None = None  # set by the worker's wrapper: finish all traffic
 
 
 def run_param_server(
@@ -80,6 +87,7 @@ def run_param_server(
     world: World,
     worker_main: Callable[[MPI.Intracomm, ServerLink], int],
     make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+    preempt: PreemptFlag | None = None,
 ) -> int:
     """Collective: serve on the last ``cfg.servers`` ranks, train on the others.
 
@@ -88,6 +96,7 @@ def run_param_server(
         world: all ranks.
         worker_main: ``worker_main(worker_comm, link) -> exit code`` runs the trainer.
         make_optimizer: builds a server's optimizer for its shard (lr is set every round).
+        preempt: this process's stop-signal flag (servers forward a signal to the workers).
 
     Returns:
         The exit code: a worker's own; a server's is the largest its workers reported.
@@ -107,15 +116,17 @@ def run_param_server(
     comm = world.comm.Dup()
     servers = list(range(size - n_servers, size))
     if is_server:
-        code = Server(comm, servers.index(world.rank), n_servers, size - n_servers).serve(
-            make_optimizer
-        )
+        server = Server(comm, servers.index(world.rank), n_servers, size - n_servers)
+        server.preempt = preempt
+        code = server.serve(make_optimizer)
         sub.Free()
         comm.Free()
         return code
-    link = ServerLink(comm, servers, size - n_servers)
+    link = ServerLink(comm, servers, size - n_servers, preempt)
     try:
         code = worker_main(sub, link)
+        if link.drain is not None:  # servers may still be sending versions to this worker
+            link.drain()
         for s in servers:  # tell the servers this worker is done (after its last drain)
             msg = np.zeros(HEAD, dtype=np.float32)
             msg[2], msg[3] = DONE, float(code)
@@ -140,6 +151,7 @@ class Server:
         self.workers = workers
         self.version = 0
         self.max_queue = 0
+        self.preempt: PreemptFlag | None = None
 
     def serve(
         self, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -195,6 +207,8 @@ class Server:
                     self.version += 1
                     out = np.empty(VHEAD + n, dtype=np.float32)
                     out[0:2].view(np.float64)[0] = float(self.version)
+                    got = self.preempt.received if self.preempt is not None else None
+                    out[2], out[3] = (float(got) if got is not None else 0.0), 0.0
                     out[VHEAD:] = shard.detach().numpy()
                     for dest in range(w_count):
                         if dest not in done:
@@ -267,6 +281,7 @@ class ParamServerWorker(ModeWrapper):
         self._rbufs = [np.empty(VHEAD + b - a, dtype=np.float32) for a, b in self.bounds]
         self.wait_seconds = 0.0
         self._last_wait = 0.0
+        link.drain = self.drain
 
     @property
     def version(self) -> int:
@@ -301,6 +316,8 @@ class ParamServerWorker(ModeWrapper):
             while self.versions[i] < need or comm.Iprobe(source=s, tag=TAG_PARAMS):
                 comm.Recv(buf, source=s, tag=TAG_PARAMS)
                 self.versions[i] = int(buf[0:2].view(np.float64)[0])
+                if buf[2] != 0.0 and self.link.preempt is not None:
+                    self.link.preempt.note(signal.Signals(int(buf[2])))
                 self._flat[a:b] = torch.from_numpy(buf[VHEAD:])
                 got = True
         if got:

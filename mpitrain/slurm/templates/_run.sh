@@ -1,5 +1,26 @@
 # ---- run the training step; forward preemption signals; requeue (from templates/_run.sh) ----
-RESTARTS=$(( ${SLURM_RESTART_COUNT:-0} + ${MPITRAIN_CONTINUATION:-0} ))
+# The restart counters and the limit must be whole numbers (leading zeros are decimal). Read
+# any other way ('[' errors count as "below the limit", $(( )) wraps huge numbers), a bad
+# value would requeue the job forever: stop with status 2 before the launch instead.
+whole_number() {  # NAME VALUE MAX HINT: print VALUE as a number, or explain and fail
+    case "$2" in
+        "" | *[!0-9]*) ;;
+        *) if [ "${#2}" -le 9 ] && [ "$((10#$2))" -le "$3" ]; then
+               echo "$((10#$2))"
+               return 0
+           fi ;;
+    esac
+    echo "mpitrain: $1='${2//[[:cntrl:]]/?}' is not a whole number from 0 to $3:" \
+        "stopping without running or requeueing. HINT: $4" >&2
+    return 1
+}
+MPITRAIN_MAX_RESTARTS=$(whole_number MPITRAIN_MAX_RESTARTS "$MPITRAIN_MAX_RESTARTS" 1000 \
+    "unset it to use the rendered limit, or give e.g. MPITRAIN_MAX_RESTARTS=3") || exit 2
+restart_count=$(whole_number SLURM_RESTART_COUNT "${SLURM_RESTART_COUNT-0}" 999999999 \
+    "Slurm sets it on a requeue: unset it in the submitting shell") || exit 2
+continuation=$(whole_number MPITRAIN_CONTINUATION "${MPITRAIN_CONTINUATION-0}" 999999999 \
+    "the continuation job sets it: unset it in the submitting shell") || exit 2
+RESTARTS=$((restart_count + continuation))
 if [ "$RESTARTS" -gt "$MPITRAIN_MAX_RESTARTS" ]; then
     echo "mpitrain: restart $RESTARTS is past MPITRAIN_MAX_RESTARTS=$MPITRAIN_MAX_RESTARTS: giving up" >&2
     exit 1
@@ -62,9 +83,10 @@ case "$MPITRAIN_REQUEUE" in
         ;&
     sbatch)
         # container fallback: a new job that starts once this one has ended
-        # ($0 is Slurm's copy of this script, which exists while the job runs)
+        # ($0 is Slurm's copy of this script, which exists while the job runs); the count so
+        # far travels in MPITRAIN_CONTINUATION alone, not also in an inherited restart count
         if MPITRAIN_CONTINUATION=$((RESTARTS + 1)) MPITRAIN_CHECKPOINT_DIR=$CHECKPOINT_DIR \
-            MPITRAIN_SWEEP_DIR=${SWEEP_DIR:-} sbatch --export=ALL \
+            MPITRAIN_SWEEP_DIR=${SWEEP_DIR:-} env -u SLURM_RESTART_COUNT sbatch --export=ALL \
             --dependency="afterany:$SLURM_JOB_ID" "${CONTINUE_ARGS[@]}" "$0"; then
             exit 0
         fi

@@ -12,6 +12,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
+from mpitrain.runtime.abort import run_mpi
 
 
 def reference(directory: str) -> tuple[np.ndarray, np.ndarray]:
@@ -25,8 +26,7 @@ def reference(directory: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def main() -> None:
-    comm = MPI.COMM_WORLD.Dup()
+def main(comm: MPI.Intracomm) -> None:
     directory = sys.argv[1]
     x_ref, _ = reference(directory)
     ds = ShardedDataset(directory, in_memory=False)  # each rank reads its part from HDF5
@@ -49,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_mpi(lambda comm: main(comm) or 0))

@@ -19,13 +19,13 @@ from mpi4py import MPI
 
 from mpitrain.comm.factory import describe, make_reducer
 from mpitrain.comm.reducer import FlatReducer
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.cuda_aware import decide_cuda_aware, facts_lines
 from mpitrain.runtime.device import bind_device
 from mpitrain.runtime.world import World
 
 
-def main() -> int:
-    comm = MPI.COMM_WORLD.Dup()
+def main(comm: MPI.Intracomm) -> int:
     out: list[str] = []
     try:
         world = World.create(comm)
@@ -64,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

@@ -26,6 +26,7 @@ from mpitrain.comm.reducer import FlatReducer, Reducer
 from mpitrain.comm.staged import StagedReducer
 from mpitrain.errors import CommError, DeviceError
 from mpitrain.grad.parallel import DataParallel
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.cuda_aware import (
     QueryResult,
     decide_cuda_aware,
@@ -226,11 +227,19 @@ def check_binding(w: World, say: Callable[[str], None]) -> None:
     assert str(got) == f"cuda:{w.local_rank}", got
     own = DeviceFacts(True, (f"GPU-{w.rank}",), "0")  # Slurm: each task sees its own GPU
     assert str(bind_device(w, "cuda", facts=own, set_current=False)) == "cuda:0"
-    say("bind_device: one GPU per local rank, per-task binding, same error on all ranks")
+    gpus = ("GPU-0a", "GPU-0b") if w.node_index == 0 else ()
+    mixed = DeviceFacts(bool(gpus), gpus, None)  # node 0 has two GPUs, node 1 none
+    try:  # --device auto with a node that has no GPU: refused on every rank, not a hang later
+        bind_device(w, "auto", facts=mixed, set_current=False)
+    except DeviceError as exc:
+        assert "ranks [2, 3] got the CPU" in str(exc) and "HINT" in str(exc), exc
+    else:
+        raise AssertionError("mixed CPU/CUDA ranks under --device auto were accepted")
+    say("bind_device: one GPU per local rank, per-task binding, same error on all ranks, "
+        "mixed CPU/CUDA refused")
 
 
-def main() -> int:
-    comm = MPI.COMM_WORLD.Dup()
+def main(comm: MPI.Intracomm) -> int:
     lines: list[str] = []
 
     def say(msg: str) -> None:
@@ -258,4 +267,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

@@ -19,6 +19,7 @@ from torch import nn
 
 from mpitrain import DataParallel, DistributedOptimizer
 from mpitrain.grad import broadcast_optimizer_state
+from mpitrain.runtime.abort import run_mpi
 
 STEPS = 3
 B = 8  # per-rank batch
@@ -229,8 +230,7 @@ def check_broadcast_optimizer_state(comm: MPI.Intracomm) -> None:
         print(f"PASS broadcast_optimizer_state (n={comm.size})", flush=True)
 
 
-def main() -> int:
-    comm = MPI.COMM_WORLD.Dup()
+def main(comm: MPI.Intracomm) -> int:
     torch.set_num_threads(1)
     dp = train_dp(comm, Mlp, "plain")
     check_no_allocations(comm, dp)
@@ -253,4 +253,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

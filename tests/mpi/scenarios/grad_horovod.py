@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 from torch import nn, optim
 
 import mpitrain.horovod as hvd
+from mpitrain.runtime.abort import run_mpi
 
 
 class Net(nn.Module):
@@ -37,7 +38,8 @@ def metric_average(val: float, name: str) -> float:
     return float(avg_tensor.item())
 
 
-def main() -> int:
+def main(comm: object) -> int:
+    """Train like a Horovod user script (hvd.init() on COMM_WORLD; ``comm`` unused)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp16-allreduce", action="store_true")
     parser.add_argument("--epochs", type=int, default=8)
@@ -131,4 +133,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

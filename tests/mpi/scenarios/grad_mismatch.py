@@ -16,10 +16,10 @@ from mpi4py import MPI
 from torch import nn
 
 from mpitrain import CommError, DataParallel
+from mpitrain.runtime.abort import run_mpi
 
 
-def main() -> int:
-    comm = MPI.COMM_WORLD.Dup()
+def main(comm: MPI.Intracomm) -> int:
     layers: list[nn.Module] = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)]
     if comm.rank == 1:
         layers.append(nn.Linear(2, 2))
@@ -36,4 +36,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    sys.exit(main())
+    sys.exit(run_mpi(main))

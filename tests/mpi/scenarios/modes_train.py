@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
+from mpitrain.runtime.abort import run_mpi
+
 COMMON = ["--lr-schedule", "step", "--seed", "3", "--no-progress", "--log-level", "warning"]
 EPOCHS = 6
 
@@ -50,11 +52,7 @@ def records(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in map(json.loads, lines) if "staleness" in r]
 
 
-def main() -> int:
-    world = MPI.COMM_WORLD.Dup()
-    from mpitrain.runtime.abort import install_excepthook
-
-    install_excepthook(world)
+def main(world: MPI.Intracomm) -> int:
     assert world.size == 3, "run with 3 ranks"
     shared = world.bcast(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(), root=0)
     work = Path(shared)
@@ -144,4 +142,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

@@ -15,6 +15,8 @@ import sys
 import torch
 from mpi4py import MPI
 
+from mpitrain.runtime.abort import run_mpi
+
 STEPS = 7
 
 
@@ -122,8 +124,7 @@ def check(comm: MPI.Intracomm, name: str, got: list[torch.Tensor], ref: list[tor
         print(f"{'PASS' if ok else 'FAIL'} {name} (n={comm.size}, max diff {diff:.2e})", flush=True)
 
 
-def main() -> int:
-    comm = MPI.COMM_WORLD.Dup()
+def main(comm: MPI.Intracomm) -> int:
     n = comm.size
     for progress in ("poll", "thread", "none"):
         check(comm, f"double-buffer {progress} equals one-step-stale SGD",
@@ -138,4 +139,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

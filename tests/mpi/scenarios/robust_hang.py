@@ -13,6 +13,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.watchdog import Watchdog
 
 
@@ -21,9 +22,8 @@ def sleepy_compute(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def main() -> int:
+def main(comm: MPI.Intracomm) -> int:
     timeout = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
-    comm = MPI.COMM_WORLD.Dup()
     dog = Watchdog.create(comm, timeout)
     buf = np.ones(1024, dtype=np.float32)
     for step in range(3):
@@ -39,4 +39,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

@@ -16,14 +16,14 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.watchdog import Watchdog
 
 
-def main() -> int:
+def main(comm: MPI.Intracomm) -> int:
     timeout = float(sys.argv[1]) if len(sys.argv) > 1 else 10.0
     how = sys.argv[2] if len(sys.argv) > 2 else "kill"
     sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[how]
-    comm = MPI.COMM_WORLD.Dup()
     dog = Watchdog.create(comm, timeout)
     buf = np.ones(4096, dtype=np.float32)
     for step in range(1_000_000):
@@ -40,4 +40,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

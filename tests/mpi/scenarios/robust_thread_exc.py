@@ -13,7 +13,7 @@ import threading
 import numpy as np
 from mpi4py import MPI
 
-from mpitrain.runtime.abort import install_excepthook
+from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.watchdog import Watchdog
 
 
@@ -22,9 +22,7 @@ def prefetch_worker() -> None:
     raise OSError("injected read failure in a background thread")
 
 
-def main() -> int:
-    comm = MPI.COMM_WORLD.Dup()
-    install_excepthook(comm)
+def main(comm: MPI.Intracomm) -> int:
     dog = Watchdog.create(comm, 60.0)
     buf = np.ones(16, dtype=np.float32)
     dog.step_started(0)
@@ -40,4 +38,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_mpi(main))

@@ -49,6 +49,10 @@ class _Faulty(nn.Module):
     def misbehave(self) -> None:
         if self.action == "raise":
             raise RuntimeError(f"injected failure on rank {self.rank}")
+        if self.action == "config":
+            from mpitrain.errors import ConfigError
+
+            raise ConfigError(f"injected node-local config problem on rank {self.rank}. HINT: x")
         if self.action == "signal":
             os.kill(os.getpid(), signal.SIGUSR1)
         if self.action == "sleep":
@@ -85,3 +89,39 @@ def extra_layer(cfg: Any) -> nn.Module:
     if MPI.COMM_WORLD.Get_rank() == 1:
         m.net.append(nn.Linear(10, 10))
     return m
+
+
+def config_error(cfg: Any) -> nn.Module:
+    """Raise ConfigError on TEST_RANK at TEST_STEP (a rank-varying failure mid-run)."""
+    return _Faulty(cfg, "config")
+
+
+def config_error_everywhere(cfg: Any) -> nn.Module:
+    """Raise the same ConfigError on every rank while building the model."""
+    from mpitrain.errors import ConfigError
+
+    raise ConfigError("injected config problem on every rank. HINT: fix the config")
+
+
+class _Slow(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.inner = MLP(64, 10, cfg.hidden)
+        self.pause = float(os.environ.get("TEST_PAUSE", "0.02"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.pause)
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def slow(cfg: Any) -> nn.Module:
+    """The MLP with a TEST_PAUSE-second sleep per training forward (a run that lasts)."""
+    return _Slow(cfg)
+
+
+def signal_at_build(cfg: Any) -> nn.Module:
+    """Send SIGUSR1 to this process while the model is built (start-up), on TEST_RANK."""
+    if MPI.COMM_WORLD.Get_rank() == int(os.environ.get("TEST_RANK", "1")):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return MLP(64, 10, cfg.hidden)
