@@ -42,21 +42,29 @@ def relaunch(n: int, argv: list[str], timeout: float = 900) -> int:
         return 1
 
 
-def free_port() -> int:
-    """Return a TCP port free on 127.0.0.1 right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port free on ``host`` right now."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 def init_gloo(comm: MPI.Intracomm) -> None:
     """Collective: start torch.distributed (gloo) on the ranks of ``comm`` (rank 0 hosts)."""
     import torch.distributed as dist
+    from mpi4py import MPI
 
-    port = comm.bcast(free_port() if comm.rank == 0 else None, root=0)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    one_host = bool(comm.allreduce(node.size == comm.size, op=MPI.LAND))
+    node.Free()
+    # across (emulated) nodes rank 0 listens on its host's address, else on loopback
+    host = "127.0.0.1" if one_host else socket.gethostbyname(socket.gethostname())
+    addr, port = comm.bcast(
+        (host, free_port("0.0.0.0" if not one_host else host)) if comm.rank == 0 else None, root=0
+    )
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"tcp://{addr}:{port}",
         rank=comm.rank,
         world_size=comm.size,
     )
@@ -115,7 +123,8 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     torch.set_num_threads(1)
     n = comm.size
     sizes = [s for s in SIZES if s <= args.max_bytes]
-    rows: list[dict[str, Any]] = [{"bytes": s, "iters": _iters(s)} for s in sizes]
+    loop = args.loop_mb << 20
+    rows: list[dict[str, Any]] = [{"bytes": s, "iters": _iters(s, loop)} for s in sizes]
 
     def record(row: dict[str, Any], samples: dict[str, list[float]]) -> None:
         for name, ts in samples.items():
@@ -168,8 +177,9 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     return 0
 
 
-def _iters(nbytes: int) -> int:
-    return max(5, min(2000, 2**27 // nbytes))
+def _iters(nbytes: int, loop_bytes: int = 2**27) -> int:
+    """Calls per timed loop: about ``loop_bytes`` moved per loop, 5..2000 calls."""
+    return max(5, min(2000, loop_bytes // nbytes))
 
 
 def _format_row(row: dict[str, Any]) -> str:
@@ -204,6 +214,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--reps", type=int, default=7, help="timed loops per point (median)")
     p.add_argument("--max-bytes", type=int, default=SIZES[-1], help="largest message")
+    p.add_argument("--loop-mb", type=int, default=128,
+                   help="MiB moved per timed loop (lower it on slow links, e.g. 16 at 1 Gbit/s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -212,6 +224,7 @@ def main(argv: list[str]) -> int:
     print(header(), flush=True)
     fwd = [
         "-n", str(args.ranks), "--reps", str(args.reps), "--max-bytes", str(args.max_bytes),
+        "--loop-mb", str(args.loop_mb),
     ]
     if args.json:
         fwd += ["--json", str(Path(args.json).resolve())]

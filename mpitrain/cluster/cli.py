@@ -169,6 +169,7 @@ def _describe(info: dict[str, Any]) -> str:
         f"cluster: {len(info['nodes'])} nodes, link {_link(info['link'])}, subnet "
         f"{info['subnet']}, head {head['name']} {head['address']}"
         + ("" if info["complete"] else "  INCOMPLETE: run `cluster up` again or `cluster down`"),
+        f"mpiexec across the nodes (for MPITRAIN_MPIEXEC): {info['mpiexec']}",
         f"{'node':<12}{'address':<14}{'sent B':>14}{'received B':>14}{'loopback B':>12}  qdisc",
     ]
     for r in info["nodes"]:

@@ -70,6 +70,27 @@ exec ip netns exec "$host" unshare --uts sh -c 'hostname "$0" || exit 255; eval 
 """
 
 
+WRAPPER_TEMPLATE = """\
+#!/bin/sh
+# mpiexec across the emulated cluster: written by `python -m mpitrain cluster up`, removed by
+# `cluster down`. Point MPITRAIN_MPIEXEC at this file and every tool that launches ranks
+# (benchmarks, tests) runs them across the nodes:  THIS -n N CMD...
+# MPITRAIN_CLUSTER_PER_NODE=K places K ranks per node (default: spread over all nodes).
+if [ "$1" = "--version" ]; then exec {real} --version; fi
+if [ "$1" != "-n" ] || [ $# -lt 3 ]; then
+  echo "usage: $0 -n N CMD... (mpiexec across the emulated cluster)" >&2; exit 2
+fi
+n=$2; shift 2
+set -- -n "$n" ${{MPITRAIN_CLUSTER_PER_NODE:+--per-node "$MPITRAIN_CLUSTER_PER_NODE"}} -- "$@"
+MPITRAIN_MPIEXEC={real} exec {python} -m mpitrain cluster mpiexec "$@"
+"""
+
+
+def wrapper_script(real_mpiexec: str, python: str) -> str:
+    """Return the text of the ``mpiexec``-compatible wrapper (see WRAPPER_TEMPLATE)."""
+    return WRAPPER_TEMPLATE.format(real=shlex.quote(real_mpiexec), python=shlex.quote(python))
+
+
 def agent_script(nodes: list[str]) -> str:
     """Return the text of the launcher agent for these nodes."""
     return AGENT_TEMPLATE.format(nodes=" ".join(nodes))
@@ -154,6 +175,7 @@ def mpiexec_argv(
     """
     ranks = sum(n for _, n in slots)
     genv: dict[str, str] = dict(NETMODS[netmod])
+    genv["GLOO_SOCKET_IFNAME"] = IFACE  # torch.distributed baselines (DDP-gloo) use the links
     if env.get("omp_num_threads") is None:
         genv["OMP_NUM_THREADS"] = "1"
     hydra = [

@@ -13,13 +13,14 @@ import functools
 import ipaddress
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mpitrain.cluster import HEAD, IFACE, MAX_NODES, PREFIX, ClusterError, hosts, netns, node_name
-from mpitrain.cluster.launch import agent_script
+from mpitrain.cluster.launch import agent_script, find_mpiexec, wrapper_script
 from mpitrain.cluster.state import STATE_DIR, Item, State, locked, state_path
 from mpitrain.errors import with_hint
 
@@ -46,6 +47,11 @@ def veth_name(index: int) -> str:
 def agent_path(state_dir: Path = STATE_DIR) -> Path:
     """Where `up` writes the launcher agent."""
     return state_dir / "agent"
+
+
+def wrapper_path(state_dir: Path = STATE_DIR) -> Path:
+    """Where `up` writes the mpiexec-compatible wrapper (``MPITRAIN_MPIEXEC=...``)."""
+    return state_dir / "mpiexec"
 
 
 def _is_ours(st: State, name: str) -> bool:
@@ -171,16 +177,22 @@ def _build(st: State, net: ipaddress.IPv4Network, rate: int | None, made: list[s
     if st.find("hosts", str(hosts.HOSTS)) is None:
         st.record(Item("hosts", str(hosts.HOSTS)))
     hosts.write_block(hosts.HOSTS, entries)
-    agent = agent_path(state_dir)
-    if st.find("file", str(agent)) is None:
-        st.record(Item("file", str(agent)))
-    text = agent_script(st.nodes)
-    if not agent.exists() or agent.read_text() != text:
-        tmp = agent.with_name(f".agent.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        os.replace(tmp, agent)
-        made.append(str(agent))
+    real = find_mpiexec() or "mpiexec"
+    if Path(real).resolve() == wrapper_path(state_dir).resolve():  # MPITRAIN_MPIEXEC=wrapper
+        beside = Path(sys.executable).parent / "mpiexec"
+        real = str(beside) if beside.exists() else "mpiexec"
+    for path, text in (
+        (agent_path(state_dir), agent_script(st.nodes)),
+        (wrapper_path(state_dir), wrapper_script(real, sys.executable)),
+    ):
+        if st.find("file", str(path)) is None:
+            st.record(Item("file", str(path)))
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.chmod(0o755)
+            os.replace(tmp, path)
+            made.append(str(path))
 
 
 def _stop_processes(st: State, kill: bool) -> list[str]:
@@ -286,6 +298,7 @@ def status(state_dir: Path = STATE_DIR) -> dict[str, Any]:
         "head": {"name": HEAD, "address": str(net[HEAD_HOST]), "present": HEAD in present},
         "iface": IFACE,
         "agent": str(agent_path(state_dir)),
+        "mpiexec": str(wrapper_path(state_dir)),
         "nodes": rows,
         "complete": HEAD in present and all(r["present"] for r in rows),
     }

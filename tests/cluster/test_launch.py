@@ -188,3 +188,20 @@ def iter_queue(q: queue.Queue[str]) -> list[str]:
     while not q.empty():
         out.append(q.get_nowait())
     return out
+
+
+def test_mpiexec_wrapper_runs_any_launcher_user_across_the_nodes(cluster2: Cluster) -> None:
+    """MPITRAIN_MPIEXEC=<wrapper>: mpiexec_command() jobs (benchmarks, fixtures) span nodes."""
+    wrapper = status()["mpiexec"]
+    assert os.access(wrapper, os.X_OK), wrapper
+    before = sent(status())
+    cmd = [*mpiexec_command(2, wrapper), PY, str(SCENARIOS / "topology.py"), str(MIB)]
+    env = launch_env({"MPITRAIN_MPIEXEC": wrapper})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = result(proc)
+    assert sorted(r["host"] for r in ranks) == ["mpt-node1", "mpt-node2"], ranks
+    moved = delta(sent(status()), before)
+    assert all(b >= MIB << 20 for b in moved.values()), moved
+    usage = subprocess.run([wrapper, "python"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
