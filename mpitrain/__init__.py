@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DataParallel": "mpitrain.grad.parallel",
     "DistributedOptimizer": "mpitrain.grad.optimizer",
+    "ShardedDataParallel": "mpitrain.grad.zero",
     "broadcast_parameters": "mpitrain.grad.broadcast",
     "broadcast_optimizer_state": "mpitrain.grad.broadcast",
     "World": "mpitrain.runtime.world",

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, bool]] = {
     "slurm": ("mpitrain.slurm.cli", False),
     "sweep-summary": ("mpitrain.slurm.sweep", False),
     "cluster": ("mpitrain.cluster.cli", False),
+    "trace": ("mpitrain.timeline.cli", False),
+    "checkpoint": ("mpitrain.checkpoint_shards", False),
 }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from mpitrain.config_values import (
     check_signals,
     convert,
     has_type,
-    read_config_text,
+    read_toml_options,
     show,
 )
 from mpitrain.errors import ConfigError, with_hint
@@ -123,6 +122,10 @@ class TrainConfig:
     exchange: str = _opt(
         "sync", "gradient exchange mode", ("sync", "double-buffer", "local-sgd", "param-server")
     )
+    shard: str = _opt(
+        "none", "ZeRO sharding across ranks: optimizer state, or + gradients (docs/sharding.md)",
+        ("none", "optimizer", "gradients"),
+    )
     local_steps: int = _opt(
         4, "local SGD: local steps between model averages", accepted=Range(1, _MILLION)
     )
@@ -130,6 +133,18 @@ class TrainConfig:
     max_staleness: int = _opt(
         0, "param-server: max parameter versions a worker may lag", accepted=Range(0, _MILLION)
     )
+    sync_warmup_steps: int | None = _opt(
+        None, "local-sgd, param-server (tau > 0): synchronous steps first "
+        "(default: the lr warm-up's)", accepted=Range(0, _TRILLION),
+    )
+    local_sgd_average_optimizer: bool = _opt(False, "local SGD: also average optimizer state")
+    double_buffer_progress: str = _opt(
+        "poll", "double-buffer: who drives the in-flight all-reduce", ("poll", "thread", "none")
+    )
+    delay_compensation: float = _opt(
+        0.0, "double-buffer: DC-ASGD lambda (0 = off)", accepted=Range(0, _MILLION)
+    )
+    mode_defaults: bool = _opt(True, "apply the exchange mode's tuned lr/momentum where unset")
     straggler_ms: float = _opt(
         0.0, "test option: sleep this long on one rank every step", accepted=Range(0, 3_600_000)
     )
@@ -179,8 +194,14 @@ class TrainConfig:
         None, "also write TensorBoard events to this directory",
         check=check_nonempty("tensorboard"),
     )
+    timeline: str | None = _opt(
+        None, "write a Chrome trace of the --timeline-steps to this file (docs/profiling.md)",
+        check=check_nonempty("timeline"),
+    )
+    timeline_steps: str = _opt("10:20", "steps A:B that --timeline records (from 0, B excluded)")
     # not an option: set by the trainer
     run_id: str | None = _opt(None, "id of the run the checkpoints belong to", internal=True)
+    explicit: str = _opt("", "options the user set (comma-separated; by resolve)", internal=True)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """Return a copy with some fields changed (validated)."""
@@ -347,30 +368,10 @@ def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file (top-level keys, or a [train] table); keys may use - or _."""
     p = Path(path)
     where = f"config file '{p}'"
-    try:
-        data = tomllib.loads(read_config_text(p))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(
-            with_hint(f"{where} is not valid TOML: {exc}", "fix the syntax")
-        ) from None
-    if isinstance(data.get("train"), dict):
-        if len(data) != 1:
-            raise ConfigError(
-                with_hint(
-                    f"{where} has a [train] table and top-level options",
-                    "put every option in the [train] table, or none",
-                )
-            )
-        data = data["train"]
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
+    for name, (key, value) in read_toml_options(p).items():
         if name not in _FIELDS:
             raise _unknown(key, where)
-        if name in out:
-            raise ConfigError(
-                with_hint(f"option '{name}' is given twice in {where}", "keep one of them")
-            )
         out[name] = coerce(name, value, where)
     return out
 
@@ -435,4 +436,4 @@ def resolve(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None) ->
         if key not in _FIELDS:
             raise _unknown(key, "the command line")
         values[key] = coerce(key, raw, f"--{key.replace('_', '-')}")
-    return validate(TrainConfig(**values))
+    return validate(TrainConfig(**values, explicit=",".join(sorted(values))))

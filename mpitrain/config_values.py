@@ -238,3 +238,39 @@ def read_config_text(p: Path) -> str:
         raise ConfigError(
             with_hint(f"config file '{p}' is not UTF-8 text (byte {exc.start})", hint)
         ) from None
+
+
+def read_toml_options(p: Path) -> dict[str, Any]:
+    """Return a TOML config file's options (top-level keys, or a [train] table), keys with _.
+
+    Raises:
+        ConfigError: unreadable or invalid TOML, a [train] table beside top-level keys, or a
+            key given twice (``a-b`` and ``a_b``).
+    """
+    import tomllib
+
+    where = f"config file '{p}'"
+    try:
+        data = tomllib.loads(read_config_text(p))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            with_hint(f"{where} is not valid TOML: {exc}", "fix the syntax")
+        ) from None
+    if isinstance(data.get("train"), dict):
+        if len(data) != 1:
+            raise ConfigError(
+                with_hint(
+                    f"{where} has a [train] table and top-level options",
+                    "put every option in the [train] table, or none",
+                )
+            )
+        data = data["train"]
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in out:
+            raise ConfigError(
+                with_hint(f"option '{name}' is given twice in {where}", "keep one of them")
+            )
+        out[name] = (key, value)
+    return out

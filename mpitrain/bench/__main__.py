@@ -36,6 +36,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mpitrain.bench.async_study",
         "exchange modes: accuracy vs steps and wall time against sync SGD (+ plots)",
     ),
+    "shard": (
+        "mpitrain.bench.shard",
+        "ZeRO stages 1/2: memory per rank and step time vs replicas and torch ZeRO (gloo)",
+    ),
 }
 
 

@@ -20,6 +20,7 @@ from mpitrain.comm.handle import Handle
 from mpitrain.errors import CommError, with_hint
 from mpitrain.grad.buckets import Bucket, BucketPlan, bucket_bytes_from_mb, build_buckets
 from mpitrain.grad.hooks import Hook, HookState
+from mpitrain.timeline.recorder import NULL, Timeline
 
 
 class GradEngine:
@@ -45,6 +46,7 @@ class GradEngine:
         self.overlap = overlap
         self.passes_per_step = passes_per_step
         self.enabled = True
+        self.timeline: Timeline = NULL  # bucket launch/flight/wait spans (mpitrain.timeline)
         self.plan: BucketPlan = build_buckets(
             self.names, self.params, bucket_bytes_from_mb(bucket_mb)
         )
@@ -126,6 +128,12 @@ class GradEngine:
             self._poll()
 
     def _launch(self, b: int) -> None:
+        tl = self.timeline
+        if tl.on:
+            t0 = tl.now()
+            self._handles[b] = self.hook(self.state, self.buckets[b])
+            tl.bucket_launched(b, self.buckets[b].nbytes, t0)
+            return
         self._handles[b] = self.hook(self.state, self.buckets[b])
 
     def _poll(self) -> None:
@@ -134,6 +142,8 @@ class GradEngine:
             h = self._handles[self._polled]
             if h is not None and not h.test():
                 return
+            if self.timeline.on:
+                self.timeline.bucket_done(self._polled)
             self._polled += 1
 
     def _launch_ready(self) -> None:
@@ -147,9 +157,13 @@ class GradEngine:
         while self._next < len(self.buckets):
             self._launch(self._next)
             self._next += 1
+        tl = self.timeline
         for b, h in enumerate(self._handles):
             if h is not None:
+                t0 = tl.now() if tl.on else 0
                 h.wait()
+                if tl.on:
+                    tl.bucket_waited(b, t0)
                 self._handles[b] = None
         self.reset()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,12 +16,16 @@ from mpitrain.grad.broadcast import broadcast_parameters
 from mpitrain.grad.consistency import check_same_layout, layout
 from mpitrain.grad.engine import GradEngine
 from mpitrain.grad.hooks import Hook, HookState, allreduce_hook, make_hook
+from mpitrain.grad.protocol import BuildContext, ExchangeBase, ModeSpec
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from mpitrain.config import TrainConfig
+    from mpitrain.timeline.recorder import Timeline
 
-class DataParallel(torch.nn.Module):
+
+class DataParallel(ExchangeBase):
     """Wrap ``module`` for synchronous data-parallel training over ``comm``.
 
     Wrapping is collective: every rank checks it holds the same parameter/buffer layout
@@ -56,8 +61,7 @@ class DataParallel(torch.nn.Module):
         overlap: bool | None = None,
         broadcast_buffers: bool = True,
     ) -> None:
-        super().__init__()
-        self.module = module
+        super().__init__(module)
         self.comm = comm
         self.broadcast_buffers = broadcast_buffers
         named_params = list(module.named_parameters())
@@ -82,6 +86,10 @@ class DataParallel(torch.nn.Module):
             overlap=overlap,
         )
 
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record each bucket's reduction (launch, in flight, waited on) into ``recorder``."""
+        self.engine.timeline = recorder
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (re-attaching bucket views as ``.grad`` first)."""
         self.engine.attach_grads()
@@ -103,3 +111,28 @@ class DataParallel(torch.nn.Module):
             yield
         finally:
             self.engine.enabled = old
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    """``--exchange sync``'s options (TrainConfig fields of the same names)."""
+
+    bucket_mb: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> SyncOptions:
+        """Take the options from ``cfg`` (validated there)."""
+        return cls(cfg.bucket_mb)
+
+
+def _build(ctx: BuildContext, opts: SyncOptions) -> DataParallel:
+    return DataParallel(
+        ctx.module,
+        comm=ctx.world.comm,
+        bucket_mb=opts.bucket_mb,
+        hook=make_hook(ctx.cfg.compression),
+        reducer=ctx.make_reducer(None) if ctx.make_reducer is not None else None,
+    )
+
+
+SPEC = ModeSpec(name="sync", options=SyncOptions.from_config, build=_build)

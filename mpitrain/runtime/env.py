@@ -52,11 +52,7 @@ TABLE: dict[str, tuple[str, ...]] = {
     "slurm_sweep_dir": ("MPITRAIN_SWEEP_DIR",),
     "xdg_cache_home": ("XDG_CACHE_HOME",),
     "home": ("HOME",),
-    # asynchronous exchange modes (docs/async.md)
-    "local_sgd_warmup": ("MPITRAIN_LOCAL_SGD_WARMUP",),
-    "local_sgd_average_optimizer": ("MPITRAIN_LOCAL_SGD_AVERAGE_OPTIMIZER",),
-    "double_buffer_progress": ("MPITRAIN_DOUBLE_BUFFER_PROGRESS",),
-    "delay_compensation": ("MPITRAIN_DELAY_COMPENSATION",),
+    # the exchange modes' options are TrainConfig fields (MPITRAIN_DELAY_COMPENSATION etc.)
 }
 
 #: prefix of configuration variables (``MPITRAIN_EPOCHS`` -> option ``epochs``)

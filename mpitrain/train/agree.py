@@ -23,15 +23,13 @@ if TYPE_CHECKING:
 def agreement_lag(cfg: TrainConfig) -> int:
     """Steps by which the exchange mode lets ranks drift apart, so the flags may come late.
 
-    sync: 0 (the all-reduce synchronises every step anyway). double-buffer: 1 (step t waits
-    for step t-1's all-reduce). local SGD: H - 1 (ranks meet at every model average).
-    param-server: tau (the staleness bound).
+    Read from the mode's registry row (``mpitrain.grad.protocol``): sync 0 (the all-reduce
+    synchronises every step anyway), double-buffer 1 (step t waits for step t-1's
+    all-reduce), local SGD H - 1 (ranks meet at every model average), param-server tau.
     """
-    return {
-        "double-buffer": 1,
-        "local-sgd": cfg.local_steps - 1,
-        "param-server": cfg.max_staleness,
-    }.get(cfg.exchange, 0)
+    from mpitrain.grad.protocol import agreement_lag as mode_lag
+
+    return mode_lag(cfg)
 
 
 class StepAgreement:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mpitrain import checkpoint as ckpt
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
 from mpitrain.runtime.watchdog import Watchdog
+from mpitrain.timeline.recorder import NULL, Timeline
 from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.state import LoopState, rng_state, set_rng_state
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.config import TrainConfig
+    from mpitrain.grad.protocol import Exchange
     from mpitrain.runtime.world import World
 
 log = logging.getLogger("mpitrain")
@@ -35,7 +37,7 @@ log = logging.getLogger("mpitrain")
 class Parts:
     """What the loop trains: built by :mod:`mpitrain.train.run`."""
 
-    model: Any  # mpitrain.DataParallel (or any module with synchronize()/no_sync())
+    model: Exchange  # DataParallel, an async mode, a sharded wrapper (grad/protocol.py)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_loader: Any  # mpitrain.data.BatchLoader
@@ -69,6 +71,7 @@ class Trainer:
         self.last_saved_step = -1
         self.data_wait = 0.0
         self.comm_wait = 0.0
+        self.timeline: Timeline = NULL  # --timeline: set by train.run (docs/profiling.md)
         if cfg.precision == "bf16":
             self._autocast: Any = torch.autocast(parts.device.type, dtype=torch.bfloat16)
         elif cfg.precision == "fp16":
@@ -88,8 +91,7 @@ class Trainer:
             "seen": self.state.seen,
         }
         gathered = self.comm.gather(per_rank, root=0)
-        model = self.p.model
-        exchange = model.exchange_state() if hasattr(model, "exchange_state") else None
+        exchange = self.p.model.exchange_state_dict()
         if self.world.rank != 0:
             return None
         loop = asdict(self.state)
@@ -121,8 +123,8 @@ class Trainer:
         if self.p.scaler is not None and state.get("scaler") is not None:
             self.p.scaler.load_state_dict(state["scaler"])
         self.p.train_loader.load_state_dict(state["sampler"])
-        if hasattr(self.p.model, "load_exchange_state") and state.get("exchange") is not None:
-            self.p.model.load_exchange_state(state["exchange"])
+        if state.get("exchange") is not None:
+            self.p.model.load_exchange_state_dict(state["exchange"])
         loop = dict(state["loop"])
         self.state = LoopState(**loop)
         ranks = state["ranks"]
@@ -148,6 +150,7 @@ class Trainer:
         if run_id is None:  # not planned up front (train.run.resume_if_asked): claim it now
             run_id = ckpt.plan_run(self.comm, None, directory).run_id
             self.cfg = self.cfg.replace(run_id=run_id)
+        t_tl = self.timeline.now()
         with self.watchdog.guard("checkpoint save", io=True):
             state = self.state_dict()
             path = ckpt.save_collective(
@@ -158,6 +161,7 @@ class Trainer:
                 self.cfg.keep_last,
                 run_id=run_id,
             )
+        self.timeline.span("checkpoint", t_tl, cat="io")
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = self.state.step
         if self.world.rank == 0:
@@ -180,6 +184,7 @@ class Trainer:
 
     def _step(self, micro: list[Any]) -> float:
         model, opt, dev = self.p.model, self.p.optimizer, self.p.device
+        tl = self.timeline
         total = float(sum(int(b.mask.sum()) for b in micro))
         loss_value = 0.0
         for i, batch in enumerate(micro):
@@ -188,14 +193,18 @@ class Trainer:
             mask = batch.mask.to(dev, non_blocking=True).to(torch.float32)
             sync = contextlib.nullcontext() if i == len(micro) - 1 else model.no_sync()
             with sync:
+                t_tl = tl.now()
                 with self._autocast:
                     logits = model(x)
                 per_sample = F.cross_entropy(logits.float(), y, reduction="none")
                 loss = (per_sample * mask).sum() / max(total, 1.0)
+                tl.span("forward", t_tl)
+                t_tl = tl.now()
                 if self.p.scaler is not None:
                     self.p.scaler.scale(loss).backward()
                 else:
                     loss.backward()
+                tl.span("backward", t_tl)
             with torch.no_grad():
                 self.state.correct += int(((logits.argmax(1) == y).float() * mask).sum())
             loss_value += float(loss.detach()) * max(total, 1.0)
@@ -207,7 +216,10 @@ class Trainer:
             time.sleep(self.cfg.straggler_ms / 1000.0)
         t0 = time.perf_counter()
         self.watchdog.enter("gradient all-reduce", self._grad_bytes)
+        t_tl = tl.now()
         model.synchronize()
+        tl.span("synchronize", t_tl, cat="sync")
+        t_tl = tl.now()
         self.comm_wait += time.perf_counter() - t0
         if self.p.scaler is not None:
             self.p.scaler.unscale_(opt)
@@ -219,14 +231,12 @@ class Trainer:
             # every rank's scaler skips (or takes) the step together
             self.p.scaler.step(opt)
             self.p.scaler.update()
-        elif hasattr(model, "step"):
-            model.step(opt)  # exchange modes that own the update (parameter server)
         else:
-            opt.step()
-        if hasattr(model, "after_step"):
-            model.after_step()  # e.g. local SGD's periodic model average
+            model.step(opt)  # opt.step(), or the mode's own update (parameter server)
+        model.after_step()  # e.g. local SGD's periodic model average
         self.p.scheduler.step()
         model.zero_grad()
+        tl.span("optimizer", t_tl)
         return loss_value / max(total, 1.0)
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -237,9 +247,11 @@ class Trainer:
         loader = self.p.test_loader
         if loader is None:
             return {}
+        t_tl = self.timeline.now()
         model, dev = self.p.model, self.p.device
         loader.set_epoch(0)  # the whole split, in stored order, every time
         sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, real samples
+        model.drain()  # the newest parameters (param-server pull); eval() itself sends nothing
         model.eval()
         with torch.no_grad():
             for batch in loader:
@@ -254,6 +266,7 @@ class Trainer:
         model.train()
         self.watchdog.enter("eval all-reduce", sums.nbytes)
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        self.timeline.span("evaluation", t_tl, cat="eval")
         n = max(sums[2], 1.0)
         return {
             "test_loss": float(sums[0] / n),
@@ -271,7 +284,9 @@ class Trainer:
                 bits |= 2
                 self._last_ckpt_time = time.monotonic()  # asked once, even when agreed late
         self.watchdog.enter("step agreement", 4)
+        t_tl = self.timeline.now()
         agreed = self.agreement.exchange(bits)
+        self.timeline.span("step agreement", t_tl, cat="agree")
         return bool(agreed & 1), bool(agreed & 2)
 
     def _epoch_end(self, epoch: int, epoch_seconds: float) -> None:
@@ -335,9 +350,12 @@ class Trainer:
             while True:
                 t_step = time.perf_counter()
                 waited, comm_before = self.data_wait, self.comm_wait
+                t_tl = self.timeline.now()
                 micro = self._micro_batches(it)
                 if not micro:
                     break
+                self.timeline.step_begin(st.step, t_tl)
+                self.timeline.span("data wait", t_tl, cat="data")
                 self.watchdog.step_started(st.step)
                 loss = self._step(micro)
                 st.step += 1
@@ -359,8 +377,7 @@ class Trainer:
                         "time": st.train_seconds,
                         "wall": time.perf_counter() - self._fit_t0,
                     }
-                    if hasattr(self.p.model, "metrics"):
-                        record.update(self.p.model.metrics())
+                    record.update(self.p.model.metrics())
                     self.metrics.write(record)
                 stop_now, time_due = self._flags()
                 self.watchdog.step_done()
@@ -369,6 +386,7 @@ class Trainer:
                     self.agreement.drain()
                 if cfg.checkpoint_dir and (steps_due or time_due or stop_now):
                     self.save()
+                self.timeline.step_end()
                 if stop_now:
                     if self.world.rank == 0:
                         sig = self.preempt.received

@@ -14,11 +14,13 @@ import torch
 from mpitrain import checkpoint as ckpt
 from mpitrain.config import TrainConfig, add_arguments, resolve
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.grad.protocol import get_mode
 from mpitrain.preempt import PreemptFlag, parse_signals
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.runtime.world import World
 from mpitrain.slurm.world import check_slurm_world
+from mpitrain.timeline import start_timeline
 from mpitrain.train.loop import Parts, Trainer
 from mpitrain.train.metrics import print_line, summary_line, write_summary
 
@@ -76,7 +78,9 @@ def choose_device(cfg: TrainConfig, world: World) -> torch.device:
     return device
 
 
-def build_reducer(cfg: TrainConfig, world: World, device: torch.device) -> Any:
+def build_reducer(
+    cfg: TrainConfig, world: World, device: torch.device, overlap: bool | None = None
+) -> Any:
     """Collective: pick the gradient transport (CUDA-aware, staged, flat or hierarchical)."""
     from mpitrain.comm.factory import describe, make_reducer
     from mpitrain.runtime.cuda_aware import decide_cuda_aware
@@ -86,7 +90,9 @@ def build_reducer(cfg: TrainConfig, world: World, device: torch.device) -> Any:
         decision = decide_cuda_aware(world.comm, device, cfg.cuda_aware)
         if world.rank == 0:
             log.info("CUDA-aware MPI: %s", decision.describe())
-    reducer = make_reducer(world, device=device, cuda_aware=decision, algo=cfg.allreduce)
+    reducer = make_reducer(
+        world, device=device, cuda_aware=decision, algo=cfg.allreduce, overlap=overlap
+    )
     if world.rank == 0:
         log.info("gradient transport: %s", describe(reducer))
     return reducer
@@ -97,8 +103,9 @@ def build_parts(
 ) -> Parts:
     """Collective: open the data, build and wrap the model, optimizer and schedule."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
-    from mpitrain.grad import DataParallel
-    from mpitrain.grad.hooks import make_hook
+    from mpitrain.grad.protocol import BuildContext, build_exchange
+    from mpitrain.grad.zero.spec import build_sharded
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
     from mpitrain.train.builtin import ensure_digits
     from mpitrain.train.models import build_model
     from mpitrain.train.optim import build_optimizer, build_scheduler
@@ -159,25 +166,48 @@ def build_parts(
     module = agree(
         world.comm, lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes)
     ).to(device)
-    model: Any
-    if cfg.exchange == "sync":
-        model = DataParallel(
-            module,
-            comm=world.comm,
-            bucket_mb=cfg.bucket_mb,
-            hook=make_hook(cfg.compression),
-            reducer=build_reducer(cfg, world, device),
+    # ZeRO (--shard, docs/sharding.md): the optimizer is built over this rank's shards
+    model = (build_sharded if cfg.shard != "none" else build_exchange)(
+        BuildContext(
+            cfg, world, module, device, steps_per_epoch,
+            make_reducer=lambda overlap: build_reducer(cfg, world, device, overlap),
+            link=ps_link,
         )
-    else:
-        from mpitrain.grad.modes import wrap_for_mode
-
-        model = wrap_for_mode(
-            cfg, world, module, steps_per_epoch=steps_per_epoch, link=ps_link
-        )
-    optimizer = build_optimizer(cfg, module.parameters(), world.size)
+    )
+    params = model.parameters() if isinstance(model, ShardedDataParallel) else module.parameters()
+    optimizer = build_optimizer(cfg, params, world.size)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     return Parts(model, optimizer, scheduler, train_loader, test_loader, device, scaler)
+
+
+def _flag(name: str, value: object) -> str:
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def with_mode_defaults(cfg: TrainConfig, ranks: int, *, announce: bool) -> TrainConfig:
+    """Apply ``cfg.exchange``'s tuned hyperparameters to the options the user did not set.
+
+    Also refuses options of other modes (``mpitrain.grad.protocol.mode_options``). ``ranks``
+    is the number of ranks launched. With ``announce`` the changes are printed (and how to
+    turn them off).
+    """
+    from mpitrain.grad.protocol import mode_options, tuned_changes
+
+    mode_options(cfg)
+    changes = tuned_changes(cfg, ranks)
+    if not changes:
+        return cfg
+    if announce:
+        text = ", ".join(_flag(k, v) for k, v in sorted(changes.items()))
+        print_line(
+            f"mpitrain: --exchange {cfg.exchange} defaults: {text} "
+            "(set them to override, or --no-mode-defaults)"
+        )
+    return cfg.replace(**changes)
 
 
 def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> None:
@@ -200,8 +230,7 @@ def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> N
     trainer.load_state_dict(state)
     if directory is not None and info.path.resolve().parent == directory.resolve():
         trainer.last_saved_step = trainer.state.step  # that file is there: not written again
-    identical = getattr(trainer.p.model, "replicas_identical", None)
-    if identical is None or identical():
+    if trainer.p.model.replicas_identical():
         digest = ckpt.state_digest(trainer.p.model.module, trainer.p.optimizer)
         ckpt.check_same_everywhere(trainer.comm, digest, f"loading '{info.path}'")
     # local SGD between averages: each rank restored its own saved model, which differ by design
@@ -228,17 +257,19 @@ def main(
     start-up, data loading or resume is recorded, not fatal); a new one is installed if None.
     """
     t_start = time.perf_counter()
-    cfg = parse_config(argv)
+    # tuned for the ranks launched (a param-server worker's main sees the workers only)
+    ranks = comm.size if ps_link is None else ps_link.workers + len(ps_link.servers)
+    cfg = with_mode_defaults(parse_config(argv), ranks, announce=ps_link is None and comm.rank == 0)
     flag = preempt if preempt is not None else PreemptFlag([]).install()
     flag.switch(parse_signals(cfg.preempt_signals))
     world = World.create(comm)
     check_slurm_world(world.size)  # srun without PMI starts N worlds of size 1: say so
-    if cfg.exchange == "param-server" and ps_link is None:
-        from mpitrain.grad.modes.param_server import run_param_server
+    launch = get_mode(cfg.exchange).launch  # the mode's own role split (param-server)
+    if launch is not None and ps_link is None:
         from mpitrain.train.optim import build_optimizer
 
         try:
-            return run_param_server(
+            return launch(
                 cfg,
                 world,
                 lambda wcomm, link: main(argv, wcomm, ps_link=link, preempt=flag),
@@ -257,6 +288,9 @@ def main(
         with watchdog.guard("opening the data and building the model", io=True):
             parts = build_parts(cfg, world, device, ps_link)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)
+        timeline = start_timeline(world.comm, cfg.timeline, cfg.timeline_steps)  # collective
+        trainer.timeline = timeline.recorder
+        parts.model.set_timeline(timeline.recorder)  # bucket spans where the exchange has them
         with watchdog.guard("resume: loading the checkpoint", io=True):
             resume_if_asked(cfg, trainer, plan)
         if world.rank == 0:
@@ -266,8 +300,10 @@ def main(
             )
         try:
             code = trainer.fit(flag)
+            timeline.stop()  # collective: merge on rank 0 (also after an agreed preemption)
         finally:
             trainer.metrics.close()
+        parts.model.close()  # collective: in-flight traffic finished, communicators freed
     finally:
         flag.uninstall()
         watchdog.close()

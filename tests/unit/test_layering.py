@@ -16,8 +16,10 @@ LAYERS = {
     "mpitrain.runtime.env": 0,
     "mpitrain.runtime": 1,
     "mpitrain.checkpoint": 1,
+    "mpitrain.checkpoint_shards": 1,
     "mpitrain.preempt": 1,
     "mpitrain.data": 1,
+    "mpitrain.timeline": 1,  # recorded by grad (buckets) and train (phases)
     "mpitrain.comm": 2,
     "mpitrain.grad": 3,
     "mpitrain.horovod": 3,

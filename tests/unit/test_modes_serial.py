@@ -63,7 +63,7 @@ def test_double_buffer_equals_one_step_stale_sgd(progress: str, lam: float) -> N
     for x, y in _batches(steps):
         _loss(model, x, y).backward()
         model.synchronize()
-        model.step(opt) if hasattr(model, "step") else opt.step()
+        model.step(opt)
         model.after_step()
         model.zero_grad()
     model.close()
@@ -80,14 +80,14 @@ def test_double_buffer_checkpoint_round_trip_continues_bitwise() -> None:
         for i, (x, y) in enumerate(batches):
             if i == split:
                 saved = copy.deepcopy(
-                    (model.exchange_state(), model.module.state_dict(), opt.state_dict())
+                    (model.exchange_state_dict(), model.module.state_dict(), opt.state_dict())
                 )
                 model.close()
                 model = DoubleBuffer(_model(), MPI.COMM_SELF)
                 opt = torch.optim.SGD(model.module.parameters(), lr=0.1, momentum=0.9)
                 model.module.load_state_dict(saved[1])
                 opt.load_state_dict(saved[2])
-                model.load_exchange_state(saved[0])
+                model.load_exchange_state_dict(saved[0])
             _loss(model, x, y).backward()
             model.synchronize()
             opt.step()
@@ -111,5 +111,5 @@ def test_local_sgd_counts_and_warmup() -> None:
     # 2 warm-up steps, then 6 local steps = 2 averages
     assert model.steps == 8 and model.averages == 2
     assert model.metrics() == {"local_steps_since_average": 0.0}
-    st = model.exchange_state()
+    st = model.exchange_state_dict()
     assert st is not None and st["steps"] == 8 and len(st["ranks"]) == 1

@@ -160,9 +160,11 @@ def test_train_parser_matches_the_trainers_parser() -> None:
 
 
 def test_train_args_accepted_as_the_trainer_reads_them() -> None:
-    words = ["--config", "run.toml", "--epochs=3", "--no-progress", "--lr", "0.1", "--mod", "cnn"]
+    words = ["--config", "run.toml", "--epochs=3", "--no-progress", "--lr", "0.1",
+             "--model", "cnn", "--hidd", "32"]
     text = render("train-cpu", RenderOptions(train_args=words))
-    assert "TRAIN_ARGS=(--config run.toml --epochs=3 --no-progress --lr 0.1 --mod cnn)" in text
+    want = "--config run.toml --epochs=3 --no-progress --lr 0.1 --model cnn --hidd 32"
+    assert f"TRAIN_ARGS=({want})" in text
     # preprocess runs data_tools, whose flags the trainer's parser does not know
     render("preprocess", RenderOptions(train_args=["--sklearn", "digits", "--resume", "--"]))
 

@@ -1,53 +1,24 @@
-"""What every exchange-mode wrapper shares: forward pass-through, flat views, metrics."""
+"""What every exchange-mode wrapper shares: the protocol defaults and flat views."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
+from mpitrain.grad.protocol import ExchangeBase
 
-class ModeWrapper(torch.nn.Module):
+
+class ModeWrapper(ExchangeBase):
     """Base of the asynchronous-mode wrappers: ``model.module`` is the wrapped model.
 
-    The trainer calls, per step: ``model(x)`` (micro-batches inside :meth:`no_sync`),
-    ``loss.backward()``, :meth:`synchronize`, then ``model.step(opt)`` if present (else
-    ``opt.step()``), :meth:`after_step`, and merges :meth:`metrics` into its step record.
+    Implements :class:`~mpitrain.grad.protocol.Exchange` with local defaults; ``params`` are
+    the trainable parameters in registration order (the order of the modes' flat buffers).
     """
 
     def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
+        super().__init__(module)
         self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the wrapped module."""
-        return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Accumulate locally (these modes communicate only at the step boundary anyway)."""
-        yield
-
-    def synchronize(self) -> None:
-        """Finish this step's gradient exchange (no-op unless the mode exchanges gradients)."""
-
-    def after_step(self) -> None:
-        """Run after the optimizer step (no-op by default)."""
-
-    def metrics(self) -> dict[str, float]:
-        """Return per-step statistics merged into the trainer's metrics record."""
-        return {}
-
-    def replicas_identical(self) -> bool:
-        """Whether every rank should hold the same parameters now (checked after a resume)."""
-        return True
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the wrapped module's gradients."""
-        self.module.zero_grad(set_to_none=set_to_none)
 
 
 def flat_grads(params: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:

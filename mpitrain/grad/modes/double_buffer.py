@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.allreduce import iallreduce_
 from mpitrain.comm.handle import DONE, Handle
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.broadcast import broadcast_parameters
@@ -43,9 +43,13 @@ from mpitrain.grad.modes.base import (
     numel,
     set_grads,
 )
+from mpitrain.grad.modes.transport import FlatTransport, transport_for
+from mpitrain.grad.protocol import BuildContext, ModeSpec
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from mpitrain.config import TrainConfig
 
 PROGRESS = ("poll", "thread", "none")
 
@@ -79,10 +83,12 @@ class DoubleBuffer(ModeWrapper):
 
     Args:
         module: the model.
-        comm: the communicator (duplicated: the in-flight all-reduce has its own).
+        comm: the communicator (parameters are broadcast over it).
         progress: ``poll`` | ``thread`` | ``none`` (see the module docstring).
         delay_compensation: λ of DC-ASGD (0 = off).
         poll_us: helper-thread polling interval.
+        transport: the all-reduce path (reducer + compression hook); default: a non-blocking
+            host reducer on a duplicate of ``comm`` (staged for device parameters).
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class DoubleBuffer(ModeWrapper):
         progress: str = "poll",
         delay_compensation: float = 0.0,
         poll_us: float = 200.0,
+        transport: FlatTransport | None = None,
     ) -> None:
         super().__init__(module)
         if progress not in PROGRESS:
@@ -100,20 +107,27 @@ class DoubleBuffer(ModeWrapper):
                 with_hint(f"double-buffer progress {progress!r} is unknown", f"use {PROGRESS}")
             )
         broadcast_parameters(module, comm, root=0)
-        self.comm = comm.Dup()
+        self._own_comm: MPI.Intracomm | None = None
+        if transport is None:
+            from mpitrain.comm.factory import default_reducer
+
+            self._own_comm = comm.Dup()
+            transport = FlatTransport(default_reducer(self._own_comm, self.params, overlap=True))
+        self.transport = transport
         self.progress = progress
         self.lam = delay_compensation
         dtype = check_one_dtype(self.params, "double-buffer")
         n = numel(self.params)
-        self._bufs = [torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)]
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self._bufs = [torch.zeros(n, dtype=dtype, device=dev) for _ in range(2)]
         self._parity = 0
         self._inflight: Handle = DONE
         self._has_pending = False  # the other buffer holds (or will hold) an average to apply
         self.steps = 0
         self.wait_seconds = 0.0
         self._last_wait = 0.0
-        self._prev_w = torch.zeros(n, dtype=dtype) if self.lam > 0 else None
-        self._now_w = torch.zeros(n, dtype=dtype) if self.lam > 0 else None
+        self._prev_w = torch.zeros(n, dtype=dtype, device=dev) if self.lam > 0 else None
+        self._now_w = torch.zeros(n, dtype=dtype, device=dev) if self.lam > 0 else None
         self._poller = _Poller(poll_us) if progress == "thread" else None
         self._hooks = []
         if progress == "poll":
@@ -143,7 +157,7 @@ class DoubleBuffer(ModeWrapper):
         other = self._bufs[1 - self._parity]
         flat_grads(self.params, cur)
         self._wait_inflight()  # step t-1's average lands in `other`
-        handle = iallreduce_(cur, self.comm, average=True)
+        handle = self.transport.iallreduce_(cur)
         if self._poller is not None:
             with self._poller.lock:
                 self._poller.handle = handle
@@ -162,29 +176,22 @@ class DoubleBuffer(ModeWrapper):
         self.steps += 1
 
     def drain(self) -> None:
-        """Finish the in-flight all-reduce (its average is still applied at the next step)."""
+        """Collective: finish the in-flight all-reduce (its average is applied next step)."""
         self._wait_inflight()
-
-    def train(self, mode: bool = True) -> DoubleBuffer:
-        """Switch mode; switching to eval first finishes the in-flight all-reduce."""
-        if not mode:
-            self.drain()
-        super().train(mode)
-        return self
 
     def metrics(self) -> dict[str, float]:
         """Seconds the last step waited for the previous all-reduce, and the staleness (1)."""
         return {"exchange_wait_s": self._last_wait, "staleness": 1.0 if self.steps > 1 else 0.0}
 
-    def exchange_state(self) -> dict[str, Any]:
+    def exchange_state_dict(self) -> dict[str, Any]:
         """Collective: the averaged gradient still to be applied (identical on every rank)."""
         self.drain()
         pending = self._bufs[1 - self._parity].clone() if self._has_pending else None
         prev = self._prev_w.clone() if self._prev_w is not None else None
         return {"mode": "double-buffer", "steps": self.steps, "pending": pending, "prev_w": prev}
 
-    def load_exchange_state(self, state: dict[str, Any]) -> None:
-        """Restore the pending averaged gradient saved by :meth:`exchange_state`."""
+    def load_exchange_state_dict(self, state: dict[str, Any]) -> None:
+        """Collective: restore the pending average saved by :meth:`exchange_state_dict`."""
         self.drain()
         self.steps = int(state["steps"])
         pending = state.get("pending")
@@ -195,7 +202,7 @@ class DoubleBuffer(ModeWrapper):
             self._prev_w.copy_(state["prev_w"])
 
     def close(self) -> None:
-        """Finish communication, stop the helper thread and free the duplicate communicator."""
+        """Collective: finish communication, stop the helper thread, free the own communicator."""
         self.drain()
         if self._poller is not None:
             self._poller.close()
@@ -203,4 +210,53 @@ class DoubleBuffer(ModeWrapper):
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.comm.Free()
+        if self._own_comm is not None:
+            self._own_comm.Free()
+            self._own_comm = None
+
+
+@dataclass(frozen=True)
+class DoubleBufferOptions:
+    """``--exchange double-buffer``'s options (TrainConfig fields of the same names)."""
+
+    double_buffer_progress: str = "poll"
+    delay_compensation: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> DoubleBufferOptions:
+        """Take the options from ``cfg`` (validated there)."""
+        return cls(cfg.double_buffer_progress, cfg.delay_compensation)
+
+
+def _build(ctx: BuildContext, opts: DoubleBufferOptions) -> DoubleBuffer:
+    params = [p for p in ctx.module.parameters() if p.requires_grad]
+    return DoubleBuffer(
+        ctx.module,
+        ctx.world.comm,
+        progress=opts.double_buffer_progress,
+        delay_compensation=opts.delay_compensation,
+        transport=transport_for(ctx, params, overlap=True),
+    )
+
+
+#: the global batch the tuned defaults keep (per-rank batch = this / ranks, at least 8)
+TUNED_GLOBAL_BATCH = 64
+
+
+def _tuned(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
+    # One step of delay bounds the stable lr whatever the batch (docs/async.md: Nesterov
+    # β = 0.9 is stable to lr·λ < 0.25, heavy ball to 0.1): no linear lr scaling, a fixed
+    # lr at that bound, and a fixed global batch so that more ranks do not mean fewer steps.
+    del cfg
+    batch = max(8, TUNED_GLOBAL_BATCH // max(ranks, 1))
+    return {"nesterov": True, "momentum": 0.9, "lr": 0.1, "scale_lr": False, "batch_size": batch}
+
+
+SPEC = ModeSpec(
+    name="double-buffer",
+    options=DoubleBufferOptions.from_config,
+    build=_build,
+    lag=lambda _opts: 1,
+    fields=("double_buffer_progress", "delay_compensation"),
+    tuned=_tuned,
+)

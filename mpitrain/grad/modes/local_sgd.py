@@ -13,12 +13,13 @@ gradient, so averaging them after the step equals stepping with the averaged gra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.allreduce import allreduce_
 from mpitrain.grad.broadcast import broadcast_parameters
+from mpitrain.grad.hooks import allreduce_hook
 from mpitrain.grad.modes.base import (
     ModeWrapper,
     check_one_dtype,
@@ -28,9 +29,13 @@ from mpitrain.grad.modes.base import (
     set_grads,
     set_params,
 )
+from mpitrain.grad.modes.transport import FlatTransport, transport_for
+from mpitrain.grad.protocol import BuildContext, ModeSpec
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from mpitrain.config import TrainConfig
 
 
 class LocalSGD(ModeWrapper):
@@ -43,6 +48,9 @@ class LocalSGD(ModeWrapper):
         warmup_steps: synchronous (gradient-averaging) steps before local SGD starts.
         average_optimizer_state: also average floating optimizer state (momentum, Adam
             moments) at each model average.
+        transport: the all-reduce path (reducer + compression hook); default: blocking host
+            MPI on ``comm`` (staged for device parameters). With compression the parameters
+            travel as their change since the last average (small numbers, small rounding).
     """
 
     def __init__(
@@ -53,17 +61,28 @@ class LocalSGD(ModeWrapper):
         local_steps: int,
         warmup_steps: int = 0,
         average_optimizer_state: bool = False,
+        transport: FlatTransport | None = None,
     ) -> None:
         super().__init__(module)
         if local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         self.comm = comm
+        if transport is None:
+            from mpitrain.comm.factory import default_reducer
+
+            transport = FlatTransport(default_reducer(comm, self.params, overlap=False))
+        self.transport = transport
         self.local_steps = local_steps
         self.warmup_steps = warmup_steps
         self.average_optimizer_state = average_optimizer_state
         dtype = check_one_dtype(self.params, "local-sgd")
         broadcast_parameters(module, comm, root=0)
-        self._grad_buf = torch.zeros(numel(self.params), dtype=dtype)
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self._grad_buf = torch.zeros(numel(self.params), dtype=dtype, device=dev)
+        # the last average (identical everywhere): compressed averages send w - anchor
+        self._anchor: torch.Tensor | None = None
+        if transport.hook is not allreduce_hook:
+            self._anchor = flat_params(self.params, torch.empty_like(self._grad_buf))
         self.steps = 0  # optimizer steps taken
         self.averages = 0  # model averages done
         self._since_average = 0
@@ -71,13 +90,13 @@ class LocalSGD(ModeWrapper):
         self._pending: torch.Tensor | None = None
 
     def synchronize(self) -> None:
-        """Collective during warm-up (gradient all-reduce); local afterwards."""
+        """Collective: all-reduce gradients during warm-up; local (no traffic) afterwards."""
         if self.steps < self.warmup_steps and self.comm.size > 1:
-            allreduce_(flat_grads(self.params, self._grad_buf), self.comm, average=True)
+            self.transport.allreduce_(flat_grads(self.params, self._grad_buf), key=0)
             set_grads(self.params, self._grad_buf)
 
     def step(self, opt: torch.optim.Optimizer) -> None:
-        """Take a local optimizer step (remembers the optimizer for state averaging)."""
+        """Take a local optimizer step, no communication (remembers the optimizer for averaging)."""
         self._optimizer = opt
         if self._pending is not None:  # resumed: this rank's own optimizer state
             rest = self._pending[numel(self.params) :]
@@ -87,7 +106,7 @@ class LocalSGD(ModeWrapper):
         opt.step()
 
     def after_step(self) -> None:
-        """Collective every ``local_steps`` steps after warm-up: average the models."""
+        """Collective: every ``local_steps`` steps after warm-up, average the models."""
         self.steps += 1
         if self.steps <= self.warmup_steps:
             return
@@ -109,11 +128,18 @@ class LocalSGD(ModeWrapper):
             return
         extra = self._state_tensors()
         n_params = numel(self.params)
-        flat = torch.empty(n_params + numel(extra), dtype=self._grad_buf.dtype)
+        flat = torch.empty(
+            n_params + numel(extra), dtype=self._grad_buf.dtype, device=self._grad_buf.device
+        )
         flat_params(self.params, flat[:n_params])
         if extra:
             flat_params(extra, flat[n_params:])
-        allreduce_(flat, self.comm, average=True)
+        if self._anchor is not None:
+            flat[:n_params].sub_(self._anchor)
+        self.transport.allreduce_(flat, key=1)
+        if self._anchor is not None:
+            flat[:n_params].add_(self._anchor)
+            self._anchor.copy_(flat[:n_params])
         set_params(self.params, flat[:n_params])
         if extra:
             set_params(extra, flat[n_params:])
@@ -137,7 +163,7 @@ class LocalSGD(ModeWrapper):
                         out.append(v)
         return out
 
-    def exchange_state(self) -> dict[str, Any] | None:
+    def exchange_state_dict(self) -> dict[str, Any] | None:
         """Collective: gather every rank's model and optimizer state (they differ between
         averages) to rank 0; rank 0 returns them with the counters, other ranks None."""
         own = torch.cat([t.detach().reshape(-1) for t in [*self.params, *self._opt_tensors()]])
@@ -150,9 +176,10 @@ class LocalSGD(ModeWrapper):
             "averages": self.averages,
             "since_average": self._since_average,
             "ranks": gathered,
+            "anchor": None if self._anchor is None else self._anchor.clone(),
         }
 
-    def load_exchange_state(self, state: dict[str, Any]) -> None:
+    def load_exchange_state_dict(self, state: dict[str, Any]) -> None:
         """Restore counters and, when the rank count is unchanged, this rank's own model and
         optimizer state (otherwise every rank continues from rank 0's, right after an average).
         """
@@ -165,3 +192,47 @@ class LocalSGD(ModeWrapper):
             set_params(self.params, self._pending[: numel(self.params)])
         else:
             self._since_average = 0
+        if self._anchor is not None:  # the last average, identical on every rank
+            saved = state.get("anchor")
+            if saved is not None and saved.numel() == self._anchor.numel():
+                self._anchor.copy_(saved)
+            else:
+                flat_params(self.params, self._anchor)
+
+
+@dataclass(frozen=True)
+class LocalSGDOptions:
+    """``--exchange local-sgd``'s options (TrainConfig fields of the same names)."""
+
+    local_steps: int = 4
+    sync_warmup_steps: int | None = None  #: None: the lr warm-up's steps
+    local_sgd_average_optimizer: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LocalSGDOptions:
+        """Take the options from ``cfg`` (validated there)."""
+        return cls(cfg.local_steps, cfg.sync_warmup_steps, cfg.local_sgd_average_optimizer)
+
+
+def _build(ctx: BuildContext, opts: LocalSGDOptions) -> LocalSGD:
+    warmup = opts.sync_warmup_steps
+    if warmup is None:
+        warmup = int(ctx.cfg.warmup_epochs * ctx.steps_per_epoch)
+    params = [p for p in ctx.module.parameters() if p.requires_grad]
+    return LocalSGD(
+        ctx.module,
+        ctx.world.comm,
+        local_steps=opts.local_steps,
+        warmup_steps=warmup,
+        average_optimizer_state=opts.local_sgd_average_optimizer,
+        transport=transport_for(ctx, params, overlap=False),
+    )
+
+
+SPEC = ModeSpec(
+    name="local-sgd",
+    options=LocalSGDOptions.from_config,
+    build=_build,
+    lag=lambda opts: opts.local_steps - 1,
+    fields=("local_steps", "sync_warmup_steps", "local_sgd_average_optimizer"),
+)

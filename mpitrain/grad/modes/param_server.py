@@ -250,15 +250,23 @@ class ParamServerWorker(ModeWrapper):
         comm: the workers-only communicator.
         link: the servers (from :func:`run_param_server`).
         max_staleness: τ, the most versions a worker's parameters may lag its round.
+        warmup_steps: the first rounds are synchronous (τ = 0), as local SGD's warm-up.
     """
 
     def __init__(
-        self, module: torch.nn.Module, comm: MPI.Intracomm, link: ServerLink, *, max_staleness: int
+        self,
+        module: torch.nn.Module,
+        comm: MPI.Intracomm,
+        link: ServerLink,
+        *,
+        max_staleness: int,
+        warmup_steps: int = 0,
     ) -> None:
         super().__init__(module)
         self.comm = comm
         self.link = link
         self.tau = max_staleness
+        self.warmup_steps = warmup_steps
         self.dtype = check_one_dtype(self.params, "param-server")
         if self.dtype != torch.float32:
             raise ConfigError(
@@ -289,7 +297,7 @@ class ParamServerWorker(ModeWrapper):
         return min(self.versions)
 
     def step(self, opt: torch.optim.Optimizer) -> None:
-        """Push this round's gradient with the current lr, then pull to within τ versions."""
+        """Collective: push this round's gradient and lr to the servers; pull to within τ."""
         staleness = self.pushed - self.version
         if staleness > self.tau:
             raise CommError(f"param-server: round {self.pushed} on version {self.version}")
@@ -304,11 +312,15 @@ class ParamServerWorker(ModeWrapper):
             msg[2], msg[3] = GRAD, 0.0
             msg[HEAD:] = self._grad[a:b].numpy()
             self._sends.append((self.link.comm.Isend(msg, dest=s, tag=TAG_PUSH), msg))
+        tau = 0 if self.pushed < self.warmup_steps else self.tau
         self.pushed += 1
-        self.pull(self.pushed - self.tau)
+        self.pull(self.pushed - tau)
 
     def pull(self, need: int) -> None:
-        """Receive versions until every shard is at least ``need``; take newer ones that wait."""
+        """Collective: receive versions until every shard is at least ``need`` (and newer ones).
+
+        Point-to-point with the servers, like :meth:`step`.
+        """
         t0 = time.perf_counter()
         comm, got = self.link.comm, False
         for i, (s, (a, b)) in enumerate(zip(self.link.servers, self.bounds, strict=True)):
@@ -326,18 +338,14 @@ class ParamServerWorker(ModeWrapper):
         self.wait_seconds += self._last_wait
 
     def drain(self) -> None:
-        """Pull the newest version (every pushed round applied) and finish sends."""
+        """Collective: pull the newest version (every pushed round applied), finish sends.
+
+        Point-to-point with the servers only; every worker calls it at the same step.
+        """
         self.pull(self.pushed)
         for r, _ in self._sends:
             r.Wait()
         self._sends = []
-
-    def train(self, mode: bool = True) -> ParamServerWorker:
-        """Switch mode; evaluation first pulls the newest parameters."""
-        if not mode and hasattr(self, "link"):
-            self.drain()
-        super().train(mode)
-        return self
 
     def metrics(self) -> dict[str, float]:
         """This step's staleness (rounds ahead of the parameters used), max so far, wait."""
@@ -348,7 +356,7 @@ class ParamServerWorker(ModeWrapper):
             "exchange_wait_s": self._last_wait,
         }
 
-    def exchange_state(self) -> dict[str, Any] | None:
+    def exchange_state_dict(self) -> dict[str, Any] | None:
         """Collective over workers: drain; worker 0 fetches every server's shard state."""
         self.drain()
         hists = self.comm.gather(self.staleness_hist, root=0)
@@ -368,8 +376,8 @@ class ParamServerWorker(ModeWrapper):
             "staleness_hist": [[[k, v] for k, v in sorted(h.items())] for h in hists],
         }
 
-    def load_exchange_state(self, state: dict[str, Any]) -> None:
-        """Restore server shards (same --servers), versions and staleness histograms."""
+    def load_exchange_state_dict(self, state: dict[str, Any]) -> None:
+        """Collective over workers: restore server shards (same --servers), versions, histograms."""
         if [list(b) for b in self.bounds] != [list(b) for b in state["bounds"]]:
             raise ConfigError(
                 with_hint(
@@ -391,3 +399,4 @@ class ParamServerWorker(ModeWrapper):
         hists = state["staleness_hist"]
         if len(hists) == self.comm.size:
             self.staleness_hist = {int(k): int(v) for k, v in hists[self.comm.rank]}
+

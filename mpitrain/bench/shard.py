@@ -1,0 +1,213 @@
+"""Sharded data parallelism: memory per rank and step time, replicas vs ZeRO stages vs torch.
+
+    python -m mpitrain.bench shard [-n 2] [--widths 1024,4096,4096,1024] [--steps 5] [--json P]
+
+One ``mpiexec`` job per method (so each reports its own peak RSS), same MLP, batch, data and
+Adam on every method:
+
+- ``replicas``: :class:`mpitrain.DataParallel` + ``torch.optim.Adam`` (every rank holds all);
+- ``zero1`` / ``zero2``: :class:`mpitrain.ShardedDataParallel` stage 1 / 2, Adam over the shards;
+- ``torch-zero``: torch ``DistributedDataParallel`` (gloo) + ``ZeroRedundancyOptimizer(Adam)``.
+
+Memory is counted from the tensors themselves on each rank (parameters, gradients, optimizer
+state; ``+transient`` adds stage 2's peak of per-bucket full gradient buffers alive at once)
+plus the process's peak RSS.
+Step time is the median of ``--steps`` timed steps after two warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mpitrain.bench.allreduce import init_gloo, relaunch
+from mpitrain.runtime.abort import run_mpi
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+METHODS = ("replicas", "zero1", "zero2", "torch-zero")
+
+
+def _bytes(tensors: Any) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _state_tensors(opt: Any) -> list[Any]:
+    return [v for st in opt.state.values() for v in st.values()]
+
+
+def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
+    """Collective: train ``args.method`` for warm-up + timed steps; rank 0 writes one row."""
+    import torch
+    from mpi4py import MPI
+    from torch import nn
+
+    torch.set_num_threads(1)
+    widths = [int(w) for w in args.widths.split(",")]
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(*layers[:-1])
+    numel = sum(p.numel() for p in net.parameters())
+    g = torch.Generator().manual_seed(1 + comm.rank)
+    x = torch.randn(args.batch, widths[0], generator=g)
+    y = torch.randn(args.batch, widths[-1], generator=g)
+    method = args.method
+    if method in ("zero1", "zero2"):
+        from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+        sdp = ShardedDataParallel(net, comm=comm, stage=int(method[-1]), bucket_mb=args.bucket_mb)
+        opt = torch.optim.Adam(sdp.parameters(), lr=1e-4)
+
+        def step() -> None:
+            nn.functional.mse_loss(sdp(x), y).backward()  # type: ignore[no-untyped-call]
+            sdp.synchronize()
+            sdp.step(opt)
+            sdp.zero_grad()
+
+        def memory() -> dict[str, int]:
+            return sdp.memory_bytes(opt)
+    elif method == "replicas":
+        from mpitrain.grad import DataParallel
+
+        dp = DataParallel(net, comm=comm, bucket_mb=args.bucket_mb)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+        def step() -> None:
+            opt.zero_grad()
+            nn.functional.mse_loss(dp(x), y).backward()  # type: ignore[no-untyped-call]
+            dp.synchronize()
+            opt.step()
+
+        def memory() -> dict[str, int]:
+            return {"parameters": _bytes(net.parameters()),
+                    "gradients": _bytes(dp.engine.plan.buffers.values()),
+                    "optimizer": _bytes(_state_tensors(opt))}
+    else:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from torch.nn.parallel import DistributedDataParallel
+
+        init_gloo(comm)
+        ddp = DistributedDataParallel(net, bucket_cap_mb=args.bucket_mb)
+        zro = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.Adam, lr=1e-4)
+
+        def step() -> None:
+            zro.zero_grad()
+            nn.functional.mse_loss(ddp(x), y).backward()  # type: ignore[no-untyped-call]
+            zro.step()
+
+        def memory() -> dict[str, int]:
+            grads = [p.grad for p in net.parameters()]
+            return {"parameters": _bytes(net.parameters()),
+                    "gradients": _bytes(grads),  # DDP's buckets alias the grads
+                    "optimizer": _bytes(_state_tensors(zro.optim))}
+    times = []
+    for i in range(2 + args.steps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        step()
+        dt = time.perf_counter() - t0
+        if i >= 2:
+            times.append(comm.allreduce(dt, op=MPI.MAX))
+    mem = memory()
+    model_state = mem["parameters"] + mem["gradients"] + mem["optimizer"]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    per_rank = comm.gather({**mem, "model_state": model_state, "peak_rss": rss}, root=0)
+    if comm.rank == 0:
+        assert per_rank is not None
+        row = {"method": method, "ranks": comm.size, "numel": numel, "batch": args.batch,
+               "step_ms": statistics.median(times) * 1e3,
+               "step_ms_all": [t * 1e3 for t in times],
+               **{k: max(r[k] for r in per_rank) for k in per_rank[0]}}
+        Path(args.out).write_text(json.dumps(row))
+    if method == "torch-zero":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    """Print the side-by-side table (ratios against replicas)."""
+    base = next((r for r in rows if r["method"] == "replicas"), rows[0])
+    print(f"MLP {rows[0]['numel'] / 1e6:.1f}M params, Adam, {rows[0]['ranks']} ranks, batch "
+          f"{rows[0]['batch']}/rank; MiB per rank (max over ranks), step ms median")
+    print(f"{'method':<11} {'params':>7} {'grads':>7} {'optim':>7} {'model':>7} {'of repl':>7} "
+          f"{'+transient':>10} {'rss':>7} {'step ms':>8} {'vs repl':>7}")
+    for r in rows:
+        peak = r["model_state"] + r.get("gradients_transient_peak", 0)
+        print(f"{r['method']:<11} {_mib(r['parameters']):>7} {_mib(r['gradients']):>7} "
+              f"{_mib(r['optimizer']):>7} {_mib(r['model_state']):>7} "
+              f"{r['model_state'] / base['model_state']:>7.2f} {_mib(peak):>10} "
+              f"{_mib(r['peak_rss']):>7} {r['step_ms']:>8.1f} "
+              f"{r['step_ms'] / base['step_ms']:>7.2f}")
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: one job per method, then the table (and JSON)."""
+    p = argparse.ArgumentParser(prog="python -m mpitrain.bench shard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--ranks", type=int, default=2)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--widths", default="1024,4096,4096,1024", help="MLP layer widths")
+    p.add_argument("--batch", type=int, default=32, help="samples per rank")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
+    p.add_argument("--bucket-mb", type=float, default=4.0)
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return run_mpi(lambda comm: worker(args, comm))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            out = Path(tmp) / f"{method}.json"
+            fwd = ["shard", "--method", method, "--out", str(out), "--widths", args.widths,
+                   "--batch", str(args.batch), "--steps", str(args.steps),
+                   "--bucket-mb", str(args.bucket_mb)]
+            code = relaunch(args.ranks, fwd)
+            if code != 0:
+                return code
+            rows.append(json.loads(out.read_text()))
+    report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"benchmark": "shard", "machine": machine_info(), "rows": rows}, indent=1))
+    return 0
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine record (without starting MPI in the driver)."""
+    import os
+    import platform
+
+    return {"host": platform.node(), "cores": os.cpu_count(),
+            "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

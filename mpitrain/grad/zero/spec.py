@@ -1,0 +1,52 @@
+"""Build ShardedDataParallel for the trainer (``--shard optimizer|gradients``).
+
+The trainer's checkpoint, clipping and mixed-precision paths assume every rank holds the
+whole optimizer state and gradients; until they go through the sharded ones
+(:mod:`mpitrain.grad.zero.state`, :meth:`ShardedDataParallel.clip_grad_norm_`), the
+combinations that would silently be wrong are refused here, with the fix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mpitrain.errors import ConfigError, with_hint
+from mpitrain.grad.zero.wrapper import STAGES, ShardedDataParallel
+
+if TYPE_CHECKING:
+    from mpitrain.grad.protocol import BuildContext
+
+
+def check_trainer_options(ctx: BuildContext) -> int:
+    """Return the ZeRO stage for ``ctx.cfg.shard``, refusing what the trainer cannot shard."""
+    cfg = ctx.cfg
+    shard = str(getattr(cfg, "shard", "none"))
+    stage = STAGES.get(shard)
+    if stage is None:
+        raise ConfigError(with_hint(f"--shard {shard} is not available",
+                                    "use --shard none, optimizer or gradients"))
+    refuse = []
+    if cfg.exchange != "sync":
+        refuse.append(f"--exchange {cfg.exchange}")
+    if cfg.clip_grad_norm:
+        refuse.append("--clip-grad-norm (the trainer clips the full gradients)")
+    if cfg.checkpoint_dir is not None or cfg.resume is not None:
+        refuse.append("--checkpoint-dir/--resume (the trainer saves rank 0's optimizer state)")
+    if cfg.precision != "fp32":
+        refuse.append(f"--precision {cfg.precision}")
+    if ctx.device.type != "cpu":
+        refuse.append(f"--device {ctx.device.type}")
+    if refuse:
+        raise ConfigError(with_hint(
+            f"--shard {shard} does not work with {', '.join(refuse)} yet",
+            "drop those options, or use --shard none; scripts can use "
+            "mpitrain.ShardedDataParallel with save_sharded/clip_grad_norm_ (docs/sharding.md)",
+        ))
+    return stage
+
+
+def build_sharded(ctx: BuildContext) -> ShardedDataParallel:
+    """Collective: wrap ``ctx.module`` for ``--shard`` (build the optimizer over its shards)."""
+    stage = check_trainer_options(ctx)
+    return ShardedDataParallel(ctx.module, comm=ctx.world.comm, stage=stage,
+                               bucket_mb=ctx.cfg.bucket_mb)

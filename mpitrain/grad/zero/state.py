@@ -1,0 +1,115 @@
+"""Sharded checkpoints of a ShardedDataParallel model and its optimizer (save, load N -> M).
+
+The files and the manifest are :mod:`mpitrain.checkpoint_shards`'; this module knows the
+wrapper: what a rank's payload holds and how a consolidated (per-parameter) state is cut into
+this rank's shards of the current layout, whatever the number of ranks that wrote it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mpitrain.checkpoint_shards import load_full, save_shards
+from mpitrain.errors import CheckpointError, ConfigError, with_hint
+from mpitrain.runtime.collective import agree
+
+if TYPE_CHECKING:
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+
+def _check_optimizer(model: ShardedDataParallel, optimizer: torch.optim.Optimizer) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(optimizer.param_groups) != 1 or len(params) != len(model.shards) or any(
+        a is not b for a, b in zip(params, model.shards, strict=True)
+    ):
+        raise ConfigError(
+            with_hint("the optimizer is not built over the model's shard parameters",
+                      "build it as torch.optim.X(model.parameters(), ...) with one param group")
+        )
+
+
+def shard_payload(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Return what this rank writes: its chunks, its optimizer state, rank 0's buffers."""
+    _check_optimizer(model, optimizer)
+    names = {s.name for s in model.layout.slots}
+    buffers = {}
+    if model.comm.rank == 0:
+        buffers = {k: v.detach().clone() for k, v in model.module.state_dict().items()
+                   if k not in names}
+    return {
+        "flat": {b: s.detach().clone() for b, s in enumerate(model.shards)},
+        "optim": optimizer.state_dict(),
+        "buffers": buffers,
+        "extra": extra or {},
+    }
+
+
+def save_sharded(
+    model: ShardedDataParallel,
+    optimizer: torch.optim.Optimizer,
+    directory: Path,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Collective: write a sharded checkpoint of ``model`` and ``optimizer`` to ``directory``."""
+    manifest = {
+        "layout": model.layout.manifest(),
+        "state_keys": list(model.module.state_dict()),
+        "stage": model.stage,
+    }
+    return save_shards(Path(directory), shard_payload(model, optimizer, extra), manifest,
+                       model.comm)
+
+
+def load_sharded(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, directory: Path
+) -> dict[str, Any]:
+    """Collective: load a sharded checkpoint written on any number of ranks; returns ``extra``.
+
+    Every rank reads every shard file (transiently the full model and optimizer state).
+    """
+    full = agree(model.comm, lambda: load_full(Path(directory)))
+    load_consolidated(model, optimizer, full)
+    extra: dict[str, Any] = full["extra"]
+    return extra
+
+
+def load_consolidated(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any]
+) -> None:
+    """Copy a consolidated state (``checkpoint_shards.consolidate``) into this rank's shards."""
+    model.module.load_state_dict(full["model"])  # copies into the flat buffer's views
+    if optimizer is None:
+        return
+    _check_optimizer(model, optimizer)
+    lay, rank = model.layout, model.comm.rank
+    groups = full["param_groups"]
+    if len(groups) != 1:
+        raise CheckpointError(f"sharded optimizer state has {len(groups)} param groups; "
+                              "only one is supported")
+    saved = full["optim_state"]
+    state: dict[int, dict[str, Any]] = {}
+    named = [s for s in lay.slots if s.name in saved]
+    if named:
+        entry: dict[str, Any] = {}
+        flats: dict[str, torch.Tensor] = {}
+        for key, value in saved[named[0].name].items():
+            if not (isinstance(value, torch.Tensor) and value.dim() >= 1):
+                entry[key] = value
+                continue
+            flat = flats[key] = torch.zeros(lay.total, dtype=value.dtype)
+            for s in named:
+                flat[s.offset : s.offset + s.numel] = saved[s.name][key].reshape(-1)
+        for b in range(len(lay.buckets)):
+            lo, hi = lay.shard_range(b, rank)
+            state[b] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                        for k, v in entry.items()}
+            state[b].update({k: f[lo:hi].clone() for k, f in flats.items()})
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": [{**groups[0], "params": list(range(len(lay.buckets)))}]}
+    )

@@ -1,0 +1,171 @@
+"""``hvd.DistributedOptimizer`` and the broadcasts that make every rank start the same.
+
+The optimizer is mpitrain's gradient engine (``mpitrain.grad.optimizer``) over a
+:class:`HorovodReducer`: each gradient bucket is reduced through the Horovod collectives, so
+buckets are agreed like any ``hvd.allreduce`` (errors instead of hangs), honour
+``process_set`` and ``gradient_predivide_factor``, and ranks that have called ``hvd.join()``
+contribute zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from mpitrain.comm.handle import Handle
+from mpitrain.grad.compression import Compression
+from mpitrain.grad.optimizer import DistributedOptimizer as _EngineOptimizer
+from mpitrain.horovod import context as _c
+from mpitrain.horovod import ops as _o
+from mpitrain.horovod.handles import synchronize
+
+_G = _c.global_process_set
+
+
+class HorovodReducer:
+    """A :class:`~mpitrain.comm.reducer.Reducer` that reduces through ``hvd`` all-reduces."""
+
+    def __init__(self, process_set: _c.ProcessSet, prescale: float = 1.0,
+                 postscale: float = 1.0) -> None:
+        self.process_set = process_set
+        self.prescale = prescale
+        self.postscale = postscale
+        self.overlap = True
+        self._size = process_set.size() or 1
+
+    @property
+    def size(self) -> int:
+        """Number of ranks in the process set."""
+        return self._size
+
+    def iallreduce_(self, t: torch.Tensor, *, average: bool) -> Handle:
+        """Collective: start an agreed in-place Average (or Sum) of ``t``."""
+        op = _o.Average if average else _o.Sum
+        return _o.allreduce_op([t], [t], None, op, self.prescale, self.postscale,
+                               self.process_set, False)
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
+        """Collective: blocking form of :meth:`iallreduce_`."""
+        self.iallreduce_(t, average=average).wait()
+
+
+def _check_named(optimizer: torch.optim.Optimizer, named_parameters: Any
+                 ) -> list[tuple[str, torch.nn.Parameter]] | None:
+    if named_parameters is None:
+        return None
+    named = list(named_parameters)
+    if any(not isinstance(p, tuple) or len(p) != 2 for p in named):
+        raise ValueError("named_parameters should be a sequence of tuples (name, parameter), "
+                         "usually produced by model.named_parameters().")
+    names = [n for n, _ in named]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError("Parameter names in named_parameters must be unique. "
+                         f"Found duplicates: {', '.join(dups)}")
+    all_ids = {id(v) for g in optimizer.param_groups for v in g["params"]}
+    unnamed = all_ids - {id(v) for _, v in named}
+    if unnamed:
+        raise ValueError("named_parameters was specified, but one or more model parameters "
+                         f"were not named. Python object ids: {', '.join(map(str, unnamed))}")
+    return named
+
+
+def _check_groups(num_groups: int, groups: Any) -> None:
+    if groups is None:
+        groups = num_groups
+    if isinstance(groups, int):
+        if groups < 0:
+            raise ValueError("groups should be a non-negative integer or a list of list of "
+                             "torch.Tensor.")
+        return
+    if not isinstance(groups, list) or any(
+        not isinstance(g, list | tuple) or any(not isinstance(p, torch.Tensor) for p in g)
+        for g in groups
+    ):
+        raise ValueError("groups should be a non-negative integer or a list of list of "
+                         "torch.Tensor.")
+    seen: set[int] = set()
+    for g in groups:
+        for p in g:
+            if id(p) in seen:
+                raise ValueError("a parameter appears in more than one of groups")
+            seen.add(id(p))
+
+
+def DistributedOptimizer(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
+    compression: Any = Compression.none,
+    backward_passes_per_step: int = 1,
+    op: int = _o.Average,
+    gradient_predivide_factor: float = 1.0,
+    num_groups: int = 0,
+    groups: Any = None,
+    sparse_as_dense: bool = False,
+    process_set: _c.ProcessSet = _G,
+) -> _EngineOptimizer:
+    """Collective: wrap ``optimizer`` so gradients are averaged (or summed) across the set.
+
+    ``groups``/``num_groups`` are validated as Horovod does; fusion uses the engine's fixed
+    buckets instead (the reduced values are the same).
+    """
+    ctx = _c.context()
+    comm = ctx.comm_of(process_set, "hvd.DistributedOptimizer")
+    if op == _o.Adasum:
+        raise NotImplementedError(
+            "DistributedOptimizer(op=hvd.Adasum): Adasum is not provided by mpitrain.horovod; "
+            "use hvd.Average (default) or hvd.Sum"
+        )
+    if op not in (_o.Average, _o.Sum):
+        raise ValueError(f"DistributedOptimizer supports op=hvd.Average or hvd.Sum, got {op!r}")
+    if gradient_predivide_factor != 1.0 and op != _o.Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    named = _check_named(optimizer, named_parameters)
+    _check_groups(num_groups, groups)
+    f = float(gradient_predivide_factor)
+    reducer = HorovodReducer(process_set, 1.0 / f, f)
+    opt = _EngineOptimizer(
+        optimizer,
+        named,
+        comm=comm,
+        backward_passes_per_step=backward_passes_per_step,
+        compression=getattr(compression, "name", compression),
+        op="average" if op == _o.Average else "sum",
+        reducer=reducer,
+        overlap=True,
+    )
+    opt.engine.timeline = ctx.timeline  # hvd.start_timeline records its buckets
+    ctx.engines.add(opt.engine)
+    return opt
+
+
+def broadcast_parameters(params: Any, root_rank: int, process_set: _c.ProcessSet = _G) -> None:
+    """Collective: overwrite parameters/buffers in place with global rank ``root_rank``'s.
+
+    Takes a ``state_dict()`` (sorted by name, like Horovod), ``named_parameters()`` or a list
+    of tensors; a layout that differs between ranks raises HorovodInternalError everywhere.
+    """
+    if isinstance(params, dict):
+        pairs = sorted(params.items())
+    else:
+        pairs = [p if isinstance(p, tuple) else (None, p) for p in params]
+    handles = [_o.broadcast_op(p, root_rank, name, process_set, True) for name, p in pairs]
+    for h in handles:
+        synchronize(h)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
+                              process_set: _c.ProcessSet = _G) -> None:
+    """Collective: give every rank ``root_rank``'s optimizer state and hyperparameters.
+
+    Works for every torch optimizer (the ``state_dict()`` is broadcast and loaded).
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # a DistributedOptimizer wraps one
+    ctx = _c.context()
+    is_root = ctx.world.rank == root_rank
+    state = _o.object_op("broadcast", inner.state_dict() if is_root else None, root_rank,
+                         "broadcast_optimizer_state", process_set)
+    if not is_root:
+        inner.load_state_dict(state)

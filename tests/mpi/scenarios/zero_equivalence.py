@@ -1,0 +1,233 @@
+"""ZeRO stages 1 and 2 == unsharded sync DataParallel on the same data (and memory ~ 1/N).
+
+Run by hand: mpiexec -n 2 python tests/mpi/scenarios/zero_equivalence.py
+Prints one "PASS <check>" line per check on rank 0; any failure raises (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpitrain import DataParallel
+from mpitrain.errors import CommError
+from mpitrain.grad.zero import ShardedDataParallel
+from mpitrain.runtime.abort import run_mpi
+
+STEPS = 3
+B = 8  # per-rank batch
+D_IN, D_OUT = 13, 5  # odd sizes: buckets do not divide by the number of ranks
+
+Opt = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, Opt] = {
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
+}
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(D_IN, 31)
+        self.b = nn.Linear(31, 29)
+        self.c = nn.Linear(29, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Branchy(nn.Module):
+    """``extra`` is used only on rank 0; ``never`` is never used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(D_IN, 17)
+        self.extra = nn.Linear(17, 17)
+        self.never = nn.Linear(17, 3)
+        self.c = nn.Linear(17, D_OUT)
+        self.use_extra = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        if self.use_extra:
+            h = h + torch.tanh(self.extra(h))
+        return self.c(h)
+
+
+class Alternating(Branchy):
+    """``extra`` is used in every other forward: the first micro-batch of two, not the last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = getattr(self, "calls", 0) + 1
+        self.use_extra = self.calls % 2 == 1
+        return super().forward(x)
+
+
+class Bn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(D_IN, 15)
+        self.bn = nn.BatchNorm1d(15)
+        self.c = nn.Linear(15, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.bn(self.a(x))))
+
+
+def my_chunk(comm: MPI.Intracomm, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(STEPS * comm.size * B, D_IN, generator=g)
+    y = torch.randn(STEPS * comm.size * B, D_OUT, generator=g)
+    lo = (s * comm.size + comm.rank) * B
+    return x[lo : lo + B], y[lo : lo + B]
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def make(cls: type[nn.Module], comm: MPI.Intracomm) -> nn.Module:
+    torch.manual_seed(100 + comm.rank)  # different init per rank: wrapping must broadcast
+    m = cls()
+    if isinstance(m, Branchy):
+        m.use_extra = comm.rank == 0
+    return m
+
+
+def train(comm: MPI.Intracomm, cls: type[nn.Module], opt_name: str, stage: int, *,
+          micro: int = 1, clip: float | None = None, bucket_mb: float = 0.001,
+          ) -> tuple[nn.Module, nn.Module | ShardedDataParallel, torch.optim.Optimizer]:
+    """Train ``stage`` (0 = DataParallel) for STEPS steps; return (module, wrapper, opt)."""
+    model: DataParallel | ShardedDataParallel
+    if stage == 0:
+        model = DataParallel(make(cls, comm), comm=comm, bucket_mb=bucket_mb)
+        opt = OPTIMIZERS[opt_name](list(model.module.parameters()))
+    else:
+        model = ShardedDataParallel(make(cls, comm), comm=comm, stage=stage,
+                                    bucket_mb=bucket_mb)
+        opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    for s in range(STEPS):
+        x, y = my_chunk(comm, s)
+        m = B // micro
+        for i in range(micro):
+            ctx = model.no_sync() if i < micro - 1 else contextlib.nullcontext()
+            with ctx:
+                (mse(model(x[i * m : (i + 1) * m]), y[i * m : (i + 1) * m]) / micro).backward()
+        model.synchronize()
+        if isinstance(model, ShardedDataParallel):
+            if clip is not None:
+                model.clip_grad_norm_(clip)
+            model.step(opt)
+            model.zero_grad()
+        else:
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.module.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+    return model.module, model, opt
+
+
+def check_close(comm: MPI.Intracomm, name: str, got: nn.Module, want: nn.Module) -> None:
+    for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, k=k: f"{name} {k}: {m}")
+        else:
+            assert torch.equal(a, b), (name, k, a, b)
+    flat = torch.cat([t.detach().double().reshape(-1) for t in got.state_dict().values()])
+    ref = flat.clone()
+    comm.Bcast(ref.numpy(), root=0)
+    assert torch.equal(flat, ref), f"{name}: ranks differ"
+
+
+def passed(comm: MPI.Intracomm, name: str) -> None:
+    if comm.rank == 0:
+        print(f"PASS {name} (n={comm.size})", flush=True)
+
+
+def equivalence(comm: MPI.Intracomm, name: str, cls: type[nn.Module], **kw: object) -> None:
+    for opt_name in OPTIMIZERS:
+        want, _, _ = train(comm, cls, opt_name, 0, **kw)  # type: ignore[arg-type]
+        for stage in (1, 2):
+            got, _, _ = train(comm, cls, opt_name, stage, **kw)  # type: ignore[arg-type]
+            check_close(comm, f"{name} stage {stage} {opt_name}", got, want)
+    passed(comm, name)
+
+
+def check_memory(comm: MPI.Intracomm) -> None:
+    """Bytes per rank from the tensors themselves: the sharded parts ~ 1/N of a replica's."""
+    n = comm.size
+    _, dp, dp_opt = train(comm, Mlp, "adam", 0, bucket_mb=64)
+    numel = sum(p.numel() for p in dp.module.parameters())
+    replica_opt = sum(v.numel() * v.element_size() for st in dp_opt.state.values()
+                      for v in st.values() if isinstance(v, torch.Tensor))
+    assert replica_opt >= 8 * numel
+    for stage in (1, 2):
+        _, sdp, opt = train(comm, Mlp, "adam", stage, bucket_mb=64)
+        assert isinstance(sdp, ShardedDataParallel)
+        mem = sdp.memory_bytes(opt)
+        pad = sdp.layout.total - numel  # the last bucket's padding only
+        assert pad < n
+        # optimizer state: two moments of the shard (+ one step scalar per bucket)
+        assert mem["optimizer"] <= replica_opt / n + 8 * pad + 16 * len(sdp.layout.buckets), mem
+        assert mem["optimizer"] >= 8 * numel / n, mem
+        if stage == 2:
+            assert mem["gradients"] == 4 * sdp.layout.shard_numel() <= 4 * (numel / n + pad), mem
+        else:
+            assert mem["gradients"] == 4 * sdp.layout.total, mem
+        assert mem["parameters"] == 4 * sdp.layout.total
+        # the shard Parameters are views of the full parameter buffer (no extra copy)
+        base = sdp.full_params.data_ptr()
+        for s in sdp.shards:
+            assert base <= s.data_ptr() < base + sdp.full_params.numel() * 4
+        if comm.rank == 0:
+            print(f"MEMORY stage {stage} n={n} numel={numel} replica_opt={replica_opt} "
+                  f"{mem}", flush=True)
+    # stage 2 with many small buckets: at most max_inflight full bucket buffers alive at once
+    _, sdp, _ = train(comm, Mlp, "adam", 2, bucket_mb=0.001)
+    assert isinstance(sdp, ShardedDataParallel)
+    biggest = max(b.padded(n) for b in sdp.layout.buckets) * 4
+    assert len(sdp.layout.buckets) > 4
+    assert 0 < sdp.grads.peak_transient <= sdp.grads.max_inflight * biggest, (
+        sdp.grads.peak_transient, biggest)
+    passed(comm, "memory accounting")
+
+
+def check_misuse(comm: MPI.Intracomm) -> None:
+    model = ShardedDataParallel(make(Mlp, comm), comm=comm, stage=2, bucket_mb=64)
+    x, y = my_chunk(comm, 0)
+    mse(model(x), y).backward()
+    try:
+        mse(model(x), y).backward()
+    except CommError as exc:
+        assert "computed twice" in str(exc) and "HINT" in str(exc), exc
+    else:
+        raise AssertionError("second backward before synchronize() was accepted")
+    passed(comm, "second backward without no_sync raises")
+
+
+def main(comm: MPI.Intracomm) -> int:
+    torch.set_num_threads(1)
+    equivalence(comm, "uneven sizes, many buckets", Mlp)
+    equivalence(comm, "one bucket", Mlp, bucket_mb=64)
+    equivalence(comm, "clipping", Mlp, clip=0.05)
+    equivalence(comm, "no_sync accumulation", Mlp, micro=2)
+    equivalence(comm, "unused branch", Branchy)
+    equivalence(comm, "branch used in an early micro-batch only", Alternating, micro=2)
+    equivalence(comm, "batchnorm buffers", Bn)
+    check_memory(comm)
+    check_misuse(comm)
+    comm.Free()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_mpi(main))

@@ -1,0 +1,58 @@
+"""Serial tests of the bucket autotuner's bookkeeping (one rank, fed step times)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from mpitrain import DataParallel
+from mpitrain.grad.autotune import AutotuneResult, BucketAutotuner, rebucket
+
+
+def model() -> DataParallel:
+    torch.manual_seed(0)
+    return DataParallel(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 2)),
+                        comm=MPI.COMM_SELF, bucket_mb=4)
+
+
+def test_table_and_state_round_trip() -> None:
+    r = AutotuneResult(4.0, ((1.0, 13.94), (4.0, 12.6), (16.0, 12.9)))
+    assert r.table() == "bucket 1 MiB: 13.9 ms/step, 4 MiB: 12.6, 16 MiB: 12.9 -> 4 MiB"
+    assert AutotuneResult.from_state_dict(r.state_dict()) == r
+
+
+def test_search_scores_medians_and_keeps_the_fastest() -> None:
+    m = model()
+    tuner = BucketAutotuner(MPI.COMM_SELF, candidates=(0.01, 1.0, 16.0), warmup=1,
+                            trial_steps=3)
+    tuner.start(m)
+    assert len(m.engine.buckets) == 4
+    # per candidate: one warm-up step (ignored), then three timed steps (median)
+    feed = [9.0, 0.030, 0.010, 0.020,   # 0.01 MiB: median 20 ms
+            9.0, 0.012, 0.011, 0.500,   # 1 MiB: median 12 ms (one outlier ignored)
+            9.0, 0.015, 0.016, 0.014]   # 16 MiB: median 15 ms
+    results = [tuner.after_step(m, s) for s in feed]
+    assert results[:-1] == [None] * 11
+    res = results[-1]
+    assert res is not None and res.chosen_mb == 1.0
+    assert [mb for mb, _ in res.trials] == [0.01, 1.0, 16.0]
+    assert [ms for _, ms in res.trials] == pytest.approx([20.0, 12.0, 15.0])
+    assert len(m.engine.buckets) == 1 and tuner.done
+    assert tuner.after_step(m, 1.0) is None
+
+
+def test_rebucket_keeps_gradients_and_training_working() -> None:
+    m = model()
+    m(torch.randn(4, 64)).sum().backward()
+    m.synchronize()
+    before = [p.grad.clone() for p in m.parameters()]  # type: ignore[union-attr]
+    rebucket(m, 0.01)
+    assert len(m.engine.buckets) == 4
+    for p, g in zip(m.parameters(), before, strict=True):
+        assert torch.equal(p.grad, g)  # type: ignore[arg-type]
+    m.zero_grad()
+    m(torch.randn(4, 64)).sum().backward()
+    m.synchronize()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
