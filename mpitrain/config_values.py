@@ -27,7 +27,8 @@ _SHOWN = 80  # characters of a bad value quoted in an error
 class Range:
     """The finite numbers an option accepts: ``lo`` to ``hi``, open ends excluded.
 
-    ``off`` is one more accepted value outside the interval that turns the feature off.
+    ``off`` is one more accepted value outside the interval that turns the feature off (or
+    means what ``off_label`` says, e.g. ``auto``).
     """
 
     lo: float
@@ -35,6 +36,7 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
     off: float | None = None
+    off_label: str = "off"
 
     def contains(self, value: float) -> bool:
         """Return True when ``value`` is accepted."""
@@ -53,7 +55,7 @@ class Range:
             f"{_number(self.hi)}{')' if self.hi_open else ']'}"
         )
         text = f"{'an integer' if integer else 'a finite number'} in {interval}"
-        return text if self.off is None else f"{_number(self.off)} (off) or {text}"
+        return text if self.off is None else f"{_number(self.off)} ({self.off_label}) or {text}"
 
 
 def _number(x: float) -> str:

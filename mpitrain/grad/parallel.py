@@ -122,7 +122,7 @@ class SyncOptions:
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> SyncOptions:
         """Take the options from ``cfg`` (validated there)."""
-        return cls(cfg.bucket_mb)
+        return cls(cfg.bucket_mb or None)  # 0 = auto: the trainer's autotuner rebuckets
 
 
 def _build(ctx: BuildContext, opts: SyncOptions) -> DataParallel:

@@ -8,13 +8,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
+from mpitrain.grad.autotune import BucketAutotuner
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.timeline.recorder import NULL, Timeline
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.config import TrainConfig
+    from mpitrain.grad.autotune import HasEngine
     from mpitrain.grad.protocol import Exchange
     from mpitrain.runtime.world import World
 
@@ -72,6 +74,7 @@ class Trainer:
         self.data_wait = 0.0
         self.comm_wait = 0.0
         self.timeline: Timeline = NULL  # --timeline: set by train.run (docs/profiling.md)
+        self.tuner = BucketAutotuner(self.comm) if cfg.bucket_mb == 0 else None  # --bucket-mb auto
         if cfg.precision == "bf16":
             self._autocast: Any = torch.autocast(parts.device.type, dtype=torch.bfloat16)
         elif cfg.precision == "fp16":
@@ -113,6 +116,8 @@ class Trainer:
             "loop": loop,
             "ranks": gathered,
             "exchange": exchange,  # asynchronous modes' state (docs/async.md)
+            "bucket_autotune": self.tuner.result.state_dict()
+            if self.tuner is not None and self.tuner.result is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,6 +125,8 @@ class Trainer:
         self.p.model.module.load_state_dict(state["model"])
         self.p.optimizer.load_state_dict(state["optimizer"])
         self.p.scheduler.load_state_dict(state["scheduler"])
+        if self.tuner is not None:  # a finished search is kept, not repeated
+            self.tuner.load_state_dict(state.get("bucket_autotune"))
         if self.p.scaler is not None and state.get("scaler") is not None:
             self.p.scaler.load_state_dict(state["scaler"])
         self.p.train_loader.load_state_dict(state["sampler"])
@@ -327,6 +334,14 @@ class Trainer:
             self.metrics.write(record)
         self.state.loss_sum, self.state.correct, self.state.seen = 0.0, 0, 0
 
+    def _autotune(self, seconds: float) -> None:
+        """Collective when a candidate's trial ends: score bucket sizes (--bucket-mb auto)."""
+        if self.tuner is None:
+            return
+        result = self.tuner.after_step(cast("HasEngine", self.p.model), seconds)
+        if result is not None and self.world.rank == 0:
+            log.info("bucket autotune: %s", result.table())
+
     def fit(self, preempt: PreemptFlag) -> int:
         """Collective: train until done, max_steps, or an agreed preemption; return exit code."""
         self.preempt = preempt
@@ -334,6 +349,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         loader = self.p.train_loader
         self.p.model.train()
+        if self.tuner is not None:
+            self.tuner.start(cast("HasEngine", self.p.model))
         stop = False
         while st.epoch < cfg.epochs and not stop:
             if not st.mid_epoch:
@@ -363,6 +380,7 @@ class Trainer:
                 st.samples_total += n_global
                 dt = time.perf_counter() - t_step
                 st.train_seconds += dt
+                self._autotune(dt)
                 if self.world.rank == 0:
                     rate = n_global / dt if dt > 0 else 0.0
                     bar.update(loss, rate)

@@ -133,3 +133,24 @@ def test_trainer_writes_a_timeline(mpirun: MpiRun, tmp_path: Path) -> None:
     bad = mpirun(2, ["-m", "mpitrain", "--max-steps", "1", "--timeline", str(trace),
                      "--timeline-steps", "9:3"], timeout=60, check=False)
     assert bad.returncode == 2 and "need 0 <= A < B" in bad.stderr, bad.stderr
+
+
+def test_trainer_bucket_autotune_picks_agrees_and_resumes(mpirun: MpiRun, tmp_path: Path) -> None:
+    """--bucket-mb auto: the search runs once, is logged as a table, and a resume keeps it."""
+    from mpitrain import checkpoint as ckpt
+
+    ck = tmp_path / "ck"
+    common = ["-m", "mpitrain", "--bucket-mb", "auto", "--no-progress", "--epochs", "3",
+              "--checkpoint-dir", str(ck)]
+    first = mpirun(2, [*common, "--max-steps", "30", "--checkpoint-every", "30"], timeout=120)
+    lines = [ln for ln in first.stderr.splitlines() if "bucket autotune:" in ln]
+    assert len(lines) == 1 and "1 MiB:" in lines[0] and " -> " in lines[0], first.stderr
+    saved = ckpt.find_latest(ck)
+    assert saved is not None
+    chosen = ckpt.load(saved)["bucket_autotune"]["chosen_mb"]
+    assert chosen in (1.0, 4.0, 16.0) and lines[0].endswith(f"-> {chosen:g} MiB"), lines
+    again = mpirun(2, [*common, "--resume", "auto"], timeout=120)
+    assert "bucket autotune:" not in again.stderr, again.stderr  # kept from the checkpoint
+    final = ckpt.find_latest(ck)
+    assert final is not None and final != saved
+    assert ckpt.load(final)["bucket_autotune"]["chosen_mb"] == chosen

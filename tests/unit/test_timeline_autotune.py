@@ -56,3 +56,17 @@ def test_rebucket_keeps_gradients_and_training_working() -> None:
     m(torch.randn(4, 64)).sum().backward()
     m.synchronize()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_bucket_mb_auto_is_config_and_refused_where_it_cannot_apply() -> None:
+    import pytest
+
+    from mpitrain.config import resolve
+    from mpitrain.errors import ConfigError
+
+    assert resolve({"bucket_mb": "auto"}, environ={}).bucket_mb == 0.0
+    assert resolve({}, environ={"MPITRAIN_BUCKET_MB": "AUTO"}).bucket_mb == 0.0
+    assert resolve({"bucket_mb": "4"}, environ={}).bucket_mb == 4.0
+    for other in ({"exchange": "local-sgd"}, {"shard": "gradients"}):
+        with pytest.raises(ConfigError, match="--bucket-mb auto"):
+            resolve({"bucket_mb": "auto", **other}, environ={})
