@@ -50,16 +50,8 @@ def _h5py() -> tuple[str, str]:
 
 def _slurm_check(world_size: int) -> str | None:
     """Return the Slurm world-size problem, or None."""
-    try:
-        from mpitrain.slurm.world import check_slurm_world
-    except ImportError:
-        ntasks = env.get_int("slurm_ntasks")
-        if ntasks is None or ntasks == world_size:
-            return None
-        return with_hint(
-            f"MPI world size is {world_size} but SLURM_NTASKS={ntasks}",
-            "launch with srun --mpi=pmi2|pmix (the PMI your MPI speaks) or mpirun",
-        )
+    from mpitrain.slurm.world import check_slurm_world
+
     try:
         check_slurm_world(world_size)
     except MpitrainError as exc:
@@ -196,7 +188,11 @@ def render(
         keys = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_PROCID")
         shown = "  ".join(f"{k}={slurm[k]}" for k in keys if k in slurm)
         lines.append(f"  Slurm: {len(slurm)} SLURM_* variables; {shown}")
-        ntasks = env.get_int("slurm_ntasks", environ=slurm)
+        try:  # rank 0 formats the report alone: a bad value is shown, never raised here
+            ntasks = env.get_int("slurm_ntasks", environ=slurm, minimum=1)
+        except MpitrainError as exc:
+            lines.append(f"  note: {exc}")
+            ntasks = None
         if ntasks is not None and ntasks != len(facts) and not f0.get("slurm_problem"):
             lines.append(
                 f"  note: SLURM_NTASKS={ntasks} differs from the MPI world size {len(facts)}; "

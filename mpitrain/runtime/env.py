@@ -80,6 +80,9 @@ def get_int(
 ) -> int | None:
     """Return a table key as an int (``>= minimum``), or None when unset.
 
+    Only plain ASCII digits count: ``int()`` would also take ``' 4'``, ``'+4'``, ``'1_0'``
+    and non-ASCII digits.
+
     Raises:
         ConfigError: the variable is not a plain decimal integer in range (names it).
     """
@@ -88,7 +91,7 @@ def get_int(
     value = get(key, environ=environ)
     if value is None:
         return None
-    text = value.strip()
+    text = value
     if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) < minimum:
         src = os.environ if environ is None else environ
         name = next((n for n in TABLE[key] if src.get(n)), TABLE[key][0])

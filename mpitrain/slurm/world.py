@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-from mpitrain.errors import CommError, ConfigError, with_hint
+from mpitrain.errors import CommError, with_hint
 from mpitrain.runtime import env
 
-_COUNT = re.compile(r"[0-9]{1,9}")
 #: fact name -> env TABLE key
 FACTS: dict[str, str] = {
     "job_id": "slurm_job_id",
@@ -48,18 +46,9 @@ def check_slurm_world(world_size: int, environ: Mapping[str, str] | None = None)
         return
     if env.get("mpirun_markers", environ=environ) is not None:
         return
-    raw = env.get("slurm_ntasks", environ=environ)
-    if raw is None:
+    ntasks = env.get_int("slurm_ntasks", environ=environ, minimum=1)
+    if ntasks is None:
         return
-    if not _COUNT.fullmatch(raw):  # int() would take ' 4', '+4', '1_0' and non-ASCII digits
-        names = " or ".join(env.TABLE["slurm_ntasks"])
-        raise ConfigError(
-            with_hint(
-                f"Slurm's task count {names} = {raw!r} is not a whole number",
-                "it is set by srun: do not set it yourself, or unset it before srun",
-            )
-        )
-    ntasks = int(raw)
     if ntasks == world_size:
         return
     procid = env.get("slurm_procid", environ=environ)

@@ -17,5 +17,7 @@ def test_get_int_refuses_with_the_variable_name(value: str) -> None:
 
 
 def test_get_int_reads_plain_integers() -> None:
-    assert env.get_int("ranks_per_node", {"MPITRAIN_RANKS_PER_NODE": " 4 "}) == 4
+    assert env.get_int("ranks_per_node", {"MPITRAIN_RANKS_PER_NODE": "4"}) == 4
+    with pytest.raises(ConfigError):  # blanks, signs and underscores are not plain digits
+        env.get_int("ranks_per_node", {"MPITRAIN_RANKS_PER_NODE": " 4 "})
     assert env.get_int("ranks_per_node", {}) is None
