@@ -1,4 +1,4 @@
-"""`python -m data_tools {convert,split,inspect,verify}`."""
+"""`python -m data_tools {convert,corpus,split,inspect,verify}`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_tools import report, sources, split
+from mpitrain.data import corpus
 from mpitrain.data.manifest import check_name, load_manifest
 from mpitrain.data.writer import Source
 from mpitrain.errors import DataError, MpitrainError, with_hint
@@ -49,6 +50,25 @@ def shape(text: str) -> tuple[int, ...]:
     if any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"{text!r} has a size < 1")
     return dims
+
+
+def mebibytes(text: str) -> int:
+    """argparse type: a positive, finite number of MiB (``0.25``), returned as bytes (>= 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 2 or 0.25") from None
+    if not (math.isfinite(value) and value > 0 and int(value * 2**20) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size in MiB")
+    return int(value * 2**20)
+
+
+def percent(text: str) -> int:
+    """argparse type: an integer percentage in 1..99."""
+    value = _int_at_least(text, 1)
+    if value > 99:
+        raise argparse.ArgumentTypeError(f"{value} is not <= 99")
+    return value
 
 
 def fractions(text: str) -> list[float]:
@@ -90,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--classes", type=positive_int, default=None,
                    help="number of classes: labels must lie in [0, N) (synthetic: default 10)")
     c.add_argument("--seed", type=non_negative_int, default=0)
+    k = sub.add_parser("corpus", help="write the byte-level Python-stdlib text corpus")
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--context", type=positive_int, required=True,
+                   help="bytes of context: each sample holds N+1 bytes")
+    k.add_argument("--max-train-mb", type=mebibytes, default=corpus.MAX_TRAIN_BYTES,
+                   dest="max_train_bytes", metavar="MIB", help="train bytes cap (default 2)")
+    k.add_argument("--max-test-mb", type=mebibytes, default=corpus.MAX_TEST_BYTES,
+                   dest="max_test_bytes", metavar="MIB", help="test bytes cap (default 0.25)")
+    k.add_argument("--test-percent", type=percent, default=corpus.TEST_PERCENT,
+                   help="share of the stdlib files in the test split (by file)")
+    k.add_argument("--samples-per-shard", type=positive_int, default=corpus.SAMPLES_PER_SHARD)
+    k.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset data_tools made at --out (nothing else)")
     s = sub.add_parser("split", help="add split index files to a dataset (no data copied)")
     s.add_argument("dir", type=Path)
     s.add_argument("--method", choices=split.METHODS, default="random")
@@ -158,7 +191,8 @@ def run_split(a: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -> int:
-    """Run one subcommand; ``convert`` uses every rank of ``comm``, the others rank 0 only.
+    """Run one subcommand; ``convert`` and ``corpus`` run on every rank of ``comm`` (their
+    errors agreed), the others on rank 0 only.
 
     Called with no ``comm`` (the ``data-tools`` console script), this is the entry point: it
     takes its arguments from ``sys.argv`` and runs under the shared MPI entry helper, which
@@ -174,6 +208,8 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -
     try:
         if a.command == "convert":
             return run_convert(a, comm)
+        if a.command == "corpus":
+            return run_corpus(a, comm)
         if comm.rank != 0:
             return 0
         if a.command == "split":
@@ -187,8 +223,9 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -
             print(f"{a.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
     except MpitrainError as exc:
-        # convert's errors are agreed (the same on every rank, prefixed with the failing rank)
-        if a.command != "convert" or comm.rank == 0:
+        # convert's and corpus' errors are agreed (the same on every rank, prefixed with the
+        # failing rank)
+        if a.command not in ("convert", "corpus") or comm.rank == 0:
             prefix = "" if str(exc).startswith("rank ") else f"rank {comm.rank}: "
             sys.stderr.write(f"data_tools: error: {prefix}{exc}\n")
         return exc.exit_code
@@ -218,6 +255,27 @@ def run_convert(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
         params=params,
         inputs=inputs_of(a),
         num_classes=a.classes,
+    )
+    if comm.rank == 0:
+        print(report.inspect(out))
+    return 0
+
+
+def run_corpus(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
+    """Collective: rank 0 writes the stdlib corpus (a few MiB; the other ranks wait) and
+    prints the summary; a failure is raised on every rank."""
+    out = Path(os.path.abspath(a.out))
+    agree(
+        comm,
+        lambda: corpus.write_corpus(
+            out,
+            a.context,
+            samples_per_shard=a.samples_per_shard,
+            overwrite=a.overwrite,
+            max_train_bytes=a.max_train_bytes,
+            max_test_bytes=a.max_test_bytes,
+            test_percent=a.test_percent,
+        ) if comm.rank == 0 else None,
     )
     if comm.rank == 0:
         print(report.inspect(out))

@@ -120,21 +120,24 @@ def read_shards(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Return (manifest, every rank's payload), verifying each file's SHA-256."""
     directory = Path(directory)
     doc = read_manifest(directory)
-    payloads = []
-    for entry in doc["files"]:
-        path = directory / entry["name"]
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"cannot read shard '{path}': {exc}") from exc
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CheckpointError(
-                with_hint(f"shard '{path}' is damaged: its SHA-256 differs from the "
-                          f"manifest's ({len(data)} bytes, {entry['bytes']} expected)",
-                          "resume from an earlier checkpoint")
-            )
-        payloads.append(torch.load(io.BytesIO(data), weights_only=True))
-    return doc, payloads
+    return doc, [read_shard(directory, entry) for entry in doc["files"]]
+
+
+def read_shard(directory: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Return one file's payload (``entry`` from the manifest), verifying its SHA-256."""
+    path = Path(directory) / entry["name"]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read shard '{path}': {exc}") from exc
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise CheckpointError(
+            with_hint(f"shard '{path}' is damaged: its SHA-256 differs from the "
+                      f"manifest's ({len(data)} bytes, {entry['bytes']} expected)",
+                      "resume from an earlier checkpoint")
+        )
+    payload: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    return payload
 
 
 def _split(flat: torch.Tensor, params: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
@@ -207,8 +210,17 @@ def optimizer_state_dict(full: dict[str, Any], names: Sequence[str]) -> dict[str
 
 
 def load_full(directory: Path) -> dict[str, Any]:
-    """Read and consolidate the sharded checkpoint in ``directory`` (see :func:`consolidate`)."""
-    return consolidate(*read_shards(directory))
+    """Read and consolidate the sharded checkpoint in ``directory`` (see :func:`consolidate`).
+
+    A model-parallel checkpoint (``kind`` in the manifest) is joined by
+    :func:`mpitrain.checkpoint_parallel.consolidate_parallel` instead.
+    """
+    doc, payloads = read_shards(directory)
+    if doc.get("kind") == "model-parallel":
+        from mpitrain.checkpoint_parallel import consolidate_parallel
+
+        return consolidate_parallel(doc, payloads)
+    return consolidate(doc, payloads)
 
 
 def write_consolidated(directory: Path, out: Path) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from mpitrain.config_checks import check_combinations
 from mpitrain.config_values import (
     Range,
     available_stop_signals,
@@ -67,10 +68,27 @@ class TrainConfig:
     )
     test_split: str = _opt("test", "split of --data to evaluate on ('' to skip)")
     model: str = _opt(
-        "mlp", "mlp | cnn | package.module:factory (factory(config) -> nn.Module)",
+        "mlp", "mlp | cnn | gpt | package.module:factory (factory(config) -> nn.Module)",
         check=check_model,
     )
     hidden: int = _opt(128, "hidden width of the built-in models", accepted=Range(1, 1 << 20))
+    # model parallelism and the built-in GPT (docs/model-parallel.md)
+    tensor_parallel: int = _opt(
+        1, "ranks that split each layer (tensor parallelism; inside a node)",
+        accepted=Range(1, 4096),
+    )
+    pipeline_stages: int = _opt(
+        1, "ranks that split the layers into stages", accepted=Range(1, 4096)
+    )
+    micro_batches: int = _opt(
+        1, "pipeline micro-batches per step (--batch-size divides by it)", accepted=Range(1, 65536)
+    )
+    pipeline_schedule: str = _opt("1f1b", "pipeline schedule", ("1f1b", "gpipe"))
+    sequence_parallel: bool = _opt(False, "tensor parallel: split activations along the sequence")
+    context: int = _opt(128, "gpt: tokens (bytes) per sample", accepted=Range(2, 1 << 16))
+    layers: int = _opt(4, "gpt: transformer blocks", accepted=Range(1, 4096))
+    heads: int = _opt(4, "gpt: attention heads (divisible by --tensor-parallel)",
+                      accepted=Range(1, 4096))
     # schedule
     epochs: int = _opt(12, "passes over the training split", accepted=Range(1, _MILLION))
     max_steps: int = _opt(
@@ -335,38 +353,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 )
             )
         _check_value(name, value, None, value)
-    if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
-        raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))
-    if cfg.bucket_mb == 0 and (cfg.exchange != "sync" or cfg.shard != "none"):
-        raise ConfigError(with_hint("--bucket-mb auto tunes DataParallel's buckets only",
-                                    "use it with --exchange sync and --shard none"))
-    if cfg.precision == "fp16" and cfg.exchange in ("local-sgd", "param-server"):
-        # the loss scaler's skip-on-overflow is agreed through the averaged gradients; these
-        # modes step on each rank's own gradients, so ranks would skip steps independently
-        raise ConfigError(
-            with_hint(
-                f"--precision fp16 is not supported with --exchange {cfg.exchange}",
-                "use --precision bf16 (no loss scaling needed) or --exchange sync",
-            )
-        )
-    if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:
-        raise ConfigError(
-            with_hint("--nesterov needs --momentum > 0", "give --momentum 0.9 or --no-nesterov")
-        )
-    if cfg.resume == "auto" and cfg.checkpoint_dir is None:
-        raise ConfigError(
-            with_hint("--resume auto needs --checkpoint-dir", "pass --checkpoint-dir DIR")
-        )
-    if cfg.checkpoint_dir is None and (cfg.checkpoint_every or cfg.checkpoint_minutes):
-        which = "checkpoint_every" if cfg.checkpoint_every else "checkpoint_minutes"
-        value = getattr(cfg, which)
-        raise ConfigError(
-            with_hint(
-                f"option '{which}' = {value!r} asks for checkpoints, but no --checkpoint-dir "
-                "is given: none would be written",
-                "pass --checkpoint-dir DIR",
-            )
-        )
+    check_combinations(cfg)
     return cfg
 
 

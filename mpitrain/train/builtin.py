@@ -1,8 +1,10 @@
-"""The built-in dataset: scikit-learn's bundled handwritten digits, cached as HDF5 shards."""
+"""The built-in datasets, cached as HDF5 shards: scikit-learn's bundled handwritten digits
+and a byte-level text corpus made from the Python standard library's sources."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
 DIGITS_NAME = "digits-v1"
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+CORPUS_VERSION = "v1"  # bump when the corpus' layout changes: old caches are then left alone
 
 
 def cache_root() -> Path:
@@ -47,37 +50,25 @@ def digits_arrays() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     return {"x": x, "y": y}, {"train": np.sort(train), "test": np.sort(test)}
 
 
-def ensure_digits(comm: MPI.Intracomm) -> Path:
-    """Collective: return the digits shard directory, creating it on rank 0 on first use.
+def ensure_cached(
+    comm: MPI.Intracomm, out: Path, what: str, write: Callable[[Path], object]
+) -> Path:
+    """Collective: return the dataset directory ``out``, rank 0 running ``write(out)`` first
+    unless it already holds a manifest.
 
-    The other ranks wait for rank 0; a failure there is raised on every rank.
+    The other ranks wait for rank 0; a failure there is raised on every rank, and a cache
+    that rank 0 wrote but this rank cannot see is refused here.
     """
-    from mpitrain.data.writer import write_dataset
-
-    out = cache_root() / DIGITS_NAME
     error: str | None = None
     if comm.rank == 0 and not (out / "manifest.json").exists():
         try:
-            arrays, splits = digits_arrays()
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_dataset(
-                out,
-                arrays,
-                name="digits",
-                samples_per_shard=512,
-                splits=splits,
-                params={
-                    "source": "sklearn.datasets.load_digits",
-                    "split_seed": SPLIT_SEED,
-                    "test_fraction": TEST_FRACTION,
-                    "scale": "x/16",
-                },
-            )
+            write(out)
         except (OSError, DataError) as exc:
             # another job sharing the cache may have published it first: that copy is as good
             if not (out / "manifest.json").exists():
                 error = with_hint(
-                    f"rank 0: cannot create the digits cache in '{out}': {exc}",
+                    f"rank 0: cannot create the {what} cache in '{out}': {exc}",
                     "set MPITRAIN_CACHE to a writable directory",
                 )
     error = comm.bcast(error, root=0)
@@ -86,8 +77,59 @@ def ensure_digits(comm: MPI.Intracomm) -> Path:
     if not os.access(out / "manifest.json", os.R_OK):
         raise DataError(
             with_hint(
-                f"rank {comm.rank}: digits cache '{out}' is not visible on this node",
+                f"rank {comm.rank}: {what} cache '{out}' is not visible on this node",
                 "point MPITRAIN_CACHE at a shared filesystem",
             )
         )
     return out
+
+
+def write_digits(out: Path) -> Path:
+    """Write the digits dataset (see :func:`digits_arrays`) as shards into ``out``."""
+    from mpitrain.data.writer import write_dataset
+
+    arrays, splits = digits_arrays()
+    return write_dataset(
+        out,
+        arrays,
+        name="digits",
+        samples_per_shard=512,
+        splits=splits,
+        params={
+            "source": "sklearn.datasets.load_digits",
+            "split_seed": SPLIT_SEED,
+            "test_fraction": TEST_FRACTION,
+            "scale": "x/16",
+        },
+    )
+
+
+def ensure_digits(comm: MPI.Intracomm) -> Path:
+    """Collective: return the digits shard directory, creating it on rank 0 on first use.
+
+    The other ranks wait for rank 0; a failure there is raised on every rank.
+    """
+    return ensure_cached(comm, cache_root() / DIGITS_NAME, "digits", write_digits)
+
+
+def corpus_dir(context: int) -> Path:
+    """Return the cache directory of the stdlib byte corpus for ``context``."""
+    return cache_root() / f"pystdlib-ctx{context}-{CORPUS_VERSION}"
+
+
+def ensure_corpus(comm: MPI.Intracomm, context: int) -> Path:
+    """Collective: return the Python-stdlib byte corpus directory for windows of
+    ``context + 1`` bytes, creating it on rank 0 on first use (default byte caps).
+
+    The other ranks wait for rank 0; a failure there is raised on every rank. The bytes
+    come from the Python that first wrote the cache: its manifest's params record that
+    Python's version and the SHA-256 of each split's bytes.
+    """
+    from mpitrain.data.corpus import write_corpus
+
+    return ensure_cached(
+        comm,
+        corpus_dir(context),
+        "stdlib corpus",
+        lambda out: write_corpus(out, context),
+    )

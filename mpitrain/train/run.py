@@ -279,6 +279,13 @@ def main(
         finally:
             flag.uninstall()
     setup_logging(world.rank, cfg.log_level)
+    if cfg.model == "gpt":  # tensor/pipeline parallel: its own trainer (docs/model-parallel.md)
+        from mpitrain.train.mp_main import main_model_parallel
+
+        try:
+            return main_model_parallel(cfg, world, choose_device(cfg, world), flag, t_start)
+        finally:
+            flag.uninstall()
     # before any data is opened: refuse another run's checkpoint directory on every rank
     plan = ckpt.plan_run(world.comm, cfg.resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
                          else None)

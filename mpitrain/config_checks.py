@@ -1,0 +1,92 @@
+"""Checks of option combinations, run by :func:`mpitrain.config.validate` after each field's own."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mpitrain.errors import ConfigError, with_hint
+
+if TYPE_CHECKING:
+    from mpitrain.config import TrainConfig
+
+
+def check_combinations(cfg: TrainConfig) -> None:
+    """Raise ConfigError for options that are fine alone but not together."""
+    if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
+        raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))
+    if cfg.bucket_mb == 0 and (cfg.exchange != "sync" or cfg.shard != "none"):
+        raise ConfigError(with_hint("--bucket-mb auto tunes DataParallel's buckets only",
+                                    "use it with --exchange sync and --shard none"))
+    if cfg.precision == "fp16" and cfg.exchange in ("local-sgd", "param-server"):
+        # the loss scaler's skip-on-overflow is agreed through the averaged gradients; these
+        # modes step on each rank's own gradients, so ranks would skip steps independently
+        raise ConfigError(
+            with_hint(
+                f"--precision fp16 is not supported with --exchange {cfg.exchange}",
+                "use --precision bf16 (no loss scaling needed) or --exchange sync",
+            )
+        )
+    if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:
+        raise ConfigError(
+            with_hint("--nesterov needs --momentum > 0", "give --momentum 0.9 or --no-nesterov")
+        )
+    if cfg.resume == "auto" and cfg.checkpoint_dir is None:
+        raise ConfigError(
+            with_hint("--resume auto needs --checkpoint-dir", "pass --checkpoint-dir DIR")
+        )
+    if cfg.checkpoint_dir is None and (cfg.checkpoint_every or cfg.checkpoint_minutes):
+        which = "checkpoint_every" if cfg.checkpoint_every else "checkpoint_minutes"
+        value = getattr(cfg, which)
+        raise ConfigError(
+            with_hint(
+                f"option '{which}' = {value!r} asks for checkpoints, but no --checkpoint-dir "
+                "is given: none would be written",
+                "pass --checkpoint-dir DIR",
+            )
+        )
+    check_model_parallel(cfg)
+
+
+#: the byte-level GPT's vocabulary (docs/model-parallel.md)
+GPT_VOCAB = 256
+
+
+def _refuse(what: str, hint: str) -> None:
+    raise ConfigError(with_hint(what, hint))
+
+
+def check_model_parallel(cfg: TrainConfig) -> None:
+    """Refuse model-parallel options that do not fit the built-in GPT or each other."""
+    tp, pp = cfg.tensor_parallel, cfg.pipeline_stages
+    if cfg.model != "gpt":
+        if tp > 1 or pp > 1 or cfg.micro_batches > 1 or cfg.sequence_parallel:
+            _refuse("--tensor-parallel, --pipeline-stages, --micro-batches and "
+                    "--sequence-parallel split the built-in GPT only",
+                    "add --model gpt (or drop those options)")
+        return
+    unsupported = {
+        "exchange": cfg.exchange != "sync", "shard": cfg.shard != "none",
+        "accumulate": cfg.accumulate != 1, "clip-grad-norm": cfg.clip_grad_norm != 0,
+        "bucket-mb auto": cfg.bucket_mb == 0, "timeline": cfg.timeline is not None,
+        "precision fp16": cfg.precision == "fp16",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        _refuse(f"--model gpt runs on the model-parallel trainer, which does not take "
+                f"--{', --'.join(bad)}",
+                "use --micro-batches for accumulation and leave the others at their defaults")
+    if cfg.hidden % cfg.heads:
+        _refuse(f"--hidden {cfg.hidden} does not divide into --heads {cfg.heads}",
+                "pick a width that is a multiple of the head count")
+    if cfg.heads % tp or GPT_VOCAB % tp:
+        _refuse(f"--tensor-parallel {tp} must divide --heads {cfg.heads} and the "
+                f"{GPT_VOCAB}-byte vocabulary", "use 1, 2 or 4 (a power of two dividing --heads)")
+    if cfg.layers < pp:
+        _refuse(f"--pipeline-stages {pp} is more than the {cfg.layers} layers",
+                "give --layers at least the stage count")
+    if cfg.batch_size % cfg.micro_batches:
+        _refuse(f"--batch-size {cfg.batch_size} does not divide into --micro-batches "
+                f"{cfg.micro_batches}", "make the batch a multiple of the micro-batch count")
+    if cfg.sequence_parallel and (tp == 1 or cfg.context % tp):
+        _refuse(f"--sequence-parallel needs --tensor-parallel > 1 dividing --context "
+                f"{cfg.context}", "drop --sequence-parallel or change --context")

@@ -1,0 +1,116 @@
+"""The GPT split by tensor and pipeline parallelism == the dense GPT (losses and gradients).
+
+Run by hand: mpiexec -n 2 python tests/mpi/scenarios/model_parallel.py  (also -n 4)
+Prints one "PASS <check>" line per check on rank 0; any failure raises (non-zero exit).
+Tolerance: float32, rtol 1e-5 / atol 1e-6 on losses and gradients (sums in another order).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+import torch
+from mpi4py import MPI
+
+from mpitrain.checkpoint_parallel import merge_parallel
+from mpitrain.grad.parallel import DataParallel
+from mpitrain.parallel.grid import Grid
+from mpitrain.parallel.pipeline import PipelineEngine
+from mpitrain.parallel.schedule import peak_in_flight
+from mpitrain.runtime.abort import run_mpi
+from mpitrain.train.gpt import GPTConfig, GPTStage
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+B, M = 8, 4  # batch, micro-batches
+
+
+def batch(c: GPTConfig, seed: int = 1, n: int = B) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, c.vocab, (n, c.context + 1), generator=g)
+    return w[:, :-1], w[:, 1:]
+
+
+def dense_grads(
+    c: GPTConfig, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, dict[str, torch.Tensor]]:
+    model = GPTStage(c, MPI.COMM_SELF)
+    loss = torch.stack([model(a, b) for a, b in zip(x.chunk(M), y.chunk(M), strict=True)]).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def gathered_grads(stage: GPTStage, grid: Grid) -> dict[str, torch.Tensor] | None:
+    """Collective: the dense gradient dict on world rank 0 (other ranks None)."""
+    grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
+    table = stage.merge_rules()
+    every = grid.comm.gather((grid.pp_rank, grid.tp_rank, grid.dp_rank, grads, table), root=0)
+    if every is None:
+        return None
+    stages: list[list[dict[str, torch.Tensor]]] = [
+        [{} for _ in range(grid.tensor)] for _ in range(grid.pipeline)]
+    tables: list[dict[str, list[object]]] = [{} for _ in range(grid.pipeline)]
+    for pp, tp, dp, g, t in every:
+        if dp == 0:
+            stages[pp][tp], tables[pp] = g, t
+    return merge_parallel(tables, stages)
+
+
+def check_split(
+    world: MPI.Intracomm, name: str, tensor: int, pipeline: int, schedule: str, sp: bool = False
+) -> None:
+    c = GPTConfig(context=16, dim=32, heads=4, layers=4, sequence_parallel=sp, seed=3)
+    grid = Grid.create(world, tensor=tensor, pipeline=pipeline)
+    stage = GPTStage(c, grid.tp_comm, grid.pp_rank, grid.pipeline)
+    dp = DataParallel(stage, comm=grid.dp_comm) if grid.data > 1 else None
+    eng = PipelineEngine(stage, grid, micro_batches=M, schedule=schedule, data_parallel=dp,
+                         tied=stage.tied_parameters(),
+                         sequence_parallel_params=stage.sequence_parallel_parameters())
+    # data parallel: each replica its own half of a 2B batch; the dense reference sees all
+    x, y = batch(c, n=B * grid.data)
+    xs, ys = x.chunk(grid.data)[grid.dp_rank], y.chunk(grid.data)[grid.dp_rank]
+    loss = eng.train_step(xs, ys)
+    losses = grid.dp_comm.allgather(loss)
+    got = gathered_grads(stage, grid)
+    if world.rank == 0:
+        assert got is not None
+        # the reference: mean over replicas of mean over micro-batches
+        ref_losses, ref = [], {}
+        for r in range(grid.data):
+            lr, gr = dense_grads(c, x.chunk(grid.data)[r], y.chunk(grid.data)[r])
+            ref_losses.append(lr)
+            for k, v in gr.items():
+                ref[k] = ref.get(k, 0) + v / grid.data
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
+        assert set(got) == set(ref), (set(got) ^ set(ref))
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
+    peaks = world.gather((grid.pp_rank, eng.stats.peak_in_flight), root=0)
+    if world.rank == 0:
+        assert peaks is not None
+        for pp, peak in peaks:
+            want = M if schedule == "gpipe" else min(M, grid.pipeline - pp)
+            assert peak == want, (pp, peak, want)
+        print(f"PASS {name}", flush=True)
+    grid.free()
+
+
+def main(world: MPI.Intracomm) -> int:
+    n = world.size
+    check_split(world, f"pipeline {n} gpipe", 1, n, "gpipe")
+    check_split(world, f"pipeline {n} 1f1b", 1, n, "1f1b")
+    check_split(world, f"tensor {n}", n, 1, "1f1b")
+    check_split(world, f"tensor {n} sequence parallel", n, 1, "1f1b", sp=True)
+    if n == 4:
+        check_split(world, "tensor 2 x data 2", 2, 1, "1f1b")
+        check_split(world, "pipeline 2 x data 2", 1, 2, "1f1b")
+        check_split(world, "tensor 2 x pipeline 2", 2, 2, "1f1b")
+    assert peak_in_flight([]) == 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_mpi(main))

@@ -1,0 +1,82 @@
+"""Model-parallel options through ``resolve()``: each combination that cannot run is one
+ConfigError naming the option with a HINT; a good grid resolves; the environment is read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mpitrain.config import resolve
+from mpitrain.errors import ConfigError
+
+GPT = {"model": "gpt"}
+
+# (case, CLI options as argparse gives them, texts the message must hold)
+REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("tensor without gpt", {"tensor_parallel": "2"},
+     ["--tensor-parallel", "--model gpt"]),
+    ("pipeline without gpt", {"model": "mlp", "pipeline_stages": "2"},
+     ["--pipeline-stages", "--model gpt"]),
+    ("micro-batches without gpt", {"micro_batches": "2"}, ["--micro-batches", "--model gpt"]),
+    ("gpt with local-sgd", {**GPT, "exchange": "local-sgd"}, ["--exchange", "--model gpt"]),
+    ("gpt with accumulate", {**GPT, "accumulate": "2"}, ["--accumulate", "--micro-batches"]),
+    ("heads do not divide hidden", {**GPT, "heads": "3", "hidden": "64"},
+     ["--hidden 64", "--heads 3"]),
+    ("tensor does not divide heads", {**GPT, "tensor_parallel": "3"},
+     ["--tensor-parallel 3", "--heads 4"]),
+    ("more stages than layers", {**GPT, "layers": "2", "pipeline_stages": "3"},
+     ["--pipeline-stages 3", "2 layers", "--layers"]),
+    ("batch does not divide", {**GPT, "batch_size": "10", "micro_batches": "4"},
+     ["--batch-size 10", "--micro-batches 4"]),
+    ("sequence parallel without tensor", {**GPT, "sequence_parallel": True},
+     ["--sequence-parallel", "--tensor-parallel"]),
+    ("sequence parallel, odd context", {**GPT, "sequence_parallel": True, "context": "33",
+                                        "tensor_parallel": "2"},
+     ["--sequence-parallel", "--context 33"]),
+    ("unknown schedule", {**GPT, "pipeline_schedule": "bad"},
+     ["pipeline_schedule", "'bad'", "1f1b", "gpipe"]),
+]
+
+
+@pytest.mark.parametrize(("case", "cli", "texts"), REFUSED, ids=[c[0] for c in REFUSED])
+def test_refused(case: str, cli: dict[str, Any], texts: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve(cli, environ={})
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    assert "HINT:" in msg, msg
+    for text in texts:
+        assert text in msg, (case, text, msg)
+
+
+def test_good_grid_resolves() -> None:
+    cfg = resolve({**GPT, "tensor_parallel": "2", "pipeline_stages": "2",
+                   "micro_batches": "4", "batch_size": "8"}, environ={})
+    assert (cfg.model, cfg.tensor_parallel, cfg.pipeline_stages) == ("gpt", 2, 2)
+    assert (cfg.micro_batches, cfg.batch_size) == (4, 8)
+    assert cfg.pipeline_schedule == "1f1b" and cfg.sequence_parallel is False
+    assert (cfg.context, cfg.layers, cfg.heads) == (128, 4, 4)
+
+
+def test_good_sequence_parallel_and_gpipe() -> None:
+    cfg = resolve({**GPT, "tensor_parallel": "4", "sequence_parallel": True,
+                   "pipeline_schedule": "gpipe", "context": "64"}, environ={})
+    assert cfg.sequence_parallel is True and cfg.pipeline_schedule == "gpipe"
+
+
+def test_defaults_leave_other_models_alone() -> None:
+    cfg = resolve({}, environ={})
+    assert (cfg.tensor_parallel, cfg.pipeline_stages, cfg.micro_batches) == (1, 1, 1)
+    assert cfg.model != "gpt"
+
+
+def test_environment_is_read() -> None:
+    cfg = resolve(GPT, environ={"MPITRAIN_TENSOR_PARALLEL": "2"})
+    assert cfg.tensor_parallel == 2
+    # the command line wins over the environment
+    cfg = resolve({**GPT, "tensor_parallel": "4"}, environ={"MPITRAIN_TENSOR_PARALLEL": "2"})
+    assert cfg.tensor_parallel == 4
+    with pytest.raises(ConfigError) as info:  # and is checked like a flag
+        resolve({}, environ={"MPITRAIN_TENSOR_PARALLEL": "2"})
+    assert "--tensor-parallel" in str(info.value) and "HINT:" in str(info.value)
