@@ -163,7 +163,10 @@ class TrainConfig:
     delay_compensation: float = _opt(
         0.0, "double-buffer: DC-ASGD lambda (0 = off)", accepted=Range(0, _MILLION)
     )
-    mode_defaults: bool = _opt(True, "apply the exchange mode's tuned lr/momentum where unset")
+    mode_defaults: bool = _opt(
+        True, "apply tuned defaults where unset: the exchange mode's lr/momentum, --model gpt's "
+        "size and optimizer"
+    )
     straggler_ms: float = _opt(
         0.0, "test option: sleep this long on one rank every step", accepted=Range(0, 3_600_000)
     )

@@ -217,6 +217,30 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+def grid_lines(
+    facts: list[dict[str, Any]], tensor: int, pipeline: int, found: list[str]
+) -> list[str]:
+    """The model-parallel grid's placement of these ranks (a problem when it does not fit)."""
+    from mpitrain.errors import ConfigError
+    from mpitrain.parallel.grid import placement
+
+    try:
+        table = placement([int(f["node"]) for f in facts], tensor, pipeline)
+    except ConfigError as exc:
+        found.append(f"grid: {exc}")
+        return []
+    groups: dict[tuple[int, int], set[int]] = {}
+    for f, c in zip(facts, table, strict=True):
+        groups.setdefault((c.pp, c.dp), set()).add(int(f["node"]))
+    inside = all(len(nodes) == 1 for nodes in groups.values())
+    data = len(facts) // (tensor * pipeline)
+    out = [f"grid: tensor {tensor} x pipeline {pipeline} x data {data}; tensor groups "
+           f"{'inside nodes' if inside else 'ACROSS nodes (slow: give each node >= T ranks)'}\n"]
+    out += [f"  rank {r} on {f['host']}: tensor {c.tp}, stage {c.pp}, replica {c.dp}\n"
+            for r, (f, c) in enumerate(zip(facts, table, strict=True))]
+    return out
+
+
 def main(argv: list[str], comm: MPI.Intracomm) -> int:
     """Collective: gather every rank's facts, print the report on rank 0; 1 when problems."""
     from mpitrain.runtime.files import write_atomic
@@ -224,6 +248,9 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mpitrain doctor", description=__doc__)
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--tensor-parallel", type=int, default=1, metavar="T",
+                        help="show where a tensor x pipeline grid would place the ranks")
+    parser.add_argument("--pipeline-stages", type=int, default=1, metavar="P")
     args = parser.parse_args(argv)
     world = World.create(comm)
     mine = local_facts(world.comm)
@@ -238,8 +265,9 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
     found: list[str] = []
     if facts is not None:
         found = problems(facts)
+        grid = grid_lines(facts, args.tensor_parallel, args.pipeline_stages, found)
         notes = cuda_facts(world.comm)
-        sys.stdout.write(render(facts, cuda_aware, found, notes))
+        sys.stdout.write(render(facts, cuda_aware, found, notes) + "".join(grid))
         sys.stdout.flush()
         if args.json is not None:
             report = {
@@ -247,6 +275,7 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
                 "cuda_aware": cuda_aware,
                 "cuda_facts": notes,
                 "problems": found,
+                "grid": grid,
             }
             write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
     bad = world.comm.bcast(bool(found), root=0)

@@ -192,3 +192,20 @@ class GPTStage(nn.Module):
     def merge_rules(self) -> dict[str, list[Any]]:
         """How each parameter's tensor slices join back (``checkpoint_parallel``)."""
         return merge_rules(self, drop=("head.",))
+
+
+#: what --model gpt uses for the options the user did not set (docs/model-parallel.md):
+#: a model that learns the corpus in about a minute per rank-core, with AdamW
+DEFAULTS: dict[str, Any] = {
+    "context": 64, "hidden": 64, "layers": 4, "heads": 4, "epochs": 1, "batch_size": 32,
+    "optimizer": "adamw", "lr": 3e-3, "scale_lr": False, "warmup_epochs": 0.05,
+    "weight_decay": 0.01,
+}
+
+
+def gpt_defaults(cfg: TrainConfig) -> dict[str, Any]:
+    """Return the :data:`DEFAULTS` changes for ``cfg`` (options the user set are kept)."""
+    if cfg.model != "gpt" or not cfg.mode_defaults:
+        return {}
+    explicit = {name for name in cfg.explicit.split(",") if name}
+    return {k: v for k, v in DEFAULTS.items() if k not in explicit and getattr(cfg, k) != v}

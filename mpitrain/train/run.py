@@ -210,6 +210,18 @@ def with_mode_defaults(cfg: TrainConfig, ranks: int, *, announce: bool) -> Train
     return cfg.replace(**changes)
 
 
+def with_gpt_defaults(cfg: TrainConfig, *, announce: bool) -> TrainConfig:
+    """Apply the built-in GPT's defaults (``mpitrain.train.gpt.DEFAULTS``) to unset options."""
+    from mpitrain.train.gpt import gpt_defaults
+
+    changes = gpt_defaults(cfg)
+    if changes and announce:
+        text = ", ".join(_flag(k, v) for k, v in sorted(changes.items()))
+        print_line(f"mpitrain: --model gpt defaults: {text} (set them to override, or "
+                   "--no-mode-defaults)")
+    return cfg.replace(**changes) if changes else cfg
+
+
 def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> None:
     """Collective: take the run's id from ``plan``, then load the checkpoint it names, if any.
 
@@ -259,7 +271,10 @@ def main(
     t_start = time.perf_counter()
     # tuned for the ranks launched (a param-server worker's main sees the workers only)
     ranks = comm.size if ps_link is None else ps_link.workers + len(ps_link.servers)
-    cfg = with_mode_defaults(parse_config(argv), ranks, announce=ps_link is None and comm.rank == 0)
+    cfg = parse_config(argv)
+    if cfg.model == "gpt":
+        cfg = with_gpt_defaults(cfg, announce=comm.rank == 0)
+    cfg = with_mode_defaults(cfg, ranks, announce=ps_link is None and comm.rank == 0)
     flag = preempt if preempt is not None else PreemptFlag([]).install()
     flag.switch(parse_signals(cfg.preempt_signals))
     world = World.create(comm)

@@ -29,6 +29,18 @@ def test_doctor_two_ranks_reports_both(mpirun, tmp_path: Path) -> None:
     assert data["problems"] == []
 
 
+@pytest.mark.parametrize(("per_node", "where"), [("2", "inside nodes"), ("1", "ACROSS nodes")])
+def test_doctor_shows_the_model_parallel_grid(mpirun, per_node: str, where: str) -> None:
+    proc = mpirun(4, ["-m", "mpitrain", "doctor", "--tensor-parallel", "2"], timeout=60,
+                  extra_env={"MPITRAIN_RANKS_PER_NODE": per_node})
+    assert f"grid: tensor 2 x pipeline 1 x data 2; tensor groups {where}" in proc.stdout
+    assert "rank 3 on " in proc.stdout and "tensor 1, stage 0, replica 1" in proc.stdout
+    bad = mpirun(2, ["-m", "mpitrain", "doctor", "--pipeline-stages", "3"], timeout=60,
+                 check=False)
+    assert bad.returncode == 1
+    assert "2 ranks do not fill a grid of tensor 1 x pipeline 3" in bad.stdout
+
+
 def test_srun_without_pmi_is_an_error_with_hint(mpiexec: str, tmp_path: Path) -> None:
     """What `srun -n 2` without --mpi does to MPICH: separate size-1 worlds (here: task 1's)."""
     procs = []
