@@ -100,6 +100,17 @@ class FlatReducer:
             _ar.average_(t, self._size)
 
 
+#: MPI libraries whose non-blocking all-reduce was measured (docs/engine.md)
+MEASURED_VENDORS = ("MPICH", "Open MPI")
+
+
+def overlap_measured() -> bool:
+    """Whether :func:`default_overlap` rests on a measurement of this MPI library."""
+    from mpi4py import MPI
+
+    return MPI.get_vendor()[0] in MEASURED_VENDORS
+
+
 def default_overlap() -> bool:
     """Return whether non-blocking all-reduce pays on this MPI (measured: docs/engine.md).
 

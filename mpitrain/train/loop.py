@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
+from mpitrain.comm.reducer import overlap_measured
 from mpitrain.grad.autotune import BucketAutotuner
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
 from mpitrain.runtime.watchdog import Watchdog
@@ -74,7 +75,9 @@ class Trainer:
         self.data_wait = 0.0
         self.comm_wait = 0.0
         self.timeline: Timeline = NULL  # --timeline: set by train.run (docs/profiling.md)
-        self.tuner = BucketAutotuner(self.comm) if cfg.bucket_mb == 0 else None  # --bucket-mb auto
+        self.tuner = None  # --bucket-mb auto; overlap too where this MPI was never measured
+        if cfg.bucket_mb == 0:
+            self.tuner = BucketAutotuner(self.comm, tune_overlap=not overlap_measured())
         if cfg.precision == "bf16":
             self._autocast: Any = torch.autocast(parts.device.type, dtype=torch.bfloat16)
         elif cfg.precision == "fp16":

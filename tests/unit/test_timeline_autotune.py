@@ -70,3 +70,42 @@ def test_bucket_mb_auto_is_config_and_refused_where_it_cannot_apply() -> None:
     for other in ({"exchange": "local-sgd"}, {"shard": "gradients"}):
         with pytest.raises(ConfigError, match="--bucket-mb auto"):
             resolve({"bucket_mb": "auto", **other}, environ={})
+
+
+def test_overlap_is_searched_where_the_mpi_was_never_measured() -> None:
+    m = model()
+    base = m.engine.overlap
+    tuner = BucketAutotuner(MPI.COMM_SELF, candidates=(0.01, 16.0), warmup=0, trial_steps=2,
+                            tune_overlap=True)
+    tuner.start(m)
+    feed = [0.020, 0.020,   # 0.01 MiB: 20 ms
+            0.010, 0.010,   # 16 MiB: 10 ms (the size kept)
+            0.005, 0.005]   # 16 MiB with overlap flipped: 5 ms, kept as well
+    results = [tuner.after_step(m, s) for s in feed]
+    assert results[:-1] == [None] * 5
+    res = results[-1]
+    assert res is not None and res.chosen_mb == 16.0 and res.chosen_overlap is (not base)
+    assert m.engine.overlap is (not base) and len(m.engine.buckets) == 1
+    on_off = "off" if base else "on"
+    assert res.table().endswith(f"-> 16 MiB; overlap {'on' if base else 'off'}: 10.0, "
+                                f"{on_off}: 5.0 -> {on_off}")
+    assert AutotuneResult.from_state_dict(res.state_dict()) == res
+    # a resumed run starts with the chosen size and overlap, without searching
+    again = model()
+    tuner2 = BucketAutotuner(MPI.COMM_SELF, tune_overlap=True)
+    tuner2.load_state_dict(res.state_dict())
+    tuner2.start(again)
+    assert again.engine.overlap is (not base) and tuner2.done
+    # slower flipped: the default is kept
+    m3 = model()
+    t3 = BucketAutotuner(MPI.COMM_SELF, candidates=(16.0,), warmup=0, trial_steps=1,
+                         tune_overlap=True)
+    t3.start(m3)
+    assert t3.after_step(m3, 0.010) is None
+    r3 = t3.after_step(m3, 0.050)
+    assert r3 is not None and r3.chosen_overlap is base and m3.engine.overlap is base
+
+
+def test_old_checkpoints_without_overlap_keys_load() -> None:
+    r = AutotuneResult.from_state_dict({"chosen_mb": 4.0, "trials": [[4.0, 12.0]]})
+    assert r.chosen_overlap is None and r.overlap_trials == ()
