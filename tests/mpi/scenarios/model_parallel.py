@@ -14,9 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch
 from mpi4py import MPI
+from torch import nn
+from torch.nn import functional as F
 
 from mpitrain.checkpoint_parallel import merge_parallel
 from mpitrain.grad.parallel import DataParallel
+from mpitrain.parallel.convert import parallelize_
 from mpitrain.parallel.grid import Grid
 from mpitrain.parallel.pipeline import PipelineEngine
 from mpitrain.parallel.schedule import peak_in_flight
@@ -98,8 +101,62 @@ def check_split(
     grid.free()
 
 
+class StdBlock(nn.Module):
+    """A plain pre-LN transformer block from nn.Linear layers (what users write)."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        a = self.ln1(x)
+        q, k, v = (m(a).view(b, t, self.heads, -1).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, -1))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))  # type: ignore[no-any-return]
+
+
+def check_parallelize(world: MPI.Intracomm) -> None:
+    """parallelize_ turns a standard block tensor-parallel, equal to the dense one."""
+    import copy
+
+    grid = Grid.create(world, tensor=world.size)
+    torch.manual_seed(0)
+    dense = StdBlock()
+    split = parallelize_(copy.deepcopy(dense), {"q": "column", "k": "column", "v": "column",
+                                                 "o": "row", "fc1": "column", "fc2": "row"},
+                         grid.tp_comm)
+    split.heads //= world.size  # type: ignore[operator]
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(1))
+    xs, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_s, out_d = split(xs), dense(xd)
+    (out_s * out_d.detach()).sum().backward()
+    (out_d * out_d.detach()).sum().backward()
+    torch.testing.assert_close(out_s, out_d, **TOL)
+    torch.testing.assert_close(xs.grad, xd.grad, **TOL)
+    r, n = grid.tp_rank, world.size
+    torch.testing.assert_close(split.fc1.weight.grad, dense.fc1.weight.grad.chunk(n)[r], **TOL)
+    torch.testing.assert_close(split.o.weight.grad, dense.o.weight.grad.chunk(n, 1)[r], **TOL)
+    torch.testing.assert_close(split.ln1.weight.grad, dense.ln1.weight.grad, **TOL)
+    try:
+        parallelize_(StdBlock(), {"nope": "column"}, grid.tp_comm)
+    except ValueError as exc:
+        assert "lacks" in str(exc)
+    else:
+        raise AssertionError("a bad plan path was accepted")
+    if world.rank == 0:
+        print(f"PASS parallelize a standard block {n}", flush=True)
+    grid.free()
+
+
 def main(world: MPI.Intracomm) -> int:
     n = world.size
+    check_parallelize(world)
     check_split(world, f"pipeline {n} gpipe", 1, n, "gpipe")
     check_split(world, f"pipeline {n} 1f1b", 1, n, "1f1b")
     check_split(world, f"tensor {n}", n, 1, "1f1b")
