@@ -142,8 +142,8 @@ class TrainConfig:
         "sync", "gradient exchange mode", ("sync", "double-buffer", "local-sgd", "param-server")
     )
     shard: str = _opt(
-        "none", "ZeRO sharding across ranks: optimizer state, or + gradients (docs/sharding.md)",
-        ("none", "optimizer", "gradients"),
+        "none", "ZeRO sharding across ranks: optimizer state, + gradients, + parameters "
+        "(ZeRO-1/2/3, docs/sharding.md)", ("none", "optimizer", "gradients", "parameters"),
     )
     local_steps: int = _opt(
         4, "local SGD: local steps between model averages", accepted=Range(1, _MILLION)

@@ -34,7 +34,7 @@ from mpitrain.runtime.abort import run_mpi
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-METHODS = ("replicas", "zero1", "zero2", "torch-zero")
+METHODS = ("replicas", "zero1", "zero2", "zero3", "torch-zero", "torch-fsdp2")
 
 
 def _bytes(tensors: Any) -> int:
@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     x = torch.randn(args.batch, widths[0], generator=g)
     y = torch.randn(args.batch, widths[-1], generator=g)
     method = args.method
-    if method in ("zero1", "zero2"):
+    if method in ("zero1", "zero2", "zero3"):
         from mpitrain.grad.zero.wrapper import ShardedDataParallel
 
         sdp = ShardedDataParallel(net, comm=comm, stage=int(method[-1]), bucket_mb=args.bucket_mb)
@@ -101,6 +101,8 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
             return {"parameters": _bytes(net.parameters()),
                     "gradients": _bytes(dp.engine.plan.buffers.values()),
                     "optimizer": _bytes(_state_tensors(opt))}
+    elif method == "torch-fsdp2":
+        step, memory = _fsdp2(net, x, y, comm)
     else:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         from torch.nn.parallel import DistributedDataParallel
@@ -138,11 +140,43 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
                "step_ms_all": [t * 1e3 for t in times],
                **{k: max(r[k] for r in per_rank) for k in per_rank[0]}}
         Path(args.out).write_text(json.dumps(row))
-    if method == "torch-zero":
+    if method in ("torch-zero", "torch-fsdp2"):
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return 0
+
+
+def _fsdp2(net: Any, x: Any, y: Any, comm: MPI.Intracomm) -> tuple[Any, Any]:
+    """torch FSDP2 (``fully_shard`` per Linear, then the root) over gloo on the CPU."""
+    import torch
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    init_gloo(comm)
+    mesh = init_device_mesh("cpu", (comm.size,))
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()  # type: ignore[no-untyped-call]
+        opt.step()
+
+    def local(ts: Any) -> list[Any]:
+        return [t.to_local() if isinstance(t, DTensor) else t for t in ts if t is not None]
+
+    def memory() -> dict[str, int]:
+        return {"parameters": _bytes(local(net.parameters())),
+                "gradients": _bytes(local(p.grad for p in net.parameters())),
+                "optimizer": _bytes(local(_state_tensors(opt)))}
+
+    return step, memory
 
 
 def _mib(n: float) -> str:

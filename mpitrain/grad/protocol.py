@@ -91,6 +91,13 @@ class Exchange(Protocol):
         """Whether every rank should hold the same parameters now (no communication)."""
         ...
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients to a global 2-norm of at most ``max_norm``; return the norm.
+
+        Collective where gradients are sharded (ZeRO): the norm is of the whole model.
+        """
+        ...
+
     def drain(self) -> None:
         """Collective: finish in-flight traffic so the module holds the newest parameters."""
         ...
@@ -155,6 +162,11 @@ class ExchangeBase(torch.nn.Module):
     def replicas_identical(self) -> bool:
         """Whether every rank should hold the same parameters now (default: yes)."""
         return True
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the module's gradients (default: identical on every rank after the exchange,
+        so is the norm; no communication)."""
+        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
 
     def drain(self) -> None:
         """Collective: finish in-flight traffic (default: none in flight)."""

@@ -233,9 +233,8 @@ class Trainer:
         self.comm_wait += time.perf_counter() - t0
         if self.p.scaler is not None:
             self.p.scaler.unscale_(opt)
-        if self.cfg.clip_grad_norm:
-            # gradients are identical on every rank after the all-reduce: so is the norm
-            torch.nn.utils.clip_grad_norm_(model.module.parameters(), self.cfg.clip_grad_norm)
+        if self.cfg.clip_grad_norm:  # the exchange's own (ZeRO: a global norm over shards)
+            model.clip_grad_norm_(self.cfg.clip_grad_norm)
         if self.p.scaler is not None:
             # inf/nan in any rank's gradients is in every rank's averaged gradients, so
             # every rank's scaler skips (or takes) the step together

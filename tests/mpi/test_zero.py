@@ -64,16 +64,20 @@ def test_sharded_checkpoint_reshards(mpirun: MpiRun, tmp_path: Path, n: int, m: 
 
 @pytest.mark.mpi
 def test_trainer_shard_trains_like_sync(mpirun: MpiRun, tmp_path: Path) -> None:
+    """--shard optimizer/gradients/parameters (with clipping) == --shard none in the trainer."""
     import json
 
     summaries = {}
-    for shard in ("none", "gradients"):
+    for shard in ("none", "gradients", "parameters"):
         out = tmp_path / f"{shard}.json"
         mpirun(2, ["-m", "mpitrain", "--shard", shard, "--epochs", "2", "--no-progress",
-                   "--summary-json", str(out)], timeout=150)
+                   "--clip-grad-norm", "0.5", "--summary-json", str(out)], timeout=150)
         summaries[shard] = json.loads(out.read_text())
-    got, want = summaries["gradients"], summaries["none"]
-    assert got["world_size"] == 2
-    assert float(got["test_accuracy"]) == pytest.approx(float(want["test_accuracy"]), abs=1e-3)
-    assert float(got["final_loss"]) == pytest.approx(float(want["final_loss"]), rel=1e-4)
-    assert float(got["test_accuracy"]) >= 0.8, got
+    want = summaries["none"]
+    for shard in ("gradients", "parameters"):
+        got = summaries[shard]
+        assert got["world_size"] == 2
+        assert float(got["test_accuracy"]) == pytest.approx(float(want["test_accuracy"]),
+                                                            abs=1e-3)
+        assert float(got["final_loss"]) == pytest.approx(float(want["final_loss"]), rel=1e-4)
+        assert float(got["test_accuracy"]) >= 0.8, got

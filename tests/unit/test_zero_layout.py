@@ -124,8 +124,8 @@ def test_refuses_what_it_cannot_shard() -> None:
 
     from mpitrain.grad.zero import ShardedDataParallel
 
-    with pytest.raises(ConfigError, match="stage 3"):
-        ShardedDataParallel(nn.Linear(2, 2), comm=MPI.COMM_SELF, stage=3)
+    with pytest.raises(ConfigError, match="stage 4"):
+        ShardedDataParallel(nn.Linear(2, 2), comm=MPI.COMM_SELF, stage=4)
     with pytest.raises(ConfigError, match="float64"):
         ShardedDataParallel(nn.Linear(2, 2).double(), comm=MPI.COMM_SELF, stage=1)
 
@@ -133,7 +133,6 @@ def test_refuses_what_it_cannot_shard() -> None:
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"clip_grad_norm": 1.0}, "--clip-grad-norm"),
         ({"checkpoint_dir": "ck"}, "--checkpoint-dir"),
         ({"exchange": "local-sgd"}, "--exchange local-sgd"),
         ({"precision": "bf16"}, "--precision bf16"),
@@ -152,3 +151,39 @@ def test_trainer_refuses_what_it_would_get_wrong(changes: dict[str, object], nam
     assert named in str(err.value) and "--shard gradients" in str(err.value)
     ok = SimpleNamespace(cfg=TrainConfig().replace(shard="optimizer"), device=torch.device("cpu"))
     assert check_trainer_options(ok) == 1  # type: ignore[arg-type]
+
+
+def test_grouped_layout_one_bucket_per_unit_last_first() -> None:
+    from mpitrain.grad.zero.layout import plan_grouped_layout
+
+    shapes = [(3, 2), (3,), (5, 3), (5,), (1,)]
+    names = [f"p{i}" for i in range(5)]
+    lay = plan_grouped_layout(names, shapes, 4, [[4], [0, 1], [2, 3]])
+    assert [b.params for b in lay.buckets] == [(3, 2), (1, 0), (4,)]  # last unit first
+    assert [b.numel for b in lay.buckets] == [20, 9, 1]
+    assert [b.chunk for b in lay.buckets] == [5, 3, 1]
+    assert [b.offset for b in lay.buckets] == [0, 20, 32]
+    assert lay.total == 36 and lay.numel == 30
+    for i, s in enumerate(lay.slots):
+        (b,) = s.buckets
+        span = lay.buckets[b]
+        assert span.offset <= s.offset and s.offset + s.numel <= span.offset + span.numel, i
+    with pytest.raises(ValueError, match="partition"):
+        plan_grouped_layout(names, shapes, 4, [[0, 1], [2, 3]])
+
+
+def test_default_units_look_inside_containers() -> None:
+    from mpitrain.grad.zero.wrapper import default_units
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(4, 2)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+                                         for _ in range(2)])
+            self.act = nn.ReLU()
+            self.head = nn.Linear(2, 1)
+
+    net = Net()
+    units = default_units(net)
+    assert units == [net.emb, net.blocks[0][0], net.blocks[1][0], net.head]

@@ -54,6 +54,9 @@ class ShardedGrads:
         self.overlap = overlap
         self.max_inflight = max(1, max_inflight)
         self.enabled = True
+        #: called with a bucket's index once all its parameters have their gradient
+        #: (ZeRO-3 frees the bucket's gathered parameters there)
+        self.on_ready: Callable[[int], None] | None = None
         self.dirty = False  # stage 1: full buffer holds reduce-scatter leftovers
         spans = layout.buckets
         dtype, device = torch.float32, torch.device("cpu")
@@ -148,6 +151,8 @@ class ShardedGrads:
         for b in self.layout.slots[i].buckets:
             self._pending[b] -= 1
             ready = ready or self._pending[b] == 0
+            if self._pending[b] == 0 and self.on_ready is not None:
+                self.on_ready(b)
         if self.overlap and ready:
             while self._next < len(self._pending) and self._pending[self._next] == 0:
                 self._launch(self._next)

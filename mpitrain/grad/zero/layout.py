@@ -141,3 +141,43 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def plan_grouped_layout(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    ranks: int,
+    groups: Sequence[Sequence[int]],
+) -> ShardLayout:
+    """Lay out parameters with one bucket per group (ZeRO-3's units), last group first.
+
+    ``groups`` partition the parameter indices (registration order). Each bucket holds one
+    group's parameters end to end (reverse registration order inside it, as
+    :func:`plan_layout`), padded to a multiple of ``ranks``; bucket 0 is the last group, the
+    one whose backward runs first.
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    seen = sorted(i for g in groups for i in g)
+    if seen != list(range(len(names))):
+        raise ValueError("the groups must partition the parameters (each index once)")
+    numels = [_numel(s) for s in shapes]
+    offsets = [0] * len(names)
+    spans: list[BucketSpan] = []
+    bucket_of = [0] * len(names)
+    at = 0
+    for group in reversed([g for g in groups if g]):
+        start = at
+        for i in sorted(group, reverse=True):
+            offsets[i] = at
+            at += numels[i]
+            bucket_of[i] = len(spans)
+        n = at - start
+        chunk = max(1, -(-n // ranks))
+        spans.append(BucketSpan(len(spans), tuple(sorted(group, reverse=True)), n, chunk, start))
+        at = start + chunk * ranks
+    slots = tuple(
+        Slot(names[i], offsets[i], tuple(shapes[i]), numels[i], (bucket_of[i],))
+        for i in range(len(names))
+    )
+    return ShardLayout(ranks, slots, tuple(spans))

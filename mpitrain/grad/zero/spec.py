@@ -1,4 +1,4 @@
-"""Build ShardedDataParallel for the trainer (``--shard optimizer|gradients``).
+"""Build ShardedDataParallel for the trainer (``--shard optimizer|gradients|parameters``).
 
 The trainer's checkpoint, clipping and mixed-precision paths assume every rank holds the
 whole optimizer state and gradients; until they go through the sharded ones
@@ -24,12 +24,10 @@ def check_trainer_options(ctx: BuildContext) -> int:
     stage = STAGES.get(shard)
     if stage is None:
         raise ConfigError(with_hint(f"--shard {shard} is not available",
-                                    "use --shard none, optimizer or gradients"))
+                                    "use --shard none, optimizer, gradients or parameters"))
     refuse = []
     if cfg.exchange != "sync":
         refuse.append(f"--exchange {cfg.exchange}")
-    if cfg.clip_grad_norm:
-        refuse.append("--clip-grad-norm (the trainer clips the full gradients)")
     if cfg.checkpoint_dir is not None or cfg.resume is not None:
         refuse.append("--checkpoint-dir/--resume (the trainer saves rank 0's optimizer state)")
     if cfg.precision != "fp32":

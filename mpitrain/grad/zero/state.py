@@ -83,7 +83,8 @@ def load_consolidated(
     model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any]
 ) -> None:
     """Copy a consolidated state (``checkpoint_shards.consolidate``) into this rank's shards."""
-    model.module.load_state_dict(full["model"])  # copies into the flat buffer's views
+    with model.gathered(writeback=True):  # stage 3: into the gathered buffers, then shards
+        model.module.load_state_dict(full["model"])  # copies into the flat buffer's views
     if optimizer is None:
         return
     _check_optimizer(model, optimizer)

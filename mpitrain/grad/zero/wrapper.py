@@ -1,4 +1,4 @@
-"""``ShardedDataParallel``: ZeRO stages 1 and 2 over MPI on the gradient engine's transports.
+"""``ShardedDataParallel``: ZeRO stages 1-3 over MPI on the gradient engine's transports.
 
 Every rank keeps the full parameters (the module's ``.data`` are views of one flat, padded
 buffer) but owns only chunk ``rank`` of every bucket of it: the optimizer is built over
@@ -14,13 +14,15 @@ special case. Per step::
 
 Stage 1 keeps a full gradient buffer (the module's ``.grad`` are views of it); stage 2 keeps
 only the shard gradients (a bucket's full buffer lives from its first gradient to the end of
-its reduce-scatter). See docs/sharding.md.
+its reduce-scatter); stage 3 keeps only the shards of the parameters too, each unit
+(submodule) gathered around its forward and backward (:mod:`mpitrain.grad.zero.params`).
+See docs/sharding.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,13 +37,14 @@ from mpitrain.grad.buckets import alloc_buffer, bucket_bytes_from_mb
 from mpitrain.grad.consistency import check_same_layout, layout
 from mpitrain.grad.protocol import ExchangeBase
 from mpitrain.grad.zero.grads import ShardedGrads
-from mpitrain.grad.zero.layout import ShardLayout, plan_layout
+from mpitrain.grad.zero.layout import ShardLayout, plan_grouped_layout, plan_layout
+from mpitrain.grad.zero.params import ShardedParams
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 #: --shard names -> ZeRO stage
-STAGES = {"none": 0, "optimizer": 1, "gradients": 2}
+STAGES = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
 
 
 class ShardedDataParallel(ExchangeBase):
@@ -54,8 +57,12 @@ class ShardedDataParallel(ExchangeBase):
     Args:
         module: the model (float32 CPU parameters); ``model.module`` gives it back.
         comm: the communicator.
-        stage: 1 (optimizer state sharded) or 2 (+ gradients sharded).
-        bucket_mb: bucket size cap in MiB (the unit of reduce-scatter and all-gather).
+        stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).
+        bucket_mb: bucket size cap in MiB (the unit of reduce-scatter and all-gather; stage 3
+            has one bucket per unit instead).
+        units: stage 3: the submodules gathered as one (default: the module's children that
+            hold parameters); parameters outside them stay gathered. Every rank must run the
+            units in the same order (skipping one is fine; see ``zero.params``).
         overlap: start each bucket's reduce-scatter during backward (default: per MPI).
         broadcast_buffers: after each synchronize, broadcast buffers (BatchNorm statistics)
             from rank 0, as DataParallel does.
@@ -70,11 +77,12 @@ class ShardedDataParallel(ExchangeBase):
         bucket_mb: float | None = None,
         overlap: bool | None = None,
         broadcast_buffers: bool = True,
+        units: Sequence[torch.nn.Module] | None = None,
     ) -> None:
         super().__init__(module)
-        if stage not in (1, 2):
+        if stage not in (1, 2, 3):
             raise ConfigError(
-                with_hint(f"ZeRO stage {stage} is not available", "use stage 1 or 2")
+                with_hint(f"ZeRO stage {stage} is not available", "use stage 1, 2 or 3")
             )
         self.comm = comm
         self.stage = stage
@@ -92,26 +100,63 @@ class ShardedDataParallel(ExchangeBase):
         check_same_layout(comm, layout(list(module.named_parameters()),
                                        list(module.named_buffers())))
         broadcast_parameters(module, comm, root=0)
-        self.layout: ShardLayout = plan_layout(
-            [n for n, _ in named], [tuple(p.shape) for _, p in named], comm.size,
-            bucket_bytes_from_mb(bucket_mb),
-        )
-        lay = self.layout
-        self.full_params = alloc_buffer(lay.total, torch.float32, torch.device("cpu"))
         self._params = [p for _, p in named]
-        with torch.no_grad():
-            for i, p in enumerate(self._params):
-                a, b = lay.full_range(i)
-                view = self.full_params[a:b].view(p.shape)
-                view.copy_(p)
-                p.data = view
-        self.shards = [
-            torch.nn.Parameter(self.full_params[slice(*lay.shard_range(b, comm.rank))])
-            for b in range(len(lay.buckets))
-        ]
+        self.sharded: ShardedParams | None = None
+        self.full_params: torch.Tensor | None = None
+        if stage == 3:
+            self.layout, self.sharded = self._shard_parameters(module, named, units)
+            self.shards = self.sharded.shards
+        else:
+            self.layout = plan_layout(
+                [n for n, _ in named], [tuple(p.shape) for _, p in named], comm.size,
+                bucket_bytes_from_mb(bucket_mb),
+            )
+            lay = self.layout
+            self.full_params = alloc_buffer(lay.total, torch.float32, torch.device("cpu"))
+            with torch.no_grad():
+                for i, p in enumerate(self._params):
+                    a, b = lay.full_range(i)
+                    view = self.full_params[a:b].view(p.shape)
+                    view.copy_(p)
+                    p.data = view
+            self.shards = [
+                torch.nn.Parameter(self.full_params[slice(*lay.shard_range(b, comm.rank))])
+                for b in range(len(lay.buckets))
+            ]
         self.grads = ShardedGrads(
-            self._params, lay, comm, keep_full=stage == 1,
+            self._params, self.layout, comm, keep_full=stage == 1,
             overlap=default_overlap() if overlap is None else overlap,
+        )
+        if self.sharded is not None:
+            self.grads.on_ready = self.sharded.free_bucket
+
+    def _shard_parameters(
+        self, module: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
+        units: Sequence[torch.nn.Module] | None,
+    ) -> tuple[ShardLayout, ShardedParams]:
+        """Stage 3: one bucket per unit (+ one for the root's own parameters)."""
+        if units is None:
+            units = default_units(module)
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        groups: list[list[int]] = []
+        owner: dict[int, int] = {}
+        for u, m in enumerate(units):
+            members = [index[id(p)] for p in m.parameters() if id(p) in index
+                       and id(p) not in owner]
+            for i in members:
+                owner[id(named[i][1])] = u
+            groups.append(members)
+        rest = [i for i, (_, p) in enumerate(named) if id(p) not in owner]
+        kept = [m for m, g in zip(units, groups, strict=True) if g]
+        groups = [g for g in groups if g]
+        # the root's own parameters first: their bucket comes last in backward order
+        layout = plan_grouped_layout([n for n, _ in named], [tuple(p.shape) for _, p in named],
+                                     self.comm.size, ([rest] if rest else []) + groups)
+        def bucket(i: int) -> int:
+            return layout.slots[i].buckets[0]
+        return layout, ShardedParams(
+            module, kept, [bucket(g[0]) for g in groups], bucket(rest[0]) if rest else None,
+            self._params, layout, self.comm,
         )
 
     # ---- the DataParallel surface ------------------------------------------------------------
@@ -136,6 +181,8 @@ class ShardedDataParallel(ExchangeBase):
 
     def synchronize(self) -> None:
         """Collective: finish this step's reduce-scatters; shard ``.grad`` hold the averages."""
+        if self.sharded is not None:
+            self.sharded.finish_backward()
         self.grads.synchronize()
         for shard, g in zip(self.shards, self.grads.shard_grads, strict=True):
             shard.grad = g
@@ -149,7 +196,14 @@ class ShardedDataParallel(ExchangeBase):
         self.gather_parameters()
 
     def gather_parameters(self) -> None:
-        """Collective: refresh every rank's full parameters from their owners' shards."""
+        """Collective: refresh every rank's full parameters from their owners' shards.
+
+        Stage 3 refreshes only the root's own parameters (units gather on use).
+        """
+        if self.sharded is not None:
+            self.sharded.gather_always()
+            return
+        assert self.full_params is not None
         ranks = self.layout.ranks
         handles = [
             iallgather_(self.full_params[s.offset : s.offset + s.padded(ranks)], self.comm)
@@ -162,7 +216,7 @@ class ShardedDataParallel(ExchangeBase):
         """Drop the shard gradients (they come back at the next synchronize)."""
         for shard in self.shards:
             shard.grad = None
-        if self.stage == 2:
+        if self.stage >= 2:
             for p in self._params:
                 p.grad = None
         else:
@@ -187,8 +241,13 @@ class ShardedDataParallel(ExchangeBase):
 
     def memory_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state (the tensors)."""
+        if self.sharded is not None:
+            params = sum(s.numel() * 4 for s in self.shards) + self.sharded.peak_live_bytes
+        else:
+            assert self.full_params is not None
+            params = self.full_params.numel() * 4
         out = {
-            "parameters": self.full_params.numel() * 4,
+            "parameters": params,
             "gradients": self.grads.nbytes(),
             "optimizer": 0 if optimizer is None else optimizer_bytes(optimizer),
         }
@@ -205,6 +264,18 @@ class ShardedDataParallel(ExchangeBase):
     def close(self) -> None:
         """Collective: detach the gradient hooks (no traffic is left in flight)."""
         self.grads.remove_hooks()
+        if self.sharded is not None:
+            self.sharded.remove_hooks()
+
+    @contextlib.contextmanager
+    def gathered(self, *, writeback: bool = False) -> Iterator[None]:
+        """Collective: the module's full parameters inside (stage 3 gathers them all; ``writeback``
+        keeps changes made to them, e.g. ``load_state_dict``). Stages 1-2 hold them anyway."""
+        if self.sharded is None:
+            yield
+            return
+        with self.sharded.gathered(writeback=writeback):
+            yield
 
     def describe(self) -> str:
         """One line: stage, buckets and the shard size."""
@@ -212,6 +283,23 @@ class ShardedDataParallel(ExchangeBase):
         return (f"ZeRO stage {self.stage}: {len(lay.slots)} params in {len(lay.buckets)} "
                 f"buckets, {lay.numel} elements, shard {lay.shard_numel()} per rank "
                 f"({lay.total - lay.numel} padding)")
+
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+
+
+def default_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """ZeRO-3's default units: the children that hold parameters, looking inside containers
+    (ModuleList, ModuleDict, Sequential), so each transformer block or layer is one."""
+    out: list[torch.nn.Module] = []
+    for c in module.children():
+        if not any(p.requires_grad for p in c.parameters()):
+            continue
+        if isinstance(c, _CONTAINERS):
+            out += default_units(c)
+        else:
+            out.append(c)
+    return out
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:

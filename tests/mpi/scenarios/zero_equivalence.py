@@ -44,6 +44,20 @@ class Mlp(nn.Module):
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
+class Deep(nn.Module):
+    """Six equal units: stage 3 gathers one (and prefetches the next) at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(D_IN if i == 0 else 32, 32) for i in range(5))
+        self.out = nn.Linear(32, D_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.out(x)  # type: ignore[no-any-return]
+
+
 class Branchy(nn.Module):
     """``extra`` is used only on rank 0; ``never`` is never used."""
 
@@ -135,7 +149,12 @@ def train(comm: MPI.Intracomm, cls: type[nn.Module], opt_name: str, stage: int, 
     return model.module, model, opt
 
 
-def check_close(comm: MPI.Intracomm, name: str, got: nn.Module, want: nn.Module) -> None:
+def check_close(comm: MPI.Intracomm, name: str, got: nn.Module, want: nn.Module,
+                wrapper: object = None) -> None:
+    if isinstance(wrapper, ShardedDataParallel):  # stage 3: gather the shards to compare
+        with wrapper.gathered():
+            check_close(comm, name, got, want)
+        return
     for (k, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
         if a.is_floating_point():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6,
@@ -156,9 +175,10 @@ def passed(comm: MPI.Intracomm, name: str) -> None:
 def equivalence(comm: MPI.Intracomm, name: str, cls: type[nn.Module], **kw: object) -> None:
     for opt_name in OPTIMIZERS:
         want, _, _ = train(comm, cls, opt_name, 0, **kw)  # type: ignore[arg-type]
-        for stage in (1, 2):
-            got, _, _ = train(comm, cls, opt_name, stage, **kw)  # type: ignore[arg-type]
-            check_close(comm, f"{name} stage {stage} {opt_name}", got, want)
+        for stage in (1, 2, 3):
+            got, w, _ = train(comm, cls, opt_name, stage, **kw)  # type: ignore[arg-type]
+            check_close(comm, f"{name} stage {stage} {opt_name}", got, want,
+                        w if stage == 3 else None)
     passed(comm, name)
 
 
@@ -191,6 +211,20 @@ def check_memory(comm: MPI.Intracomm) -> None:
         if comm.rank == 0:
             print(f"MEMORY stage {stage} n={n} numel={numel} replica_opt={replica_opt} "
                   f"{mem}", flush=True)
+    # stage 3: the shards persist; a unit's full parameters only while it is gathered
+    _, sdp, opt = train(comm, Deep, "adam", 3)
+    assert isinstance(sdp, ShardedDataParallel) and sdp.sharded is not None
+    mem = sdp.memory_bytes(opt)
+    numel = sum(p.numel() for p in sdp.module.parameters())
+    unit = max(b.padded(n) for b in sdp.layout.buckets) * 4
+    assert len(sdp.layout.buckets) == 6  # one per Linear
+    assert sum(s.numel() for s in sdp.shards) == sdp.layout.shard_numel()
+    # persistent: ~1/N of the parameters; transient peak: the unit in use + the prefetched one
+    assert mem["parameters"] <= 4 * numel / n + 4 * 6 * n + 2 * unit, (mem, numel, unit)
+    assert mem["gradients"] == 4 * sdp.layout.shard_numel()
+    assert sdp.sharded.live_bytes == 0  # nothing gathered between steps
+    if comm.rank == 0:
+        print(f"MEMORY stage 3 n={n} numel={numel} unit={unit} {mem}", flush=True)
     # stage 2 with many small buckets: at most max_inflight full bucket buffers alive at once
     _, sdp, _ = train(comm, Mlp, "adam", 2, bucket_mb=0.001)
     assert isinstance(sdp, ShardedDataParallel)

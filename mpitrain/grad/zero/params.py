@@ -1,0 +1,234 @@
+"""Parameter side of ZeRO-3: parameters live as shards, gathered per unit around their use.
+
+Each unit (a submodule; its parameters are one bucket of the layout) keeps one flat buffer
+whose storage is allocated only while the unit is gathered; the module's parameters are
+views of it, so autograd's saved tensors see the data again when the storage is refilled
+for backward (PyTorch FSDP's free-by-resize). Gathers run on their own duplicate of the
+communicator, so they never pair with the gradient reduce-scatters, and **in one fixed
+order on every rank** (the units' registration order forward, the reverse backward): a
+unit's hook first starts every earlier unit of the sequence, and the end of the forward
+(and of the backward) completes the sequence, so a rank that skips a branch still makes the
+same collective calls as one that runs it. The next unit is prefetched while one computes.
+A unit is freed after its forward and once all its gradients are in (backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from mpitrain.comm.handle import DONE, Handle, RequestHandle
+from mpitrain.grad.zero.layout import ShardLayout
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+
+def _iallgather_raw(buf: torch.Tensor, comm: MPI.Intracomm) -> Handle:
+    """Collective: in-place all-gather of a flat float32 buffer, handed to MPI by address.
+
+    (A numpy view, as :mod:`mpitrain.comm.allgather` uses, would make the storage
+    non-resizable for good, and stage 3 frees it by resizing.)
+    """
+    from mpi4py import MPI
+
+    if comm.size == 1:
+        return DONE
+    spec = [MPI.buffer.fromaddress(buf.data_ptr(), buf.numel() * buf.element_size()), MPI.FLOAT]
+    return RequestHandle(comm.Iallgather(MPI.IN_PLACE, spec), keep=buf)
+
+
+class ShardedParams:
+    """Shards, gather buffers and hooks for ``units`` (``buckets[u]`` = unit u's bucket).
+
+    ``always`` is the bucket of parameters outside every unit (the root's own), kept
+    gathered (refreshed by :meth:`gather_always` after each optimizer step), or None.
+    """
+
+    def __init__(
+        self, root: nn.Module, units: Sequence[nn.Module], buckets: Sequence[int],
+        always: int | None, params: Sequence[nn.Parameter], layout: ShardLayout,
+        comm: MPI.Intracomm,
+    ) -> None:
+        self.layout, self.units, self.always = layout, list(units), always
+        self.buckets = list(buckets)
+        self.comm = comm.Dup()  # gathers never pair with the reduce-scatters
+        # the first unit's inputs need no gradient: torch warns that its pre-backward hook
+        # fires on the outputs' gradients, which is just when the gather is needed
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients",
+                                category=UserWarning)
+        ranks, rank = layout.ranks, comm.rank
+        n_buckets = len(layout.buckets)
+        self.full = [torch.zeros(s.padded(ranks)) for s in layout.buckets]
+        self.shards: list[nn.Parameter] = []
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                slot = layout.slots[i]
+                span = layout.buckets[slot.buckets[0]]
+                a = slot.offset - span.offset
+                view = self.full[span.index][a : a + slot.numel].view(slot.shape)
+                view.copy_(p)
+                p.data = view
+            for s in layout.buckets:
+                chunk = self.full[s.index][rank * s.chunk : (rank + 1) * s.chunk]
+                self.shards.append(nn.Parameter(chunk.clone()))
+        self.live = [True] * n_buckets
+        self.handles: list[Handle | None] = [None] * n_buckets
+        self.keep = False  # inside gathered(): nothing is freed
+        self.fwd_next = 0
+        self.bwd_next = -1
+        self._callback_queued = False
+        self.live_bytes = sum(f.numel() * 4 for f in self.full)
+        self.peak_live_bytes = 0
+        for b in range(n_buckets):
+            if b != always:
+                self._free(b)
+        self._hooks: list[Any] = [root.register_forward_pre_hook(self._root_pre_forward),
+                                  root.register_forward_hook(self._root_post_forward)]
+        for u, m in enumerate(self.units):
+            self._hooks += self._unit_hooks(u, m)
+
+    def _unit_hooks(self, u: int, m: nn.Module) -> list[Any]:
+        def pre(_m: nn.Module, _a: Any) -> None:
+            self._pre_forward(u)
+
+        def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+            self._post_forward(u)
+
+        def pre_backward(_m: nn.Module, _g: Any) -> None:
+            self._pre_backward(u)
+
+        return [m.register_forward_pre_hook(pre), m.register_forward_hook(post),
+                m.register_full_backward_pre_hook(pre_backward)]
+
+    # ---- one bucket ---------------------------------------------------------------------------
+    def _start(self, b: int) -> None:
+        if self.live[b]:
+            return
+        span, rank = self.layout.buckets[b], self.comm.rank
+        buf = self.full[b]
+        buf.untyped_storage().resize_(buf.numel() * buf.element_size())
+        with torch.no_grad():
+            buf[rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
+        self.handles[b] = _iallgather_raw(buf, self.comm)
+        self.live[b] = True
+        self.live_bytes += buf.numel() * 4
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+
+    def _wait(self, b: int) -> None:
+        h = self.handles[b]
+        if h is not None:
+            h.wait()
+            self.handles[b] = None
+
+    def _free(self, b: int) -> None:
+        if not self.live[b] or self.keep or b == self.always:
+            return
+        self._wait(b)
+        self.full[b].untyped_storage().resize_(0)
+        self.live[b] = False
+        self.live_bytes -= self.full[b].numel() * 4
+
+    def free_bucket(self, b: int) -> None:
+        """A bucket's gradients are all in (backward): its parameters may go."""
+        if b in self.buckets:
+            self._free(b)
+
+    # ---- the sequences ------------------------------------------------------------------------
+    def _root_pre_forward(self, _m: nn.Module, _a: Any) -> None:
+        self.fwd_next = 0
+
+    def _pre_forward(self, u: int) -> None:
+        if u < self.fwd_next:  # used again in this forward: gathered again (all ranks alike)
+            self._start(self.buckets[u])
+        while self.fwd_next <= u:
+            self._start(self.buckets[self.fwd_next])
+            self.fwd_next += 1
+        if self.fwd_next < len(self.units):  # prefetch the next unit
+            self._start(self.buckets[self.fwd_next])
+            self.fwd_next += 1
+        self._wait(self.buckets[u])
+
+    def _post_forward(self, u: int) -> None:
+        self._free(self.buckets[u])
+
+    def _root_post_forward(self, _m: nn.Module, _a: Any, _o: Any) -> None:
+        """Complete the forward sequence (units this rank skipped), then arm the backward's."""
+        while self.fwd_next < len(self.units):
+            self._start(self.buckets[self.fwd_next])
+            self.fwd_next += 1
+        for b in self.buckets:
+            self._free(b)
+        self.bwd_next = len(self.units) - 1 if torch.is_grad_enabled() else -1
+        self._callback_queued = False
+
+    def _pre_backward(self, u: int) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(  # type: ignore[attr-defined]
+                self._close_backward)
+        if self.bwd_next < u:  # used again: gathered again
+            self._start(self.buckets[u])
+        while self.bwd_next >= u:
+            self._start(self.buckets[self.bwd_next])
+            self.bwd_next -= 1
+        if self.bwd_next >= 0:  # prefetch the unit before
+            self._start(self.buckets[self.bwd_next])
+            self.bwd_next -= 1
+        self._wait(self.buckets[u])
+
+    def _close_backward(self) -> None:
+        while self.bwd_next >= 0:
+            self._start(self.buckets[self.bwd_next])
+            self.bwd_next -= 1
+        for b in self.buckets:
+            self._free(b)
+        self._callback_queued = False
+
+    def finish_backward(self) -> None:
+        """Collective: complete a backward sequence that no hook ran (no unit had a gradient)."""
+        if not self._callback_queued:
+            self._close_backward()
+
+    # ---- step boundary ------------------------------------------------------------------------
+    def gather_always(self) -> None:
+        """Collective: refresh the root's own parameters from their owners' shards."""
+        b = self.always
+        if b is None:
+            return
+        span, rank = self.layout.buckets[b], self.comm.rank
+        with torch.no_grad():
+            self.full[b][rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
+        _iallgather_raw(self.full[b], self.comm).wait()
+
+    @contextlib.contextmanager
+    def gathered(self, *, writeback: bool = False) -> Iterator[None]:
+        """Collective: every parameter gathered inside; ``writeback`` copies changes to shards."""
+        for b in range(len(self.full)):
+            self._start(b)
+        for b in range(len(self.full)):
+            self._wait(b)
+        self.keep = True
+        try:
+            yield
+        finally:
+            self.keep = False
+            rank = self.comm.rank
+            for b, span in enumerate(self.layout.buckets):
+                if writeback:
+                    with torch.no_grad():
+                        mine = self.full[b][rank * span.chunk : (rank + 1) * span.chunk]
+                        self.shards[b].copy_(mine)
+                self._free(b)
+
+    def remove_hooks(self) -> None:
+        """Detach from the modules and free the gather communicator (collective)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.comm.Free()
