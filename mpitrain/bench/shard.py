@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import resource
 import statistics
 import sys
@@ -59,6 +60,11 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     from mpi4py import MPI
     from torch import nn
 
+    cgroup = None
+    if args.memory_budget_mb:  # before the model exists: the kernel counts all of it
+        from mpitrain.bench.budget import enter_budget
+
+        cgroup = enter_budget(int(args.memory_budget_mb * 2**20), args.budget_tag, comm.rank)
     torch.set_num_threads(1)
     widths = [int(w) for w in args.widths.split(",")]
     torch.manual_seed(0)
@@ -132,7 +138,13 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     mem = memory()
     model_state = mem["parameters"] + mem["gradients"] + mem["optimizer"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    per_rank = comm.gather({**mem, "model_state": model_state, "peak_rss": rss}, root=0)
+    charged = {}
+    if cgroup is not None:  # what the kernel charged this rank (the budget's measure)
+        from mpitrain.bench.budget import peak_usage
+
+        charged = {"cgroup_peak": peak_usage(cgroup) or 0}
+    per_rank = comm.gather({**mem, "model_state": model_state, "peak_rss": rss, **charged},
+                           root=0)
     if comm.rank == 0:
         assert per_rank is not None
         row = {"method": method, "ranks": comm.size, "numel": numel, "batch": args.batch,
@@ -189,14 +201,17 @@ def report(rows: list[dict[str, Any]]) -> None:
     print(f"MLP {rows[0]['numel'] / 1e6:.1f}M params, Adam, {rows[0]['ranks']} ranks, batch "
           f"{rows[0]['batch']}/rank; MiB per rank (max over ranks), step ms median")
     print(f"{'method':<11} {'params':>7} {'grads':>7} {'optim':>7} {'model':>7} {'of repl':>7} "
-          f"{'+transient':>10} {'rss':>7} {'step ms':>8} {'vs repl':>7}")
+          f"{'+transient':>10} {'rss':>7} {'step ms':>8} {'vs repl':>7}"
+          + (f" {'charged':>9}" if any("cgroup_peak" in r for r in rows) else ""))
     for r in rows:
-        peak = r["model_state"] + r.get("gradients_transient_peak", 0)
+        peak = (r["model_state"] + r.get("gradients_transient_peak", 0)
+                + r.get("parameters_transient_peak", 0))
         print(f"{r['method']:<11} {_mib(r['parameters']):>7} {_mib(r['gradients']):>7} "
               f"{_mib(r['optimizer']):>7} {_mib(r['model_state']):>7} "
               f"{r['model_state'] / base['model_state']:>7.2f} {_mib(peak):>10} "
               f"{_mib(r['peak_rss']):>7} {r['step_ms']:>8.1f} "
-              f"{r['step_ms'] / base['step_ms']:>7.2f}")
+              f"{r['step_ms'] / base['step_ms']:>7.2f}"
+              + (f" {_mib(r['cgroup_peak']):>9}" if "cgroup_peak" in r else ""))
 
 
 def main(argv: list[str]) -> int:
@@ -210,27 +225,47 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
     p.add_argument("--bucket-mb", type=float, default=4.0)
     p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--memory-budget-mb", type=float, default=0.0,
+                   help="per-rank memory limit enforced by a cgroup (root); a method that "
+                   "needs more is killed by the kernel and reported as such")
+    p.add_argument("--budget-tag", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return run_mpi(lambda comm: worker(args, comm))
-    rows = []
+    rows, killed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             out = Path(tmp) / f"{method}.json"
             fwd = ["shard", "--method", method, "--out", str(out), "--widths", args.widths,
                    "--batch", str(args.batch), "--steps", str(args.steps),
                    "--bucket-mb", str(args.bucket_mb)]
-            code = relaunch(args.ranks, fwd)
+            tag = f"{os.getpid()}-{method}"
+            if args.memory_budget_mb:
+                fwd += ["--memory-budget-mb", str(args.memory_budget_mb), "--budget-tag", tag]
+            try:
+                code = relaunch(args.ranks, fwd)
+            finally:
+                if args.memory_budget_mb:
+                    from mpitrain.bench.budget import remove_budgets
+
+                    remove_budgets(tag, args.ranks)
+            if code != 0 and args.memory_budget_mb and not out.exists():
+                killed.append({"method": method, "exit": code})
+                print(f"{method}: killed over the {args.memory_budget_mb:g} MiB per-rank "
+                      f"budget (mpiexec exit {code})", flush=True)
+                continue
             if code != 0:
                 return code
             rows.append(json.loads(out.read_text()))
-    report(rows)
+    if rows:
+        report(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"benchmark": "shard", "machine": machine_info(), "rows": rows}, indent=1))
+            {"benchmark": "shard", "machine": machine_info(), "rows": rows,
+             "budget_mb": args.memory_budget_mb, "killed": killed}, indent=1))
     return 0
 
 

@@ -83,11 +83,12 @@ class ShardedParams:
         self.fwd_next = 0
         self.bwd_next = -1
         self._callback_queued = False
-        self.live_bytes = sum(f.numel() * 4 for f in self.full)
-        self.peak_live_bytes = 0
+        self.live_bytes = sum(f.numel() * 4 for b, f in enumerate(self.full) if b != always)
         for b in range(n_buckets):
             if b != always:
                 self._free(b)
+        #: most bytes of units' full parameters gathered at once (the root's own not counted)
+        self.peak_live_bytes = 0
         self._hooks: list[Any] = [root.register_forward_pre_hook(self._root_pre_forward),
                                   root.register_forward_hook(self._root_post_forward)]
         for u, m in enumerate(self.units):

@@ -241,8 +241,12 @@ class ShardedDataParallel(ExchangeBase):
 
     def memory_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state (the tensors)."""
-        if self.sharded is not None:
-            params = sum(s.numel() * 4 for s in self.shards) + self.sharded.peak_live_bytes
+        transient = 0
+        if self.sharded is not None:  # persistent: the shards (and the root's own, gathered)
+            root = self.sharded.always
+            params = sum(s.numel() * 4 for s in self.shards)
+            params += 0 if root is None else self.sharded.full[root].numel() * 4
+            transient = self.sharded.peak_live_bytes
         else:
             assert self.full_params is not None
             params = self.full_params.numel() * 4
@@ -252,6 +256,7 @@ class ShardedDataParallel(ExchangeBase):
             "optimizer": 0 if optimizer is None else optimizer_bytes(optimizer),
         }
         out["gradients_transient_peak"] = self.grads.peak_transient
+        out["parameters_transient_peak"] = transient  # stage 3: units gathered at once, at most
         return out
 
     def replicas_identical(self) -> bool:

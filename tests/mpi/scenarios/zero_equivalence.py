@@ -219,8 +219,9 @@ def check_memory(comm: MPI.Intracomm) -> None:
     unit = max(b.padded(n) for b in sdp.layout.buckets) * 4
     assert len(sdp.layout.buckets) == 6  # one per Linear
     assert sum(s.numel() for s in sdp.shards) == sdp.layout.shard_numel()
-    # persistent: ~1/N of the parameters; transient peak: the unit in use + the prefetched one
-    assert mem["parameters"] <= 4 * numel / n + 4 * 6 * n + 2 * unit, (mem, numel, unit)
+    # persistent: 1/N of the parameters (+ padding); transient: the unit in use + the prefetched
+    assert mem["parameters"] == 4 * sdp.layout.shard_numel() <= 4 * numel / n + 4 * 6, mem
+    assert 0 < mem["parameters_transient_peak"] <= 2 * unit, (mem, unit)
     assert mem["gradients"] == 4 * sdp.layout.shard_numel()
     assert sdp.sharded.live_bytes == 0  # nothing gathered between steps
     if comm.rank == 0:
