@@ -1,11 +1,14 @@
 """Measure what recording a timeline costs per training step (docs/profiling.md).
 
 Run by hand: mpiexec -n 2 python tests/mpi/scenarios/timeline_cost.py [ROUNDS] [STEPS] [TRACE]
+    [OVERLAP: on|off]
 DataParallel MLP 784-1024-1024-10 (1.86M parameters, 4 MiB buckets), batch 64 per rank, the
 loop instrumented as the trainer is (step, data wait, forward, backward, synchronize,
 optimizer). Rounds alternate recording off (the null recorder) and on (every step recorded);
 rank 0 prints the median step time of each and the difference, plus the events per step.
 With TRACE, the recorded steps are written there (the last 200 steps: a ring buffer of 3000).
+OVERLAP off reduces every bucket at synchronize() instead of during backward (what
+overlap buys, docs/profiling.md).
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def main(comm: MPI.Intracomm) -> int:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                         nn.Linear(1024, 10))
-    model = DataParallel(net, comm=comm, bucket_mb=4)
+    overlap = (sys.argv[4] != "off") if len(sys.argv) > 4 else None
+    model = DataParallel(net, comm=comm, bucket_mb=4, overlap=overlap)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     session = start(comm, sys.argv[3] if len(sys.argv) > 3 else None, capacity=3000)
     rec = session.recorder if session.active else Recorder(capacity=1_000_000)
