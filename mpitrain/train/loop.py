@@ -24,6 +24,7 @@ from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.state import LoopState, rng_state, set_rng_state
 from mpitrain.train.straggler import straggler_rank
+from mpitrain.train.zero_ckpt import load_weights, prune_trainer_shards, weights_state
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -98,6 +99,9 @@ class Trainer:
         }
         gathered = self.comm.gather(per_rank, root=0)
         exchange = self.p.model.exchange_state_dict()
+        directory = Path(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
+        weights, optim = weights_state(self.p.model, self.p.optimizer, directory,
+                                       self.state.step, self.cfg.run_id)  # ZeRO: shards now
         if self.world.rank != 0:
             return None
         loop = asdict(self.state)
@@ -111,8 +115,8 @@ class Trainer:
             "mpitrain_version": __version__,
             "world_size": self.world.size,
             "config": self.cfg.to_dict(),
-            "model": self.p.model.module.state_dict(),
-            "optimizer": self.p.optimizer.state_dict(),
+            "model": weights,
+            "optimizer": optim,
             "scheduler": self.p.scheduler.state_dict(),
             "scaler": self.p.scaler.state_dict() if self.p.scaler is not None else None,
             "sampler": self.p.train_loader.state_dict(),
@@ -123,10 +127,9 @@ class Trainer:
             if self.tuner is not None and self.tuner.result is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from a checkpoint dict (every rank loads the same file)."""
-        self.p.model.module.load_state_dict(state["model"])
-        self.p.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict[str, Any], origin: Path | None = None) -> None:
+        """Restore from a checkpoint dict (every rank loads the same file, from ``origin``)."""
+        load_weights(self.p.model, self.p.optimizer, state, origin)
         self.p.scheduler.load_state_dict(state["scheduler"])
         if self.tuner is not None:  # a finished search is kept, not repeated
             self.tuner.load_state_dict(state.get("bucket_autotune"))
@@ -171,6 +174,8 @@ class Trainer:
                 self.cfg.keep_last,
                 run_id=run_id,
             )
+            if self.world.rank == 0:
+                prune_trainer_shards(directory, run_id)  # ZeRO: shards of pruned files go too
         self.timeline.span("checkpoint", t_tl, cat="io")
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = self.state.step

@@ -239,10 +239,11 @@ def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> N
             log.info("run %s: checkpoints go to %s", plan.run_id, directory)
         return
     state = agree(trainer.comm, lambda: ckpt.load_of_run(info, plan.run_id))
-    trainer.load_state_dict(state)
+    trainer.load_state_dict(state, origin=info.path.parent)
     if directory is not None and info.path.resolve().parent == directory.resolve():
         trainer.last_saved_step = trainer.state.step  # that file is there: not written again
-    if trainer.p.model.replicas_identical():
+    if trainer.p.model.replicas_identical() and trainer.cfg.shard == "none":
+        # (ZeRO: each rank holds its own optimizer shard; the shard files carry checksums)
         digest = ckpt.state_digest(trainer.p.model.module, trainer.p.optimizer)
         ckpt.check_same_everywhere(trainer.comm, digest, f"loading '{info.path}'")
     # local SGD between averages: each rank restored its own saved model, which differ by design

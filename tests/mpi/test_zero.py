@@ -81,3 +81,48 @@ def test_trainer_shard_trains_like_sync(mpirun: MpiRun, tmp_path: Path) -> None:
                                                             abs=1e-3)
         assert float(got["final_loss"]) == pytest.approx(float(want["final_loss"]), rel=1e-4)
         assert float(got["test_accuracy"]) >= 0.8, got
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("shard", ["gradients", "parameters"])
+def test_trainer_sharded_checkpoints_resume_bitwise(
+    mpirun: MpiRun, tmp_path: Path, shard: str
+) -> None:
+    """--shard with --checkpoint-dir: shards beside the file; resume == uninterrupted, bitwise;
+    pruning takes the shard directories with their files; 2 -> 3 ranks re-shards."""
+    import shutil
+
+    import torch
+
+    from mpitrain.checkpoint_shards import load_full
+
+    common = ["-m", "mpitrain", "--shard", shard, "--max-steps", "40", "--no-progress",
+              "--checkpoint-every", "10", "--keep-last", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    mpirun(2, [*common, "--checkpoint-dir", str(a)], timeout=150)
+    shards = sorted(p.name for p in a.glob("*.shards"))
+    assert len(shards) == 2 and shards[-1].startswith("ckpt-step-00000040-"), shards
+    assert sorted(p.name for p in a.glob("step-*.pt")) == ["step-000000030.pt",
+                                                           "step-000000040.pt"]
+    b.mkdir()
+    for name in ("step-000000030.pt", "step-000000030.pt.sha256", shards[0]):
+        src = a / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, b / name)
+    proc = mpirun(2, [*common, "--checkpoint-dir", str(b), "--resume", "auto"], timeout=150)
+    assert "resumed from" in proc.stdout
+    got = load_full(sorted(b.glob("*.shards"))[-1])
+    want = load_full(a / shards[-1])
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    for name, st in want["optim_state"].items():
+        for key, v in st.items():
+            assert torch.equal(torch.as_tensor(got["optim_state"][name][key]),
+                               torch.as_tensor(v)), (name, key)
+    # another rank count re-shards the same state and goes on
+    more = mpirun(3, [*common[:5], "60", "--no-progress", "--checkpoint-every", "10",
+                      "--checkpoint-dir", str(b), "--resume", "auto"], timeout=150)
+    assert "saved by 2 ranks, now 3" in more.stdout, more.stdout
+    # a replicated run cannot take a sharded checkpoint (and says how)
+    bad = mpirun(2, ["-m", "mpitrain", "--max-steps", "70", "--no-progress",
+                     "--checkpoint-dir", str(b), "--resume", "auto"], timeout=150, check=False)
+    assert bad.returncode != 0 and "saved with --shard" in bad.stdout + bad.stderr

@@ -133,7 +133,6 @@ def test_refuses_what_it_cannot_shard() -> None:
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"checkpoint_dir": "ck"}, "--checkpoint-dir"),
         ({"exchange": "local-sgd"}, "--exchange local-sgd"),
         ({"precision": "bf16"}, "--precision bf16"),
     ],

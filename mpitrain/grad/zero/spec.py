@@ -1,9 +1,8 @@
 """Build ShardedDataParallel for the trainer (``--shard optimizer|gradients|parameters``).
 
-The trainer's checkpoint, clipping and mixed-precision paths assume every rank holds the
-whole optimizer state and gradients; until they go through the sharded ones
-(:mod:`mpitrain.grad.zero.state`, :meth:`ShardedDataParallel.clip_grad_norm_`), the
-combinations that would silently be wrong are refused here, with the fix.
+The trainer's checkpoints (``mpitrain.train.zero_ckpt``) and clipping go through the sharded
+paths; mixed precision, device parameters and the asynchronous modes do not yet, so those
+combinations are refused here, with the fix.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ def check_trainer_options(ctx: BuildContext) -> int:
     refuse = []
     if cfg.exchange != "sync":
         refuse.append(f"--exchange {cfg.exchange}")
-    if cfg.checkpoint_dir is not None or cfg.resume is not None:
-        refuse.append("--checkpoint-dir/--resume (the trainer saves rank 0's optimizer state)")
     if cfg.precision != "fp32":
         refuse.append(f"--precision {cfg.precision}")
     if ctx.device.type != "cpu":

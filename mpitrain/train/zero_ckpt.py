@@ -1,0 +1,120 @@
+"""The trainer's checkpoints of a ZeRO model: sharded state beside the loop's checkpoint file.
+
+A ``--shard`` run's checkpoint of step S is two things in ``--checkpoint-dir``:
+``ckpt-step-S-RUN.shards/`` (:func:`mpitrain.grad.zero.state.save_sharded`: one file per rank
+with a checksum, manifest written last: parameters and this rank's optimizer state) and then
+the usual checkpoint file (rank 0: loop, sampler, scheduler, RNG...), whose ``model`` entry
+names that directory and its manifest's SHA-256. The file is written after the directory is
+complete, so a checkpoint file that exists has its shards; resuming on M != N ranks re-shards.
+Pruning removes this run's shard directories whose checkpoint file is gone, nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mpitrain.checkpoint_shards import MANIFEST
+from mpitrain.errors import CheckpointError, with_hint
+from mpitrain.grad.zero.state import load_sharded, save_sharded
+from mpitrain.runtime.collective import agree
+
+if TYPE_CHECKING:
+    import torch
+
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+SUFFIX = ".shards"
+
+
+def shard_dir_name(step: int, run_id: str) -> str:
+    """The shard directory of step ``step`` of run ``run_id``."""
+    return f"ckpt-step-{step:08d}-{run_id}{SUFFIX}"
+
+
+def save_trainer_shards(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer, directory: Path, step: int,
+    run_id: str,
+) -> dict[str, Any]:
+    """Collective: write the shards of ``step``; return the reference the checkpoint keeps."""
+    name = shard_dir_name(step, run_id)
+    manifest = save_sharded(model, optimizer, Path(directory) / name)
+    sha = agree(model.comm, lambda: hashlib.sha256(manifest.read_bytes()).hexdigest()
+                if model.comm.rank == 0 else "")
+    return {"sharded": name, "manifest_sha256": model.comm.bcast(sha, root=0),
+            "stage": model.stage}
+
+
+def load_trainer_shards(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer, directory: Path,
+    ref: dict[str, Any],
+) -> None:
+    """Collective: load the shards a checkpoint file names (written on any number of ranks)."""
+    path = Path(directory) / str(ref["sharded"])
+
+    def check() -> None:
+        try:
+            sha = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+        except OSError as exc:
+            raise CheckpointError(with_hint(
+                f"the checkpoint's shards '{path}' cannot be read: {exc}",
+                "the shard directory must stay beside its checkpoint file")) from exc
+        if sha != ref["manifest_sha256"]:
+            raise CheckpointError(with_hint(
+                f"'{path / MANIFEST}' is not the manifest its checkpoint file names",
+                "resume from another checkpoint (--resume PATH)"))
+
+    agree(model.comm, check)
+    load_sharded(model, optimizer, path)
+
+
+def prune_trainer_shards(directory: Path, run_id: str) -> None:
+    """Remove this run's shard directories whose checkpoint file is gone (rank 0, after save)."""
+    from mpitrain.checkpoint import checkpoint_infos
+
+    kept = {shard_dir_name(i.step, run_id) for i in checkpoint_infos(Path(directory))
+            if i.run_id == run_id}
+    for path in Path(directory).glob(f"ckpt-step-*-{run_id}{SUFFIX}"):
+        if path.name not in kept and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def weights_state(
+    model: Any, optimizer: torch.optim.Optimizer, directory: Path | None, step: int,
+    run_id: str | None,
+) -> tuple[Any, Any]:
+    """Collective: the checkpoint's ``model`` and ``optimizer`` entries.
+
+    Replicated models: their state dicts (rank 0's are written). ZeRO: the shards are
+    written now, and ``model`` holds their reference (``optimizer`` None).
+    """
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+    if not isinstance(model, ShardedDataParallel):
+        return model.module.state_dict(), optimizer.state_dict()
+    assert directory is not None and run_id is not None
+    return save_trainer_shards(model, optimizer, directory, step, run_id), None
+
+
+def load_weights(
+    model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], origin: Path | None
+) -> None:
+    """Collective for ZeRO: restore the ``model``/``optimizer`` entries of a checkpoint."""
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+    ref = state["model"]
+    sharded = isinstance(ref, dict) and "sharded" in ref
+    if isinstance(model, ShardedDataParallel) != sharded:
+        raise CheckpointError(with_hint(
+            "the checkpoint was saved " + ("with" if sharded else "without") + " --shard and "
+            "this run is " + ("not" if sharded else "") + " sharded",
+            "resume with the --shard setting it was saved with, or consolidate it: "
+            "python -m mpitrain checkpoint consolidate DIR OUT.pt"))
+    if not sharded:
+        model.module.load_state_dict(ref)
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    assert origin is not None
+    load_trainer_shards(model, optimizer, origin, ref)
