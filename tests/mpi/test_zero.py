@@ -18,6 +18,7 @@ CHECKS = {
     "unused branch",
     "branch used in an early micro-batch only",
     "batchnorm buffers",
+    "bf16 compression",
     "memory accounting",
     "second backward without no_sync raises",
 }

@@ -126,6 +126,8 @@ def test_refuses_what_it_cannot_shard() -> None:
 
     with pytest.raises(ConfigError, match="stage 4"):
         ShardedDataParallel(nn.Linear(2, 2), comm=MPI.COMM_SELF, stage=4)
+    with pytest.raises(ConfigError, match="not available with sharding"):
+        ShardedDataParallel(nn.Linear(2, 2), comm=MPI.COMM_SELF, stage=2, compression="bf16-ef")
     with pytest.raises(ConfigError, match="float64"):
         ShardedDataParallel(nn.Linear(2, 2).double(), comm=MPI.COMM_SELF, stage=1)
 
@@ -134,6 +136,7 @@ def test_refuses_what_it_cannot_shard() -> None:
     ("changes", "named"),
     [
         ({"exchange": "local-sgd"}, "--exchange local-sgd"),
+        ({"compression": "fp16-ef"}, "--compression fp16-ef"),
         ({"precision": "bf16"}, "--precision bf16"),
     ],
 )

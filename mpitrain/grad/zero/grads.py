@@ -45,6 +45,7 @@ class ShardedGrads:
         keep_full: bool,
         overlap: bool = True,
         max_inflight: int = 2,
+        compress: torch.dtype | None = None,
     ) -> None:
         self.params = list(params)
         self.names = [s.name for s in layout.slots]
@@ -53,6 +54,9 @@ class ShardedGrads:
         self.keep_full = keep_full
         self.overlap = overlap
         self.max_inflight = max(1, max_inflight)
+        #: float16/bfloat16: buckets are reduce-scattered in that type (half the bytes), after
+        #: dividing by the ranks (the fp16/bf16 hooks' rule: no float16 overflow in the sum)
+        self.compress = compress
         self.enabled = True
         #: called with a bucket's index once all its parameters have their gradient
         #: (ZeRO-3 frees the bucket's gathered parameters there)
@@ -190,11 +194,31 @@ class ShardedGrads:
             assert self.full is not None
             start = span.offset
             full = self.full[start : start + span.padded(self.layout.ranks)]
+            if self.compress is not None:
+                self._handles[b] = self._compressed(full, b, lambda: None)
+                return
             self._handles[b] = ireduce_scatter_block_(full, None, self.comm)
             return
         buf = self._fill(b)
+        if self.compress is not None:
+            self._handles[b] = self._compressed(buf, b, lambda: self._release(b))
+            return
         inner = ireduce_scatter_block_(buf, self.shard_grads[b], self.comm)
         self._handles[b] = ChainedHandle(inner, lambda: self._release(b))
+
+    def _compressed(self, full: torch.Tensor, b: int, release: Callable[[], None]) -> Handle:
+        """Reduce-scatter ``full`` in ``self.compress``; the float32 shard gradient after."""
+        assert self.compress is not None
+        full.div_(self.comm.size)
+        half = full.to(self.compress)
+        out = torch.empty(self.layout.buckets[b].chunk, dtype=self.compress)
+        inner = ireduce_scatter_block_(half, out, self.comm, average=False)
+
+        def finish() -> None:
+            self.shard_grads[b].copy_(out)
+            release()
+
+        return ChainedHandle(inner, finish)
 
     def _release(self, b: int) -> None:
         buf = self._bufs[b]

@@ -27,6 +27,9 @@ def check_trainer_options(ctx: BuildContext) -> int:
     refuse = []
     if cfg.exchange != "sync":
         refuse.append(f"--exchange {cfg.exchange}")
+    if cfg.compression.endswith("-ef"):
+        refuse.append(f"--compression {cfg.compression} (error feedback needs the full "
+                      "gradient on every rank)")
     if cfg.precision != "fp32":
         refuse.append(f"--precision {cfg.precision}")
     if ctx.device.type != "cpu":
@@ -44,4 +47,4 @@ def build_sharded(ctx: BuildContext) -> ShardedDataParallel:
     """Collective: wrap ``ctx.module`` for ``--shard`` (build the optimizer over its shards)."""
     stage = check_trainer_options(ctx)
     return ShardedDataParallel(ctx.module, comm=ctx.world.comm, stage=stage,
-                               bucket_mb=ctx.cfg.bucket_mb)
+                               bucket_mb=ctx.cfg.bucket_mb, compression=ctx.cfg.compression)

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 #: --shard names -> ZeRO stage
 STAGES = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
+#: compression names -> the type gradients are reduce-scattered in
+COMPRESSION: dict[str, torch.dtype | None] = {
+    "none": None, "fp16": torch.float16, "bf16": torch.bfloat16,
+}
 
 
 class ShardedDataParallel(ExchangeBase):
@@ -60,6 +64,8 @@ class ShardedDataParallel(ExchangeBase):
         stage: 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).
         bucket_mb: bucket size cap in MiB (the unit of reduce-scatter and all-gather; stage 3
             has one bucket per unit instead).
+        compression: ``fp16`` or ``bf16`` reduce-scatters the gradients in that type (half the
+            bytes; like the DataParallel hooks of the same names), ``none`` in float32.
         units: stage 3: the submodules gathered as one (default: the module's children that
             hold parameters); parameters outside them stay gathered. Every rank must run the
             units in the same order (skipping one is fine; see ``zero.params``).
@@ -78,8 +84,14 @@ class ShardedDataParallel(ExchangeBase):
         overlap: bool | None = None,
         broadcast_buffers: bool = True,
         units: Sequence[torch.nn.Module] | None = None,
+        compression: str = "none",
     ) -> None:
         super().__init__(module)
+        if compression not in COMPRESSION:
+            raise ConfigError(with_hint(
+                f"compression {compression!r} is not available with sharding",
+                f"use one of {', '.join(COMPRESSION)} (no error feedback: each rank keeps "
+                "only its shard of the gradient)"))
         if stage not in (1, 2, 3):
             raise ConfigError(
                 with_hint(f"ZeRO stage {stage} is not available", "use stage 1, 2 or 3")
@@ -126,6 +138,7 @@ class ShardedDataParallel(ExchangeBase):
         self.grads = ShardedGrads(
             self._params, self.layout, comm, keep_full=stage == 1,
             overlap=default_overlap() if overlap is None else overlap,
+            compress=COMPRESSION[compression],
         )
         if self.sharded is not None:
             self.grads.on_ready = self.sharded.free_bucket
