@@ -82,6 +82,15 @@ def test_trainer_shard_trains_like_sync(mpirun: MpiRun, tmp_path: Path) -> None:
                                                             abs=1e-3)
         assert float(got["final_loss"]) == pytest.approx(float(want["final_loss"]), rel=1e-4)
         assert float(got["test_accuracy"]) >= 0.8, got
+    # bf16 autocast: the sharded parameters are float32 masters, autocast casts per op
+    bf16 = {}
+    for shard in ("none", "parameters"):
+        out = tmp_path / f"bf16-{shard}.json"
+        mpirun(2, ["-m", "mpitrain", "--shard", shard, "--epochs", "2", "--no-progress",
+                   "--precision", "bf16", "--summary-json", str(out)], timeout=150)
+        bf16[shard] = json.loads(out.read_text())
+    assert float(bf16["parameters"]["final_loss"]) == pytest.approx(
+        float(bf16["none"]["final_loss"]), rel=1e-4)
 
 
 @pytest.mark.mpi

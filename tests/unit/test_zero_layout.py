@@ -137,7 +137,7 @@ def test_refuses_what_it_cannot_shard() -> None:
     [
         ({"exchange": "local-sgd"}, "--exchange local-sgd"),
         ({"compression": "fp16-ef"}, "--compression fp16-ef"),
-        ({"precision": "bf16"}, "--precision bf16"),
+        ({"precision": "fp16"}, "--precision fp16"),
     ],
 )
 def test_trainer_refuses_what_it_would_get_wrong(changes: dict[str, object], named: str) -> None:

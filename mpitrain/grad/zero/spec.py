@@ -1,8 +1,8 @@
 """Build ShardedDataParallel for the trainer (``--shard optimizer|gradients|parameters``).
 
-The trainer's checkpoints (``mpitrain.train.zero_ckpt``) and clipping go through the sharded
-paths; mixed precision, device parameters and the asynchronous modes do not yet, so those
-combinations are refused here, with the fix.
+The trainer's checkpoints (``mpitrain.train.zero_ckpt``), clipping and bf16 autocast work with
+sharding; fp16 (its loss scaler), device parameters and the asynchronous modes do not yet, so
+those combinations are refused here, with the fix.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def check_trainer_options(ctx: BuildContext) -> int:
     if cfg.compression.endswith("-ef"):
         refuse.append(f"--compression {cfg.compression} (error feedback needs the full "
                       "gradient on every rank)")
-    if cfg.precision != "fp32":
+    if cfg.precision == "fp16":
         refuse.append(f"--precision {cfg.precision}")
     if ctx.device.type != "cpu":
         refuse.append(f"--device {ctx.device.type}")
