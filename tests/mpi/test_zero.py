@@ -20,6 +20,7 @@ CHECKS = {
     "batchnorm buffers",
     "bf16 compression",
     "memory accounting",
+    "mixed precision: bf16 compute, float32 master shards",
     "second backward without no_sync raises",
 }
 

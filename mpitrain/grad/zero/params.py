@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def _iallgather_raw(buf: torch.Tensor, comm: MPI.Intracomm) -> Handle:
-    """Collective: in-place all-gather of a flat float32 buffer, handed to MPI by address.
+    """Collective: in-place all-gather of a flat buffer (any dtype), handed to MPI by address.
 
     (A numpy view, as :mod:`mpitrain.comm.allgather` uses, would make the storage
     non-resizable for good, and stage 3 frees it by resizing.)
@@ -39,8 +39,13 @@ def _iallgather_raw(buf: torch.Tensor, comm: MPI.Intracomm) -> Handle:
 
     if comm.size == 1:
         return DONE
-    spec = [MPI.buffer.fromaddress(buf.data_ptr(), buf.numel() * buf.element_size()), MPI.FLOAT]
+    nbytes = buf.numel() * buf.element_size()
+    spec = [MPI.buffer.fromaddress(buf.data_ptr(), nbytes), nbytes // comm.size, MPI.BYTE]
     return RequestHandle(comm.Iallgather(MPI.IN_PLACE, spec), keep=buf)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class ShardedParams:
@@ -48,14 +53,18 @@ class ShardedParams:
 
     ``always`` is the bucket of parameters outside every unit (the root's own), kept
     gathered (refreshed by :meth:`gather_always` after each optimizer step), or None.
+    With ``param_dtype`` (bf16/fp16) the shards stay float32 masters while the gathered
+    parameters, and so the compute, are in that type (gathers move half the bytes); the root
+    casts floating inputs to it and floating outputs back to float32.
     """
 
     def __init__(
         self, root: nn.Module, units: Sequence[nn.Module], buckets: Sequence[int],
         always: int | None, params: Sequence[nn.Parameter], layout: ShardLayout,
-        comm: MPI.Intracomm,
+        comm: MPI.Intracomm, param_dtype: torch.dtype | None = None,
     ) -> None:
         self.layout, self.units, self.always = layout, list(units), always
+        self.param_dtype = param_dtype
         self.buckets = list(buckets)
         self.comm = comm.Dup()  # gathers never pair with the reduce-scatters
         # the first unit's inputs need no gradient: torch warns that its pre-backward hook
@@ -64,26 +73,24 @@ class ShardedParams:
                                 category=UserWarning)
         ranks, rank = layout.ranks, comm.rank
         n_buckets = len(layout.buckets)
-        self.full = [torch.zeros(s.padded(ranks)) for s in layout.buckets]
+        master = [torch.zeros(s.padded(ranks)) for s in layout.buckets]
         self.shards: list[nn.Parameter] = []
         with torch.no_grad():
             for i, p in enumerate(params):
-                slot = layout.slots[i]
-                span = layout.buckets[slot.buckets[0]]
-                a = slot.offset - span.offset
-                view = self.full[span.index][a : a + slot.numel].view(slot.shape)
-                view.copy_(p)
-                p.data = view
+                master[self._bucket(i)][self._span(i)].copy_(p.reshape(-1))
             for s in layout.buckets:
-                chunk = self.full[s.index][rank * s.chunk : (rank + 1) * s.chunk]
+                chunk = master[s.index][rank * s.chunk : (rank + 1) * s.chunk]
                 self.shards.append(nn.Parameter(chunk.clone()))
+            self.full = master if param_dtype is None else [m.to(param_dtype) for m in master]
+            for i, p in enumerate(params):
+                p.data = self.full[self._bucket(i)][self._span(i)].view(layout.slots[i].shape)
         self.live = [True] * n_buckets
         self.handles: list[Handle | None] = [None] * n_buckets
         self.keep = False  # inside gathered(): nothing is freed
         self.fwd_next = 0
         self.bwd_next = -1
         self._callback_queued = False
-        self.live_bytes = sum(f.numel() * 4 for b, f in enumerate(self.full) if b != always)
+        self.live_bytes = sum(_nbytes(f) for b, f in enumerate(self.full) if b != always)
         for b in range(n_buckets):
             if b != always:
                 self._free(b)
@@ -93,6 +100,27 @@ class ShardedParams:
                                   root.register_forward_hook(self._root_post_forward)]
         for u, m in enumerate(self.units):
             self._hooks += self._unit_hooks(u, m)
+
+    def _bucket(self, i: int) -> int:
+        return self.layout.slots[i].buckets[0]
+
+    def _span(self, i: int) -> slice:
+        slot = self.layout.slots[i]
+        a = slot.offset - self.layout.buckets[slot.buckets[0]].offset
+        return slice(a, a + slot.numel)
+
+    def load_(self, values: dict[int, torch.Tensor]) -> None:
+        """Set the master shards from full per-parameter values (no communication; every
+        rank passes the same values): float32 kept as it is, whatever ``param_dtype``."""
+        rank = self.comm.rank
+        with torch.no_grad():
+            for b, span in enumerate(self.layout.buckets):
+                flat = torch.zeros(span.padded(self.layout.ranks))
+                for i in span.params:
+                    if i in values:
+                        flat[self._span(i)].copy_(values[i].reshape(-1))
+                self.shards[b].copy_(flat[rank * span.chunk : (rank + 1) * span.chunk])
+        self.gather_always()
 
     def _unit_hooks(self, u: int, m: nn.Module) -> list[Any]:
         def pre(_m: nn.Module, _a: Any) -> None:
@@ -118,7 +146,7 @@ class ShardedParams:
             buf[rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
         self.handles[b] = _iallgather_raw(buf, self.comm)
         self.live[b] = True
-        self.live_bytes += buf.numel() * 4
+        self.live_bytes += _nbytes(buf)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
 
     def _wait(self, b: int) -> None:
@@ -133,7 +161,7 @@ class ShardedParams:
         self._wait(b)
         self.full[b].untyped_storage().resize_(0)
         self.live[b] = False
-        self.live_bytes -= self.full[b].numel() * 4
+        self.live_bytes -= _nbytes(self.full[b])
 
     def free_bucket(self, b: int) -> None:
         """A bucket's gradients are all in (backward): its parameters may go."""
@@ -141,8 +169,13 @@ class ShardedParams:
             self._free(b)
 
     # ---- the sequences ------------------------------------------------------------------------
-    def _root_pre_forward(self, _m: nn.Module, _a: Any) -> None:
+    def _root_pre_forward(self, _m: nn.Module, args: Any) -> Any:
         self.fwd_next = 0
+        if self.param_dtype is None:
+            return None
+        dt = self.param_dtype
+        return tuple(a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in args)
 
     def _pre_forward(self, u: int) -> None:
         if u < self.fwd_next:  # used again in this forward: gathered again (all ranks alike)
@@ -158,7 +191,7 @@ class ShardedParams:
     def _post_forward(self, u: int) -> None:
         self._free(self.buckets[u])
 
-    def _root_post_forward(self, _m: nn.Module, _a: Any, _o: Any) -> None:
+    def _root_post_forward(self, _m: nn.Module, _a: Any, out: Any) -> Any:
         """Complete the forward sequence (units this rank skipped), then arm the backward's."""
         while self.fwd_next < len(self.units):
             self._start(self.buckets[self.fwd_next])
@@ -167,6 +200,10 @@ class ShardedParams:
             self._free(b)
         self.bwd_next = len(self.units) - 1 if torch.is_grad_enabled() else -1
         self._callback_queued = False
+        if self.param_dtype is not None and isinstance(out, torch.Tensor) \
+                and out.is_floating_point():
+            return out.float()
+        return None
 
     def _pre_backward(self, u: int) -> None:
         if not self._callback_queued:

@@ -83,7 +83,15 @@ def load_consolidated(
     model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any]
 ) -> None:
     """Copy a consolidated state (``checkpoint_shards.consolidate``) into this rank's shards."""
-    with model.gathered(writeback=True):  # stage 3: into the gathered buffers, then shards
+    if model.sharded is not None:  # stage 3: straight into the float32 master shards
+        names = [slot.name for slot in model.layout.slots]
+        model.sharded.load_({i: full["model"][n] for i, n in enumerate(names)
+                             if n in full["model"]})
+        rest = {k: v for k, v in full["model"].items() if k not in set(names)}
+        result = model.module.load_state_dict(rest, strict=False)  # buffers
+        if result.unexpected_keys:
+            raise CheckpointError(f"checkpoint holds unknown keys {result.unexpected_keys}")
+    else:
         model.module.load_state_dict(full["model"])  # copies into the flat buffer's views
     if optimizer is None:
         return

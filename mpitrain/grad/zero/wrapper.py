@@ -66,6 +66,8 @@ class ShardedDataParallel(ExchangeBase):
             has one bucket per unit instead).
         compression: ``fp16`` or ``bf16`` reduce-scatters the gradients in that type (half the
             bytes; like the DataParallel hooks of the same names), ``none`` in float32.
+        param_dtype: stage 3: gather the parameters (and compute) in bfloat16/float16 from
+            float32 master shards, which the optimizer steps (mixed precision).
         units: stage 3: the submodules gathered as one (default: the module's children that
             hold parameters); parameters outside them stay gathered. Every rank must run the
             units in the same order (skipping one is fine; see ``zero.params``).
@@ -85,8 +87,15 @@ class ShardedDataParallel(ExchangeBase):
         broadcast_buffers: bool = True,
         units: Sequence[torch.nn.Module] | None = None,
         compression: str = "none",
+        param_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(module)
+        if param_dtype not in (None, torch.float32, torch.bfloat16, torch.float16) or (
+                param_dtype not in (None, torch.float32) and stage != 3):
+            raise ConfigError(with_hint(
+                f"param_dtype {param_dtype} needs stage 3 and bfloat16 or float16",
+                "use stage=3 (the parameters are gathered in that type from float32 shards)"))
+        self.param_dtype = None if param_dtype == torch.float32 else param_dtype
         if compression not in COMPRESSION:
             raise ConfigError(with_hint(
                 f"compression {compression!r} is not available with sharding",
@@ -169,7 +178,7 @@ class ShardedDataParallel(ExchangeBase):
             return layout.slots[i].buckets[0]
         return layout, ShardedParams(
             module, kept, [bucket(g[0]) for g in groups], bucket(rest[0]) if rest else None,
-            self._params, layout, self.comm,
+            self._params, layout, self.comm, self.param_dtype,
         )
 
     # ---- the DataParallel surface ------------------------------------------------------------
@@ -258,7 +267,8 @@ class ShardedDataParallel(ExchangeBase):
         if self.sharded is not None:  # persistent: the shards (and the root's own, gathered)
             root = self.sharded.always
             params = sum(s.numel() * 4 for s in self.shards)
-            params += 0 if root is None else self.sharded.full[root].numel() * 4
+            full = self.sharded.full
+            params += 0 if root is None else full[root].numel() * full[root].element_size()
             transient = self.sharded.peak_live_bytes
         else:
             assert self.full_params is not None

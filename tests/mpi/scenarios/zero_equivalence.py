@@ -240,6 +240,59 @@ def check_memory(comm: MPI.Intracomm) -> None:
     passed(comm, "memory accounting")
 
 
+def masters(comm: MPI.Intracomm, sdp: ShardedDataParallel) -> dict[str, torch.Tensor]:
+    """Collective: the float32 master parameters, joined from every rank's shards."""
+    lay = sdp.layout
+    chunks = comm.allgather([s.detach().clone() for s in sdp.shards])
+    flats = [torch.cat([c[b] for c in chunks]) for b in range(len(lay.buckets))]
+    out = {}
+    for slot in lay.slots:
+        (b,) = slot.buckets
+        a = slot.offset - lay.buckets[b].offset
+        out[slot.name] = flats[b][a : a + slot.numel].view(slot.shape)
+    return out
+
+
+def check_mixed_precision(comm: MPI.Intracomm) -> None:
+    """Stage 3 with bf16 parameters: compute in bf16, float32 master shards stepped by SGD,
+    equal to doing exactly that by hand (a bf16 copy of a float32 master per step)."""
+    import copy
+
+    torch.manual_seed(7)
+    base = Mlp()
+    master = copy.deepcopy(base)
+    sdp = ShardedDataParallel(copy.deepcopy(base), comm=comm, stage=3, bucket_mb=0.001,
+                              param_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in sdp.module.parameters())
+    assert all(s.dtype == torch.float32 for s in sdp.shards)
+    opt = torch.optim.SGD(sdp.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(master.parameters(), lr=0.1, momentum=0.9)
+    for s in range(STEPS):
+        x, y = my_chunk(comm, s)
+        out = sdp(x)
+        assert out.dtype == torch.float32  # the root casts floating outputs back
+        mse(out, y).backward()
+        sdp.synchronize()
+        sdp.step(opt)
+        sdp.zero_grad()
+        work = copy.deepcopy(master).to(torch.bfloat16)
+        mse(work(x.to(torch.bfloat16)).float(), y).backward()
+        for pm, pw in zip(master.parameters(), work.parameters(), strict=True):
+            assert pw.grad is not None
+            g = pw.grad.float()
+            comm.Allreduce(MPI.IN_PLACE, g.numpy())
+            pm.grad = g / comm.size
+        ref_opt.step()
+        ref_opt.zero_grad()
+    got = masters(comm, sdp)
+    for name, p in master.named_parameters():
+        torch.testing.assert_close(got[name], p.detach(), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, k=name: f"mixed precision {k}: {m}")
+    mem = sdp.memory_bytes(opt)
+    assert mem["parameters"] == 4 * sdp.layout.shard_numel()  # the float32 masters
+    passed(comm, "mixed precision: bf16 compute, float32 master shards")
+
+
 def check_misuse(comm: MPI.Intracomm) -> None:
     model = ShardedDataParallel(make(Mlp, comm), comm=comm, stage=2, bucket_mb=64)
     x, y = my_chunk(comm, 0)
@@ -271,6 +324,7 @@ def main(comm: MPI.Intracomm) -> int:
         equivalence(comm, "bf16 compression", Mlp, tol=(2e-2, 2e-3),
                     optimizers=("sgd-momentum",), compression="bf16")
     check_memory(comm)
+    check_mixed_precision(comm)
     check_misuse(comm)
     comm.Free()
     return 0
