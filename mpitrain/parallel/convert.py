@@ -5,9 +5,9 @@
 current weights, so a dense block (attention ``q, k, v -> o``, MLP ``fc1 -> fc2``) becomes
 tensor-parallel in place, starting equal to the dense one. The module's own code keeps
 working when it reads sizes from the tensors (its per-rank head count is ``heads / T``: set it
-yourself, the helper cannot know the attribute). Separate q, k, v layers each all-reduce their
-input gradient; fuse them into one column layer (``interleave=3``, as the built-in GPT does)
-for one all-reduce per sub-block.
+yourself, the helper cannot know the attribute). A fused ``[q; k; v]`` projection takes style
+``column-qkv`` (each rank keeps its heads of all three, one backward all-reduce per attention
+sub-block, as the built-in GPT); separate q, k, v layers each all-reduce their input gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from mpitrain.parallel.tensor import ColumnParallelLinear, Init, RowParallelLine
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-STYLES = ("column", "row")
+#: plan styles: a column layer, a row layer, and a fused [q; k; v] input projection whose
+#: rows are three equal blocks (each split by heads: one backward all-reduce for all three)
+STYLES = ("column", "row", "column-qkv")
+
+
+def _interleaved(src: torch.Tensor, blocks: int, ranks: int) -> torch.Tensor:
+    """Lay ``blocks`` equal row blocks out so each rank's chunk holds its part of every block."""
+    parts = src.chunk(blocks)
+    return torch.cat([torch.cat([b.chunk(ranks)[r] for b in parts]) for r in range(ranks)])
 
 
 def _copier(src: torch.Tensor) -> Init:
@@ -39,12 +47,21 @@ def from_linear(
 ) -> ColumnParallelLinear | RowParallelLinear:
     """Return the tensor-parallel layer holding this rank's slice of ``linear``'s weights."""
     bias = linear.bias is not None
-    init = _copier(linear.weight.detach())
-    bias_init = _copier(linear.bias.detach()) if linear.bias is not None else None
-    if style == "column":
+    w = linear.weight.detach()
+    b = linear.bias.detach() if linear.bias is not None else None
+    k = 3 if style == "column-qkv" else 1
+    if k > 1:
+        if linear.out_features % (k * comm.size):
+            raise ValueError(f"fused projection of {linear.out_features} rows does not split "
+                             f"into {k} blocks over {comm.size} ranks")
+        w = _interleaved(w, k, comm.size)
+        b = _interleaved(b, k, comm.size) if b is not None else None
+    init = _copier(w)
+    bias_init = _copier(b) if b is not None else None
+    if style in ("column", "column-qkv"):
         return ColumnParallelLinear(linear.in_features, linear.out_features, comm, bias=bias,
                                     sequence_parallel=sequence_parallel, init=init,
-                                    bias_init=bias_init)
+                                    bias_init=bias_init, interleave=k)
     if style == "row":
         return RowParallelLinear(linear.in_features, linear.out_features, comm, bias=bias,
                                  sequence_parallel=sequence_parallel, init=init,

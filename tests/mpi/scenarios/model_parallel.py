@@ -121,6 +121,21 @@ class StdBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))  # type: ignore[no-any-return]
 
 
+class FusedBlock(nn.Module):
+    """Attention with one fused [q; k; v] input projection."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).reshape(b, t, -1))  # type: ignore[no-any-return]
+
+
 def check_parallelize(world: MPI.Intracomm) -> None:
     """parallelize_ turns a standard block tensor-parallel, equal to the dense one."""
     import copy
@@ -143,6 +158,18 @@ def check_parallelize(world: MPI.Intracomm) -> None:
     torch.testing.assert_close(split.fc1.weight.grad, dense.fc1.weight.grad.chunk(n)[r], **TOL)
     torch.testing.assert_close(split.o.weight.grad, dense.o.weight.grad.chunk(n, 1)[r], **TOL)
     torch.testing.assert_close(split.ln1.weight.grad, dense.ln1.weight.grad, **TOL)
+    # a fused [q; k; v] projection (GPT-2's c_attn): one column layer, heads kept together
+    torch.manual_seed(2)
+    fused_dense = FusedBlock()
+    fused = parallelize_(copy.deepcopy(fused_dense), {"qkv": "column-qkv", "o": "row"},
+                         grid.tp_comm)
+    fused.heads //= world.size  # type: ignore[operator]
+    xf, xg = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_f, out_g = fused(xf), fused_dense(xg)
+    (out_f * out_g.detach()).sum().backward()
+    (out_g * out_g.detach()).sum().backward()
+    torch.testing.assert_close(out_f, out_g, **TOL)
+    torch.testing.assert_close(xf.grad, xg.grad, **TOL)
     try:
         parallelize_(StdBlock(), {"nope": "column"}, grid.tp_comm)
     except ValueError as exc:
