@@ -1,6 +1,7 @@
 """Sharded data parallelism: memory per rank and step time, replicas vs ZeRO stages vs torch.
 
     python -m mpitrain.bench shard [-n 2] [--widths 1024,4096,4096,1024] [--steps 5] [--json P]
+    python -m mpitrain.bench shard --model transformer [--dim 512 --layers 8 --seq 64]
 
 One ``mpiexec`` job per method (so each reports its own peak RSS), same MLP, batch, data and
 Adam on every method:
@@ -66,16 +67,9 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
 
         cgroup = enter_budget(int(args.memory_budget_mb * 2**20), args.budget_tag, comm.rank)
     torch.set_num_threads(1)
-    widths = [int(w) for w in args.widths.split(",")]
     torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(widths):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    net = nn.Sequential(*layers[:-1])
+    net, x, y = build_model(args, comm.rank)
     numel = sum(p.numel() for p in net.parameters())
-    g = torch.Generator().manual_seed(1 + comm.rank)
-    x = torch.randn(args.batch, widths[0], generator=g)
-    y = torch.randn(args.batch, widths[-1], generator=g)
     method = args.method
     if method in ("zero1", "zero2", "zero3"):
         from mpitrain.grad.zero.wrapper import ShardedDataParallel
@@ -147,7 +141,8 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
                            root=0)
     if comm.rank == 0:
         assert per_rank is not None
-        row = {"method": method, "ranks": comm.size, "numel": numel, "batch": args.batch,
+        row = {"method": method, "model": args.model, "ranks": comm.size, "numel": numel,
+               "batch": args.batch,
                "step_ms": statistics.median(times) * 1e3,
                "step_ms_all": [t * 1e3 for t in times],
                **{k: max(r[k] for r in per_rank) for k in per_rank[0]}}
@@ -159,8 +154,31 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     return 0
 
 
+def build_model(args: argparse.Namespace, rank: int) -> tuple[Any, Any, Any]:
+    """The benchmark's model and this rank's batch: an MLP of ``--widths``, or a stack of
+    ``--layers`` transformer encoder layers of width ``--dim`` on (batch, ``--seq``, dim)."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(1 + rank)
+    if args.model == "transformer":
+        d = args.dim
+        net: nn.Module = nn.Sequential(*(
+            nn.TransformerEncoderLayer(d, max(1, d // 64), 4 * d, dropout=0.0, batch_first=True)
+            for _ in range(args.layers)))
+        x = torch.randn(args.batch, args.seq, d, generator=g)
+        return net, x, torch.randn(args.batch, args.seq, d, generator=g)
+    widths = [int(w) for w in args.widths.split(",")]
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(*layers[:-1])
+    x = torch.randn(args.batch, widths[0], generator=g)
+    return net, x, torch.randn(args.batch, widths[-1], generator=g)
+
+
 def _fsdp2(net: Any, x: Any, y: Any, comm: MPI.Intracomm) -> tuple[Any, Any]:
-    """torch FSDP2 (``fully_shard`` per Linear, then the root) over gloo on the CPU."""
+    """torch FSDP2 (``fully_shard`` per layer, then the root) over gloo on the CPU."""
     import torch
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
@@ -170,7 +188,7 @@ def _fsdp2(net: Any, x: Any, y: Any, comm: MPI.Intracomm) -> tuple[Any, Any]:
     init_gloo(comm)
     mesh = init_device_mesh("cpu", (comm.size,))
     for layer in net:
-        if isinstance(layer, nn.Linear):
+        if any(True for _ in layer.parameters()):  # the same units as ZeRO-3's
             fully_shard(layer, mesh=mesh)
     fully_shard(net, mesh=mesh)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -198,7 +216,9 @@ def _mib(n: float) -> str:
 def report(rows: list[dict[str, Any]]) -> None:
     """Print the side-by-side table (ratios against replicas)."""
     base = next((r for r in rows if r["method"] == "replicas"), rows[0])
-    print(f"MLP {rows[0]['numel'] / 1e6:.1f}M params, Adam, {rows[0]['ranks']} ranks, batch "
+    first = rows[0]
+    print(f"{first.get('model', 'mlp')} {first['numel'] / 1e6:.1f}M params, Adam, "
+          f"{first['ranks']} ranks, batch "
           f"{rows[0]['batch']}/rank; MiB per rank (max over ranks), step ms median")
     print(f"{'method':<11} {'params':>7} {'grads':>7} {'optim':>7} {'model':>7} {'of repl':>7} "
           f"{'+transient':>10} {'rss':>7} {'step ms':>8} {'vs repl':>7}"
@@ -221,6 +241,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("-n", "--ranks", type=int, default=2)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--widths", default="1024,4096,4096,1024", help="MLP layer widths")
+    p.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
+    p.add_argument("--dim", type=int, default=512, help="transformer width")
+    p.add_argument("--layers", type=int, default=8, help="transformer layers")
+    p.add_argument("--seq", type=int, default=64, help="transformer sequence length")
     p.add_argument("--batch", type=int, default=32, help="samples per rank")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up)")
     p.add_argument("--bucket-mb", type=float, default=4.0)
@@ -240,6 +264,8 @@ def main(argv: list[str]) -> int:
         for method in args.methods.split(","):
             out = Path(tmp) / f"{method}.json"
             fwd = ["shard", "--method", method, "--out", str(out), "--widths", args.widths,
+                   "--model", args.model, "--dim", str(args.dim), "--layers", str(args.layers),
+                   "--seq", str(args.seq),
                    "--batch", str(args.batch), "--steps", str(args.steps),
                    "--bucket-mb", str(args.bucket_mb)]
             tag = f"{os.getpid()}-{method}"

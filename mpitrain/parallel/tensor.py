@@ -184,7 +184,8 @@ class VocabParallelEmbedding(nn.Module):
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, logits: torch.Tensor, target: torch.Tensor, comm: MPI.Intracomm, start: int
+        ctx: Any, logits: torch.Tensor, target: torch.Tensor, comm: MPI.Intracomm, start: int,
+        ignore_index: int,
     ) -> torch.Tensor:
         from mpi4py import MPI
 
@@ -200,31 +201,36 @@ class _VocabParallelCE(torch.autograd.Function):
         idx = local.clamp(0, logits.shape[-1] - 1)
         picked = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
         sums = allreduce_sum(torch.stack([exp.sum(-1), picked]), comm)
-        ctx.save_for_backward(exp.div_(sums[0].unsqueeze(-1)), idx, inside)
-        return sums[0].log() - sums[1]
+        keep = (target != ignore_index).to(logits.dtype)
+        ctx.save_for_backward(exp.div_(sums[0].unsqueeze(-1)), idx, inside, keep)
+        return (sums[0].log() - sums[1]) * keep
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        softmax, idx, inside = ctx.saved_tensors
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        softmax, idx, inside, keep = ctx.saved_tensors
         grad = softmax.clone()
         grad.scatter_add_(-1, idx.unsqueeze(-1), -inside.to(grad.dtype).unsqueeze(-1))
-        return grad * g.unsqueeze(-1), None, None, None
+        return grad * (g * keep).unsqueeze(-1), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, comm: MPI.Intracomm, start: int
+    logits: torch.Tensor, target: torch.Tensor, comm: MPI.Intracomm, start: int,
+    ignore_index: int = -100,
 ) -> torch.Tensor:
     """Collective: per-token cross-entropy of logits split over ``comm`` along the vocabulary.
 
     ``logits`` (..., V/T) holds this rank's vocabulary slice beginning at ``start``;
     ``target`` (...) the global token ids. Returns the per-token losses (...), the same on
-    every rank; the gradient stays split (no logits are gathered).
+    every rank; the gradient stays split (no logits are gathered). Tokens equal to
+    ``ignore_index`` (padding) have loss 0 and no gradient, as in ``F.cross_entropy``;
+    average over the others yourself.
     """
     if comm.size == 1:
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
+            ignore_index=ignore_index,
         ).view(target.shape)
-    return _VocabParallelCE.apply(logits, target, comm, start)  # type: ignore[no-any-return,no-untyped-call]
+    return _VocabParallelCE.apply(logits, target, comm, start, ignore_index)  # type: ignore[no-any-return,no-untyped-call]
 
 
 def sequence_parallel_grads_(params: list[nn.Parameter], comm: MPI.Intracomm) -> None:

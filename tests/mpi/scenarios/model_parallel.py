@@ -170,6 +170,19 @@ def check_parallelize(world: MPI.Intracomm) -> None:
     (out_g * out_g.detach()).sum().backward()
     torch.testing.assert_close(out_f, out_g, **TOL)
     torch.testing.assert_close(xf.grad, xg.grad, **TOL)
+    # padding tokens (ignore_index) count for nothing, as in F.cross_entropy
+    from mpitrain.parallel.tensor import vocab_parallel_cross_entropy
+
+    logits = torch.randn(6, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    target = torch.tensor([1, -100, 5, 15, -100, 8])
+    dense_loss = F.cross_entropy(logits, target, reduction="none")
+    dense_loss.sum().backward()
+    mine = logits.detach().chunk(n, -1)[r].clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(mine, target, grid.tp_comm, r * 16 // n)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, dense_loss.detach(), **TOL)
+    assert logits.grad is not None
+    torch.testing.assert_close(mine.grad, logits.grad.chunk(n, -1)[r], **TOL)
     try:
         parallelize_(StdBlock(), {"nope": "column"}, grid.tp_comm)
     except ValueError as exc:
