@@ -101,11 +101,59 @@ def _prune(comm: MPI.Intracomm, directory: Path, run_id: str, keep_last: int) ->
             raise CheckpointError(f"cannot remove old checkpoint '{old}': {exc}") from exc
 
 
-def load_parallel(grid: Grid, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Collective (grid): return (this rank's payload, the manifest) of checkpoint ``path``."""
+def _decide(directory: Path | None, resume: str | None) -> str | None:
+    """Rank 0's choice of the checkpoint to resume from (see :func:`choose_resume`)."""
+    found = finished(directory) if directory is not None else []
+    if resume == "auto":
+        return str(found[-1][1]) if found else None
+    if resume is None:
+        if found:
+            raise CheckpointError(with_hint(
+                f"--checkpoint-dir '{directory}' holds checkpoints of run "
+                f"{found[-1][2].get('run_id')}; a fresh run would mix its files with them",
+                "pass --resume auto to continue it, or use another --checkpoint-dir"))
+        return None
+    doc = read_manifest(Path(resume))
+    later = [step for step, _, d in found
+             if d.get("run_id") == doc.get("run_id") and step > int(doc.get("step", 0))]
+    if later:
+        raise CheckpointError(with_hint(
+            f"'{resume}' is step {doc.get('step')} of run {doc.get('run_id')}, which has later "
+            f"checkpoints in '{directory}' (step {max(later)}): going on from here would prune "
+            "or overwrite them", "use --resume auto, or copy this checkpoint into a new "
+            "--checkpoint-dir and resume from there"))
+    return resume
+
+
+def choose_resume(comm: MPI.Intracomm, directory: Path | None, resume: str | None) -> Path | None:
+    """Collective: the checkpoint to resume from (None: a fresh run), decided on rank 0.
+
+    A fresh run into a directory of checkpoints, and rewinding a run that has later
+    checkpoints there, are refused (on every rank, with the same message).
+    """
+    choice = agree(comm, lambda: _decide(directory, resume) if comm.rank == 0 else None)
+    chosen = comm.bcast(choice, root=0)
+    return None if chosen is None else Path(chosen)
+
+
+def load_parallel(
+    grid: Grid, path: Path, meta: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Collective (grid): return (this rank's payload, the manifest) of checkpoint ``path``.
+
+    ``meta`` (the model's shape) must match the saved one: a different model is refused.
+    """
     def read() -> tuple[dict[str, Any], dict[str, Any]]:
         doc = read_manifest(path)
-        if doc.get("kind") != KIND:
+        saved_meta = doc.get("meta", {})
+        differ = {k: (saved_meta.get(k), v) for k, v in (meta or {}).items()
+                  if k in saved_meta and saved_meta[k] != v}
+        if differ:
+            text = ", ".join(f"{k} {a} (now {b})" for k, (a, b) in differ.items())
+            raise CheckpointError(with_hint(
+                f"'{path}' holds another model: {text}",
+                "resume with the model options it was saved with"))
+        if doc.get("kind") != KIND or "grid" not in doc or "files" not in doc:
             raise CheckpointError(
                 with_hint(f"'{path}' is not a model-parallel checkpoint",
                           "resume --model gpt from an mp-step-* directory it wrote"))

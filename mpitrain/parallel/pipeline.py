@@ -99,6 +99,22 @@ class PipelineEngine:
         self.eval_link = StageLink(grid.pp_comm, device or torch.device("cpu"), fixed_shapes=False)
         self.saved = _SavedBytes(list(stage.parameters())) if measure_memory else None
         self.stats = StepStats()
+        self._checked = False
+
+    def _check_batch(self, batch: torch.Tensor | None) -> None:
+        """Collective (pipeline): refuse a batch that does not split into equal micro-batches
+        on every stage that sees it (one rank's error would leave a neighbour in a receive)."""
+        from mpitrain.errors import ConfigError, with_hint
+        from mpitrain.runtime.collective import agree
+
+        def check() -> None:
+            if batch is not None and len(batch) % self.micro:
+                raise ConfigError(with_hint(
+                    f"a batch of {len(batch)} does not split into {self.micro} equal "
+                    "micro-batches", "pass batches of a multiple of micro_batches"))
+
+        agree(self.grid.pp_comm, check)
+        self._checked = True
 
     def _call(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         fn: Any = self.dp if self.dp is not None else self.stage
@@ -154,6 +170,8 @@ class PipelineEngine:
         The loss is the mean over micro-batches of the last stage's loss, sent to every
         stage. Gradients are left in ``.grad`` (not zeroed here).
         """
+        if not self._checked:  # once: every stage agrees the batch splits into micro-batches
+            self._check_batch(inputs if inputs is not None else targets)
         t0 = time.perf_counter()
         self.stats = StepStats()
         xs = inputs.chunk(self.micro) if inputs is not None else None

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.checkpoint import new_run_id
-from mpitrain.errors import CheckpointError, DataError, with_hint
-from mpitrain.parallel.checkpoint import finished, load_parallel, save_parallel
+from mpitrain.errors import DataError, with_hint
+from mpitrain.parallel.checkpoint import choose_resume, load_parallel, save_parallel
 from mpitrain.parallel.grid import Grid
 from mpitrain.parallel.pipeline import PipelineEngine
 from mpitrain.preempt import PREEMPTED_EXIT_CODE
@@ -173,12 +173,17 @@ class MPTrainer:
                       "tokens": s.tokens, "train_seconds": s.train_seconds},
         }
 
+    def meta(self) -> dict[str, Any]:
+        """The model's shape, saved in the manifest and checked on resume."""
+        c = self.cfg
+        return {"model": "gpt", "context": c.context, "hidden": c.hidden, "heads": c.heads,
+                "layers": c.layers}
+
     def save(self) -> Path:
         """Collective: checkpoint this step."""
         assert self.cfg.checkpoint_dir is not None
         cfg = self.cfg
-        meta = {"model": "gpt", "context": cfg.context, "hidden": cfg.hidden,
-                "heads": cfg.heads, "layers": cfg.layers, "seed": cfg.seed}
+        meta = {**self.meta(), "seed": cfg.seed}
         with self.watchdog.guard("checkpoint save", io=True):
             path = save_parallel(self.p.grid, Path(str(cfg.checkpoint_dir)), self.state.step,
                                  self.payload(), self.p.stage.merge_rules(), meta,
@@ -191,24 +196,14 @@ class MPTrainer:
 
     def plan(self) -> None:
         """Collective: pick the run id and the checkpoint to resume from (if any); load it."""
-        cfg, directory = self.cfg, Path(self.cfg.checkpoint_dir or ".")
-        found = finished(directory) if cfg.checkpoint_dir else []
-        choice: Path | None = None
-        if cfg.resume == "auto" and found:
-            choice = found[-1][1]
-        elif cfg.resume not in (None, "auto"):
-            choice = Path(str(cfg.resume))
-        elif cfg.resume is None and found:
-            other = found[-1][2].get("run_id")
-            raise CheckpointError(with_hint(
-                f"--checkpoint-dir '{directory}' holds checkpoints of run {other}; a fresh "
-                "run would mix its files with them", "pass --resume auto to continue it, or "
-                "use another --checkpoint-dir"))
+        cfg = self.cfg
+        directory = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+        choice = choose_resume(self.world.comm, directory, cfg.resume)
         if choice is None:
             self.run_id = str(self.world.comm.bcast(new_run_id(), root=0))
             return
         with self.watchdog.guard("resume: loading the checkpoint", io=True):
-            mine, doc = load_parallel(self.p.grid, choice)
+            mine, doc = load_parallel(self.p.grid, choice, self.meta())
         self.run_id = str(doc.get("run_id", ""))
         self.p.stage.load_state_dict(mine["model"])
         self.p.optimizer.load_state_dict(mine["optim"])

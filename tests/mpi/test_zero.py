@@ -16,6 +16,7 @@ CHECKS = {
     "clipping",
     "no_sync accumulation",
     "unused branch",
+    "deep branch skipped on one rank",
     "branch used in an early micro-batch only",
     "batchnorm buffers",
     "bf16 compression",

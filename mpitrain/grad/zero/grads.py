@@ -57,6 +57,10 @@ class ShardedGrads:
         #: float16/bfloat16: buckets are reduce-scattered in that type (half the bytes), after
         #: dividing by the ranks (the fp16/bf16 hooks' rule: no float16 overflow in the sum)
         self.compress = compress
+        #: wait for the oldest reduce-scatter when ``max_inflight`` are alive (stages 1-2);
+        #: ZeRO-3 only tests it: a rank blocked inside a backward hook would never post the
+        #: parameter gather another rank, whose bucket is not ready yet, is waiting for
+        self.block_on_limit = True
         self.enabled = True
         #: called with a bucket's index once all its parameters have their gradient
         #: (ZeRO-3 frees the bucket's gathered parameters there)
@@ -167,6 +171,8 @@ class ShardedGrads:
         """Stage 2: copy bucket ``b``'s pieces of every ``.grad`` into a fresh buffer."""
         while sum(x is not None for x in self._bufs) >= self.max_inflight:
             h = self._handles[self._polled]  # the oldest in flight: wait, which releases it
+            if h is not None and not self.block_on_limit and not h.test():
+                break  # ZeRO-3: never block in a hook (the other ranks may wait on a gather)
             if h is not None:
                 h.wait()
             self._polled += 1

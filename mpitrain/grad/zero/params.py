@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from mpitrain.comm.handle import DONE, Handle, RequestHandle
+from mpitrain.errors import CheckpointError, with_hint
 from mpitrain.grad.zero.layout import ShardLayout
 
 if TYPE_CHECKING:
@@ -112,6 +113,11 @@ class ShardedParams:
     def load_(self, values: dict[int, torch.Tensor]) -> None:
         """Set the master shards from full per-parameter values (no communication; every
         rank passes the same values): float32 kept as it is, whatever ``param_dtype``."""
+        missing = [s.name for i, s in enumerate(self.layout.slots) if i not in values]
+        if missing:
+            raise CheckpointError(with_hint(
+                f"the state to load lacks parameter(s) {', '.join(missing[:5])}",
+                "load a checkpoint of the same model"))
         rank = self.comm.rank
         with torch.no_grad():
             for b, span in enumerate(self.layout.buckets):
@@ -247,6 +253,9 @@ class ShardedParams:
     @contextlib.contextmanager
     def gathered(self, *, writeback: bool = False) -> Iterator[None]:
         """Collective: every parameter gathered inside; ``writeback`` copies changes to shards."""
+        if writeback and self.param_dtype is not None:
+            raise ValueError("gathered(writeback=True) would round the float32 master shards to "
+                             f"{self.param_dtype}; set values with load_() instead")
         for b in range(len(self.full)):
             self._start(b)
         for b in range(len(self.full)):

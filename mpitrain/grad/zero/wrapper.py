@@ -151,6 +151,7 @@ class ShardedDataParallel(ExchangeBase):
         )
         if self.sharded is not None:
             self.grads.on_ready = self.sharded.free_bucket
+            self.grads.block_on_limit = False
 
     def _shard_parameters(
         self, module: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],

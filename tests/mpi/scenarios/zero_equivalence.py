@@ -76,6 +76,26 @@ class Branchy(nn.Module):
         return self.c(h)
 
 
+class DeepBranchy(nn.Module):
+    """Eight units; unit 6 runs on rank 0 only (set in ``make``). With at most 2 reduce-scatters
+    in flight, a rank that waited for the oldest inside a backward hook would never post the
+    gather of unit 2 the other rank needs: ZeRO-3 must not block there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D_IN, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+        self.out = nn.Linear(16, D_OUT)
+        self.use_extra = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for i, layer in enumerate(self.layers):
+            if i != 5 or self.use_extra:
+                h = torch.tanh(layer(h))
+        return self.out(h)  # type: ignore[no-any-return]
+
+
 class Alternating(Branchy):
     """``extra`` is used in every other forward: the first micro-batch of two, not the last."""
 
@@ -111,7 +131,7 @@ def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def make(cls: type[nn.Module], comm: MPI.Intracomm) -> nn.Module:
     torch.manual_seed(100 + comm.rank)  # different init per rank: wrapping must broadcast
     m = cls()
-    if isinstance(m, Branchy):
+    if isinstance(m, Branchy | DeepBranchy):
         m.use_extra = comm.rank == 0
     return m
 
@@ -313,6 +333,7 @@ def main(comm: MPI.Intracomm) -> int:
     equivalence(comm, "clipping", Mlp, clip=0.05)
     equivalence(comm, "no_sync accumulation", Mlp, micro=2)
     equivalence(comm, "unused branch", Branchy)
+    equivalence(comm, "deep branch skipped on one rank", DeepBranchy)
     equivalence(comm, "branch used in an early micro-batch only", Alternating, micro=2)
     equivalence(comm, "batchnorm buffers", Bn)
     # the same bf16 sums as DataParallel's bf16 hook. 4 ranks may pair the sums differently:
