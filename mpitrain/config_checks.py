@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import ConfigError, with_hint
 
@@ -49,6 +49,22 @@ def check_combinations(cfg: TrainConfig) -> None:
 
 #: the byte-level GPT's vocabulary (docs/model-parallel.md)
 GPT_VOCAB = 256
+#: what --model gpt uses for the options the user did not set (applied by the train command,
+#: mpitrain.train.gpt.gpt_defaults; checked here as they will be): a model that learns the
+#: corpus in about a minute per rank-core, with AdamW
+GPT_DEFAULTS: dict[str, Any] = {
+    "context": 64, "hidden": 64, "layers": 4, "heads": 4, "epochs": 1, "batch_size": 32,
+    "optimizer": "adamw", "lr": 3e-3, "scale_lr": False, "warmup_epochs": 0.05,
+    "weight_decay": 0.01,
+}
+
+
+def _effective(cfg: TrainConfig, name: str) -> Any:
+    """``cfg``'s value of ``name`` once the GPT defaults apply (they do where unset)."""
+    explicit = {n for n in cfg.explicit.split(",") if n}
+    if cfg.mode_defaults and name in GPT_DEFAULTS and name not in explicit:
+        return GPT_DEFAULTS[name]
+    return getattr(cfg, name)
 
 
 def _refuse(what: str, hint: str) -> None:
@@ -75,18 +91,20 @@ def check_model_parallel(cfg: TrainConfig) -> None:
         _refuse(f"--model gpt runs on the model-parallel trainer, which does not take "
                 f"--{', --'.join(bad)}",
                 "use --micro-batches for accumulation and leave the others at their defaults")
-    if cfg.hidden % cfg.heads:
-        _refuse(f"--hidden {cfg.hidden} does not divide into --heads {cfg.heads}",
+    hidden, heads, layers, context, batch = (
+        _effective(cfg, n) for n in ("hidden", "heads", "layers", "context", "batch_size"))
+    if hidden % heads:
+        _refuse(f"--hidden {hidden} does not divide into --heads {heads}",
                 "pick a width that is a multiple of the head count")
-    if cfg.heads % tp or GPT_VOCAB % tp:
-        _refuse(f"--tensor-parallel {tp} must divide --heads {cfg.heads} and the "
+    if heads % tp or GPT_VOCAB % tp:
+        _refuse(f"--tensor-parallel {tp} must divide --heads {heads} and the "
                 f"{GPT_VOCAB}-byte vocabulary", "use 1, 2 or 4 (a power of two dividing --heads)")
-    if cfg.layers < pp:
-        _refuse(f"--pipeline-stages {pp} is more than the {cfg.layers} layers",
+    if layers < pp:
+        _refuse(f"--pipeline-stages {pp} is more than the {layers} layers",
                 "give --layers at least the stage count")
-    if cfg.batch_size % cfg.micro_batches:
-        _refuse(f"--batch-size {cfg.batch_size} does not divide into --micro-batches "
+    if batch % cfg.micro_batches:
+        _refuse(f"--batch-size {batch} does not divide into --micro-batches "
                 f"{cfg.micro_batches}", "make the batch a multiple of the micro-batch count")
-    if cfg.sequence_parallel and (tp == 1 or cfg.context % tp):
+    if cfg.sequence_parallel and (tp == 1 or context % tp):
         _refuse(f"--sequence-parallel needs --tensor-parallel > 1 dividing --context "
-                f"{cfg.context}", "drop --sequence-parallel or change --context")
+                f"{context}", "drop --sequence-parallel or change --context")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mpitrain.config_checks import GPT_DEFAULTS
 from mpitrain.parallel.functional import copy_to_tp, gather_sequence
 from mpitrain.parallel.tensor import (
     ColumnParallelLinear,
@@ -194,13 +195,8 @@ class GPTStage(nn.Module):
         return merge_rules(self, drop=("head.",))
 
 
-#: what --model gpt uses for the options the user did not set (docs/model-parallel.md):
-#: a model that learns the corpus in about a minute per rank-core, with AdamW
-DEFAULTS: dict[str, Any] = {
-    "context": 64, "hidden": 64, "layers": 4, "heads": 4, "epochs": 1, "batch_size": 32,
-    "optimizer": "adamw", "lr": 3e-3, "scale_lr": False, "warmup_epochs": 0.05,
-    "weight_decay": 0.01,
-}
+#: what --model gpt uses for the options the user did not set (docs/model-parallel.md)
+DEFAULTS: dict[str, Any] = GPT_DEFAULTS
 
 
 def gpt_defaults(cfg: TrainConfig) -> dict[str, Any]:

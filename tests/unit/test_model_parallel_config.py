@@ -80,3 +80,13 @@ def test_environment_is_read() -> None:
     with pytest.raises(ConfigError) as info:  # and is checked like a flag
         resolve({}, environ={"MPITRAIN_TENSOR_PARALLEL": "2"})
     assert "--tensor-parallel" in str(info.value) and "HINT:" in str(info.value)
+
+
+def test_checks_use_the_gpt_defaults_that_will_apply() -> None:
+    """An unset --hidden is the GPT's 64 (applied later by the train command), not 128."""
+    with pytest.raises(ConfigError, match="--hidden 64 does not divide into --heads 3"):
+        resolve({"model": "gpt", "heads": "3"}, environ={})
+    with pytest.raises(ConfigError, match="--hidden 128 does not divide into --heads 3"):
+        resolve({"model": "gpt", "heads": "3", "mode_defaults": False}, environ={})
+    # the default context is 64 for the GPT: sequence parallel over 4 ranks fits it
+    resolve({"model": "gpt", "tensor_parallel": "4", "sequence_parallel": True}, environ={})
