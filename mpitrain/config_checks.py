@@ -59,10 +59,14 @@ GPT_DEFAULTS: dict[str, Any] = {
 }
 
 
+def explicit_options(cfg: TrainConfig) -> set[str]:
+    """Return the options the user set (flags, ``MPITRAIN_*`` variables, the TOML file)."""
+    return {name for name in cfg.explicit.split(",") if name}
+
+
 def _effective(cfg: TrainConfig, name: str) -> Any:
     """``cfg``'s value of ``name`` once the GPT defaults apply (they do where unset)."""
-    explicit = {n for n in cfg.explicit.split(",") if n}
-    if cfg.mode_defaults and name in GPT_DEFAULTS and name not in explicit:
+    if cfg.mode_defaults and name in GPT_DEFAULTS and name not in explicit_options(cfg):
         return GPT_DEFAULTS[name]
     return getattr(cfg, name)
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from mpitrain.config_checks import explicit_options
 from mpitrain.errors import ConfigError, with_hint
 
 if TYPE_CHECKING:
@@ -261,10 +262,6 @@ def get_mode(name: str) -> ModeSpec:
         raise ConfigError(f"{where} is not the ModeSpec of {name!r}")
     return spec
 
-
-def explicit_options(cfg: TrainConfig) -> set[str]:
-    """Return the options the user set (flags, ``MPITRAIN_*`` variables, the TOML file)."""
-    return {name for name in cfg.explicit.split(",") if name}
 
 
 def mode_options(cfg: TrainConfig) -> Any:

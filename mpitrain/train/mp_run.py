@@ -159,6 +159,7 @@ class MPTrainer:
         self.run_id = cfg.run_id or ""
         self._last_save = time.monotonic()
         self.last_saved = -1
+        self.evaluated_at = -1  # the step of the last evaluation
 
     # -- checkpoints --
     def payload(self) -> dict[str, Any]:
@@ -278,7 +279,7 @@ class MPTrainer:
                 self._epoch_end()
                 continue
             break
-        if p.test is not None:
+        if p.test is not None and self.evaluated_at != st.step:  # not again after the epoch's
             st.test_loss = evaluate(p)
         if cfg.checkpoint_dir is not None and self.last_saved != st.step:
             self.save()
@@ -289,6 +290,7 @@ class MPTrainer:
         test = None
         if self.p.test is not None and cfg.eval_every and st.epoch % cfg.eval_every == 0:
             test = st.test_loss = evaluate(self.p)
+            self.evaluated_at = st.step
         if self.world.rank == 0:
             extra = "" if test is None else f", test loss {test:.4f} (ppl {math.exp(test):.2f})"
             print_line(f"mpitrain: epoch {st.epoch}/{cfg.epochs}: step {st.step}, "
