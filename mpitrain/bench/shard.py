@@ -71,10 +71,12 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     net, x, y = build_model(args, comm.rank)
     numel = sum(p.numel() for p in net.parameters())
     method = args.method
-    if method in ("zero1", "zero2", "zero3"):
+    zero, _, algo = method.partition(":")  # zero2:hierarchical = over the hierarchical transport
+    if zero in ("zero1", "zero2", "zero3"):
         from mpitrain.grad.zero.wrapper import ShardedDataParallel
 
-        sdp = ShardedDataParallel(net, comm=comm, stage=int(method[-1]), bucket_mb=args.bucket_mb)
+        sdp = ShardedDataParallel(net, comm=comm, stage=int(zero[-1]), bucket_mb=args.bucket_mb,
+                                  algo=algo or "flat")
         opt = torch.optim.Adam(sdp.parameters(), lr=1e-4)
 
         def step() -> None:
@@ -220,13 +222,13 @@ def report(rows: list[dict[str, Any]]) -> None:
     print(f"{first.get('model', 'mlp')} {first['numel'] / 1e6:.1f}M params, Adam, "
           f"{first['ranks']} ranks, batch "
           f"{rows[0]['batch']}/rank; MiB per rank (max over ranks), step ms median")
-    print(f"{'method':<11} {'params':>7} {'grads':>7} {'optim':>7} {'model':>7} {'of repl':>7} "
+    print(f"{'method':<18} {'params':>7} {'grads':>7} {'optim':>7} {'model':>7} {'of repl':>7} "
           f"{'+transient':>10} {'rss':>7} {'step ms':>8} {'vs repl':>7}"
           + (f" {'charged':>9}" if any("cgroup_peak" in r for r in rows) else ""))
     for r in rows:
         peak = (r["model_state"] + r.get("gradients_transient_peak", 0)
                 + r.get("parameters_transient_peak", 0))
-        print(f"{r['method']:<11} {_mib(r['parameters']):>7} {_mib(r['gradients']):>7} "
+        print(f"{r['method']:<18} {_mib(r['parameters']):>7} {_mib(r['gradients']):>7} "
               f"{_mib(r['optimizer']):>7} {_mib(r['model_state']):>7} "
               f"{r['model_state'] / base['model_state']:>7.2f} {_mib(peak):>10} "
               f"{_mib(r['peak_rss']):>7} {r['step_ms']:>8.1f} "
@@ -259,6 +261,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return run_mpi(lambda comm: worker(args, comm))
+    for method in args.methods.split(","):
+        base, _, algo = method.partition(":")
+        if base not in METHODS or (algo and (not base.startswith("zero") or algo not in (
+                "flat", "hierarchical", "auto"))):
+            p.error(f"--methods: {method!r} is unknown; use {', '.join(METHODS)} "
+                    "(zero1-3 also as zeroK:hierarchical)")
     rows, killed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):

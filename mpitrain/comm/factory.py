@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.comm.reducer import Reducer
+    from mpitrain.comm.shards import ShardComm
     from mpitrain.runtime.cuda_aware import Decision
     from mpitrain.runtime.world import World
 
@@ -133,3 +134,58 @@ def default_reducer(
     if any(p.device.type != "cpu" for p in params):
         return StagedReducer(flat)
     return flat
+
+
+def make_shard_comm(
+    world: World,
+    *,
+    device: torch.device,
+    cuda_aware: bool = False,
+    algo: str = "flat",
+    staged: bool | None = None,
+) -> ShardComm:
+    """Collective: the reduce-scatter / all-gather transport for ZeRO shards on ``device``.
+
+    Same table as :func:`make_reducer`: host tensors use MPI directly (``staged=True`` forces
+    the staged path, as CI does); device tensors go to MPI directly when ``cuda_aware`` (the
+    agreed decision) and ``staged`` is not True, else through host buffers. ``algo``
+    ``hierarchical`` (or ``auto`` on real node boundaries with several ranks per node) splits
+    each collective into an intra-node and a cross-node part; it needs the same number of
+    ranks on every node and falls back to flat otherwise (:func:`describe_shards` says so).
+    Every call builds new communicators (one transport per stream of collectives).
+    """
+    from mpi4py import MPI
+
+    from mpitrain.comm.shards import CudaAwareShards, FlatShards, HierarchicalShards, StagedShards
+
+    lo = int(world.comm.allreduce(world.local_size, op=MPI.MIN))
+    hi = int(world.comm.allreduce(world.local_size, op=MPI.MAX))
+    hosts = len(set(world.comm.allgather(world.hostname)))
+    resolved = choose_algo(algo, world.num_nodes, hi, hosts)
+    if device.type == "cuda" and not cuda_aware and staged is False:
+        raise ConfigError(with_hint(
+            "staging was disabled but this MPI is not CUDA-aware (or was not checked)",
+            "allow staging, or use --cuda-aware yes with a CUDA-aware MPI"))
+    hier = resolved == "hierarchical" and lo == hi and world.num_nodes > 1 and hi > 1
+
+    def host() -> ShardComm:
+        if hier:
+            return HierarchicalShards.create(world, world.size)
+        return FlatShards(world.comm.Dup())
+
+    if device.type == "cuda" and cuda_aware and staged is not True:
+        return CudaAwareShards(host(), fallback=StagedShards(host()))
+    if device.type == "cuda" or staged:
+        return StagedShards(host())
+    return host()
+
+
+def describe_shards(transport: ShardComm) -> str:
+    """One log line naming a shard transport stack, e.g. ``Staged(HierarchicalShards)``."""
+    from mpitrain.comm.shards import CudaAwareShards, StagedShards
+
+    if isinstance(transport, StagedShards):
+        return f"Staged({describe_shards(transport.inner)})"
+    if isinstance(transport, CudaAwareShards):
+        return f"CudaAware({describe_shards(transport.inner)})"
+    return type(transport).__name__

@@ -16,15 +16,15 @@ on a CUDA device, so the same reducer serves the host and the CUDA-aware paths.
 
 from __future__ import annotations
 
-import threading
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from mpitrain.comm.cuda_aware import average_, mpi_buffer, wait_producer
 from mpitrain.comm.handle import DONE, Handle
+from mpitrain.comm.stages import Stage, StageQueue
+from mpitrain.comm.stages import call as _call
 from mpitrain.errors import ConfigError, with_hint
 
 if TYPE_CHECKING:
@@ -35,52 +35,6 @@ if TYPE_CHECKING:
 VARIANTS = ("reduce_bcast", "rs_ag", "auto")
 #: in ``auto``, tensors of at least this many bytes use rs_ag (docs/gpu.md, measured)
 RS_AG_MIN_BYTES = 64 << 10
-
-#: a stage starter: called with True it starts the non-blocking call and returns its request,
-#: with False it runs the blocking call (returns None); None also means "nothing to do"
-Stage = Callable[[bool], "MPI.Request | None"]
-
-
-def _call(comm: MPI.Intracomm, name: str, nb: bool, *args: Any, **kw: Any) -> MPI.Request | None:
-    """``comm.Name(...)`` blocking, or ``comm.Iname(...)`` returning its request."""
-    if nb:
-        return getattr(comm, "I" + name[0].lower() + name[1:])(*args, **kw)  # type: ignore[no-any-return]
-    getattr(comm, name)(*args, **kw)
-    return None
-
-
-class _Op:
-    """One all-reduce in flight: its stage starters, current request and finishing step."""
-
-    __slots__ = ("done", "finish", "req", "stages", "started")
-
-    def __init__(self, stages: list[Stage], finish: Callable[[], None]) -> None:
-        self.stages = stages
-        self.finish = finish
-        self.started = 0  # stages started so far
-        self.req: MPI.Request | None = None
-        self.done = False
-
-
-class _OpHandle:
-    """Handle of one hierarchical all-reduce; waiting progresses earlier ones first."""
-
-    __slots__ = ("_op", "_owner")
-
-    def __init__(self, owner: HierarchicalReducer, op: _Op) -> None:
-        self._owner = owner
-        self._op = op
-
-    def wait(self) -> None:
-        """Progress the reducer's queue until this operation has finished."""
-        self._owner._drive(self._op, block=True)
-
-    def test(self) -> bool:
-        """Progress without blocking; True when finished."""
-        if not self._op.done:
-            self._owner._drive(self._op, block=False)
-        return self._op.done
-
 
 class HierarchicalReducer:
     """Reducer over a :class:`World`'s node and cross-node communicators; build with create()."""
@@ -101,8 +55,7 @@ class HierarchicalReducer:
         self.variant = variant
         self.uniform_nodes = uniform_nodes
         self.rs_ag_min_bytes = rs_ag_min_bytes
-        self._queue: deque[_Op] = deque()
-        self._lock = threading.RLock()  # hooks may run on autograd's device thread
+        self._queue = StageQueue()
 
     @classmethod
     def create(
@@ -165,11 +118,7 @@ class HierarchicalReducer:
         if not self.overlap:
             self.allreduce_(t, average=average)
             return DONE
-        with self._lock:
-            op = self._op(t, average)
-            self._queue.append(op)
-            self._drive(op, block=False)
-        return _OpHandle(self, op)
+        return self._queue.submit(*self._op(t, average))
 
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
         """Collective: in-place sum/average of ``t`` with blocking MPI calls.
@@ -180,16 +129,9 @@ class HierarchicalReducer:
             raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
         if self.world.size == 1 or t.numel() == 0:
             return
-        with self._lock:
-            while self._queue:
-                self._drive(self._queue[0], block=True)
-            op = self._op(t, average)
-            for stage in op.stages:
-                stage(False)
-            op.finish()
-            op.done = True
+        self._queue.run_blocking(*self._op(t, average))
 
-    def _op(self, t: torch.Tensor, average: bool) -> _Op:
+    def _op(self, t: torch.Tensor, average: bool) -> tuple[list[Stage], Callable[[], None]]:
         flat = t.view(-1)
         if self.variant_for(t) == "rs_ag":
             stages, after = self._rs_ag(flat)
@@ -202,7 +144,7 @@ class HierarchicalReducer:
             if average:
                 average_(t, n)
 
-        return _Op(stages, finish)
+        return stages, finish
 
     # ------------------------------------------------------------------ variants
 
@@ -262,45 +204,3 @@ class HierarchicalReducer:
                 t.copy_(work[:n])
 
         return [scatter, across, gather], after
-
-    # ------------------------------------------------------------------ progress
-
-    def _drive(self, target: _Op, *, block: bool) -> None:
-        """Advance queued operations in FIFO order; with ``block``, until ``target`` is done."""
-        with self._lock:
-            self._drive_locked(target, block=block)
-
-    def _drive_locked(self, target: _Op, *, block: bool) -> None:
-        while True:
-            self._advance()
-            if target.done or not block:
-                return
-            head = next(op for op in self._queue if op.req is not None)
-            if head.req is not None:
-                head.req.Wait()
-                head.req = None
-
-    def _advance(self) -> None:
-        """Start every stage that may start and finish every operation that completed.
-
-        Operation i may start stage s only once operation i-1 has started stage s, so each
-        stage's communicator sees operations in the same order on every rank.
-        """
-        allowed = 1 << 30  # stages the previous operation has started
-        for op in self._queue:
-            while not op.done:
-                if op.req is not None:
-                    if not op.req.Test():
-                        break
-                    op.req = None
-                if op.started == len(op.stages):
-                    op.finish()
-                    op.done = True
-                    break
-                if op.started >= allowed:
-                    break
-                op.req = op.stages[op.started](True)
-                op.started += 1
-            allowed = op.started
-        while self._queue and self._queue[0].done:
-            self._queue.popleft()

@@ -1,4 +1,4 @@
-"""Reduce-scatter of flat CPU torch tensors through zero-copy numpy views.
+"""Reduce-scatter of flat torch tensors, zero-copy (host: numpy views; CUDA: CUDA-aware MPI).
 
 ``reduce_scatter_block`` semantics: every rank passes a flat tensor of ``size * chunk``
 elements; rank ``r`` receives the sum (or average) of everyone's ``[r*chunk, (r+1)*chunk)``.
@@ -12,22 +12,34 @@ from typing import TYPE_CHECKING
 import torch
 
 from mpitrain.comm import allreduce as _ar
+from mpitrain.comm.cuda_aware import mpi_buffer, wait_producer
 from mpitrain.comm.handle import DONE, ChainedHandle, Handle, RequestHandle
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 
-def _check(send: torch.Tensor, out: torch.Tensor | None, size: int) -> int:
+def check_chunk(send: torch.Tensor, out: torch.Tensor | None, size: int,
+                what: str = "reduce-scatter") -> int:
+    """Return the chunk per rank of ``send`` (ValueError when sizes do not fit)."""
     if send.numel() % size:
         raise ValueError(
-            f"reduce-scatter input of {send.numel()} elements does not divide by {size} ranks; "
+            f"{what} buffer of {send.numel()} elements does not divide by {size} ranks; "
             "pad it to a multiple of the communicator size"
         )
     chunk = send.numel() // size
     if out is not None and out.numel() != chunk:
         raise ValueError(f"reduce-scatter output holds {out.numel()} elements, need {chunk}")
     return chunk
+
+
+def trivial(send: torch.Tensor, out: torch.Tensor | None, size: int) -> bool:
+    """One rank or empty chunks: nothing to send (``out`` gets ``send``). True if so."""
+    if size > 1 and send.numel():
+        return False
+    if out is not None:
+        out.copy_(send)
+    return True
 
 
 def ireduce_scatter_block_(
@@ -40,20 +52,17 @@ def ireduce_scatter_block_(
     buffers before ``handle.wait()``.
     """
     size = comm.size
-    chunk = _check(send, out, size)
+    chunk = check_chunk(send, out, size)
     target = send[:chunk] if out is None else out
-    if size == 1:
-        if out is not None:
-            out.copy_(send)
+    if trivial(send, out, size):
         return DONE
-    if chunk == 0:
-        return DONE
-    sbuf, op = _ar.mpi_buffer(send)
+    wait_producer(send)  # a CUDA tensor: MPI reads it outside the stream
+    sbuf, op = mpi_buffer(send)
     if out is None:
         req = comm.Ireduce_scatter_block(_ar.in_place(), sbuf, op=op)
         keep: object = sbuf
     else:
-        rbuf, _ = _ar.mpi_buffer(out)
+        rbuf, _ = mpi_buffer(out)
         req = comm.Ireduce_scatter_block(sbuf, rbuf, op=op)
         keep = (sbuf, rbuf)
     handle = RequestHandle(req, keep=keep)

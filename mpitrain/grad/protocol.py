@@ -76,6 +76,16 @@ class Exchange(Protocol):
         """Collective: apply this step's update (``optimizer.step()`` or the mode's own)."""
         ...
 
+    def unscale_(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Collective: fp16: ``scaler.unscale_(optimizer)``, inf/nan found the same on every
+        rank (sharded gradients: agreed over the shards)."""
+        ...
+
+    def scaled_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Collective: fp16: ``scaler.step(optimizer)`` (skipped on inf/nan), ``scaler.update()``,
+        then what :meth:`step` does after the optimizer (e.g. gather ZeRO's parameters)."""
+        ...
+
     def after_step(self) -> None:
         """Collective: run after the update (e.g. local SGD's periodic model average)."""
         ...
@@ -148,6 +158,15 @@ class ExchangeBase(torch.nn.Module):
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Collective: apply the update (default: ``optimizer.step()``, local)."""
         optimizer.step()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Unscale (default: every rank holds the same averaged gradients, so the same inf)."""
+        scaler.unscale_(optimizer)
+
+    def scaled_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Step through the scaler (default: nothing else to do)."""
+        scaler.step(optimizer)
+        scaler.update()
 
     def after_step(self) -> None:
         """Collective: run after the update (default: nothing)."""

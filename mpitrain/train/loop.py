@@ -236,15 +236,12 @@ class Trainer:
         tl.span("synchronize", t_tl, cat="sync")
         t_tl = tl.now()
         self.comm_wait += time.perf_counter() - t0
-        if self.p.scaler is not None:
-            self.p.scaler.unscale_(opt)
+        if self.p.scaler is not None:  # every rank finds the same inf/nan (ZeRO: agreed)
+            model.unscale_(opt, self.p.scaler)
         if self.cfg.clip_grad_norm:  # the exchange's own (ZeRO: a global norm over shards)
             model.clip_grad_norm_(self.cfg.clip_grad_norm)
-        if self.p.scaler is not None:
-            # inf/nan in any rank's gradients is in every rank's averaged gradients, so
-            # every rank's scaler skips (or takes) the step together
-            self.p.scaler.step(opt)
-            self.p.scaler.update()
+        if self.p.scaler is not None:  # so every rank's scaler skips (or takes) the step
+            model.scaled_step(opt, self.p.scaler)
         else:
             model.step(opt)  # opt.step(), or the mode's own update (parameter server)
         model.after_step()  # e.g. local SGD's periodic model average

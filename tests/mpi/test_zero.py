@@ -138,3 +138,39 @@ def test_trainer_sharded_checkpoints_resume_bitwise(
     bad = mpirun(2, ["-m", "mpitrain", "--max-steps", "70", "--no-progress",
                      "--checkpoint-dir", str(b), "--resume", "auto"], timeout=150, check=False)
     assert bad.returncode != 0 and "saved with --shard" in bad.stdout + bad.stderr
+
+
+@pytest.mark.mpi
+def test_shard_transports(mpirun: MpiRun) -> None:
+    """Hierarchical (block and round-robin placements) and staged reduce-scatter / all-gather
+    == flat; stages 1-3 over them == sync DataParallel; fp16 loss scaling agreed over shards."""
+    proc = mpirun(4, ["zero_transports.py"], timeout=240)
+    assert _passed(proc.stdout) == {
+        "transports == flat, 2x2 block",
+        "transports == flat, 2x2 round-robin",
+        "transports == flat, 4x1",
+        "transports == flat, 1x4",
+        "stages 1-3 over hierarchical and staged transports == sync data parallel",
+        "bf16 compression over the hierarchical reduce-scatter",
+        "fp16 loss scaler: an overflow in one rank's shard skips every rank's step",
+    }, proc.stdout
+
+
+@pytest.mark.mpi
+def test_trainer_shard_hierarchical(mpirun: MpiRun, tmp_path: Path) -> None:
+    """--shard parameters --allreduce hierarchical on 2 x 2 pretend nodes == --shard none."""
+    import json
+
+    got = {}
+    for shard in ("none", "parameters"):
+        out = tmp_path / f"{shard}.json"
+        proc = mpirun(4, ["-m", "mpitrain", "--shard", shard, "--allreduce", "hierarchical",
+                          "--max-steps", "60", "--no-progress", "--summary-json", str(out)],
+                      timeout=150, extra_env={"MPITRAIN_RANKS_PER_NODE": "2"})
+        got[shard] = json.loads(out.read_text())
+        if shard == "parameters":
+            assert "shard transport: HierarchicalShards" in proc.stdout + proc.stderr
+    assert float(got["parameters"]["final_loss"]) == pytest.approx(
+        float(got["none"]["final_loss"]), rel=1e-4)
+    assert float(got["parameters"]["test_accuracy"]) == pytest.approx(
+        float(got["none"]["test_accuracy"]), abs=2e-3)

@@ -137,7 +137,6 @@ def test_refuses_what_it_cannot_shard() -> None:
     [
         ({"exchange": "local-sgd"}, "--exchange local-sgd"),
         ({"compression": "fp16-ef"}, "--compression fp16-ef"),
-        ({"precision": "fp16"}, "--precision fp16"),
     ],
 )
 def test_trainer_refuses_what_it_would_get_wrong(changes: dict[str, object], named: str) -> None:

@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from mpitrain.comm.handle import ChainedHandle, Handle
-from mpitrain.comm.reduce_scatter import ireduce_scatter_block_
 from mpitrain.errors import CommError, with_hint
 from mpitrain.grad.buckets import alloc_buffer
 from mpitrain.grad.zero.layout import ShardLayout
 
 if TYPE_CHECKING:
-    from mpi4py import MPI
+    from mpitrain.comm.shards import ShardComm
 
 
 class ShardedGrads:
@@ -40,7 +39,7 @@ class ShardedGrads:
         self,
         params: Sequence[torch.nn.Parameter],
         layout: ShardLayout,
-        comm: MPI.Intracomm,
+        transport: ShardComm,
         *,
         keep_full: bool,
         overlap: bool = True,
@@ -50,7 +49,7 @@ class ShardedGrads:
         self.params = list(params)
         self.names = [s.name for s in layout.slots]
         self.layout = layout
-        self.comm = comm
+        self.transport = transport
         self.keep_full = keep_full
         self.overlap = overlap
         self.max_inflight = max(1, max_inflight)
@@ -67,7 +66,8 @@ class ShardedGrads:
         self.on_ready: Callable[[int], None] | None = None
         self.dirty = False  # stage 1: full buffer holds reduce-scatter leftovers
         spans = layout.buckets
-        dtype, device = torch.float32, torch.device("cpu")
+        dtype = torch.float32
+        device = self.device = self.params[0].device if self.params else torch.device("cpu")
         self.full: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
         if keep_full:
@@ -115,7 +115,8 @@ class ShardedGrads:
     def _bucket_buf(self, b: int) -> torch.Tensor:
         buf = self._bufs[b]
         if buf is None:
-            buf = self._bufs[b] = torch.zeros(self.layout.buckets[b].padded(self.layout.ranks))
+            buf = self._bufs[b] = torch.zeros(self.layout.buckets[b].padded(self.layout.ranks),
+                                              device=self.device)
             self._alive += buf.numel() * 4
             self.peak_transient = max(self.peak_transient, self._alive)
         return buf
@@ -203,22 +204,22 @@ class ShardedGrads:
             if self.compress is not None:
                 self._handles[b] = self._compressed(full, b, lambda: None)
                 return
-            self._handles[b] = ireduce_scatter_block_(full, None, self.comm)
+            self._handles[b] = self.transport.ireduce_scatter_(full, None, average=True)
             return
         buf = self._fill(b)
         if self.compress is not None:
             self._handles[b] = self._compressed(buf, b, lambda: self._release(b))
             return
-        inner = ireduce_scatter_block_(buf, self.shard_grads[b], self.comm)
+        inner = self.transport.ireduce_scatter_(buf, self.shard_grads[b], average=True)
         self._handles[b] = ChainedHandle(inner, lambda: self._release(b))
 
     def _compressed(self, full: torch.Tensor, b: int, release: Callable[[], None]) -> Handle:
         """Reduce-scatter ``full`` in ``self.compress``; the float32 shard gradient after."""
         assert self.compress is not None
-        full.div_(self.comm.size)
+        full.div_(self.transport.size)
         half = full.to(self.compress)
-        out = torch.empty(self.layout.buckets[b].chunk, dtype=self.compress)
-        inner = ireduce_scatter_block_(half, out, self.comm, average=False)
+        out = torch.empty(self.layout.buckets[b].chunk, dtype=self.compress, device=self.device)
+        inner = self.transport.ireduce_scatter_(half, out, average=False)
 
         def finish() -> None:
             self.shard_grads[b].copy_(out)

@@ -22,27 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mpitrain.comm.handle import DONE, Handle, RequestHandle
+from mpitrain.comm.handle import Handle
 from mpitrain.errors import CheckpointError, with_hint
 from mpitrain.grad.zero.layout import ShardLayout
 
 if TYPE_CHECKING:
-    from mpi4py import MPI
-
-
-def _iallgather_raw(buf: torch.Tensor, comm: MPI.Intracomm) -> Handle:
-    """Collective: in-place all-gather of a flat buffer (any dtype), handed to MPI by address.
-
-    (A numpy view, as :mod:`mpitrain.comm.allgather` uses, would make the storage
-    non-resizable for good, and stage 3 frees it by resizing.)
-    """
-    from mpi4py import MPI
-
-    if comm.size == 1:
-        return DONE
-    nbytes = buf.numel() * buf.element_size()
-    spec = [MPI.buffer.fromaddress(buf.data_ptr(), nbytes), nbytes // comm.size, MPI.BYTE]
-    return RequestHandle(comm.Iallgather(MPI.IN_PLACE, spec), keep=buf)
+    from mpitrain.comm.shards import ShardComm
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -62,19 +47,23 @@ class ShardedParams:
     def __init__(
         self, root: nn.Module, units: Sequence[nn.Module], buckets: Sequence[int],
         always: int | None, params: Sequence[nn.Parameter], layout: ShardLayout,
-        comm: MPI.Intracomm, param_dtype: torch.dtype | None = None,
+        transport: ShardComm, rank: int, param_dtype: torch.dtype | None = None,
     ) -> None:
         self.layout, self.units, self.always = layout, list(units), always
         self.param_dtype = param_dtype
         self.buckets = list(buckets)
-        self.comm = comm.Dup()  # gathers never pair with the reduce-scatters
+        #: the gathers' own transport (own communicators: they never pair with the
+        #: gradients' reduce-scatters)
+        self.transport = transport
+        self.rank = rank
         # the first unit's inputs need no gradient: torch warns that its pre-backward hook
         # fires on the outputs' gradients, which is just when the gather is needed
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients",
                                 category=UserWarning)
-        ranks, rank = layout.ranks, comm.rank
+        ranks = layout.ranks
         n_buckets = len(layout.buckets)
-        master = [torch.zeros(s.padded(ranks)) for s in layout.buckets]
+        device = params[0].device if params else torch.device("cpu")
+        master = [torch.zeros(s.padded(ranks), device=device) for s in layout.buckets]
         self.shards: list[nn.Parameter] = []
         with torch.no_grad():
             for i, p in enumerate(params):
@@ -118,10 +107,10 @@ class ShardedParams:
             raise CheckpointError(with_hint(
                 f"the state to load lacks parameter(s) {', '.join(missing[:5])}",
                 "load a checkpoint of the same model"))
-        rank = self.comm.rank
+        rank = self.rank
         with torch.no_grad():
             for b, span in enumerate(self.layout.buckets):
-                flat = torch.zeros(span.padded(self.layout.ranks))
+                flat = torch.zeros(span.padded(self.layout.ranks), device=self.shards[b].device)
                 for i in span.params:
                     if i in values:
                         flat[self._span(i)].copy_(values[i].reshape(-1))
@@ -145,12 +134,12 @@ class ShardedParams:
     def _start(self, b: int) -> None:
         if self.live[b]:
             return
-        span, rank = self.layout.buckets[b], self.comm.rank
+        span, rank = self.layout.buckets[b], self.rank
         buf = self.full[b]
         buf.untyped_storage().resize_(buf.numel() * buf.element_size())
         with torch.no_grad():
             buf[rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
-        self.handles[b] = _iallgather_raw(buf, self.comm)
+        self.handles[b] = self.transport.iallgather_(buf)
         self.live[b] = True
         self.live_bytes += _nbytes(buf)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
@@ -245,10 +234,10 @@ class ShardedParams:
         b = self.always
         if b is None:
             return
-        span, rank = self.layout.buckets[b], self.comm.rank
+        span, rank = self.layout.buckets[b], self.rank
         with torch.no_grad():
             self.full[b][rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
-        _iallgather_raw(self.full[b], self.comm).wait()
+        self.transport.iallgather_(self.full[b]).wait()
 
     @contextlib.contextmanager
     def gathered(self, *, writeback: bool = False) -> Iterator[None]:
@@ -265,7 +254,7 @@ class ShardedParams:
             yield
         finally:
             self.keep = False
-            rank = self.comm.rank
+            rank = self.rank
             for b, span in enumerate(self.layout.buckets):
                 if writeback:
                     with torch.no_grad():
@@ -274,8 +263,8 @@ class ShardedParams:
                 self._free(b)
 
     def remove_hooks(self) -> None:
-        """Detach from the modules and free the gather communicator (collective)."""
+        """Detach from the modules and free the gathers' transport (collective)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.comm.Free()
+        self.transport.free()

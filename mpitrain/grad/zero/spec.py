@@ -1,12 +1,14 @@
 """Build ShardedDataParallel for the trainer (``--shard optimizer|gradients|parameters``).
 
-The trainer's checkpoints (``mpitrain.train.zero_ckpt``), clipping and bf16 autocast work with
-sharding; fp16 (its loss scaler), device parameters and the asynchronous modes do not yet, so
-those combinations are refused here, with the fix.
+The trainer's checkpoints (``mpitrain.train.zero_ckpt``), clipping, bf16 autocast, fp16 with
+its loss scaler (inf/nan agreed over the shards) and device parameters (CUDA-aware or staged,
+flat or hierarchical, as ``--allreduce`` and ``--cuda-aware`` say) work with sharding; the
+asynchronous modes and error feedback do not, so those are refused here, with the fix.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from mpitrain.errors import ConfigError, with_hint
@@ -14,6 +16,8 @@ from mpitrain.grad.zero.wrapper import STAGES, ShardedDataParallel
 
 if TYPE_CHECKING:
     from mpitrain.grad.protocol import BuildContext
+
+log = logging.getLogger("mpitrain")
 
 
 def check_trainer_options(ctx: BuildContext) -> int:
@@ -30,10 +34,6 @@ def check_trainer_options(ctx: BuildContext) -> int:
     if cfg.compression.endswith("-ef"):
         refuse.append(f"--compression {cfg.compression} (error feedback needs the full "
                       "gradient on every rank)")
-    if cfg.precision == "fp16":
-        refuse.append(f"--precision {cfg.precision}")
-    if ctx.device.type != "cpu":
-        refuse.append(f"--device {ctx.device.type}")
     if refuse:
         raise ConfigError(with_hint(
             f"--shard {shard} does not work with {', '.join(refuse)} yet",
@@ -45,6 +45,17 @@ def check_trainer_options(ctx: BuildContext) -> int:
 
 def build_sharded(ctx: BuildContext) -> ShardedDataParallel:
     """Collective: wrap ``ctx.module`` for ``--shard`` (build the optimizer over its shards)."""
+    from mpitrain.comm.factory import describe_shards
+    from mpitrain.runtime.cuda_aware import decide_cuda_aware
+
     stage = check_trainer_options(ctx)
-    return ShardedDataParallel(ctx.module, comm=ctx.world.comm, stage=stage,
-                               bucket_mb=ctx.cfg.bucket_mb, compression=ctx.cfg.compression)
+    cfg, world = ctx.cfg, ctx.world
+    aware = False
+    if ctx.device.type == "cuda":
+        aware = decide_cuda_aware(world.comm, ctx.device, cfg.cuda_aware).use_cuda_aware
+    model = ShardedDataParallel(ctx.module, comm=world.comm, stage=stage,
+                                bucket_mb=cfg.bucket_mb, compression=cfg.compression,
+                                algo=cfg.allreduce, cuda_aware=aware, world=world)
+    if world.rank == 0:
+        log.info("shard transport: %s", describe_shards(model.transport))
+    return model

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.allgather import iallgather_
 from mpitrain.comm.allreduce import allreduce_
 from mpitrain.comm.broadcast import broadcast_
+from mpitrain.comm.factory import make_shard_comm
 from mpitrain.comm.reducer import default_overlap
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.broadcast import broadcast_parameters
@@ -39,9 +39,12 @@ from mpitrain.grad.protocol import ExchangeBase
 from mpitrain.grad.zero.grads import ShardedGrads
 from mpitrain.grad.zero.layout import ShardLayout, plan_grouped_layout, plan_layout
 from mpitrain.grad.zero.params import ShardedParams
+from mpitrain.runtime.world import World
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from mpitrain.comm.shards import ShardComm
 
 #: --shard names -> ZeRO stage
 STAGES = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
@@ -74,6 +77,14 @@ class ShardedDataParallel(ExchangeBase):
         overlap: start each bucket's reduce-scatter during backward (default: per MPI).
         broadcast_buffers: after each synchronize, broadcast buffers (BatchNorm statistics)
             from rank 0, as DataParallel does.
+        algo: ``flat``, ``hierarchical`` (reduce-scatter / all-gather inside each node, then
+            across nodes) or ``auto`` (hierarchical on real node boundaries with several
+            ranks per node), as ``--allreduce``.
+        staged: True stages the collectives through host buffers (also for CPU tensors);
+            None: device parameters are staged unless ``cuda_aware``.
+        cuda_aware: the agreed decision that MPI takes device buffers
+            (:func:`mpitrain.runtime.cuda_aware.decide_cuda_aware`).
+        world: ``World.create(comm)`` when the caller has one (else built here).
     """
 
     def __init__(
@@ -88,6 +99,10 @@ class ShardedDataParallel(ExchangeBase):
         units: Sequence[torch.nn.Module] | None = None,
         compression: str = "none",
         param_dtype: torch.dtype | None = None,
+        algo: str = "flat",
+        staged: bool | None = None,
+        cuda_aware: bool = False,
+        world: World | None = None,
     ) -> None:
         super().__init__(module)
         if param_dtype not in (None, torch.float32, torch.bfloat16, torch.float16) or (
@@ -109,15 +124,28 @@ class ShardedDataParallel(ExchangeBase):
         self.stage = stage
         self.broadcast_buffers = broadcast_buffers
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        device = named[0][1].device if named else torch.device("cpu")
         for n, p in named:
-            if p.dtype != torch.float32 or p.device.type != "cpu":
+            if p.dtype != torch.float32 or p.device != device:
                 raise ConfigError(
                     with_hint(
-                        f"parameter {n!r} is {p.dtype} on {p.device}; sharding supports "
-                        "float32 CPU parameters",
-                        "keep the master parameters float32 on the host, or use DataParallel",
+                        f"parameter {n!r} is {p.dtype} on {p.device}; sharding needs float32 "
+                        f"parameters all on one device ({device})",
+                        "keep the master parameters float32 (param_dtype gives bf16 compute), "
+                        "on one device",
                     )
                 )
+        self.device = device
+        self._own_world = world is None
+        self.world = World.create(comm) if world is None else world
+        transport_args = {"device": device, "cuda_aware": cuda_aware, "algo": algo,
+                          "staged": staged}
+
+        def transport() -> ShardComm:
+            return make_shard_comm(self.world, **transport_args)  # type: ignore[arg-type]
+
+        #: the gradients' reduce-scatters (and stages 1-2's parameter all-gathers)
+        self.transport = transport()
         check_same_layout(comm, layout(list(module.named_parameters()),
                                        list(module.named_buffers())))
         broadcast_parameters(module, comm, root=0)
@@ -125,7 +153,7 @@ class ShardedDataParallel(ExchangeBase):
         self.sharded: ShardedParams | None = None
         self.full_params: torch.Tensor | None = None
         if stage == 3:
-            self.layout, self.sharded = self._shard_parameters(module, named, units)
+            self.layout, self.sharded = self._shard_parameters(module, named, units, transport())
             self.shards = self.sharded.shards
         else:
             self.layout = plan_layout(
@@ -133,7 +161,7 @@ class ShardedDataParallel(ExchangeBase):
                 bucket_bytes_from_mb(bucket_mb),
             )
             lay = self.layout
-            self.full_params = alloc_buffer(lay.total, torch.float32, torch.device("cpu"))
+            self.full_params = alloc_buffer(lay.total, torch.float32, device)
             with torch.no_grad():
                 for i, p in enumerate(self._params):
                     a, b = lay.full_range(i)
@@ -145,7 +173,7 @@ class ShardedDataParallel(ExchangeBase):
                 for b in range(len(lay.buckets))
             ]
         self.grads = ShardedGrads(
-            self._params, self.layout, comm, keep_full=stage == 1,
+            self._params, self.layout, self.transport, keep_full=stage == 1,
             overlap=default_overlap() if overlap is None else overlap,
             compress=COMPRESSION[compression],
         )
@@ -155,7 +183,7 @@ class ShardedDataParallel(ExchangeBase):
 
     def _shard_parameters(
         self, module: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]],
-        units: Sequence[torch.nn.Module] | None,
+        units: Sequence[torch.nn.Module] | None, gathers: ShardComm,
     ) -> tuple[ShardLayout, ShardedParams]:
         """Stage 3: one bucket per unit (+ one for the root's own parameters)."""
         if units is None:
@@ -179,7 +207,7 @@ class ShardedDataParallel(ExchangeBase):
             return layout.slots[i].buckets[0]
         return layout, ShardedParams(
             module, kept, [bucket(g[0]) for g in groups], bucket(rest[0]) if rest else None,
-            self._params, layout, self.comm, self.param_dtype,
+            self._params, layout, gathers, self.comm.rank, self.param_dtype,
         )
 
     # ---- the DataParallel surface ------------------------------------------------------------
@@ -218,6 +246,24 @@ class ShardedDataParallel(ExchangeBase):
         optimizer.step()
         self.gather_parameters()
 
+    def unscale_(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Collective: fp16: unscale the shard gradients; inf/nan in any rank's shard counts
+        for all (each rank sees only its shard: without agreeing, one rank would skip the step
+        and the others not). The agreed overflow is planted in this rank's first shard gradient
+        before ``scaler.unscale_``, so every rank's scaler skips and backs off alike."""
+        from mpi4py import MPI
+
+        bad = any(not bool(torch.isfinite(g).all()) for g in self.grads.shard_grads)
+        if self.comm.allreduce(bad, op=MPI.LOR) and not bad and self.grads.shard_grads:
+            self.grads.shard_grads[0].view(-1)[:1].fill_(float("inf"))
+        scaler.unscale_(optimizer)
+
+    def scaled_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Collective: ``scaler.step`` over the shards (skipped together), then all-gather."""
+        scaler.step(optimizer)
+        scaler.update()
+        self.gather_parameters()
+
     def gather_parameters(self) -> None:
         """Collective: refresh every rank's full parameters from their owners' shards.
 
@@ -229,7 +275,7 @@ class ShardedDataParallel(ExchangeBase):
         assert self.full_params is not None
         ranks = self.layout.ranks
         handles = [
-            iallgather_(self.full_params[s.offset : s.offset + s.padded(ranks)], self.comm)
+            self.transport.iallgather_(self.full_params[s.offset : s.offset + s.padded(ranks)])
             for s in self.layout.buckets
         ]
         for h in handles:
@@ -251,13 +297,13 @@ class ShardedDataParallel(ExchangeBase):
         Same formula as ``torch.nn.utils.clip_grad_norm_`` (padding is zero, so the sum of
         squared shard norms is the norm of the full gradient). Returns the norm before clipping.
         """
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for g in self.grads.shard_grads:
             sq += g.double().pow(2).sum()
-        sq = sq.reshape(1)
-        allreduce_(sq, self.comm, average=False)
-        total = sq.sqrt().to(torch.float32).reshape(())
-        coef = torch.clamp(max_norm / (total + eps), max=1.0)
+        host = sq.reshape(1).cpu()
+        allreduce_(host, self.comm, average=False)
+        total = host.sqrt().to(torch.float32).reshape(())
+        coef = torch.clamp(max_norm / (total + eps), max=1.0).to(self.device)
         for g in self.grads.shard_grads:
             g.mul_(coef)
         return total
@@ -291,10 +337,13 @@ class ShardedDataParallel(ExchangeBase):
         """Collective: nothing is in flight between steps (step() gathers before returning)."""
 
     def close(self) -> None:
-        """Collective: detach the gradient hooks (no traffic is left in flight)."""
+        """Collective: detach the gradient hooks, free the transports' communicators."""
         self.grads.remove_hooks()
         if self.sharded is not None:
             self.sharded.remove_hooks()
+        self.transport.free()
+        if self._own_world:
+            self.world.free()
 
     @contextlib.contextmanager
     def gathered(self, *, writeback: bool = False) -> Iterator[None]:

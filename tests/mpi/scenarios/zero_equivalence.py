@@ -21,6 +21,7 @@ from mpitrain import DataParallel
 from mpitrain.errors import CommError
 from mpitrain.grad.zero import ShardedDataParallel
 from mpitrain.runtime.abort import run_mpi
+from mpitrain.runtime.world import World
 
 STEPS = 3
 B = 8  # per-rank batch
@@ -138,7 +139,8 @@ def make(cls: type[nn.Module], comm: MPI.Intracomm) -> nn.Module:
 
 def train(comm: MPI.Intracomm, cls: type[nn.Module], opt_name: str, stage: int, *,
           micro: int = 1, clip: float | None = None, bucket_mb: float = 0.001,
-          compression: str = "none",
+          compression: str = "none", sdp: dict[str, object] | None = None,
+          world: World | None = None,
           ) -> tuple[nn.Module, nn.Module | ShardedDataParallel, torch.optim.Optimizer]:
     """Train ``stage`` (0 = DataParallel) for STEPS steps; return (module, wrapper, opt)."""
     model: DataParallel | ShardedDataParallel
@@ -148,7 +150,8 @@ def train(comm: MPI.Intracomm, cls: type[nn.Module], opt_name: str, stage: int, 
         opt = OPTIMIZERS[opt_name](list(model.module.parameters()))
     else:
         model = ShardedDataParallel(make(cls, comm), comm=comm, stage=stage,
-                                    bucket_mb=bucket_mb, compression=compression)
+                                    bucket_mb=bucket_mb, compression=compression,
+                                    world=world, **(sdp or {}))  # type: ignore[arg-type]
         opt = OPTIMIZERS[opt_name](list(model.parameters()))
     for s in range(STEPS):
         x, y = my_chunk(comm, s)
