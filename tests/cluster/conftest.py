@@ -190,3 +190,17 @@ def cluster2(cluster_ok: None, digits_cache: Path) -> Iterator[Cluster]:
         yield Cluster(2, digits_cache)
     finally:
         down()
+
+
+@pytest.fixture(scope="module")
+def cluster4(cluster_ok: None, digits_cache: Path) -> Iterator[Cluster]:
+    """Four nodes at 1 Gbit/s for this module; down afterwards, even on failure.
+
+    Fixtures built on it (the Slurm daemons of tests/cluster/slurm_nodes.py) are torn down
+    first: pytest finalizes dependants before what they depend on.
+    """
+    try:
+        cli("up", "--nodes", "4", "--link", "1gbit")
+        yield Cluster(4, digits_cache)
+    finally:
+        down()
