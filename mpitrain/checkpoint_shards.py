@@ -136,7 +136,7 @@ def read_shard(directory: Path, entry: dict[str, Any]) -> dict[str, Any]:
                       f"manifest's ({len(data)} bytes, {entry['bytes']} expected)",
                       "resume from an earlier checkpoint")
         )
-    payload: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    payload: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return payload
 
 

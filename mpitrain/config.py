@@ -95,11 +95,14 @@ class TrainConfig:
         0, "stop after this many optimizer steps (0 = no limit)", accepted=Range(0, _TRILLION)
     )
     batch_size: int = _opt(32, "samples per rank per step", accepted=Range(1, 1 << 20))
+    global_batch: int = _opt(0, "samples per step over all ranks, kept when the rank count "
+                             "changes (0: batch-size x ranks x accumulate)",
+                             accepted=Range(0, 1 << 30))
     lr: float = _opt(
         0.05, "learning rate (for the whole job, see --scale-lr)",
         accepted=Range(0, 1000, lo_open=True),
     )
-    scale_lr: bool = _opt(True, "multiply lr by ranks x accumulate (linear scaling rule)")
+    scale_lr: bool = _opt(True, "multiply lr by global batch / batch-size (linear scaling rule)")
     optimizer: str = _opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
     momentum: float = _opt(0.9, "SGD momentum", accepted=Range(0, 1, hi_open=True))
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
@@ -221,6 +224,10 @@ class TrainConfig:
         check=check_nonempty("timeline"),
     )
     timeline_steps: str = _opt("10:20", "steps A:B that --timeline records (from 0, B excluded)")
+    sample_log: str | None = _opt(
+        None, "append each rank's trained sample indices to PATH.rankR (audit data coverage)",
+        check=check_nonempty("sample_log"),
+    )
     # not an option: set by the trainer
     run_id: str | None = _opt(None, "id of the run the checkpoints belong to", internal=True)
     explicit: str = _opt("", "options the user set (comma-separated; by resolve)", internal=True)

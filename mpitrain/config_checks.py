@@ -88,7 +88,8 @@ def check_model_parallel(cfg: TrainConfig) -> None:
         "exchange": cfg.exchange != "sync", "shard": cfg.shard != "none",
         "accumulate": cfg.accumulate != 1, "clip-grad-norm": cfg.clip_grad_norm != 0,
         "bucket-mb auto": cfg.bucket_mb == 0, "timeline": cfg.timeline is not None,
-        "precision fp16": cfg.precision == "fp16",
+        "precision fp16": cfg.precision == "fp16", "global-batch": cfg.global_batch != 0,
+        "sample-log": cfg.sample_log is not None,
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

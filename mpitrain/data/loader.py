@@ -17,11 +17,13 @@ from mpitrain.data.sampler import DistributedSampler
 
 @dataclass
 class Batch:
-    """One batch: inputs, labels and a mask that is False for padding samples."""
+    """One batch: inputs, labels, a mask that is False for padding samples, and the samples'
+    global indices in the dataset (padding repeats a real index; the mask tells)."""
 
     x: torch.Tensor
     y: torch.Tensor
     mask: torch.Tensor
+    index: np.ndarray
 
 
 _DONE = object()
@@ -89,7 +91,7 @@ class BatchLoader:
         out, start = [], 0
         for i, _ in group:
             end = start + len(i)
-            out.append(Batch(x[start:end], y[start:end], m[start:end]))
+            out.append(Batch(x[start:end], y[start:end], m[start:end], i))
             start = end
         return out
 

@@ -312,7 +312,7 @@ def mode_options(cfg: TrainConfig) -> Any:
 #: tuned values that only make sense together: setting one member keeps the whole group
 #: at the user's values and the plain defaults (an lr tuned for another batch is no tuning)
 TUNED_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("lr", "scale_lr", "batch_size", "accumulate"),
+    ("lr", "scale_lr", "batch_size", "global_batch", "accumulate"),
     ("momentum", "nesterov"),
 )
 

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = RenderOptions()
     r.add_argument("template", help=f"one of {', '.join(list_templates())}, or a template file")
-    r.add_argument("--nodes", type=int, default=d.nodes)
+    r.add_argument("--nodes", type=int, default=d.nodes, help="nodes (the most, with --min-nodes)")
+    r.add_argument("--min-nodes", type=int, help="elastic: accept from this many to --nodes "
+                   "nodes (#SBATCH --nodes=MIN-MAX; see slurm/README.md)")
     r.add_argument("--ntasks-per-node", type=int, help="ranks per node (GPU: = --gpus-per-node)")
     r.add_argument("--gpus-per-node", type=int, help="GPUs per node (train-gpu: one rank each)")
     r.add_argument(
@@ -120,6 +122,7 @@ def main(argv: list[str]) -> int:
         return 0
     opts = RenderOptions(
         nodes=ns.nodes,
+        min_nodes=ns.min_nodes,
         ntasks_per_node=ns.ntasks_per_node,
         gpus_per_node=ns.gpus_per_node,
         cpus_per_task=ns.cpus_per_task,

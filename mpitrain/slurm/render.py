@@ -61,6 +61,8 @@ class RenderOptions:
     """Everything a template can be rendered with (defaults are the renderer's defaults)."""
 
     nodes: int = 1
+    #: elastic: ``--nodes=MIN-NODES``; a requeued job may start on any count in the range
+    min_nodes: int | None = None
     ntasks_per_node: int | None = None  # None: 1 on CPU templates, gpus_per_node on GPU ones
     gpus_per_node: int | None = None
     cpus_per_task: int = 1
@@ -182,6 +184,9 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
     _check_strings(opts)
     for name in ("nodes", "cpus_per_task", "ntasks_per_node", "gpus_per_node", "array_parallel"):
         _check_int(name, getattr(opts, name), 1)
+    if opts.min_nodes is not None:
+        _check_int("min_nodes", opts.min_nodes, 1, opts.nodes if isinstance(opts.nodes, int)
+                   and not isinstance(opts.nodes, bool) else 1)
     _check_int("preempt_seconds", opts.preempt_seconds, 0, 65535)
     _check_int("max_restarts", opts.max_restarts, 0, 1000)
     _check_int("max_array_size", opts.max_array_size, 1, ARRAY_SIZE_LIMIT)
@@ -252,7 +257,8 @@ def render_text(text: str, template: str, opts: RenderOptions) -> str:
     array = f"0-{len(tasks) - 1}" + (f"%{opts.array_parallel}" if opts.array_parallel else "")
     values = {
         "job_name": opts.job_name,
-        "nodes": str(opts.nodes),
+        "nodes": (f"{opts.min_nodes}-{opts.nodes}" if opts.min_nodes not in (None, opts.nodes)
+                  else str(opts.nodes)),
         "ntasks_per_node": str(opts.ntasks_per_node),
         "gpus_per_node": str(opts.gpus_per_node),
         "cpus_per_task": str(opts.cpus_per_task),

@@ -22,6 +22,7 @@ from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.timeline.recorder import NULL, Timeline
 from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
+from mpitrain.train.sample_log import SampleLog
 from mpitrain.train.state import LoopState, rng_state, set_rng_state
 from mpitrain.train.straggler import straggler_rank
 from mpitrain.train.zero_ckpt import load_weights, prune_trainer_shards, weights_state
@@ -76,6 +77,7 @@ class Trainer:
         self.data_wait = 0.0
         self.comm_wait = 0.0
         self.timeline: Timeline = NULL  # --timeline: set by train.run (docs/profiling.md)
+        self.samples = SampleLog(cfg.sample_log, world.rank, world.size)  # --sample-log
         self.tuner = None  # --bucket-mb auto; overlap too where this MPI was never measured
         if cfg.bucket_mb == 0:
             self.tuner = BucketAutotuner(self.comm, tune_overlap=not overlap_measured())
@@ -203,6 +205,7 @@ class Trainer:
         total = float(sum(int(b.mask.sum()) for b in micro))
         loss_value = 0.0
         for i, batch in enumerate(micro):
+            self.samples.write(self.state.epoch, self.state.step, batch.index, batch.mask.numpy())
             x = batch.x.to(dev, non_blocking=True)
             y = batch.y.to(dev, non_blocking=True)
             mask = batch.mask.to(dev, non_blocking=True).to(torch.float32)
@@ -300,7 +303,8 @@ class Trainer:
         self.timeline.span("step agreement", t_tl, cat="agree")
         return bool(agreed & 1), bool(agreed & 2)
 
-    def _epoch_end(self, epoch: int, epoch_seconds: float) -> None:
+    def _epoch_end(self, epoch: int, epoch_seconds: float, *, partial: bool = False) -> None:
+        """Collective: report the epoch (``partial``: so far, evaluated, sums kept)."""
         from mpi4py import MPI
 
         sums = np.array(
@@ -310,7 +314,7 @@ class Trainer:
         n = max(sums[2], 1.0)
         train_loss, train_acc = float(sums[0] / n), float(sums[1] / n)
         self.state.last_train_loss = train_loss
-        last = epoch + 1 == self.cfg.epochs
+        last = partial or epoch + 1 == self.cfg.epochs
         ev: dict[str, float] = {}
         if (self.cfg.eval_every and (epoch + 1) % self.cfg.eval_every == 0) or last:
             ev = self.evaluate()
@@ -336,7 +340,8 @@ class Trainer:
                 **ev,
             }
             self.metrics.write(record)
-        self.state.loss_sum, self.state.correct, self.state.seen = 0.0, 0, 0
+        if not partial:
+            self.state.loss_sum, self.state.correct, self.state.seen = 0.0, 0, 0
 
     def _autotune(self, seconds: float) -> None:
         """Collective when a candidate's trial ends: score bucket sizes (--bucket-mb auto)."""
@@ -426,12 +431,13 @@ class Trainer:
                     break
             del it
             bar.close()
-            st.mid_epoch = False
+            partial = stop and len(loader) > 0  # --max-steps mid-epoch: a resume continues it
             with self.watchdog.guard("end of epoch: metrics and evaluation"):
-                self._epoch_end(
-                    st.epoch,
-                    st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start,
-                )
+                seconds = st.train_seconds - epoch_time_before or time.perf_counter() - epoch_start
+                self._epoch_end(st.epoch, seconds, partial=partial)
+            if partial:
+                break
+            st.mid_epoch = False
             st.epoch += 1
         with self.watchdog.guard("end of training: last agreements and final evaluation"):
             self.agreement.drain()  # late agreements of the last steps: the run is done anyway

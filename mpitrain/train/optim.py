@@ -8,15 +8,39 @@ from collections.abc import Iterable
 import torch
 
 from mpitrain.config import TrainConfig
+from mpitrain.errors import ConfigError, with_hint
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Samples per optimizer step over all ranks: ``--global-batch``, else
+    ``batch-size x ranks x accumulate``."""
+    return cfg.global_batch or cfg.batch_size * world_size * cfg.accumulate
+
+
+def rank_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Samples per rank per micro-batch: ``--batch-size``, or with ``--global-batch G``
+    ``G / (ranks x accumulate)`` (ConfigError when it does not divide)."""
+    if not cfg.global_batch:
+        return cfg.batch_size
+    per = world_size * cfg.accumulate
+    if cfg.global_batch % per:
+        raise ConfigError(with_hint(
+            f"--global-batch {cfg.global_batch} does not divide by {world_size} ranks x "
+            f"--accumulate {cfg.accumulate}",
+            f"use a multiple of {per} (for 2, 3 or 4 ranks a multiple of 12)"))
+    return cfg.global_batch // per
 
 
 def base_lr(cfg: TrainConfig, world_size: int) -> float:
-    """Return the peak lr: ``cfg.lr``, with --scale-lr times the growth of the global batch.
+    """Return the peak lr: ``cfg.lr``, with --scale-lr times ``global batch / batch-size``.
 
-    The linear scaling rule: ``cfg.lr`` is meant for one rank's batch, so N ranks each
-    accumulating K micro-batches (a global batch N*K times larger) use ``lr * N * K``.
+    The linear scaling rule: ``cfg.lr`` is meant for a batch of ``--batch-size`` samples, so
+    N ranks each accumulating K micro-batches use ``lr * N * K``; with ``--global-batch G``
+    the lr is ``lr * G / batch-size`` whatever the number of ranks (elastic runs keep it).
     """
-    return cfg.lr * world_size * cfg.accumulate if cfg.scale_lr else cfg.lr
+    if not cfg.scale_lr:
+        return cfg.lr
+    return cfg.lr * global_batch(cfg, world_size) / cfg.batch_size
 
 
 def build_optimizer(

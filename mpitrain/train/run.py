@@ -108,7 +108,13 @@ def build_parts(
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
     from mpitrain.train.builtin import ensure_digits
     from mpitrain.train.models import build_model
-    from mpitrain.train.optim import build_optimizer, build_scheduler
+    from mpitrain.train.optim import (
+        base_lr,
+        build_optimizer,
+        build_scheduler,
+        global_batch,
+        rank_batch,
+    )
 
     data_dir = Path(cfg.data) if cfg.data else ensure_digits(world.comm)
 
@@ -138,10 +144,15 @@ def build_parts(
         drop_last=True,
         chunk=train_ds.block_samples,
     )
+    batch = agree(world.comm, lambda: rank_batch(cfg, world.size))
+    if world.rank == 0:
+        log.info("global batch %d = %d ranks x %d samples x %d accumulated (lr %.4g)",
+                 global_batch(cfg, world.size), world.size, batch, cfg.accumulate,
+                 base_lr(cfg, world.size))
     train_loader = BatchLoader(
         train_ds,
         sampler,
-        cfg.batch_size,
+        batch,
         prefetch=cfg.prefetch,
         pin_memory=device.type == "cuda",
     )
@@ -151,14 +162,14 @@ def build_parts(
             len(test_ds), world.rank, world.size, seed=cfg.seed, shuffle="none", drop_last=False
         )
         test_loader = BatchLoader(
-            test_ds, test_sampler, max(256, cfg.batch_size), prefetch=min(1, cfg.prefetch)
+            test_ds, test_sampler, max(256, batch), prefetch=min(1, cfg.prefetch)
         )
     steps_per_epoch = -(-len(train_loader) // cfg.accumulate)
     if steps_per_epoch < 1:
         raise ConfigError(
             with_hint(
                 f"{len(train_ds)} training samples are fewer than ranks x batch "
-                f"({world.size} x {cfg.batch_size})",
+                f"({world.size} x {batch})",
                 "lower --batch-size or use fewer ranks",
             )
         )
@@ -326,6 +337,7 @@ def main(
             timeline.stop()  # collective: merge on rank 0 (also after an agreed preemption)
         finally:
             trainer.metrics.close()
+            trainer.samples.close()
         parts.model.close()  # collective: in-flight traffic finished, communicators freed
     finally:
         flag.uninstall()

@@ -39,10 +39,10 @@ def shard_payload(
     names = {s.name for s in model.layout.slots}
     buffers = {}
     if model.comm.rank == 0:
-        buffers = {k: v.detach().clone() for k, v in model.module.state_dict().items()
-                   if k not in names}
-    return {
-        "flat": {b: s.detach().clone() for b, s in enumerate(model.shards)},
+        buffers = {k: v.detach().to("cpu", copy=True)
+                   for k, v in model.module.state_dict().items() if k not in names}
+    return {  # host copies: a checkpoint loads on any device (or none)
+        "flat": {b: s.detach().to("cpu", copy=True) for b, s in enumerate(model.shards)},
         "optim": optimizer.state_dict(),
         "buffers": buffers,
         "extra": extra or {},
