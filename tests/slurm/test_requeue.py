@@ -30,11 +30,11 @@ case " $* " in *" --resume auto "*) exit 0 ;; *) exit 99 ;; esac
 """
 
 
-def submit(work: Path, name: str, **extra_env: str) -> str:
-    """Render train-cpu with the stub as python and submit it; return the job id."""
+def submit(work: Path, name: str, *, script_text: str = STUB, **extra_env: str) -> str:
+    """Render train-cpu with a stub (``script_text``) as python and submit it; return the id."""
     work.mkdir()
     stub = work / "fakepy"
-    stub.write_text(STUB)
+    stub.write_text(script_text)
     stub.chmod(0o755)
     script = work / "job.sbatch"
     proc = subprocess.run(
@@ -101,3 +101,56 @@ def test_no_requeue_at_the_limit(cluster: Path) -> None:
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "99:0", f"{info}\n{log(work)}"
     assert info["Restarts"] == "0" and len(calls(work)) == 1
     assert "not requeueing" in log(work)
+
+
+SIGNALLED_STUB = """#!/bin/bash
+# stands in for python: waits for the forwarded USR1, then exits 143 the way a rank killed by
+# srun --kill-on-bad-exit does after its peers' 99; with WRITE_CKPT=1 it first completes a
+# checkpoint (touches CHECKPOINT_DIR/latest), as the ranks had
+{ printf '%s|' "$@"; echo "restart=${SLURM_RESTART_COUNT:-0}"; } >> "$REQUEUE_CALLS"
+case " $* " in *" --resume auto "*) exit 0 ;; esac
+while [ $# -gt 0 ]; do [ "$1" = --checkpoint-dir ] && ckpt=$2; shift; done
+on_usr1() {
+    if [ "${WRITE_CKPT:-0}" = 1 ]; then mkdir -p "$ckpt"; touch "$ckpt/latest"; fi
+    exit 143
+}
+trap on_usr1 USR1
+touch "$REQUEUE_CALLS.ready"
+for _ in $(seq 600); do sleep 0.1; done
+exit 1
+"""
+
+
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_status_143_after_signal_is_preempted_only_with_a_new_checkpoint(
+    cluster: Path, checkpointed: bool
+) -> None:
+    """Ranks on several nodes: srun reports 143 (a rank terminated while exiting 99). The script
+    requeues only when a checkpoint was written since the forwarded signal."""
+    name = f"rq-143-{'ckpt' if checkpointed else 'none'}"
+    work = cluster / name
+    job = submit(work, name, script_text=SIGNALLED_STUB, WRITE_CKPT="1" if checkpointed else "0")
+    ready = work / "calls.ready"
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < deadline, f"stub never started\n{log(work)}"
+        assert slurmctl.job_info(job).get("JobState") not in slurmctl.FINAL, log(work)
+        time.sleep(0.1)
+    slurmctl.run("scancel", "--signal=USR1", "--batch", job)
+    if not checkpointed:
+        info = slurmctl.wait_for(job, 60)
+        assert info["JobState"] == "FAILED" and info["Restarts"] == "0", f"{info}\n{log(work)}"
+        assert "training step exited with status 143" in log(work)
+        assert "treating it as preempted" not in log(work)
+        return
+    deadline = time.monotonic() + 60
+    info = slurmctl.job_info(job)
+    while info.get("Restarts") != "1" or info.get("JobState") != "PENDING":
+        assert time.monotonic() < deadline, f"not requeued: {info}\n{log(work)}"
+        assert info.get("JobState") not in slurmctl.FINAL, f"{info}\n{log(work)}"
+        time.sleep(0.2)
+        info = slurmctl.job_info(job)
+    assert "status 143 after a forwarded signal, with a checkpoint written since" in log(work)
+    slurmctl.release_requeued(job)
+    info = slurmctl.wait_for(job, 60)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log(work)}"
