@@ -40,6 +40,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mpitrain.bench.shard",
         "ZeRO stages 1/2: memory per rank and step time vs replicas and torch ZeRO (gloo)",
     ),
+    "cluster": (
+        "mpitrain.bench.cluster",
+        "any benchmark on emulated clusters: topologies x link rates, bytes on the links",
+    ),
     "parallel": (
         "mpitrain.bench.parallel",
         "GPT model parallelism: memory per rank, tokens/s, bubble (tensor/pipeline/torch-pp)",
