@@ -124,6 +124,22 @@ def _check_int(option: str, value: object, low: int, high: int = 1 << 20) -> Non
         raise _bad(option, value, f"give an integer from {low} to {high}")
 
 
+def _elastic(opts: RenderOptions) -> bool:
+    return opts.min_nodes is not None and opts.min_nodes != opts.nodes
+
+
+def _tasks_directive(opts: RenderOptions) -> str:
+    """``--ntasks-per-node``, except for a node range: there sbatch would fix the task count at
+    MIN x K, and Slurm then never gives the job more than MIN nodes (seen: --nodes=2-4 with
+    --ntasks-per-node=1 started on 2 of 4 idle nodes); srun starts the K ranks per node."""
+    if not _elastic(opts):
+        return f"#SBATCH --ntasks-per-node={opts.ntasks_per_node}"
+    cpus = (opts.ntasks_per_node or 1) * opts.cpus_per_task
+    return ("# elastic (--min-nodes): no --ntasks-per-node here (it would pin the job to the\n"
+            "# fewest nodes of the range); srun starts RANKS_PER_NODE ranks on each node\n"
+            f"#SBATCH --mincpus={cpus}")
+
+
 def _check_time(value: str) -> None:
     m = _TIME.fullmatch(value)
     ok = m is not None
@@ -226,6 +242,8 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
         if opts.gpus_per_node is not None:
             raise _bad("gpus_per_node", opts.gpus_per_node, "use train-gpu.sbatch for GPU jobs")
         opts = dataclasses.replace(opts, ntasks_per_node=opts.ntasks_per_node or 1)
+    if opts.min_nodes is not None and not template.startswith("train"):
+        raise _bad("min_nodes", opts.min_nodes, "elastic node counts are for the train templates")
     if sweep and opts.grid is None:
         raise ConfigError(
             with_hint("sweep.sbatch needs a grid", "pass --grid FILE (.toml or .csv)")
@@ -260,6 +278,8 @@ def render_text(text: str, template: str, opts: RenderOptions) -> str:
         "nodes": (f"{opts.min_nodes}-{opts.nodes}" if opts.min_nodes not in (None, opts.nodes)
                   else str(opts.nodes)),
         "ntasks_per_node": str(opts.ntasks_per_node),
+        "tasks_directive": _tasks_directive(opts),
+        "srun_extra": f" --ntasks-per-node={opts.ntasks_per_node}" if _elastic(opts) else "",
         "gpus_per_node": str(opts.gpus_per_node),
         "cpus_per_task": str(opts.cpus_per_task),
         "time": opts.time,

@@ -11,6 +11,7 @@ shows in the link counters. Run (as root):
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -239,3 +240,140 @@ def test_sweep_array_tasks_spread_over_nodes(slurm4: Slurm) -> None:
     for i in range(3):
         summary = json.loads((work / "runs" / f"task-{i}" / "summary.json").read_text())
         assert summary["world_size"] == 1, summary
+
+
+#: the digits training split (1437 samples) in global batches of 48, the tail dropped
+ELASTIC_STEPS_PER_EPOCH = 1437 // 48
+
+
+def read_samples(prefix: Path) -> list[tuple[int, int, int, list[int]]]:
+    """(epoch, step, world size, indices) per micro-batch, from every rank's --sample-log.
+
+    As tests/mpi/test_elastic.py's ``read_log``; the files collect every incarnation's lines
+    (``PATH.rankR`` is opened for appending).
+    """
+    out = []
+    for f in sorted(prefix.parent.glob(prefix.name + ".rank*")):
+        for line in f.read_text().splitlines():
+            e, s, w, *idx = line.split()
+            out.append((int(e), int(s), int(w), [int(i) for i in idx]))
+    return out
+
+
+def last_logged(prefix: Path) -> tuple[int, int] | None:
+    """(step, world size) of the last micro-batch rank 0 logged, None before the first."""
+    path = prefix.parent / f"{prefix.name}.rank0"
+    text = path.read_text() if path.exists() else ""
+    lines = text[: text.rfind("\n") + 1].splitlines()  # not a line still being written
+    if not lines:
+        return None
+    _, step, world, *_ = lines[-1].split()
+    return int(step), int(world)
+
+
+def wait_node_states(slurm: Slurm, want: dict[str, str], timeout: float = 60) -> None:
+    """Wait until sinfo reports every node of ``want`` in that state (``idle``, ``drained``)."""
+    deadline = time.monotonic() + timeout
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        states = slurm_nodes.node_states(slurm.nodes)
+        if all(states.get(n) == st for n, st in want.items()):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"nodes not {want} after {timeout}s: {states}\n{slurm.nodes.log_tails()}")
+
+
+def set_nodes(slurm: Slurm, nodes: str, *state: str, check: bool = True) -> None:
+    """``scontrol update NodeName=NODES STATE...`` on the head."""
+    argv = slurm.nodes.client("scontrol", "update", f"NodeName={nodes}", *state)
+    slurmctl.run(*argv, check=check)
+
+
+def preempt_when(slurm: Slurm, job: str, work: Path, world: int, step: int) -> dict[str, str]:
+    """Once ``world`` ranks have logged ``step``: USR1, wait for the requeue; the job record
+    as it ran (NumNodes, NodeList)."""
+    deadline = time.monotonic() + 120
+    while (at := last_logged(work / "samples")) is None or at[1] != world or at[0] < step:
+        assert time.monotonic() < deadline, f"no step {step} on {world} ranks{slurm.why(work)}"
+        st = slurmctl.states(job)
+        assert not set(st) & slurmctl.FINAL, slurm.why(work, slurmctl.job_info(job))
+        time.sleep(0.1)
+    running = slurmctl.job_info(job)
+    restarts = int(running.get("Restarts", "0"))
+    slurmctl.run("scancel", "--signal=USR1", "--batch", job)
+    info = slurmctl.wait_for(job, 90, want={"PENDING", *slurmctl.FINAL})
+    requeued = info["JobState"] == "PENDING" and info.get("Restarts") == str(restarts + 1)
+    assert requeued, slurm.why(work, info)
+    return running
+
+
+@pytest.mark.timeout(240)
+def test_elastic_4_then_2_then_3_nodes_covers_the_epoch_once(slurm4: Slurm) -> None:
+    """--nodes 2-4, --global-batch 48: preempted on 4 nodes, resumed on 2 (nodes 3-4 drained),
+    preempted again, resumed on 3, all inside the first epoch: every step trains 48 samples,
+    every sample of each epoch exactly once, with the same lr on every node count."""
+    work = slurm4.workdir("elastic")
+    samples = work / "samples"
+    # 100 ms per step (the straggler): a preemption lands a few steps after the signal,
+    # well inside the 29-step epoch
+    train = ["--global-batch", "48", "--epochs", "2", "--no-progress", "--straggler-ms", "100",
+             "--sample-log", str(samples),
+             "--summary-json", str(work / "summary.json")]  # fmt: skip
+    script = render(work / "job.sbatch", "train-cpu", "--nodes", "4", "--min-nodes", "2",
+                    "--ntasks-per-node", "1", "--job-name", "elastic",
+                    "--checkpoint-dir", str(work / "ckpt"), train=train)  # fmt: skip
+    assert "#SBATCH --nodes=2-4" in script.read_text()
+    names = slurm4.nodes.names
+    wait_node_states(slurm4, dict.fromkeys(names, "idle"))  # else it starts on fewer
+    job = slurm4.sbatch(script, work)
+    ran: list[dict[str, str]] = []
+    try:
+        info = slurmctl.wait_for(job, 60, want={"RUNNING", *slurmctl.FINAL})
+        assert info["NumNodes"] == "4", (  # as many nodes of the range as are idle
+            f"--nodes=2-4 started on {info['NumNodes']} of 4 idle nodes "
+            f"(NumTasks={info.get('NumTasks')}){slurm4.why(work, info)}"
+        )
+        ran.append(preempt_when(slurm4, job, work, 4, 3))
+        set_nodes(slurm4, "mpt-node3,mpt-node4", "State=DRAIN", "Reason=elastic-test")
+        wait_node_states(slurm4, {**dict.fromkeys(names[:2], "idle"),
+                                  **dict.fromkeys(names[2:], "drained")})  # fmt: skip
+        slurmctl.release_requeued(job)
+        first_on_2 = max(s for _, s, w, _ in read_samples(samples) if w == 4) + 1
+        ran.append(preempt_when(slurm4, job, work, 2, first_on_2 + 2))
+        set_nodes(slurm4, "mpt-node3", "State=RESUME")
+        wait_node_states(slurm4, {**dict.fromkeys(names[:3], "idle"), names[3]: "drained"})
+        slurmctl.release_requeued(job)
+        ran.append(finish(slurm4, job, work, 150))
+    finally:
+        if not set(slurmctl.states(job)) <= slurmctl.FINAL:
+            slurmctl.run("scancel", job, check=False)
+        set_nodes(slurm4, "mpt-node3,mpt-node4", "State=RESUME", check=False)
+    log = log_of(work)
+    got = [(r["NumNodes"], slurm4.hostnames(r["NodeList"])) for r in ran]
+    assert got == [("4", names), ("2", names[:2]), ("3", names[:3])], got
+    for n in (4, 2, 3):
+        assert f"{n} ranks on {n} node(s)" in log, slurm4.why(work)
+    lines = re.findall(r"global batch 48 = (\d+) ranks x (\d+) samples x 1 accumulated "
+                       r"\(lr ([0-9.e+-]+)\)", log)  # fmt: skip
+    assert [(int(n), int(b)) for n, b, _ in lines] == [(4, 12), (2, 24), (3, 16)], lines
+    assert len({lr for *_, lr in lines}) == 1, lines  # lr x 48 / --batch-size on every count
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["world_size"] == 3, summary
+    rows = read_samples(samples)
+    per_step: dict[int, int] = collections.Counter()
+    worlds: dict[int, set[int]] = collections.defaultdict(set)
+    seen: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    for epoch, step, world, idx in rows:
+        per_step[step] += len(idx)
+        worlds[world].add(step)
+        seen[epoch].update(idx)
+    spans = {w: (min(s), max(s), len(s)) for w, s in worlds.items()}
+    print(f"elastic: (first, last, count) of steps per world size {spans}")
+    assert set(per_step.values()) == {48}, {s: n for s, n in per_step.items() if n != 48}
+    assert sorted(per_step) == list(range(2 * ELASTIC_STEPS_PER_EPOCH)), sorted(per_step)
+    assert max(worlds[4]) < min(worlds[2]) and max(worlds[2]) < min(worlds[3]), spans
+    assert max(worlds[2]) < ELASTIC_STEPS_PER_EPOCH, f"epoch 0 not on 4, 2 and 3 nodes: {spans}"
+    for epoch in (0, 1):
+        twice = sorted(i for i, c in seen[epoch].items() if c > 1)
+        assert not twice, f"epoch {epoch}: {len(twice)} samples trained twice: {twice[:10]}"
+        assert len(seen[epoch]) == ELASTIC_STEPS_PER_EPOCH * 48, (epoch, len(seen[epoch]))

@@ -492,3 +492,25 @@ if __name__ == "__main__" and "--regen" in sys.argv:
         render_argv(argv, GOLDEN / golden_name)
         (GOLDEN / golden_name).chmod(0o644)
         print("wrote", GOLDEN / golden_name)
+
+
+def test_elastic_node_range_leaves_the_task_count_to_srun(tmp_path: Path) -> None:
+    """--min-nodes: #SBATCH --nodes=MIN-MAX without --ntasks-per-node (which would pin the job
+    to MIN nodes: sbatch sets ntasks = MIN x K), CPUs per node kept with --mincpus, and srun /
+    mpirun start K ranks on every node the job got."""
+    out = tmp_path / "elastic.sbatch"
+    render_argv(["train-cpu", "--nodes", "4", "--min-nodes", "2", "--ntasks-per-node", "2",
+                 "--cpus-per-task", "3", "--", "--global-batch", "96"], out)
+    text = out.read_text()
+    assert "#SBATCH --nodes=2-4\n" in text
+    assert "#SBATCH --ntasks-per-node" not in text
+    assert "#SBATCH --mincpus=6\n" in text
+    assert "SRUN_EXTRA=( --ntasks-per-node=2)\nRANKS_PER_NODE=2\n" in text
+    assert subprocess.run(["bash", "-n", str(out)], capture_output=True).returncode == 0
+    same = tmp_path / "same.sbatch"  # MIN == MAX is a plain fixed count
+    render_argv(["train-cpu", "--nodes", "2", "--min-nodes", "2"], same)
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n" in same.read_text()
+    with pytest.raises(ConfigError, match=r"--min-nodes 3 .*HINT: give an integer from 1 to 2"):
+        render("train-cpu", RenderOptions(nodes=2, min_nodes=3))
+    with pytest.raises(ConfigError, match="elastic node counts are for the train templates"):
+        render("sweep", RenderOptions(nodes=2, min_nodes=1, grid=GOLDEN / "grid.toml"))

@@ -33,7 +33,8 @@ if [ "$RESTARTS" -gt 0 ]; then
 fi
 case "$MPITRAIN_LAUNCHER" in
     srun) launch=(srun --mpi="$MPITRAIN_SRUN_MPI" --kill-on-bad-exit=1 "${SRUN_EXTRA[@]}") ;;
-    mpirun) launch=("$MPITRAIN_MPIRUN" -n "$SLURM_NTASKS") ;;
+    # (elastic --min-nodes jobs have no SLURM_NTASKS: ranks per node x the nodes they got)
+    mpirun) launch=("$MPITRAIN_MPIRUN" -n "${SLURM_NTASKS:-$((SLURM_JOB_NUM_NODES * RANKS_PER_NODE))}") ;;
     *) echo "mpitrain: MPITRAIN_LAUNCHER must be srun or mpirun, not '$MPITRAIN_LAUNCHER'" >&2
        exit 2 ;;
 esac
