@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mpitrain.comm.cuda_aware import average_, mpi_buffer, wait_producer
-from mpitrain.comm.handle import DONE, Handle
+from mpitrain.comm.handle import DONE, Handle, MultiHandle
 from mpitrain.comm.stages import Stage, StageQueue
 from mpitrain.comm.stages import call as _call
 from mpitrain.errors import ConfigError, with_hint
@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 VARIANTS = ("reduce_bcast", "rs_ag", "auto")
 #: in ``auto``, tensors of at least this many bytes use rs_ag (docs/gpu.md, measured)
 RS_AG_MIN_BYTES = 64 << 10
+#: larger tensors are cut into pieces of this size, queued one after another, so one piece's
+#: cross-node stage runs while the next one's intra-node stage does (docs/cluster.md)
+PIPELINE_BYTES = 1 << 20
 
 class HierarchicalReducer:
     """Reducer over a :class:`World`'s node and cross-node communicators; build with create()."""
@@ -48,6 +51,7 @@ class HierarchicalReducer:
         uniform_nodes: bool,
         rs_ag_min_bytes: int = RS_AG_MIN_BYTES,
         overlap: bool = True,
+        pipeline_bytes: int = PIPELINE_BYTES,
     ) -> None:
         self.world = world
         self.overlap = overlap
@@ -55,6 +59,7 @@ class HierarchicalReducer:
         self.variant = variant
         self.uniform_nodes = uniform_nodes
         self.rs_ag_min_bytes = rs_ag_min_bytes
+        self.pipeline_bytes = pipeline_bytes
         self._queue = StageQueue()
 
     @classmethod
@@ -65,6 +70,7 @@ class HierarchicalReducer:
         variant: str = "auto",
         rs_ag_min_bytes: int = RS_AG_MIN_BYTES,
         overlap: bool = True,
+        pipeline_bytes: int = PIPELINE_BYTES,
     ) -> HierarchicalReducer:
         """Collective: duplicate the world's node/cross communicators (one per stage).
 
@@ -87,6 +93,7 @@ class HierarchicalReducer:
             uniform_nodes=lo == hi,
             rs_ag_min_bytes=rs_ag_min_bytes,
             overlap=overlap,
+            pipeline_bytes=pipeline_bytes,
         )
 
     @property
@@ -118,7 +125,18 @@ class HierarchicalReducer:
         if not self.overlap:
             self.allreduce_(t, average=average)
             return DONE
-        return self._queue.submit(*self._op(t, average))
+        pieces = self._pieces(t)
+        if len(pieces) == 1:
+            return self._queue.submit(*self._op(t, average))
+        return MultiHandle([self._queue.submit(*self._op(p, average)) for p in pieces])
+
+    def _pieces(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t`` (flat) cut into pipeline pieces when both stages have work, else ``[t]``."""
+        step = max(1, self.pipeline_bytes // t.element_size())
+        if self.world.num_nodes == 1 or self._node.size == 1 or t.numel() <= 2 * step:
+            return [t]
+        flat = t.view(-1)
+        return [flat[i : i + step] for i in range(0, flat.numel(), step)]
 
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
         """Collective: in-place sum/average of ``t`` with blocking MPI calls.
@@ -128,6 +146,10 @@ class HierarchicalReducer:
         if not t.is_contiguous():
             raise ValueError("in-place collectives need a contiguous tensor; call .contiguous()")
         if self.world.size == 1 or t.numel() == 0:
+            return
+        pieces = self._pieces(t) if self.overlap else [t]
+        if len(pieces) > 1:  # pipelined: non-blocking pieces, waited here
+            MultiHandle([self._queue.submit(*self._op(p, average)) for p in pieces]).wait()
             return
         self._queue.run_blocking(*self._op(t, average))
 

@@ -72,8 +72,11 @@ def check_hierarchical(comm: MPI.Intracomm, rpn: int, say: Callable[[str], None]
     w = World.create(comm, ranks_per_node=rpn)
     assert (w.num_nodes, w.local_size) == (4 // rpn, rpn), w.describe()
     flat = FlatReducer(w.comm, overlap=True)
-    for variant in ("reduce_bcast", "rs_ag", "auto"):
-        h = HierarchicalReducer.create(w, variant=variant, rs_ag_min_bytes=4096)
+    # pipeline 1 KiB: larger tensors go as queued pieces (the pipelined path)
+    for variant, pipe in (("reduce_bcast", 1 << 20), ("rs_ag", 1 << 20), ("auto", 1 << 20),
+                          ("rs_ag", 1024), ("reduce_bcast", 1024)):
+        h = HierarchicalReducer.create(w, variant=variant, rs_ag_min_bytes=4096,
+                                       pipeline_bytes=pipe)
         for dtype, n in CASES:
             for average in (False, True):
                 x = pattern(w.rank, n, dtype)
