@@ -181,7 +181,8 @@ class TrainConfig:
     device: str = _opt("auto", "compute device", ("auto", "cpu", "cuda"))
     allow_shared_gpu: bool = _opt(False, "allow more ranks per node than GPUs")
     cuda_aware: str = _opt("auto", "hand device buffers to MPI", ("auto", "yes", "no"))
-    allreduce: str = _opt("flat", "all-reduce algorithm", ("flat", "hierarchical", "auto"))
+    allreduce: str = _opt("auto", "all-reduce algorithm (auto: hierarchical across hosts with "
+                          "several ranks each, docs/cluster.md)", ("flat", "hierarchical", "auto"))
     # run directory, checkpoints, robustness
     run_dir: str | None = _opt(
         None, "directory for metrics.jsonl and the summary", check=check_nonempty("run_dir")

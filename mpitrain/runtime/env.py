@@ -39,6 +39,9 @@ TABLE: dict[str, tuple[str, ...]] = {
     "mpiexec": ("MPITRAIN_MPIEXEC",),
     "require_slurm": ("MPITRAIN_REQUIRE_SLURM",),
     "require_cluster": ("MPITRAIN_REQUIRE_CLUSTER",),
+    # the emulated cluster's mpiexec wrapper: ranks per node (read by the wrapper script, and
+    # propagated to every rank by hydra's -genvall: it must not count as a training option)
+    "cluster_per_node": ("MPITRAIN_CLUSTER_PER_NODE",),
     # the emulated cluster (docs/cluster.md) sets OMP_NUM_THREADS=1 on its ranks when unset
     "omp_num_threads": ("OMP_NUM_THREADS",),
     # variables of the sbatch templates (slurm/README.md); not training options

@@ -99,7 +99,7 @@ class ShardedDataParallel(ExchangeBase):
         units: Sequence[torch.nn.Module] | None = None,
         compression: str = "none",
         param_dtype: torch.dtype | None = None,
-        algo: str = "flat",
+        algo: str = "auto",
         staged: bool | None = None,
         cuda_aware: bool = False,
         world: World | None = None,
