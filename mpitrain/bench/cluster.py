@@ -85,16 +85,19 @@ def main(argv: list[str]) -> int:
                   flush=True)
             cmd = [sys.executable, "-m", "mpitrain.bench", *bench, "-n" if bench[0] != "algo"
                    else "--ranks", str(nodes * per_node), "--json", str(out / f"{tag}.json")]
+            path = out / f"{tag}.json"
+            fresh = path.with_name(path.name + ".partial")  # the benchmark writes here
+            cmd[-1] = str(fresh)
             rc = subprocess.run(cmd, env=env, timeout=3600).returncode
             after = _sent(_cluster("status", "--json") or {})
             sent = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             print(f"   bytes sent per node link: {sent}", flush=True)
-            path = out / f"{tag}.json"
-            if path.exists():
-                data = json.loads(path.read_text())
+            if rc == 0 and fresh.exists():  # an older result is replaced only by a complete one
+                data = json.loads(fresh.read_text())
                 data["cluster"] = {"nodes": nodes, "per_node": per_node, "link": link,
-                                   "bytes_sent": sent, "command": cmd[2:]}
-                path.write_text(json.dumps(data, indent=1))
+                                   "bytes_sent": sent, "command": [*cmd[2:-1], str(path)]}
+                fresh.write_text(json.dumps(data, indent=1))
+                os.replace(fresh, path)
             # the next topology needs a fresh cluster (a different number of nodes)
             _cluster("down", "--kill")
             code = code or rc

@@ -49,6 +49,7 @@ class HierarchicalReducer:
         *,
         variant: str,
         uniform_nodes: bool,
+        max_local_size: int = 2,
         rs_ag_min_bytes: int = RS_AG_MIN_BYTES,
         overlap: bool = True,
         pipeline_bytes: int = PIPELINE_BYTES,
@@ -58,6 +59,7 @@ class HierarchicalReducer:
         self._node, self._cross, self._node2 = comms
         self.variant = variant
         self.uniform_nodes = uniform_nodes
+        self.max_local_size = max_local_size  # the same on every rank (unlike _node.size)
         self.rs_ag_min_bytes = rs_ag_min_bytes
         self.pipeline_bytes = pipeline_bytes
         self._queue = StageQueue()
@@ -91,6 +93,7 @@ class HierarchicalReducer:
             comms,
             variant=variant,
             uniform_nodes=lo == hi,
+            max_local_size=int(hi),
             rs_ag_min_bytes=rs_ag_min_bytes,
             overlap=overlap,
             pipeline_bytes=pipeline_bytes,
@@ -131,9 +134,13 @@ class HierarchicalReducer:
         return MultiHandle([self._queue.submit(*self._op(p, average)) for p in pieces])
 
     def _pieces(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """``t`` (flat) cut into pipeline pieces when both stages have work, else ``[t]``."""
+        """``t`` (flat) cut into pipeline pieces when both stages have work, else ``[t]``.
+
+        Decided from facts every rank shares (nodes, the largest node), never from this
+        node's own size: ranks cutting different numbers of pieces would mismatch collectives.
+        """
         step = max(1, self.pipeline_bytes // t.element_size())
-        if self.world.num_nodes == 1 or self._node.size == 1 or t.numel() <= 2 * step:
+        if self.world.num_nodes == 1 or self.max_local_size == 1 or t.numel() <= 2 * step:
             return [t]
         flat = t.view(-1)
         return [flat[i : i + step] for i in range(0, flat.numel(), step)]

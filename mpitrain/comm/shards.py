@@ -35,6 +35,7 @@ from mpitrain.comm.reduce_scatter import check_chunk, ireduce_scatter_block_, tr
 from mpitrain.comm.staged import BufferPool, CopyEngine, CudaCopies, HostCopies
 from mpitrain.comm.stages import StageQueue
 from mpitrain.comm.stages import call as _call
+from mpitrain.errors import ConfigError, with_hint
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -132,6 +133,10 @@ class HierarchicalShards:
         local = world.comm.allgather((world.local_rank, world.cross_comm.rank))
         m = world.num_nodes
         pos = [lr * m + cr for lr, cr in local]
+        if sorted(pos) != list(range(comm_size)):
+            raise ConfigError(with_hint(
+                "the hierarchical shard transport needs the same number of ranks on every node",
+                "use algo='flat' (make_shard_comm falls back to it by itself)"))
         order = torch.empty(comm_size, dtype=torch.long)
         order[torch.tensor(pos)] = torch.arange(comm_size)
         comms = (world.node_comm.Dup(), world.cross_comm.Dup(), world.cross_comm.Dup(),

@@ -123,6 +123,7 @@ class StageQueue:
                     break
                 op.req = op.stages[op.started](True)
                 op.started += 1
-            allowed = op.started
+            if not op.done:  # a finished op (maybe of fewer stages) holds nothing back
+                allowed = min(allowed, op.started)
         while self._queue and self._queue[0].done:
             self._queue.popleft()

@@ -322,9 +322,9 @@ class Trainer:
                 self.state.last_eval = ev
         if self.world.rank == 0:
             rate = sums[2] / epoch_seconds if epoch_seconds > 0 else 0.0
-            text = (
-                f"epoch {epoch + 1:>3}/{self.cfg.epochs}  step {self.state.step:>6}  "
-                f"loss {train_loss:.4f}  acc {100 * train_acc:6.2f}%"
+            text = (  # a --max-steps stop inside the epoch: "partial epoch" (it goes on later)
+                f"{'partial ' * partial}epoch {epoch + 1:>3}/{self.cfg.epochs}  "
+                f"step {self.state.step:>6}  loss {train_loss:.4f}  acc {100 * train_acc:6.2f}%"
             )
             if ev:
                 text += (
@@ -337,6 +337,7 @@ class Trainer:
                 "step": self.state.step,
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
+                "partial": partial,
                 **ev,
             }
             self.metrics.write(record)
@@ -360,7 +361,7 @@ class Trainer:
         self.p.model.train()
         if self.tuner is not None:
             self.tuner.start(cast("HasEngine", self.p.model))
-        stop = False
+        stop = bool(cfg.max_steps and st.step >= cfg.max_steps)  # resumed at the limit already
         while st.epoch < cfg.epochs and not stop:
             if not st.mid_epoch:
                 loader.set_epoch(st.epoch)

@@ -27,7 +27,8 @@ def rank_batch(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError(with_hint(
             f"--global-batch {cfg.global_batch} does not divide by {world_size} ranks x "
             f"--accumulate {cfg.accumulate}",
-            f"use a multiple of {per} (for 2, 3 or 4 ranks a multiple of 12)"))
+            f"use a multiple of {per} (for 2, 3 or 4 ranks a multiple of "
+            f"{12 * cfg.accumulate})"))
     return cfg.global_batch // per
 
 

@@ -170,7 +170,8 @@ def build_parts(
             with_hint(
                 f"{len(train_ds)} training samples are fewer than ranks x batch "
                 f"({world.size} x {batch})",
-                "lower --batch-size or use fewer ranks",
+                f"lower {'--global-batch' if cfg.global_batch else '--batch-size'} "
+                "or use fewer ranks",
             )
         )
     torch.manual_seed(cfg.seed)

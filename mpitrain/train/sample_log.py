@@ -36,3 +36,15 @@ class SampleLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def read_sample_log(path: str | Path) -> list[tuple[int, int, int, list[int]]]:
+    """``(epoch, step, world size, indices)`` per micro-batch from every ``PATH.rankR`` file
+    (every incarnation's lines, in file order per rank)."""
+    prefix = Path(path)
+    out = []
+    for f in sorted(prefix.parent.glob(prefix.name + ".rank*")):
+        for line in f.read_text(encoding="ascii").splitlines():
+            e, s, w, *idx = line.split()
+            out.append((int(e), int(s), int(w), [int(i) for i in idx]))
+    return out

@@ -26,6 +26,7 @@ import pytest
 
 from mpitrain.cluster.launch import NETMODS
 from mpitrain.runtime import env
+from mpitrain.train.sample_log import read_sample_log
 from tests.cluster import slurm_nodes
 from tests.cluster.conftest import PY, ROOT, SCENARIOS, Cluster, run, sent, status
 from tests.slurm import slurmctl
@@ -246,20 +247,6 @@ def test_sweep_array_tasks_spread_over_nodes(slurm4: Slurm) -> None:
 ELASTIC_STEPS_PER_EPOCH = 1437 // 48
 
 
-def read_samples(prefix: Path) -> list[tuple[int, int, int, list[int]]]:
-    """(epoch, step, world size, indices) per micro-batch, from every rank's --sample-log.
-
-    As tests/mpi/test_elastic.py's ``read_log``; the files collect every incarnation's lines
-    (``PATH.rankR`` is opened for appending).
-    """
-    out = []
-    for f in sorted(prefix.parent.glob(prefix.name + ".rank*")):
-        for line in f.read_text().splitlines():
-            e, s, w, *idx = line.split()
-            out.append((int(e), int(s), int(w), [int(i) for i in idx]))
-    return out
-
-
 def last_logged(prefix: Path) -> tuple[int, int] | None:
     """(step, world size) of the last micro-batch rank 0 logged, None before the first."""
     path = prefix.parent / f"{prefix.name}.rank0"
@@ -338,7 +325,7 @@ def test_elastic_4_then_2_then_3_nodes_covers_the_epoch_once(slurm4: Slurm) -> N
         wait_node_states(slurm4, {**dict.fromkeys(names[:2], "idle"),
                                   **dict.fromkeys(names[2:], "drained")})  # fmt: skip
         slurmctl.release_requeued(job)
-        first_on_2 = max(s for _, s, w, _ in read_samples(samples) if w == 4) + 1
+        first_on_2 = max(s for _, s, w, _ in read_sample_log(samples) if w == 4) + 1
         ran.append(preempt_when(slurm4, job, work, 2, first_on_2 + 2))
         set_nodes(slurm4, "mpt-node3", "State=RESUME")
         wait_node_states(slurm4, {**dict.fromkeys(names[:3], "idle"), names[3]: "drained"})
@@ -359,7 +346,7 @@ def test_elastic_4_then_2_then_3_nodes_covers_the_epoch_once(slurm4: Slurm) -> N
     assert len({lr for *_, lr in lines}) == 1, lines  # lr x 48 / --batch-size on every count
     summary = json.loads((work / "summary.json").read_text())
     assert summary["world_size"] == 3, summary
-    rows = read_samples(samples)
+    rows = read_sample_log(samples)
     per_step: dict[int, int] = collections.Counter()
     worlds: dict[int, set[int]] = collections.defaultdict(set)
     seen: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)

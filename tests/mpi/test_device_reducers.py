@@ -16,6 +16,7 @@ EXPECTED = [
     "hierarchical == flat for 4 ranks as 2x2",
     "hierarchical == flat for 4 ranks as 4x1",
     "hierarchical == flat for 4 ranks as 1x4",
+    "hierarchical == flat on uneven nodes (3 + 1), pipelined",
     "staged (CPU, forced) == direct bitwise; buffers allocated once and reused",
     "staged over hierarchical == hierarchical bitwise",
     "CUDA-aware reducer code path on CPU == flat bitwise",

@@ -12,17 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from mpitrain.train.sample_log import read_sample_log
 from tests.conftest import MpiRun
-
-
-def read_log(prefix: Path) -> list[tuple[int, int, int, list[int]]]:
-    """(epoch, step, world size, indices) per micro-batch, from every rank's --sample-log."""
-    out = []
-    for f in sorted(prefix.parent.glob(prefix.name + ".rank*")):
-        for line in f.read_text().splitlines():
-            e, s, w, *idx = line.split()
-            out.append((int(e), int(s), int(w), [int(i) for i in idx]))
-    return out
 
 
 @pytest.mark.mpi
@@ -45,7 +36,7 @@ def test_resume_on_4_then_2_then_3_ranks_covers_the_epoch_once(
         assert (int(m[1]), int(m[2])) == (n, 48 // n)
         lrs.append(m[3])
     assert len(set(lrs)) == 1, lrs  # lr * 48 / --batch-size, whatever the rank count
-    rows = read_log(log)
+    rows = read_sample_log(log)
     per_step: dict[int, int] = collections.Counter()
     seen: dict[int, int] = collections.Counter()
     worlds: dict[int, set[int]] = collections.defaultdict(set)

@@ -56,16 +56,21 @@ def log(work: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(work.glob("*.out")))
 
 
-def test_scontrol_requeue_then_resume(cluster: Path) -> None:
-    work = cluster / "requeue-scontrol"
-    job = submit(work, "rq-scontrol")
-    deadline = time.monotonic() + 60
+def wait_requeued(job: str, work: Path, timeout: float = 60) -> None:
+    """Wait until ``job`` is back in the queue (PENDING after its first restart)."""
+    deadline = time.monotonic() + timeout
     info = slurmctl.job_info(job)
     while info.get("Restarts") != "1" or info.get("JobState") != "PENDING":
         assert time.monotonic() < deadline, f"not requeued: {info}\n{log(work)}"
         assert info.get("JobState") not in slurmctl.FINAL, f"{info}\n{log(work)}"
         time.sleep(0.2)
         info = slurmctl.job_info(job)
+
+
+def test_scontrol_requeue_then_resume(cluster: Path) -> None:
+    work = cluster / "requeue-scontrol"
+    job = submit(work, "rq-scontrol")
+    wait_requeued(job, work)
     assert "requeued job" in log(work)
     slurmctl.release_requeued(job)  # what the ~120 s requeue delay guarantees on a real cluster
     info = slurmctl.wait_for(job, 60)
@@ -143,13 +148,7 @@ def test_status_143_after_signal_is_preempted_only_with_a_new_checkpoint(
         assert "training step exited with status 143" in log(work)
         assert "treating it as preempted" not in log(work)
         return
-    deadline = time.monotonic() + 60
-    info = slurmctl.job_info(job)
-    while info.get("Restarts") != "1" or info.get("JobState") != "PENDING":
-        assert time.monotonic() < deadline, f"not requeued: {info}\n{log(work)}"
-        assert info.get("JobState") not in slurmctl.FINAL, f"{info}\n{log(work)}"
-        time.sleep(0.2)
-        info = slurmctl.job_info(job)
+    wait_requeued(job, work)
     assert "status 143 after a forwarded signal, with a checkpoint written since" in log(work)
     slurmctl.release_requeued(job)
     info = slurmctl.wait_for(job, 60)

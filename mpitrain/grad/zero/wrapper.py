@@ -57,7 +57,7 @@ COMPRESSION: dict[str, torch.dtype | None] = {
 class ShardedDataParallel(ExchangeBase):
     """Wrap ``module`` for data parallelism with sharded optimizer state (and gradients).
 
-    Wrapping is collective: the layout check and the broadcast from rank 0 of
+    Collective: wrapping runs the layout check and the broadcast from rank 0 of
     :class:`~mpitrain.grad.parallel.DataParallel`, then the flat buffers are laid out.
     Implements the trainer's :class:`~mpitrain.grad.protocol.Exchange` protocol.
 
@@ -136,6 +136,7 @@ class ShardedDataParallel(ExchangeBase):
                     )
                 )
         self.device = device
+        self._closed = False
         self._own_world = world is None
         self.world = World.create(comm) if world is None else world
         transport_args = {"device": device, "cuda_aware": cuda_aware, "algo": algo,
@@ -337,7 +338,10 @@ class ShardedDataParallel(ExchangeBase):
         """Collective: nothing is in flight between steps (step() gathers before returning)."""
 
     def close(self) -> None:
-        """Collective: detach the gradient hooks, free the transports' communicators."""
+        """Collective: detach the gradient hooks, free the transports' communicators (once)."""
+        if self._closed:
+            return
+        self._closed = True
         self.grads.remove_hooks()
         if self.sharded is not None:
             self.sharded.remove_hooks()

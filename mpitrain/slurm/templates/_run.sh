@@ -43,11 +43,13 @@ esac
 # on cancel); the trap passes it on to the launcher, which hands it to every rank; mpitrain
 # stops all ranks at the next step, writes a checkpoint and exits with 99.
 signals=0
-signalled_at=
+signalled=0
+latest_at_signal=
 child=
+latest() { cat "$CHECKPOINT_DIR/latest" 2>/dev/null || echo none; }  # the newest checkpoint's name
 forward() {
     signals=$((signals + 1))
-    signalled_at=${signalled_at:-$(date +%s)}
+    if [ "$signalled" -eq 0 ]; then signalled=1; latest_at_signal=$(latest); fi
     echo "mpitrain: batch script got SIG$1: forwarding it to the job step" >&2
     if [ -n "$child" ]; then kill -s "$1" "$child" 2>/dev/null || true; fi
 }
@@ -70,9 +72,10 @@ trap - USR1 TERM
 echo "mpitrain: training step exited with status $rc"
 # After a preemption the ranks exit 99 one by one; srun --kill-on-bad-exit ends the ranks still
 # exiting when the first 99 arrives, and then reports their SIGTERM (143), not 99 (seen with
-# ranks on two nodes). A checkpoint completed since the signal says they stopped as asked.
-if [ "$rc" -ne 0 ] && [ "$rc" -ne 99 ] && [ -n "$signalled_at" ] \
-    && [ "$(stat -c %Y "$CHECKPOINT_DIR/latest" 2>/dev/null || echo 0)" -ge "$signalled_at" ]; then
+# ranks on two nodes). A checkpoint completed since the signal (``latest`` names another file
+# than it did then; no clocks compared) says they stopped as asked.
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 99 ] && [ "$signalled" -eq 1 ] \
+    && [ "$(latest)" != "$latest_at_signal" ]; then
     echo "mpitrain: status $rc after a forwarded signal, with a checkpoint written since:" \
         "treating it as preempted (99)"
     rc=99

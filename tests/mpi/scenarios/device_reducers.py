@@ -99,6 +99,31 @@ def check_hierarchical(comm: MPI.Intracomm, rpn: int, say: Callable[[str], None]
     w.free()
 
 
+def check_uneven_nodes(comm: MPI.Intracomm, say: Callable[[str], None]) -> None:
+    """3 + 1 ranks per node: every rank cuts the same pipeline pieces (a rank alone on its node
+    once cut none while the others cut four: mismatched collectives)."""
+    own = comm.Dup()
+    node = own.Split(0 if own.rank < 3 else 1, own.rank)
+    cross = own.Split(node.rank, own.rank)
+    index = node.bcast(cross.rank if node.rank == 0 else None, root=0)
+    nodes = node.bcast(cross.size if node.rank == 0 else None, root=0)
+    w = World(comm=own, node_comm=node, cross_comm=cross, rank=own.rank, size=own.size,
+              local_rank=node.rank, local_size=node.size, node_index=int(index),
+              num_nodes=int(nodes), hostname="host")
+    flat = FlatReducer(w.comm, overlap=True)
+    h = HierarchicalReducer.create(w, variant="auto", pipeline_bytes=1024)
+    for n in (3000, 70000):
+        x = pattern(w.rank, n, torch.float32)
+        ref = reduced(flat, x, True)
+        close(reduced(h, x, True), ref, f"uneven blocking {n}")
+        y = x.clone()
+        h.iallreduce_(y, average=True).wait()
+        close(y, ref, f"uneven non-blocking {n}")
+    h.free()
+    w.free()
+    say("hierarchical == flat on uneven nodes (3 + 1), pipelined")
+
+
 def check_staged_and_direct(w: World, say: Callable[[str], None]) -> None:
     flat = FlatReducer(w.comm, overlap=True)
     staged = StagedReducer(FlatReducer(w.comm.Dup(), overlap=True))
@@ -254,6 +279,7 @@ def main(comm: MPI.Intracomm) -> int:
         assert (w.num_nodes, w.local_size) == (2, 2), w.describe()
         for rpn in (2, 1, 4):
             check_hierarchical(comm, rpn, say)
+        check_uneven_nodes(comm, say)
         check_staged_and_direct(w, say)
         check_engine(w, say)
         check_decision(w, say)
