@@ -5,8 +5,9 @@ model (MLP 784-1024-1024-10, ~1.9M params; CNN, ~1.2M params) in which every met
 own copy of the model and they take turns, round-robin, ``--rounds`` times:
 
 - ``single``: rank 0 alone (no communication; the other ranks sleep), the 1-process baseline;
-- ``mpitrain[:BUCKET_MB][:on|off][:hier][:HOOK]``: ``DataParallel`` (overlap on/off,
-  ``hier``: the hierarchical all-reduce on the real node layout, compression hook);
+- ``mpitrain[:BUCKET_MB][:on|off][:hier][:nopipe][:HOOK]``: ``DataParallel`` (overlap on/off,
+  ``hier``: the hierarchical all-reduce on the real node layout, ``nopipe``: without cutting
+  buckets into pipelined pieces, compression hook);
 - ``ddp``: torch ``DistributedDataParallel`` over gloo (rank/size from mpi4py, rank 0 hosts);
 - ``nocomm``: every rank trains its own copy at once with no gradient exchange: the ceiling
   that N ranks sharing this machine's cores and memory bandwidth can reach.
@@ -71,12 +72,14 @@ def parse_method(spec: str) -> dict[str, Any]:
     """Parse ``single`` | ``ddp`` | ``mpitrain[:BUCKET_MB][:on|off][:hier][:HOOK]``."""
     name, *opts = spec.split(":")
     out: dict[str, Any] = {"spec": spec, "mode": name, "bucket_mb": None, "overlap": None,
-                           "hook": "none", "hier": False}
+                           "hook": "none", "hier": False, "pipe": True}
     for o in opts:
         if o in ("on", "off"):
             out["overlap"] = o == "on"
         elif o == "hier":
             out["hier"] = True
+        elif o == "nopipe":  # hierarchical without cutting buckets into pipelined pieces
+            out["pipe"] = False
         elif o.replace(".", "", 1).isdigit():
             out["bucket_mb"] = float(o)
         elif o:
@@ -123,7 +126,11 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
                 from mpitrain.runtime.world import World
 
                 ov = True if m["overlap"] is None else bool(m["overlap"])
-                reducer = HierarchicalReducer.create(World.create(comm), overlap=ov)
+                from mpitrain.comm.hierarchical import PIPELINE_BYTES
+
+                reducer = HierarchicalReducer.create(
+                    World.create(comm), overlap=ov,
+                    pipeline_bytes=PIPELINE_BYTES if m["pipe"] else 1 << 40)
             dp = DataParallel(model, comm=comm, bucket_mb=m["bucket_mb"], hook=m["hook"],
                               overlap=m["overlap"], reducer=reducer)
             wrapped, sync = dp, dp.synchronize
