@@ -38,7 +38,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "shard": (
         "mpitrain.bench.shard",
-        "ZeRO stages 1/2: memory per rank and step time vs replicas and torch ZeRO (gloo)",
+        "ZeRO stages 1-3 (flat or hierarchical): memory and step vs replicas, torch ZeRO, FSDP2",
     ),
     "cluster": (
         "mpitrain.bench.cluster",
