@@ -207,19 +207,26 @@ def _stop_processes(st: State, kill: bool) -> list[str]:
             with_hint(f"processes still run on the cluster ({listing})",
                       "let the job finish, or run `python -m mpitrain cluster down --kill`")
         )
-    every = [p for pids in busy.values() for p in pids]
-    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-        for pid in every:
+    end_processes([p for pids in busy.values() for p in pids])
+    return [f"killed {listing}"]
+
+
+def end_processes(pids: list[int], term_wait: float = 3.0, kill_wait: float = 5.0) -> list[int]:
+    """TERM ``pids``, KILL those still running after ``term_wait`` s; return any left after
+    ``kill_wait`` more seconds (zombies count as ended)."""
+    for sig, wait in ((signal.SIGTERM, term_wait), (signal.SIGKILL, kill_wait)):
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(_alive(p) for p in every):
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.05)
-        if not any(_alive(p) for p in every):
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
             break
-    return [f"killed {listing}"]
+    return pids
 
 
 def _alive(pid: int) -> bool:

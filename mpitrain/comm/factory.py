@@ -43,6 +43,24 @@ def choose_algo(algo: str, num_nodes: int, max_local_size: int, num_hosts: int) 
     return "hierarchical" if num_hosts > 1 and num_nodes > 1 and max_local_size > 1 else "flat"
 
 
+def _plan(
+    world: World, algo: str, device: torch.device, aware: bool, staged: bool | None
+) -> tuple[bool, bool]:
+    """Collective: (hierarchical?, same ranks on every node?) for ``algo`` on this layout;
+    refuses a device without CUDA-aware MPI when staging is disabled (same on every rank)."""
+    from mpi4py import MPI
+
+    lo = int(world.comm.allreduce(world.local_size, op=MPI.MIN))
+    hi = int(world.comm.allreduce(world.local_size, op=MPI.MAX))
+    hosts = len(set(world.comm.allgather(world.hostname)))
+    resolved = choose_algo(algo, world.num_nodes, hi, hosts)
+    if device.type == "cuda" and not aware and staged is False:
+        raise ConfigError(with_hint(
+            "staging was disabled but this MPI is not CUDA-aware (or was not checked)",
+            "allow staging, or use --cuda-aware yes with a CUDA-aware MPI"))
+    return resolved == "hierarchical", lo == hi and hi > 1
+
+
 def make_reducer(
     world: World,
     *,
@@ -64,25 +82,14 @@ def make_reducer(
         overlap: passed to FlatReducer (non-blocking or blocking MPI call).
         variant: hierarchical variant (``reduce_bcast``, ``rs_ag`` or ``auto`` by size).
     """
-    from mpi4py import MPI
 
     from mpitrain.comm.cuda_aware import CudaAwareReducer, DirectReducer
     from mpitrain.comm.hierarchical import HierarchicalReducer
     from mpitrain.comm.reducer import FlatReducer
     from mpitrain.comm.staged import StagedReducer
 
-    max_local = int(world.comm.allreduce(world.local_size, op=MPI.MAX))
-    hosts = len(set(world.comm.allgather(world.hostname)))
-    resolved = choose_algo(algo, world.num_nodes, max_local, hosts)
     use_aware = device.type == "cuda" and cuda_aware is not None and cuda_aware.use_cuda_aware
-    if device.type == "cuda" and not use_aware and staged is False:
-        raise ConfigError(
-            with_hint(
-                "staging was disabled but this MPI is not CUDA-aware (or was not checked)",
-                "allow staging, or use --cuda-aware yes with a CUDA-aware MPI",
-            )
-        )
-    hier = resolved == "hierarchical"
+    hier = _plan(world, algo, device, use_aware, staged)[0]
 
     def host() -> Reducer:
         # own communicators: a staged reducer starts its MPI calls lazily (at the next
@@ -154,19 +161,11 @@ def make_shard_comm(
     ranks on every node and falls back to flat otherwise (:func:`describe_shards` says so).
     Every call builds new communicators (one transport per stream of collectives).
     """
-    from mpi4py import MPI
 
     from mpitrain.comm.shards import CudaAwareShards, FlatShards, HierarchicalShards, StagedShards
 
-    lo = int(world.comm.allreduce(world.local_size, op=MPI.MIN))
-    hi = int(world.comm.allreduce(world.local_size, op=MPI.MAX))
-    hosts = len(set(world.comm.allgather(world.hostname)))
-    resolved = choose_algo(algo, world.num_nodes, hi, hosts)
-    if device.type == "cuda" and not cuda_aware and staged is False:
-        raise ConfigError(with_hint(
-            "staging was disabled but this MPI is not CUDA-aware (or was not checked)",
-            "allow staging, or use --cuda-aware yes with a CUDA-aware MPI"))
-    hier = resolved == "hierarchical" and lo == hi and world.num_nodes > 1 and hi > 1
+    hier, uniform = _plan(world, algo, device, cuda_aware, staged)
+    hier = hier and uniform and world.num_nodes > 1
 
     def host() -> ShardComm:
         if hier:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from mpitrain.cluster import HEAD
 from mpitrain.cluster.launch import in_node
+from mpitrain.cluster.lifecycle import end_processes
 
 STATE_DIR = Path("/tmp/mpitrain-slurm-nodes")
 #: the one-node harness (tests/slurm/cluster.sh) and its state directory
@@ -364,18 +365,7 @@ def _comm(pid: int) -> str:
 
 def _end(pids: list[int], timeout: float = 15) -> None:
     """TERM ``pids``, KILL what is still there after ``timeout`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.1)
-        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
-        if not pids:
-            return
+    end_processes(pids, term_wait=timeout, kill_wait=timeout)
 
 
 def stop(state: Path = STATE_DIR) -> str:
