@@ -13,6 +13,8 @@ from typing import IO
 
 import numpy as np
 
+from mpitrain.errors import ConfigError, with_hint
+
 
 class SampleLog:
     """Appends this rank's trained sample indices to ``PATH.rankR`` (None: does nothing)."""
@@ -21,7 +23,13 @@ class SampleLog:
         self.world_size = world_size
         self._file: IO[str] | None = None
         if path is not None:
-            self._file = Path(f"{path}.rank{rank}").open("a", encoding="ascii")
+            target = Path(f"{path}.rank{rank}")
+            try:
+                self._file = target.open("a", encoding="ascii")
+            except OSError as exc:
+                raise ConfigError(with_hint(
+                    f"--sample-log: cannot append to {target} ({exc.strerror})",
+                    "give a path in an existing, writable directory")) from None
 
     def write(self, epoch: int, step: int, index: np.ndarray, mask: np.ndarray) -> None:
         """Record one micro-batch (the real samples of it) of optimizer step ``step``."""

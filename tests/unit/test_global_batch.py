@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mpitrain.config import TrainConfig
@@ -31,3 +33,17 @@ def test_global_batch_that_does_not_divide_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"--global-batch 100 does not divide by 3 ranks x "
                                           r"--accumulate 2.*HINT: use a multiple of 6"):
         rank_batch(cfg, 3)
+
+
+def test_sample_log_writes_lines_and_refuses_an_unwritable_path(tmp_path: Path) -> None:
+    import numpy as np
+
+    from mpitrain.train.sample_log import SampleLog, read_sample_log
+
+    log = SampleLog(str(tmp_path / "s"), rank=1, world_size=3)
+    log.write(0, 5, np.array([7, 8, 9]), np.array([1, 0, 1]))  # padding left out
+    log.close()
+    assert read_sample_log(tmp_path / "s") == [(0, 5, 3, [7, 9])]
+    with pytest.raises(ConfigError, match=r"--sample-log: cannot append to .*missing/s\.rank0"
+                                          r".*HINT"):
+        SampleLog(str(tmp_path / "missing" / "s"), rank=0, world_size=1)
