@@ -1,8 +1,10 @@
 """``DistributedOptimizer``: the Horovod-like face of the gradient engine.
 
 It wraps any ``torch.optim.Optimizer`` by composition (no class copied at runtime); it is an
-``Optimizer`` instance so LR schedulers accept it, and shares ``param_groups``/``state`` with
-the wrapped optimizer. Gradients are exchanged by the same engine as ``DataParallel``.
+``Optimizer`` instance so LR schedulers accept it, and forwards ``param_groups``, ``state``
+and ``defaults`` to the wrapped optimizer on every access (no copies: torch's
+``load_state_dict`` replaces those objects, and a kept reference would go stale).
+Gradients are exchanged by the same engine as ``DataParallel``.
 """
 
 from __future__ import annotations
@@ -65,11 +67,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         reducer: Reducer | None = None,
         overlap: bool | None = None,
     ) -> None:
-        # no super().__init__(): param_groups/state/defaults are the wrapped optimizer's
+        # no super().__init__(): param_groups/state/defaults are the wrapped optimizer's,
+        # forwarded on every access (its load_state_dict replaces those objects)
         self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self.defaults = optimizer.defaults
         self.comm = comm
         if op not in ("average", "sum"):
             raise ConfigError(with_hint(f"unknown reduction op {op!r}", "use 'average' or 'sum'"))
@@ -110,6 +110,33 @@ class DistributedOptimizer(torch.optim.Optimizer):
         )
         self._synchronized = False
         self._skip = False
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (the live list, never a copy)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        """The wrapped optimizer's per-parameter state (the live mapping)."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        """The wrapped optimizer's default hyperparameters."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
 
     def __getattr__(self, name: str) -> Any:
         if name == "optimizer":

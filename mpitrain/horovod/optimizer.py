@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mpitrain.comm.handle import Handle
+from mpitrain.grad.broadcast import initialize_optimizer_state
 from mpitrain.grad.compression import Compression
 from mpitrain.grad.optimizer import DistributedOptimizer as _EngineOptimizer
 from mpitrain.horovod import context as _c
@@ -157,13 +158,25 @@ def broadcast_parameters(params: Any, root_rank: int, process_set: _c.ProcessSet
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
+                              model: torch.nn.Module | None = None, *,
                               process_set: _c.ProcessSet = _G) -> None:
     """Collective: give every rank ``root_rank``'s optimizer state and hyperparameters.
 
-    Works for every torch optimizer (the ``state_dict()`` is broadcast and loaded).
+    As Horovod: a fresh optimizer (no state yet) first takes one step on zero gradients on
+    every rank, so its state exists (weight decay applies, momentum buffers appear, Adam's
+    step becomes 1); ``model`` names sparse embeddings. LBFGS (which Horovod refuses) is
+    broadcast without that step. Then the root's
+    ``state_dict()`` is broadcast and loaded.
     """
+    if isinstance(model, _c.ProcessSet):  # Horovod < 0.28 callers: positional process set
+        model, process_set = None, model
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"broadcast_optimizer_state: model must be a torch.nn.Module, "
+                         f"got {type(model).__name__}")
     inner = getattr(optimizer, "optimizer", optimizer)  # a DistributedOptimizer wraps one
     ctx = _c.context()
+    ctx.comm_of(process_set, "broadcast_optimizer_state")  # a non-member raises before a step
+    initialize_optimizer_state(inner, model)
     is_root = ctx.world.rank == root_rank
     state = _o.object_op("broadcast", inner.state_dict() if is_root else None, root_rank,
                          "broadcast_optimizer_state", process_set)

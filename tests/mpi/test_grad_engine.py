@@ -15,6 +15,7 @@ CHECKS = [
     "no_sync accumulation",
     "DistributedOptimizer backward_passes_per_step=2",
     "broadcast_optimizer_state",
+    "DistributedOptimizer forwards param_groups after a state load",
     "unused branch",
     "batchnorm buffers",
     "fp16 hook",

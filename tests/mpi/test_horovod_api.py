@@ -12,7 +12,8 @@ GROUPS = [
     "allreduce_checks", "allgather_checks", "broadcast_checks", "alltoall_checks",
     "reducescatter_checks", "grouped_allreduce_checks", "gradient_checks", "misc_checks",
     "process sets", "errors on every rank", "SyncBatchNorm",
-    "broadcast_optimizer_state and DistributedOptimizer", "uneven join",
+    "broadcast_optimizer_state and DistributedOptimizer", "optimizer wrapper forwards state",
+    "uneven join",
 ]
 
 

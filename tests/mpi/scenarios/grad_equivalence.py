@@ -58,7 +58,9 @@ class Branchy(nn.Module):
 class Bn(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a = nn.Linear(D_IN, 16)
+        # no bias in front of BatchNorm: its true gradient is 0, and Adam would turn the
+        # rounding noise of its sum (sign set by the summation order) into steps of +-lr
+        self.a = nn.Linear(D_IN, 16, bias=False)
         self.bn = nn.BatchNorm1d(16)
         self.c = nn.Linear(16, D_OUT)
 
@@ -230,6 +232,28 @@ def check_broadcast_optimizer_state(comm: MPI.Intracomm) -> None:
         print(f"PASS broadcast_optimizer_state (n={comm.size})", flush=True)
 
 
+def check_wrapper_after_broadcast(comm: MPI.Intracomm) -> None:
+    """Wrap, broadcast the state (load_state_dict on non-roots), then a scheduler: replicas
+    stay bitwise identical (the wrapper forwards param_groups, never a stale copy)."""
+    torch.manual_seed(5)
+    model = Mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = DistributedOptimizer(base, named_parameters=model.named_parameters(), comm=comm)
+    broadcast_optimizer_state(opt, comm, root=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    for s in range(3):
+        x, y = my_chunk(comm, s)
+        opt.zero_grad()
+        mse(model(x), y).backward()
+        opt.step()
+        sched.step()
+    assert abs(base.param_groups[0]["lr"] - 1e-4) < 1e-12, base.param_groups[0]["lr"]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.equal(flat, comm.bcast(flat, root=0)), "replicas differ after StepLR"
+    if comm.rank == 0:
+        print("PASS DistributedOptimizer forwards param_groups after a state load", flush=True)
+
+
 def main(comm: MPI.Intracomm) -> int:
     torch.set_num_threads(1)
     dp = train_dp(comm, Mlp, "plain")
@@ -238,6 +262,7 @@ def main(comm: MPI.Intracomm) -> int:
     train_dp(comm, Mlp, "no_sync accumulation", micro=2)
     train_hvd_style(comm, 2)
     check_broadcast_optimizer_state(comm)
+    check_wrapper_after_broadcast(comm)
 
     def branch(m: nn.Module) -> None:
         m.use_extra = comm.rank == 0  # type: ignore[assignment]

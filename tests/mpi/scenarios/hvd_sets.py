@@ -256,6 +256,71 @@ def optimizer_checks(n: int, r: int) -> None:
     hvd.broadcast_parameters(list(model.parameters()), root_rank=0)
 
 
+def same_on_every_rank(t: torch.Tensor, what: str) -> None:
+    """Bitwise-identical replicas: every rank's tensor equals rank 0's."""
+    root = hvd.broadcast_object(t.detach().clone(), root_rank=0)
+    check(torch.equal(t.detach(), root), f"{what}: replica differs from rank 0's")
+
+
+def wrapper_checks(n: int, r: int) -> None:
+    """The wrapper forwards param_groups/state; a fresh optimizer is stepped as Horovod does."""
+    # Horovod's recipe: wrap, broadcast the optimizer state, then an LR scheduler (the
+    # broadcast's load_state_dict replaces the wrapped optimizer's param_groups)
+    for how in ("broadcast", "load_state_dict"):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = hvd.DistributedOptimizer(base, model.named_parameters())
+        if how == "broadcast":
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
+        else:
+            opt.load_state_dict(base.state_dict())
+        check(opt.param_groups is base.param_groups and opt.state is base.state
+              and opt.defaults is base.defaults, f"{how}: wrapper forwards, never copies")
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+        for step in range(3):
+            x = torch.full((8, 4), float(r + step + 1))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            sched.step()
+        check(abs(base.param_groups[0]["lr"] - 1e-4) < 1e-12,
+              f"{how}: wrapped optimizer steps with the scheduled lr")
+        same_on_every_rank(model.weight, f"{how} then StepLR")
+    # a fresh optimizer: Horovod steps once on zero gradients before broadcasting
+    for name, make in (
+        ("SGD", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1)),
+        ("Adam", lambda p: torch.optim.Adam(p, lr=0.1, weight_decay=0.1)),
+        ("AdamW", lambda p: torch.optim.AdamW(p, lr=0.1)),
+    ):
+        torch.manual_seed(1)
+        model = nn.Linear(3, 2)
+        ref = nn.Linear(3, 2)
+        ref.load_state_dict(model.state_dict())
+        ref_opt = make(list(ref.parameters()))
+        for p in ref.parameters():
+            p.grad = torch.zeros_like(p)
+        ref_opt.step()  # the single-process reference of Horovod's initialisation
+        opt = hvd.DistributedOptimizer(make(list(model.parameters())), model.named_parameters())
+        if name == "SGD":
+            hvd.broadcast_optimizer_state(opt, 0, model)  # Horovod's positional model
+        else:
+            hvd.broadcast_optimizer_state(opt, root_rank=0, model=model)
+        check(torch.equal(model.weight, ref.weight), f"{name}: zero-gradient step as Horovod")
+        state = opt.state_dict()["state"]
+        check(len(state) == 2, f"{name}: state initialised")
+        if name != "SGD":
+            check(float(state[0]["step"]) == 1.0, f"{name}: step 1 after initialisation")
+        # the wrapper still exchanges gradients after the local initialisation step
+        opt.zero_grad()
+        model(torch.full((2, 3), float(r + 1))).sum().backward()
+        opt.step()
+        same_on_every_rank(model.weight, f"{name}: step after initialisation")
+    raises(ValueError, lambda: hvd.broadcast_optimizer_state(
+        torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), 0, model="x"),
+        "model type", "nn.Module")
+
+
 def bench(n: int, r: int) -> None:
     from mpi4py import MPI
 
@@ -310,6 +375,7 @@ def main(comm: object) -> int:
         ("errors on every rank", lambda: error_checks(n, r)),
         ("SyncBatchNorm", lambda: sync_bn_checks(n, r)),
         ("broadcast_optimizer_state and DistributedOptimizer", lambda: optimizer_checks(n, r)),
+        ("optimizer wrapper forwards state", lambda: wrapper_checks(n, r)),
         ("uneven join", lambda: join_checks(n, r)),
     ]
     for label, fn in groups:

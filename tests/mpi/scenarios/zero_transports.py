@@ -102,6 +102,8 @@ def check_training(comm: MPI.Intracomm) -> None:
     for opt_name in ("sgd-momentum", "adam"):
         for cls in (Mlp, Deep):
             want, _, _ = train(comm, cls, opt_name, 0)
+            other, _, _ = train(comm, cls, opt_name, 0, other_order=True)
+            check_close(comm, f"{opt_name} reference summed in another order", other, want)
             for stage in (1, 2, 3):
                 for kw in ({"algo": "hierarchical"}, {"algo": "hierarchical", "staged": True},
                            {"staged": True}):
