@@ -18,14 +18,15 @@ from mpitrain import checkpoint as ckpt
 from mpitrain.comm.reducer import overlap_measured
 from mpitrain.grad.autotune import BucketAutotuner
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
+from mpitrain.runtime.collective import agree
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.timeline.recorder import NULL, Timeline
+from mpitrain.train import zero_ckpt
 from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.sample_log import SampleLog
-from mpitrain.train.state import LoopState, rng_state, set_rng_state
+from mpitrain.train.state import LoopState, restore_loop_state, rng_state
 from mpitrain.train.straggler import straggler_rank
-from mpitrain.train.zero_ckpt import load_weights, prune_trainer_shards, weights_state
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -102,10 +103,11 @@ class Trainer:
         gathered = self.comm.gather(per_rank, root=0)
         exchange = self.p.model.exchange_state_dict()
         directory = Path(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
-        weights, optim = weights_state(self.p.model, self.p.optimizer, directory,
-                                       self.state.step, self.cfg.run_id)  # ZeRO: shards now
+        weights, optim = zero_ckpt.weights_state(  # ZeRO: the shards are written now
+            self.p.model, self.p.optimizer, directory, self.state.step, self.cfg.run_id)
         if self.world.rank != 0:
             return None
+        holds = zero_ckpt.run_holds(self.p.model, self.p.optimizer)
         loop = asdict(self.state)
         for key in ("loss_sum", "correct", "seen"):
             loop.pop(key)
@@ -119,6 +121,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model": weights,
             "optimizer": optim,
+            "holds": holds,  # what the resume compares with the run first (checkpoint_compat)
             "scheduler": self.p.scheduler.state_dict(),
             "scaler": self.p.scaler.state_dict() if self.p.scaler is not None else None,
             "sampler": self.p.train_loader.state_dict(),
@@ -129,9 +132,13 @@ class Trainer:
             if self.tuner is not None and self.tuner.result is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any], origin: Path | None = None) -> None:
-        """Restore from a checkpoint dict (every rank loads the same file, from ``origin``)."""
-        load_weights(self.p.model, self.p.optimizer, state, origin)
+    def load_state_dict(self, state: dict[str, Any], origin: Path | None = None,
+                        source: Path | None = None) -> None:
+        """Restore from a checkpoint dict (every rank loads the same file, from ``origin``);
+        another model or optimizer than this run's is refused first, with one line."""
+        agree(self.comm, lambda: zero_ckpt.check_holds(
+            self.p.model, self.p.optimizer, state, str(source or origin), self.cfg.to_dict()))
+        zero_ckpt.load_weights(self.p.model, self.p.optimizer, state, origin)
         self.p.scheduler.load_state_dict(state["scheduler"])
         if self.tuner is not None:  # a finished search is kept, not repeated
             self.tuner.load_state_dict(state.get("bucket_autotune"))
@@ -140,22 +147,7 @@ class Trainer:
         self.p.train_loader.load_state_dict(state["sampler"])
         if state.get("exchange") is not None:
             self.p.model.load_exchange_state_dict(state["exchange"])
-        loop = dict(state["loop"])
-        self.state = LoopState(**loop)
-        ranks = state["ranks"]
-        if state["world_size"] == self.world.size:
-            mine = ranks[self.world.rank]
-            set_rng_state(mine["rng"])
-            self.state.loss_sum = mine["loss_sum"]
-            self.state.correct = mine["correct"]
-            self.state.seen = mine["seen"]
-        else:
-            # a different rank count: the epoch's running sums are kept on rank 0 only
-            if self.world.rank == 0:
-                self.state.loss_sum = sum(r["loss_sum"] for r in ranks)
-                self.state.correct = sum(r["correct"] for r in ranks)
-                self.state.seen = sum(r["seen"] for r in ranks)
-            torch.manual_seed(self.cfg.seed + 1000 * self.world.rank + self.state.step)
+        self.state = restore_loop_state(state, self.world.rank, self.world.size, self.cfg.seed)
 
     def save(self) -> Path:
         """Collective: write a checkpoint of the current step, as a file of this run."""
@@ -177,7 +169,8 @@ class Trainer:
                 run_id=run_id,
             )
             if self.world.rank == 0:
-                prune_trainer_shards(directory, run_id)  # ZeRO: shards of pruned files go too
+                # ZeRO: shards of pruned files go too
+                zero_ckpt.prune_trainer_shards(directory, run_id)
         self.timeline.span("checkpoint", t_tl, cat="io")
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = self.state.step

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpitrain import checkpoint_compat as compat
 from mpitrain.checkpoint import new_run_id
 from mpitrain.errors import DataError, with_hint
 from mpitrain.parallel.checkpoint import choose_resume, load_parallel, save_parallel
@@ -69,20 +70,24 @@ def open_corpus(
     cfg: TrainConfig, world: World, grid: Grid
 ) -> tuple[BatchLoader, BatchLoader | None]:
     """Collective: open the token shards and this data-parallel index's loaders."""
-    from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
+    from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
     from mpitrain.train.builtin import ensure_corpus
 
     data_dir = Path(cfg.data) if cfg.data else ensure_corpus(world.comm, cfg.context)
 
     def open_data() -> tuple[Any, Any]:
-        train = ShardedDataset(data_dir, split=cfg.train_split)
-        test = ShardedDataset(data_dir, split=cfg.test_split) if cfg.test_split else None
-        for ds in (train, test):
-            if ds is not None and ds.feature_shape != (cfg.context + 1,):
-                raise DataError(with_hint(
-                    f"'{data_dir}' holds samples of shape {ds.feature_shape}; --model gpt "
-                    f"with --context {cfg.context} needs token windows of {cfg.context + 1}",
-                    f"write them with: python -m data_tools corpus --context {cfg.context}"))
+        shape = load_manifest(data_dir).arrays["x"].shape  # before the token ids are read
+        if shape != (cfg.context + 1,):
+            raise DataError(with_hint(
+                f"'{data_dir}' holds samples of shape {shape}; --model gpt "
+                f"with --context {cfg.context} needs token windows of {cfg.context + 1}",
+                f"write them with: python -m data_tools corpus --context {cfg.context}"))
+        # token ids outside [0, vocab) are refused here (or in the batch that reads them,
+        # for data too large to check at open), never as an IndexError in the embedding
+        vocab = GPTConfig.from_train(cfg).vocab
+        train = ShardedDataset(data_dir, split=cfg.train_split, tokens=vocab)
+        test = (ShardedDataset(data_dir, split=cfg.test_split, tokens=vocab)
+                if cfg.test_split else None)
         return train, test
 
     train_ds, test_ds = agree(world.comm, open_data)
@@ -178,7 +183,7 @@ class MPTrainer:
         """The model's shape, saved in the manifest and checked on resume."""
         c = self.cfg
         return {"model": "gpt", "context": c.context, "hidden": c.hidden, "heads": c.heads,
-                "layers": c.layers}
+                "layers": c.layers, "optimizer": c.optimizer}
 
     def save(self) -> Path:
         """Collective: checkpoint this step."""
@@ -195,6 +200,18 @@ class MPTrainer:
             log.info("checkpoint written: %s", path)
         return path
 
+    def _check_holds(self, mine: dict[str, Any], what: str, doc: dict[str, Any]) -> None:
+        """Refuse (one line) a payload whose tensors or optimizer differ from this rank's."""
+        _kind, groups, _keys = compat.of_optimizer(self.p.optimizer)
+        saved_groups, _ = compat.optimizer_holds(mine["optim"])
+        compat.check(
+            what,
+            compat.Holds(tensors=compat.tensor_shapes(mine["model"].items()),
+                         groups=saved_groups),
+            compat.Holds(tensors=compat.tensor_shapes(self.p.stage.state_dict().items()),
+                         groups=groups),
+            saved_config=doc.get("meta"), now_config=self.meta())
+
     def plan(self) -> None:
         """Collective: pick the run id and the checkpoint to resume from (if any); load it."""
         cfg = self.cfg
@@ -205,6 +222,7 @@ class MPTrainer:
             return
         with self.watchdog.guard("resume: loading the checkpoint", io=True):
             mine, doc = load_parallel(self.p.grid, choice, self.meta())
+        agree(self.p.grid.comm, lambda: self._check_holds(mine, str(choice), doc))
         self.run_id = str(doc.get("run_id", ""))
         self.p.stage.load_state_dict(mine["model"])
         self.p.optimizer.load_state_dict(mine["optim"])

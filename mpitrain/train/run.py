@@ -20,7 +20,7 @@ from mpitrain.runtime.collective import agree
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.runtime.world import World
 from mpitrain.slurm.world import check_slurm_world
-from mpitrain.timeline import start_timeline
+from mpitrain.timeline import check_timeline_path, start_timeline
 from mpitrain.train.loop import Parts, Trainer
 from mpitrain.train.metrics import print_line, summary_line, write_summary
 
@@ -251,7 +251,7 @@ def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> N
             log.info("run %s: checkpoints go to %s", plan.run_id, directory)
         return
     state = agree(trainer.comm, lambda: ckpt.load_of_run(info, plan.run_id))
-    trainer.load_state_dict(state, origin=info.path.parent)
+    trainer.load_state_dict(state, origin=info.path.parent, source=info.path)
     if directory is not None and info.path.resolve().parent == directory.resolve():
         trainer.last_saved_step = trainer.state.step  # that file is there: not written again
     if trainer.p.model.replicas_identical() and trainer.cfg.shard == "none":
@@ -317,6 +317,7 @@ def main(
     # before any data is opened: refuse another run's checkpoint directory on every rank
     plan = ckpt.plan_run(world.comm, cfg.resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
                          else None)
+    check_timeline_path(world.comm, cfg.timeline)  # rank 0 writes it at the end: usable?
     device = choose_device(cfg, world)
     watchdog = Watchdog.create(world.comm, cfg.hang_timeout, io_timeout=cfg.io_timeout)
     try:

@@ -50,3 +50,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def restore_loop_state(state: dict[str, Any], rank: int, size: int, seed: int) -> LoopState:
+    """Return the loop state of checkpoint ``state`` for ``rank`` of ``size``; set the RNGs.
+
+    On the rank count that saved it, each rank gets its own sums and RNG states back; on
+    another, the epoch's running sums are kept on rank 0 only and the RNGs are reseeded.
+    """
+    loop = LoopState(**dict(state["loop"]))
+    ranks = state["ranks"]
+    if state["world_size"] == size:
+        mine = ranks[rank]
+        set_rng_state(mine["rng"])
+        loop.loss_sum, loop.correct, loop.seen = mine["loss_sum"], mine["correct"], mine["seen"]
+        return loop
+    if rank == 0:
+        loop.loss_sum = sum(r["loss_sum"] for r in ranks)
+        loop.correct = sum(r["correct"] for r in ranks)
+        loop.seen = sum(r["seen"] for r in ranks)
+    torch.manual_seed(seed + 1000 * rank + loop.step)
+    return loop

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpitrain import checkpoint_compat as compat
 from mpitrain.checkpoint_shards import MANIFEST
 from mpitrain.errors import CheckpointError, with_hint
 from mpitrain.grad.zero.state import load_sharded, save_sharded
@@ -98,20 +99,71 @@ def weights_state(
     return save_trainer_shards(model, optimizer, directory, step, run_id), None
 
 
-def load_weights(
-    model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], origin: Path | None
-) -> None:
-    """Collective for ZeRO: restore the ``model``/``optimizer`` entries of a checkpoint."""
+def run_holds(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What this run's model and optimizer hold (JSON-ready), saved in every checkpoint file.
+
+    Not collective. Tensors are named and shaped as in the unwrapped model (a ZeRO model's
+    full parameter shapes, not its shards).
+    """
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
 
+    if isinstance(model, ShardedDataParallel):
+        slots = {s.name: s.shape for s in model.layout.slots}
+        pairs = [(s.name, s.shape) for s in model.layout.slots] + [
+            (k, v) for k, v in model.module.state_dict().items() if k not in slots]
+    else:
+        pairs = list(model.module.state_dict().items())
+    kind, _groups, _keys = compat.of_optimizer(optimizer)
+    return {"tensors": {k: list(v) for k, v in compat.tensor_shapes(pairs).items()},
+            "optimizer": kind}
+
+
+def check_holds(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                what: str, now_config: dict[str, Any]) -> None:
+    """Refuse (one line) a checkpoint ``state`` that holds another model or optimizer.
+
+    Not collective: every rank reads the same file and decides alike. Checkpoints written
+    before ``holds`` was recorded are described from their state dicts.
+    """
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+    saved_holds = state.get("holds") or {}
     ref = state["model"]
     sharded = isinstance(ref, dict) and "sharded" in ref
     if isinstance(model, ShardedDataParallel) != sharded:
+        saved_shard = (state.get("config") or {}).get("shard", "?" if sharded else "none")
         raise CheckpointError(with_hint(
-            "the checkpoint was saved " + ("with" if sharded else "without") + " --shard and "
-            "this run is " + ("not" if sharded else "") + " sharded",
-            "resume with the --shard setting it was saved with, or consolidate it: "
-            "python -m mpitrain checkpoint consolidate DIR OUT.pt"))
+            f"'{what}' was saved " + (f"with --shard {saved_shard}" if sharded else
+                                      "without --shard") + " and this run is "
+            + ("not sharded" if sharded else "sharded"),
+            "resume with the --shard setting it was saved with (any stage of a sharded one), "
+            "or consolidate it: python -m mpitrain checkpoint consolidate DIR OUT.pt"))
+    tensors = saved_holds.get("tensors")
+    if tensors is None and not sharded:
+        tensors = compat.tensor_shapes(ref.items())
+    now = run_holds(model, optimizer)
+    kind, groups, _keys = compat.of_optimizer(optimizer)
+    saved_groups = None
+    if not sharded and isinstance(state.get("optimizer"), dict):
+        saved_groups, _ = compat.optimizer_holds(state["optimizer"])
+    compat.check(
+        what,
+        compat.Holds(tensors=compat.tensor_shapes((tensors or {}).items()),
+                     optimizer=saved_holds.get("optimizer"), groups=saved_groups),
+        compat.Holds(tensors=compat.tensor_shapes(now["tensors"].items()) if tensors else {},
+                     optimizer=kind, groups=groups if saved_groups is not None else None),
+        saved_config=state.get("config"), now_config=now_config)
+
+
+def load_weights(
+    model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], origin: Path | None
+) -> None:
+    """Collective for ZeRO: restore the ``model``/``optimizer`` entries of a checkpoint.
+
+    Call :func:`check_holds` first (it refuses a checkpoint of another kind or shape).
+    """
+    ref = state["model"]
+    sharded = isinstance(ref, dict) and "sharded" in ref
     if not sharded:
         model.module.load_state_dict(ref)
         optimizer.load_state_dict(state["optimizer"])

@@ -18,6 +18,7 @@ LAYERS = {
     "mpitrain.checkpoint": 1,
     "mpitrain.checkpoint_shards": 1,
     "mpitrain.checkpoint_parallel": 1,
+    "mpitrain.checkpoint_compat": 1,
     "mpitrain.preempt": 1,
     "mpitrain.data": 1,
     "mpitrain.timeline": 1,  # recorded by grad (buckets) and train (phases)

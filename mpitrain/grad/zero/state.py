@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpitrain import checkpoint_compat as compat
 from mpitrain.checkpoint_shards import load_full, save_shards
 from mpitrain.errors import CheckpointError, ConfigError, with_hint
 from mpitrain.runtime.collective import agree
@@ -74,15 +75,49 @@ def load_sharded(
     Every rank reads every shard file (transiently the full model and optimizer state).
     """
     full = agree(model.comm, lambda: load_full(Path(directory)))
-    load_consolidated(model, optimizer, full)
+    load_consolidated(model, optimizer, full, what=str(directory))
     extra: dict[str, Any] = full["extra"]
     return extra
 
 
-def load_consolidated(
-    model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any]
+def check_consolidated(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any],
+    what: str = "the checkpoint",
 ) -> None:
-    """Copy a consolidated state (``checkpoint_shards.consolidate``) into this rank's shards."""
+    """Refuse (one line) a consolidated state that holds another model or optimizer.
+
+    Not collective: ``full`` is the same on every rank, so every rank decides alike.
+    """
+    slots = {s.name for s in model.layout.slots}
+    now = compat.tensor_shapes([(s.name, s.shape) for s in model.layout.slots] + [
+        (k, v) for k, v in model.module.state_dict().items() if k not in slots])
+    saved_groups = None
+    now_groups = None
+    if optimizer is not None:
+        saved_groups = tuple((tuple(sorted(k for k in g if k != "params")), 1)
+                             for g in full["param_groups"])
+        now_groups = tuple((tuple(sorted(k for k in g if k != "params")), 1)
+                           for g in optimizer.param_groups)
+    saved_keys: set[str] = set()
+    for entry in full["optim_state"].values():
+        saved_keys.update(entry)
+    compat.check(
+        what,
+        compat.Holds(tensors=compat.tensor_shapes(full["model"].items()), groups=saved_groups,
+                     state_keys=frozenset(saved_keys)),
+        compat.Holds(tensors=now, groups=now_groups),
+    )
+
+
+def load_consolidated(
+    model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any],
+    what: str = "the checkpoint",
+) -> None:
+    """Copy a consolidated state (``checkpoint_shards.consolidate``) into this rank's shards.
+
+    What it holds is compared with ``model`` and ``optimizer`` first (one-line refusal).
+    """
+    check_consolidated(model, optimizer, full, what)
     if model.sharded is not None:  # stage 3: straight into the float32 master shards
         names = [slot.name for slot in model.layout.slots]
         model.sharded.load_({i: full["model"][n] for i, n in enumerate(names)
