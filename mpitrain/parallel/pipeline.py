@@ -148,13 +148,13 @@ class PipelineEngine:
 
     def _backward(
         self, i: int, store: dict[int, tuple[torch.Tensor | None, torch.Tensor, int]],
-        last: bool,
+        last: bool, scale: float = 1.0,
     ) -> float:
         inp, out, _ = store.pop(i)
         sync = contextlib.nullcontext() if last or self.dp is None else self.dp.no_sync()
         with sync:
             if self.grid.last_stage:
-                (out / self.micro).backward()  # type: ignore[no-untyped-call]
+                (out * (scale / self.micro)).backward()  # type: ignore[no-untyped-call]
             else:
                 torch.autograd.backward(out, self._recv(self.link.recv_backward))
         if inp is not None:
@@ -163,12 +163,15 @@ class PipelineEngine:
         return float(out.detach()) if self.grid.last_stage else 0.0
 
     def train_step(
-        self, inputs: torch.Tensor | None, targets: torch.Tensor | None
+        self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *,
+        loss_scale: float = 1.0, last: bool = True,
     ) -> float:
         """Collective (grid): forward and backward one batch; returns its mean loss.
 
         The loss is the mean over micro-batches of the last stage's loss, sent to every
-        stage. Gradients are left in ``.grad`` (not zeroed here).
+        stage. Gradients are left in ``.grad`` (not zeroed here), scaled by ``loss_scale``.
+        ``last=False`` (gradient accumulation): gradients stay local — no data-parallel,
+        tied or sequence-parallel reduction until the call with ``last=True``.
         """
         if not self._checked:  # once: every stage agrees the batch splits into micro-batches
             self._check_batch(inputs if inputs is not None else targets)
@@ -188,11 +191,13 @@ class PipelineEngine:
                 peak_bytes = max(peak_bytes, sum(s[2] for s in store.values()))
             else:
                 done += 1
-                total += self._backward(a.micro, store, last=done == backwards)
+                total += self._backward(a.micro, store, last and done == backwards,
+                                        loss_scale)
         self.link.wait_sends()
-        if self.dp is not None:
-            self.dp.synchronize()
-        self._reduce_shared()
+        if last:
+            if self.dp is not None:
+                self.dp.synchronize()
+            self._reduce_shared()
         loss = self.grid.pp_comm.bcast(total / self.micro, root=self.grid.pipeline - 1)
         self.stats.loss = float(loss)
         self.stats.peak_activation_bytes = peak_bytes

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.comm.reducer import overlap_measured
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
     from mpitrain.grad.autotune import HasEngine
     from mpitrain.grad.protocol import Exchange
     from mpitrain.runtime.world import World
+    from mpitrain.train.steps import Steps
 
 log = logging.getLogger("mpitrain")
 
@@ -49,11 +49,13 @@ class Parts:
     train_loader: Any  # mpitrain.data.BatchLoader
     test_loader: Any | None
     device: torch.device
+    steps: Steps  # the slot: a data-parallel step or a grid's pipeline schedule (train/steps.py)
     scaler: Any | None = None  # torch.amp.GradScaler for fp16
 
 
 class Trainer:
-    """Run epochs of synchronous data-parallel training on one rank (collective throughout)."""
+    """Run epochs of training on one rank (collective throughout): the one loop of every kind
+    of parallelism; what a step does is ``parts.steps`` (data parallel or a grid schedule)."""
 
     def __init__(
         self, cfg: TrainConfig, world: World, parts: Parts, *, watchdog: Watchdog | None = None
@@ -82,12 +84,6 @@ class Trainer:
         self.tuner = None  # --bucket-mb auto; overlap too where this MPI was never measured
         if cfg.bucket_mb == 0:
             self.tuner = BucketAutotuner(self.comm, tune_overlap=not overlap_measured())
-        if cfg.precision == "bf16":
-            self._autocast: Any = torch.autocast(parts.device.type, dtype=torch.bfloat16)
-        elif cfg.precision == "fp16":
-            self._autocast = torch.autocast(parts.device.type, dtype=torch.float16)
-        else:
-            self._autocast = contextlib.nullcontext()
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any] | None:
@@ -193,32 +189,13 @@ class Trainer:
         return out
 
     def _step(self, micro: list[Any]) -> float:
-        model, opt, dev = self.p.model, self.p.optimizer, self.p.device
+        model, opt = self.p.model, self.p.optimizer
         tl = self.timeline
         total = float(sum(int(b.mask.sum()) for b in micro))
-        loss_value = 0.0
-        for i, batch in enumerate(micro):
+        for batch in micro:
             self.samples.write(self.state.epoch, self.state.step, batch.index, batch.mask.numpy())
-            x = batch.x.to(dev, non_blocking=True)
-            y = batch.y.to(dev, non_blocking=True)
-            mask = batch.mask.to(dev, non_blocking=True).to(torch.float32)
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else model.no_sync()
-            with sync:
-                t_tl = tl.now()
-                with self._autocast:
-                    logits = model(x)
-                per_sample = F.cross_entropy(logits.float(), y, reduction="none")
-                loss = (per_sample * mask).sum() / max(total, 1.0)
-                tl.span("forward", t_tl)
-                t_tl = tl.now()
-                if self.p.scaler is not None:
-                    self.p.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                tl.span("backward", t_tl)
-            with torch.no_grad():
-                self.state.correct += int(((logits.argmax(1) == y).float() * mask).sum())
-            loss_value += float(loss.detach()) * max(total, 1.0)
+        loss_value, correct = self.p.steps.forward_backward(micro)
+        self.state.correct += correct
         self.state.loss_sum += loss_value
         self.state.seen += int(total)
         if self.cfg.straggler_ms and self.world.rank == straggler_rank(
@@ -255,31 +232,25 @@ class Trainer:
         if loader is None:
             return {}
         t_tl = self.timeline.now()
-        model, dev = self.p.model, self.p.device
+        model = self.p.model
         loader.set_epoch(0)  # the whole split, in stored order, every time
         sums = np.zeros(3, dtype=np.float64)  # loss sum, correct, real samples
         model.drain()  # the newest parameters (param-server pull); eval() itself sends nothing
         model.eval()
         with torch.no_grad():
             for batch in loader:
-                x, y = batch.x.to(dev), batch.y.to(dev)
-                mask = batch.mask.to(dev).to(torch.float64)
-                with self._autocast:
-                    logits = model(x)
-                per = F.cross_entropy(logits.float(), y, reduction="none").double()
-                sums[0] += float((per * mask).sum())
-                sums[1] += float(((logits.argmax(1) == y).double() * mask).sum())
-                sums[2] += float(mask.sum())
+                sums += np.array(self.p.steps.eval_batch(batch), dtype=np.float64)
         model.train()
         self.watchdog.enter("eval all-reduce", sums.nbytes)
-        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        self.p.steps.sum_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         self.timeline.span("evaluation", t_tl, cat="eval")
         n = max(sums[2], 1.0)
-        return {
-            "test_loss": float(sums[0] / n),
-            "test_accuracy": float(sums[1] / n),
-            "test_samples": float(sums[2]),
-        }
+        out = {"test_loss": float(sums[0] / n), "test_samples": float(sums[2])}
+        if self.p.steps.accuracy:
+            out["test_accuracy"] = float(sums[1] / n)
+        else:  # a language model: per-token loss, and its perplexity
+            out["test_perplexity"] = math.exp(min(out["test_loss"], 700.0))
+        return out
 
     # ---- the loop ------------------------------------------------------------------------
     def _flags(self) -> tuple[bool, bool]:
@@ -303,7 +274,7 @@ class Trainer:
         sums = np.array(
             [self.state.loss_sum, self.state.correct, self.state.seen], dtype=np.float64
         )
-        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        self.p.steps.sum_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         n = max(sums[2], 1.0)
         train_loss, train_acc = float(sums[0] / n), float(sums[1] / n)
         self.state.last_train_loss = train_loss
@@ -315,21 +286,23 @@ class Trainer:
                 self.state.last_eval = ev
         if self.world.rank == 0:
             rate = sums[2] / epoch_seconds if epoch_seconds > 0 else 0.0
+            acc = self.p.steps.accuracy
             text = (  # a --max-steps stop inside the epoch: "partial epoch" (it goes on later)
                 f"{'partial ' * partial}epoch {epoch + 1:>3}/{self.cfg.epochs}  "
-                f"step {self.state.step:>6}  loss {train_loss:.4f}  acc {100 * train_acc:6.2f}%"
+                f"step {self.state.step:>6}  loss {train_loss:.4f}"
+                + f"  acc {100 * train_acc:6.2f}%" * acc
             )
             if ev:
-                text += (
-                    f"  test_loss {ev['test_loss']:.4f}  test_acc {100 * ev['test_accuracy']:6.2f}%"
-                )
+                text += f"  test_loss {ev['test_loss']:.4f}" + (
+                    f"  test_acc {100 * ev['test_accuracy']:6.2f}%" if acc
+                    else f"  test_ppl {ev['test_perplexity']:.2f}")
             print_line(text + f"  {rate:9.0f} samples/s")
             record = {
                 "kind": "eval",
                 "epoch": epoch + 1,
                 "step": self.state.step,
                 "train_loss": train_loss,
-                "train_accuracy": train_acc,
+                **({"train_accuracy": train_acc} if acc else {}),
                 "partial": partial,
                 **ev,
             }
@@ -379,7 +352,7 @@ class Trainer:
                 self.watchdog.step_started(st.step)
                 loss = self._step(micro)
                 st.step += 1
-                n_global = sum(int(b.mask.sum()) for b in micro) * self.world.size
+                n_global = sum(int(b.mask.sum()) for b in micro) * self.p.steps.replicas
                 st.samples_total += n_global
                 dt = time.perf_counter() - t_step
                 st.train_seconds += dt

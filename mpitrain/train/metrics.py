@@ -62,11 +62,19 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def summary_line(s: dict[str, Any]) -> str:
     """Return the final one-line summary printed by rank 0."""
-    acc = s.get("test_accuracy")
-    acc_text = "n/a" if acc is None else f"{100 * acc:.2f}%"
+    acc, ppl = s.get("test_accuracy"), s.get("test_perplexity")
+    if ppl is not None:  # a language model
+        quality = f"test loss {s['test_loss']:.4f} (perplexity {ppl:.2f})"
+    else:
+        quality = "test accuracy " + ("n/a" if acc is None else f"{100 * acc:.2f}%")
+    grid = s.get("grid") or {}
+    ranks = f"{s['world_size']} ranks"
+    if grid.get("tensor", 1) * grid.get("pipeline", 1) > 1:
+        ranks += (f" (tensor {grid['tensor']} x pipeline {grid['pipeline']} x "
+                  f"data {grid['data']})")
     return (
-        f"mpitrain: done: {s['world_size']} ranks, {s['epochs']} epochs, {s['steps']} steps, "
-        f"final loss {s['final_loss']:.4f}, test accuracy {acc_text}, "
+        f"mpitrain: done: {ranks}, {s['epochs']} epochs, {s['steps']} steps, "
+        f"final loss {s['final_loss']:.4f}, {quality}, "
         f"{s['samples_per_sec']:.0f} samples/s, {s['wall_seconds']:.1f} s"
     )
 

@@ -115,6 +115,7 @@ def build_parts(
         global_batch,
         rank_batch,
     )
+    from mpitrain.train.steps import ClassifierSteps
 
     data_dir = Path(cfg.data) if cfg.data else ensure_digits(world.comm)
 
@@ -190,7 +191,8 @@ def build_parts(
     optimizer = build_optimizer(cfg, params, world.size)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    return Parts(model, optimizer, scheduler, train_loader, test_loader, device, scaler)
+    steps = ClassifierSteps(model, device, world.comm, precision=cfg.precision, scaler=scaler)
+    return Parts(model, optimizer, scheduler, train_loader, test_loader, device, steps, scaler)
 
 
 def _flag(name: str, value: object) -> str:
@@ -307,13 +309,6 @@ def main(
         finally:
             flag.uninstall()
     setup_logging(world.rank, cfg.log_level)
-    if cfg.model == "gpt":  # tensor/pipeline parallel: its own trainer (docs/model-parallel.md)
-        from mpitrain.train.mp_main import main_model_parallel
-
-        try:
-            return main_model_parallel(cfg, world, choose_device(cfg, world), flag, t_start)
-        finally:
-            flag.uninstall()
     # before any data is opened: refuse another run's checkpoint directory on every rank
     plan = ckpt.plan_run(world.comm, cfg.resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
                          else None)
@@ -322,10 +317,17 @@ def main(
     watchdog = Watchdog.create(world.comm, cfg.hang_timeout, io_timeout=cfg.io_timeout)
     try:
         with watchdog.guard("opening the data and building the model", io=True):
-            parts = build_parts(cfg, world, device, ps_link)
+            if cfg.model == "gpt":  # a tensor x pipeline x data grid (docs/model-parallel.md)
+                from mpitrain.train.grid import build_grid_parts
+
+                parts = build_grid_parts(
+                    cfg, world, device, lambda w: build_reducer(cfg, w, device))
+            else:
+                parts = build_parts(cfg, world, device, ps_link)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)
         timeline = start_timeline(world.comm, cfg.timeline, cfg.timeline_steps)  # collective
         trainer.timeline = timeline.recorder
+        parts.steps.set_timeline(timeline.recorder)
         parts.model.set_timeline(timeline.recorder)  # bucket spans where the exchange has them
         with watchdog.guard("resume: loading the checkpoint", io=True):
             resume_if_asked(cfg, trainer, plan)
@@ -355,6 +357,9 @@ def main(
         "final_loss": st.last_train_loss,
         "test_loss": st.last_eval.get("test_loss"),
         "test_accuracy": st.last_eval.get("test_accuracy"),
+        "test_perplexity": st.last_eval.get("test_perplexity"),
+        "grid": {"tensor": cfg.tensor_parallel, "pipeline": cfg.pipeline_stages,
+                 "data": world.size // (cfg.tensor_parallel * cfg.pipeline_stages)},
         "samples_per_sec": st.samples_total / st.train_seconds if st.train_seconds else 0.0,
         "wall_seconds": time.perf_counter() - t_start,
         "train_seconds": st.train_seconds,

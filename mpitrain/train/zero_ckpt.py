@@ -28,11 +28,13 @@ if TYPE_CHECKING:
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
 
 SUFFIX = ".shards"
+#: a model-parallel grid's state beside its checkpoint file (``mpitrain.parallel.checkpoint``)
+GRID_SUFFIX = ".grid"
 
 
-def shard_dir_name(step: int, run_id: str) -> str:
-    """The shard directory of step ``step`` of run ``run_id``."""
-    return f"ckpt-step-{step:08d}-{run_id}{SUFFIX}"
+def shard_dir_name(step: int, run_id: str, suffix: str = SUFFIX) -> str:
+    """The shard (or grid) directory of step ``step`` of run ``run_id``."""
+    return f"ckpt-step-{step:08d}-{run_id}{suffix}"
 
 
 def save_trainer_shards(
@@ -75,11 +77,12 @@ def prune_trainer_shards(directory: Path, run_id: str) -> None:
     """Remove this run's shard directories whose checkpoint file is gone (rank 0, after save)."""
     from mpitrain.checkpoint import checkpoint_infos
 
-    kept = {shard_dir_name(i.step, run_id) for i in checkpoint_infos(Path(directory))
-            if i.run_id == run_id}
-    for path in Path(directory).glob(f"ckpt-step-*-{run_id}{SUFFIX}"):
-        if path.name not in kept and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+    steps = [i.step for i in checkpoint_infos(Path(directory)) if i.run_id == run_id]
+    for suffix in (SUFFIX, GRID_SUFFIX):
+        kept = {shard_dir_name(s, run_id, suffix) for s in steps}
+        for path in Path(directory).glob(f"ckpt-step-*-{run_id}{suffix}"):
+            if path.name not in kept and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def weights_state(
@@ -88,15 +91,74 @@ def weights_state(
 ) -> tuple[Any, Any]:
     """Collective: the checkpoint's ``model`` and ``optimizer`` entries.
 
-    Replicated models: their state dicts (rank 0's are written). ZeRO: the shards are
-    written now, and ``model`` holds their reference (``optimizer`` None).
+    Replicated models: their state dicts (rank 0's are written). ZeRO and model-parallel
+    grids: the shards are written now, and ``model`` holds their reference (``optimizer``
+    None).
     """
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
+    from mpitrain.train.grid import GridExchange
 
+    if isinstance(model, GridExchange):
+        assert directory is not None and run_id is not None
+        return save_grid(model, optimizer, directory, step, run_id), None
     if not isinstance(model, ShardedDataParallel):
         return model.module.state_dict(), optimizer.state_dict()
     assert directory is not None and run_id is not None
     return save_trainer_shards(model, optimizer, directory, step, run_id), None
+
+
+def save_grid(model: Any, optimizer: torch.optim.Optimizer, directory: Path, step: int,
+              run_id: str) -> dict[str, Any]:
+    """Collective: write a grid's state of ``step``; return the reference the file keeps."""
+    from mpitrain.parallel.checkpoint import save_parallel
+
+    name = shard_dir_name(step, run_id, GRID_SUFFIX)
+    payload = {"model": model.module.state_dict(), "optim": optimizer.state_dict()}
+    save_parallel(model.grid, Path(directory) / name, step, payload, model.rules, model.meta,
+                  run_id=run_id)
+    g = model.grid
+    return {"grid_dir": name, "meta": model.meta,
+            "grid": {"tensor": g.tensor, "pipeline": g.pipeline, "data": g.data}}
+
+
+def load_grid(model: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Collective: load this rank's (stage, tensor slice) of a grid's state from ``path``.
+
+    The model's shape and the tensor x pipeline grid must match (refused with a hint);
+    each rank's tensors and optimizer are compared before anything is loaded.
+    """
+    from mpitrain.parallel.checkpoint import load_parallel
+
+    mine, doc = load_parallel(model.grid, path, model.meta)
+
+    def check() -> None:
+        _kind, groups, _keys = compat.of_optimizer(optimizer)
+        compat.check(
+            str(path),
+            compat.Holds(tensors=compat.tensor_shapes(mine["model"].items()),
+                         groups=compat.optimizer_holds(mine["optim"])[0]),
+            compat.Holds(tensors=compat.tensor_shapes(model.module.state_dict().items()),
+                         groups=groups),
+            saved_config=doc.get("meta"), now_config=model.meta)
+
+    agree(model.grid.comm, check)
+    model.module.load_state_dict(mine["model"])
+    optimizer.load_state_dict(mine["optim"])
+
+
+def _kind(model: Any) -> str:
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+    from mpitrain.train.grid import GridExchange
+
+    if isinstance(model, GridExchange):
+        return "grid"
+    return "sharded" if isinstance(model, ShardedDataParallel) else "plain"
+
+
+def _saved_kind(ref: Any) -> str:
+    if isinstance(ref, dict) and "grid_dir" in ref:
+        return "grid"
+    return "sharded" if isinstance(ref, dict) and "sharded" in ref else "plain"
 
 
 def run_holds(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -107,13 +169,15 @@ def run_holds(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
 
+    kind, _groups, _keys = compat.of_optimizer(optimizer)
+    if _kind(model) == "grid":  # each rank's part is compared when it is loaded
+        return {"tensors": {}, "optimizer": kind}
     if isinstance(model, ShardedDataParallel):
         slots = {s.name: s.shape for s in model.layout.slots}
         pairs = [(s.name, s.shape) for s in model.layout.slots] + [
             (k, v) for k, v in model.module.state_dict().items() if k not in slots]
     else:
         pairs = list(model.module.state_dict().items())
-    kind, _groups, _keys = compat.of_optimizer(optimizer)
     return {"tensors": {k: list(v) for k, v in compat.tensor_shapes(pairs).items()},
             "optimizer": kind}
 
@@ -125,23 +189,24 @@ def check_holds(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, A
     Not collective: every rank reads the same file and decides alike. Checkpoints written
     before ``holds`` was recorded are described from their state dicts.
     """
-    from mpitrain.grad.zero.wrapper import ShardedDataParallel
-
     saved_holds = state.get("holds") or {}
     ref = state["model"]
-    sharded = isinstance(ref, dict) and "sharded" in ref
-    if isinstance(model, ShardedDataParallel) != sharded:
-        saved_shard = (state.get("config") or {}).get("shard", "?" if sharded else "none")
+    saved_kind, now_kind = _saved_kind(ref), _kind(model)
+    sharded = saved_kind != "plain"
+    if saved_kind != now_kind:
+        config = state.get("config") or {}
+        said = {"plain": "without --shard", "grid": "by a tensor/pipeline grid",
+                "sharded": f"with --shard {config.get('shard', '?')}"}
+        now = {"plain": "is not sharded", "grid": "runs a tensor/pipeline grid",
+               "sharded": "is sharded"}
         raise CheckpointError(with_hint(
-            f"'{what}' was saved " + (f"with --shard {saved_shard}" if sharded else
-                                      "without --shard") + " and this run is "
-            + ("not sharded" if sharded else "sharded"),
-            "resume with the --shard setting it was saved with (any stage of a sharded one), "
+            f"'{what}' was saved {said[saved_kind]} and this run {now[now_kind]}",
+            "resume with the options it was saved with (any ZeRO stage of a sharded one), "
             "or consolidate it: python -m mpitrain checkpoint consolidate DIR OUT.pt"))
     tensors = saved_holds.get("tensors")
     if tensors is None and not sharded:
         tensors = compat.tensor_shapes(ref.items())
-    now = run_holds(model, optimizer)
+    now_tensors: dict[str, list[int]] = run_holds(model, optimizer)["tensors"]
     kind, groups, _keys = compat.of_optimizer(optimizer)
     saved_groups = None
     if not sharded and isinstance(state.get("optimizer"), dict):
@@ -150,7 +215,7 @@ def check_holds(model: Any, optimizer: torch.optim.Optimizer, state: dict[str, A
         what,
         compat.Holds(tensors=compat.tensor_shapes((tensors or {}).items()),
                      optimizer=saved_holds.get("optimizer"), groups=saved_groups),
-        compat.Holds(tensors=compat.tensor_shapes(now["tensors"].items()) if tensors else {},
+        compat.Holds(tensors=compat.tensor_shapes(now_tensors.items()) if tensors else {},
                      optimizer=kind, groups=groups if saved_groups is not None else None),
         saved_config=state.get("config"), now_config=now_config)
 
@@ -163,8 +228,12 @@ def load_weights(
     Call :func:`check_holds` first (it refuses a checkpoint of another kind or shape).
     """
     ref = state["model"]
-    sharded = isinstance(ref, dict) and "sharded" in ref
-    if not sharded:
+    kind = _saved_kind(ref)
+    if kind == "grid":
+        assert origin is not None
+        load_grid(model, optimizer, Path(origin) / str(ref["grid_dir"]))
+        return
+    if kind == "plain":
         model.module.load_state_dict(ref)
         optimizer.load_state_dict(state["optimizer"])
         return

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mpitrain import checkpoint as ckpt
 from mpitrain.checkpoint_shards import load_full, read_shards
 from tests.conftest import MpiRun
 
@@ -45,8 +46,13 @@ def _train(mpirun: MpiRun, n: int, out: Path, args: list[str], *, steps: int = 2
                   timeout=240, check=check)
 
 
+def _grid_dir(ckpt: Path, step: int) -> Path:
+    """The grid state a checkpoint file of ``step`` names (the one checkpoint layout)."""
+    return next(ckpt.glob(f"ckpt-step-{step:08d}-*.grid"))
+
+
 def _final(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    ckpt = sorted((out / "ckpt").glob("mp-step-*"))[-1]
+    ckpt = sorted((out / "ckpt").glob("ckpt-step-*.grid"))[-1]
     return load_full(ckpt)["model"], json.loads((out / "summary.json").read_text())
 
 
@@ -57,19 +63,22 @@ def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.mpi
 @pytest.mark.parametrize(
-    ("n", "batch", "grid"),
+    ("n", "batch", "grid", "both"),
     [
-        (2, 16, ["--tensor-parallel", "2"]),
-        (4, 8, ["--tensor-parallel", "2"]),  # tensor 2 x data 2
-        (4, 8, ["--pipeline-stages", "2", "--micro-batches", "2"]),  # pipeline 2 x data 2
+        (2, 16, ["--tensor-parallel", "2"], []),
+        (4, 8, ["--tensor-parallel", "2"], []),  # tensor 2 x data 2
+        # pipeline 2 x data 2, the global norm clipped over stages and replicas
+        (4, 8, ["--pipeline-stages", "2", "--micro-batches", "2"], ["--clip-grad-norm", "0.3"]),
+        # the loop's accumulation around the schedule: 2 x 8 samples per step
+        (2, 8, ["--tensor-parallel", "2", "--accumulate", "2"], ["--clip-grad-norm", "0.3"]),
     ],
-    ids=["tensor2", "tensor2xdata2", "pipeline2xdata2"],
+    ids=["tensor2", "tensor2xdata2", "pipeline2xdata2-clip", "tensor2-accumulate2-clip"],
 )
 def test_grid_trains_like_one_process(
-    mpirun: MpiRun, tmp_path: Path, n: int, batch: int, grid: list[str]
+    mpirun: MpiRun, tmp_path: Path, n: int, batch: int, grid: list[str], both: list[str]
 ) -> None:
-    _train(mpirun, 1, tmp_path / "ref", ["--batch-size", "16"])
-    proc = _train(mpirun, n, tmp_path / "grid", ["--batch-size", str(batch), *grid])
+    _train(mpirun, 1, tmp_path / "ref", ["--batch-size", "16", *both])
+    proc = _train(mpirun, n, tmp_path / "grid", ["--batch-size", str(batch), *grid, *both])
     assert "tensor groups inside nodes" in proc.stdout, proc.stdout
     ref, ref_sum = _final(tmp_path / "ref")
     got, got_sum = _final(tmp_path / "grid")
@@ -84,13 +93,15 @@ def test_resume_is_bitwise_on_the_same_grid(mpirun: MpiRun, tmp_path: Path) -> N
     grid = ["--tensor-parallel", "2", "--pipeline-stages", "2", "--micro-batches", "2",
             "--batch-size", "8", "--checkpoint-every", "30", "--keep-last", "5"]
     _train(mpirun, 4, tmp_path / "a", grid, steps=60)
-    first = tmp_path / "a" / "ckpt" / "mp-step-00000030"
-    (tmp_path / "b" / "ckpt").mkdir(parents=True)
-    shutil.copytree(first, tmp_path / "b" / "ckpt" / first.name)
+    a, b = tmp_path / "a" / "ckpt", tmp_path / "b" / "ckpt"
+    b.mkdir(parents=True)  # step 30 alone: its checkpoint file, checksum and grid state
+    for name in ("step-000000030.pt", "step-000000030.pt.sha256"):
+        shutil.copy(a / name, b / name)
+    shutil.copytree(_grid_dir(a, 30), b / _grid_dir(a, 30).name)
     proc = _train(mpirun, 4, tmp_path / "b", [*grid, "--resume", "auto"], steps=60)
     assert "resumed from" in proc.stdout and "step 30" in proc.stdout, proc.stdout
-    a_doc, a_files = read_shards(tmp_path / "a" / "ckpt" / "mp-step-00000060")
-    b_doc, b_files = read_shards(tmp_path / "b" / "ckpt" / "mp-step-00000060")
+    a_doc, a_files = read_shards(_grid_dir(a, 60))
+    b_doc, b_files = read_shards(_grid_dir(b, 60))
     assert a_doc["run_id"] == b_doc["run_id"]
     for fa, fb in zip(a_files, b_files, strict=True):
         for k, v in fa["model"].items():
@@ -98,7 +109,8 @@ def test_resume_is_bitwise_on_the_same_grid(mpirun: MpiRun, tmp_path: Path) -> N
         for i, st in fa["optim"]["state"].items():
             for k, v in st.items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(fb["optim"]["state"][i][k]))
-        assert fa["sampler"] == fb["sampler"]
+    assert ckpt.load(a / "step-000000060.pt")["sampler"] == ckpt.load(
+        b / "step-000000060.pt")["sampler"]
     # another tensor x pipeline grid is refused with a hint; consolidation is the way out
     bad = _train(mpirun, 2, tmp_path / "b", ["--tensor-parallel", "2", "--batch-size", "8",
                                              "--resume", "auto"], steps=90, check=False)
@@ -111,7 +123,7 @@ def test_resume_is_bitwise_on_the_same_grid(mpirun: MpiRun, tmp_path: Path) -> N
     assert fresh.returncode != 0 and "--resume auto" in fresh.stderr + fresh.stdout
     out = tmp_path / "dense.pt"
     cli = subprocess.run([sys.executable, "-m", "mpitrain", "checkpoint", "consolidate",
-                          str(tmp_path / "b" / "ckpt" / "mp-step-00000060"), str(out)],
+                          str(_grid_dir(b, 60)), str(out)],
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     dense = torch.load(out, weights_only=True)

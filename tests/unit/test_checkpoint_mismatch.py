@@ -79,7 +79,10 @@ CASES = {
                         "consolidate"]),
     "plain-sharded": ("plain", ["--hidden", "32", "--optimizer", "sgd", "--shard", "optimizer"],
                       ["saved without --shard and this run is sharded"]),
-    "gpt-optimizer": ("gpt", [*GPT, "--optimizer", "sgd"], ["optimizer adamw (now sgd)"]),
+    "gpt-optimizer": ("gpt", [*GPT, "--optimizer", "sgd"],
+                      ["optimizer AdamW there, SGD now", "saved with --optimizer adamw"]),
+    "gpt-on-plain": ("plain", [*GPT, "--optimizer", "sgd"],
+                     ["saved without --shard and this run runs a tensor/pipeline grid"]),
     "gpt-hidden": ("gpt", [*GPT, "--hidden", "64", "--optimizer", "adamw"],
                    ["hidden 32 (now 64)"]),
 }

@@ -20,7 +20,9 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
      ["--pipeline-stages", "--model gpt"]),
     ("micro-batches without gpt", {"micro_batches": "2"}, ["--micro-batches", "--model gpt"]),
     ("gpt with local-sgd", {**GPT, "exchange": "local-sgd"}, ["--exchange", "--model gpt"]),
-    ("gpt with accumulate", {**GPT, "accumulate": "2"}, ["--accumulate", "--micro-batches"]),
+    ("gpt with shard", {**GPT, "shard": "parameters"}, ["--shard parameters", "--model gpt"]),
+    ("gpt with bf16", {**GPT, "precision": "bf16"}, ["--precision bf16", "--model gpt"]),
+    ("gpt with mpio", {**GPT, "hdf5_driver": "mpio"}, ["--hdf5-driver mpio", "--model gpt"]),
     ("heads do not divide hidden", {**GPT, "heads": "3", "hidden": "64"},
      ["--hidden 64", "--heads 3"]),
     ("tensor does not divide heads", {**GPT, "tensor_parallel": "3"},
@@ -48,6 +50,14 @@ def test_refused(case: str, cli: dict[str, Any], texts: list[str]) -> None:
     assert "HINT:" in msg, msg
     for text in texts:
         assert text in msg, (case, text, msg)
+
+
+def test_grid_takes_the_loops_options() -> None:
+    """Options the one loop owns are no longer refused with --model gpt."""
+    cfg = resolve({**GPT, "accumulate": "2", "clip_grad_norm": "1.0", "global_batch": "32",
+                   "timeline": "t.json", "sample_log": "s.log", "tensorboard": "tb"},
+                  environ={})
+    assert (cfg.accumulate, cfg.clip_grad_norm, cfg.global_batch) == (2, 1.0, 32)
 
 
 def test_good_grid_resolves() -> None:

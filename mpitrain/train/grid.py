@@ -1,0 +1,247 @@
+"""Tensor x pipeline x data parallelism in the one loop: the grid's parts and its step.
+
+``--tensor-parallel T --pipeline-stages P`` on N ranks form a
+:class:`~mpitrain.parallel.grid.Grid` with N / (T x P) data-parallel replicas; each rank builds
+one (pipeline stage, tensor slice) of the built-in GPT. The loop (``mpitrain.train.loop``) is
+the same as for data parallelism: :class:`PipelineSteps` is its slot (the pipeline schedule over
+the step's micro-batches) and :class:`GridExchange` the exchange it steps. Every rank of one
+data-parallel index reads the same batches (the first stage uses the inputs, the last the
+targets), so the data order is the data-parallel one over the replicas: with one replica it is
+the single-process order, whatever the split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mpitrain.errors import DataError, with_hint
+from mpitrain.grad.protocol import ExchangeBase
+from mpitrain.parallel.grid import Grid
+from mpitrain.parallel.pipeline import PipelineEngine
+from mpitrain.runtime.collective import agree
+from mpitrain.timeline.recorder import NULL, Timeline
+from mpitrain.train.gpt import GPTConfig, GPTStage
+from mpitrain.train.metrics import print_line
+
+if TYPE_CHECKING:
+    from mpitrain.config import TrainConfig
+    from mpitrain.data import BatchLoader
+    from mpitrain.data.loader import Batch
+    from mpitrain.runtime.world import World
+    from mpitrain.train.loop import Parts
+
+log = logging.getLogger("mpitrain")
+
+
+class GridExchange(ExchangeBase):
+    """The exchange the loop steps for a grid: the data-parallel exchange runs inside the
+    schedule (:class:`PipelineEngine`), so ``synchronize`` has nothing left to do."""
+
+    def __init__(self, stage: GPTStage, engine: PipelineEngine, meta: dict[str, Any],
+                 owned: list[World] | None = None) -> None:
+        super().__init__(stage)
+        self.engine = engine
+        self.grid = engine.grid
+        self.rules = stage.merge_rules()
+        #: the model's shape, saved with its checkpoints and compared on resume
+        self.meta = meta
+        self._owned = owned or []
+
+    def close(self) -> None:
+        """Collective (grid): finish traffic; free the grid's and the replicas' communicators."""
+        if self.engine.dp is not None:
+            self.engine.dp.close()
+        for w in self._owned:
+            w.free()
+        self._owned = []
+        self.grid.free()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients (in place where they alias the data-parallel buckets)."""
+        if self.engine.dp is not None:
+            self.engine.dp.zero_grad()
+        else:
+            self.module.zero_grad(set_to_none=set_to_none)
+
+    def replicas_identical(self) -> bool:
+        """No: each rank holds its own part of the model."""
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """This step's wait in pipeline receives, as a fraction of the step (the bubble)."""
+        st = self.engine.stats
+        return {"pipeline_wait_frac": st.wait_seconds / st.step_seconds
+                if st.step_seconds > 0 else 0.0}
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Collective (grid): clip to a global norm over every parameter of the model, once.
+
+        Tensor-split parameters are summed over the tensor group, replicated ones (norms,
+        row-layer biases) counted once, the tied head once (the first stage's embedding),
+        the stages summed over the pipeline group; data-parallel replicas hold the same
+        averaged gradients and are not summed.
+        """
+        from mpitrain.comm.allreduce import allreduce_
+
+        split = torch.zeros(2, dtype=torch.float64)  # [tensor-split, replicated]
+        grads = []
+        for name, p in self.module.named_parameters():
+            if p.grad is None:
+                continue
+            dim, _k, dropped = self.rules.get(name, [None, 1, False])
+            if not dropped:
+                split[0 if dim is not None else 1] += float(p.grad.double().pow(2).sum())
+            grads.append(p.grad)
+        if self.grid.tp_rank != 0:
+            split[1] = 0.0
+        allreduce_(split, self.grid.tp_comm, average=False)
+        total = split.sum().reshape(1)
+        allreduce_(total, self.grid.pp_comm, average=False)
+        norm = total.sqrt().to(torch.float32)[0]
+        coef = max_norm / (float(norm) + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+
+class PipelineSteps:
+    """The grid's step: the step's micro-batches through the pipeline schedule (one
+    ``train_step`` per loaded batch, gradients reduced once on the last)."""
+
+    accuracy = False
+
+    def __init__(self, engine: PipelineEngine, device: torch.device) -> None:
+        self.engine, self.device = engine, device
+        self.sum_comm = engine.grid.dp_comm
+        self.replicas = engine.grid.data
+        self.timeline: Timeline = NULL
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record the schedule's span into ``recorder``."""
+        self.timeline = recorder
+
+    def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        w = batch.x.to(self.device)
+        return w[:, :-1], w[:, 1:]
+
+    def forward_backward(self, micro: list[Batch]) -> tuple[float, int]:
+        """Collective (grid): run the schedule on each batch; the loss is per token."""
+        total = float(sum(int(b.mask.sum()) for b in micro))
+        loss_sum = 0.0
+        t_tl = self.timeline.now()
+        for i, batch in enumerate(micro):
+            x, y = self._split(batch)
+            n = float(len(x))
+            loss = self.engine.train_step(x, y, loss_scale=n / max(total, 1.0),
+                                          last=i == len(micro) - 1)
+            if not math.isfinite(loss):
+                raise DataError(with_hint(f"the loss is {loss}",
+                                          "lower --lr or use --optimizer adamw"))
+            loss_sum += loss * n
+        self.timeline.span("pipeline schedule", t_tl)
+        return loss_sum, 0
+
+    def eval_batch(self, batch: Batch) -> tuple[float, float, float]:
+        """Collective (grid): the batch's loss sum over its real samples, forward only."""
+        keep = batch.mask.bool()
+        n = int(keep.sum())
+        if n == 0:  # every rank of this data-parallel index sees the same mask
+            return 0.0, 0.0, 0.0
+        x, y = self._split(batch)
+        return self.engine.eval_step(x[keep], y[keep]) * n, 0.0, float(n)
+
+
+def open_corpus(
+    cfg: TrainConfig, world: World, grid: Grid, batch: int
+) -> tuple[BatchLoader, BatchLoader | None]:
+    """Collective: open the token shards and this data-parallel index's loaders."""
+    from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
+    from mpitrain.train.builtin import ensure_corpus
+
+    data_dir = Path(cfg.data) if cfg.data else ensure_corpus(world.comm, cfg.context)
+
+    def open_data() -> tuple[Any, Any]:
+        shape = load_manifest(data_dir).arrays["x"].shape  # before the token ids are read
+        if shape != (cfg.context + 1,):
+            raise DataError(with_hint(
+                f"'{data_dir}' holds samples of shape {shape}; --model gpt "
+                f"with --context {cfg.context} needs token windows of {cfg.context + 1}",
+                f"write them with: python -m data_tools corpus --context {cfg.context}"))
+        # token ids outside [0, vocab) are refused here (or in the batch that reads them,
+        # for data too large to check at open), never as an IndexError in the embedding
+        vocab = GPTConfig.from_train(cfg).vocab
+        train = ShardedDataset(data_dir, split=cfg.train_split, tokens=vocab)
+        test = (ShardedDataset(data_dir, split=cfg.test_split, tokens=vocab)
+                if cfg.test_split else None)
+        return train, test
+
+    train_ds, test_ds = agree(world.comm, open_data)
+    sampler = DistributedSampler(len(train_ds), grid.dp_rank, grid.data, seed=cfg.seed,
+                                 shuffle=cfg.shuffle, drop_last=True,
+                                 chunk=train_ds.block_samples)
+    agree(world.comm, lambda: sampler.check_batch(batch))
+    train = BatchLoader(train_ds, sampler, batch, prefetch=cfg.prefetch)
+    test = None
+    if test_ds is not None:
+        ts = DistributedSampler(len(test_ds), grid.dp_rank, grid.data, seed=cfg.seed,
+                                shuffle="none", drop_last=False)
+        test = BatchLoader(test_ds, ts, max(64, batch), prefetch=1)
+    return train, test
+
+
+def memory_line(stage: torch.nn.Module) -> str:
+    """Parameter bytes of this rank's stage (what splitting the model divides)."""
+    n = sum(p.numel() for p in stage.parameters())
+    b = sum(p.numel() * p.element_size() for p in stage.parameters())
+    return f"{n} parameters ({b / 2**20:.1f} MiB)"
+
+
+def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
+                     make_reducer: Any) -> Parts:
+    """Collective: the grid, this rank's stage, its schedule, optimizer and loaders.
+
+    ``make_reducer(world)`` builds the data-parallel transport over the grid's replicas
+    (``--allreduce``, ``--cuda-aware``, as for plain data parallelism).
+    """
+    from mpitrain.grad.hooks import make_hook
+    from mpitrain.grad.parallel import DataParallel
+    from mpitrain.runtime.world import World
+    from mpitrain.train.loop import Parts
+    from mpitrain.train.optim import build_optimizer, build_scheduler, rank_batch
+
+    grid = Grid.create(world.comm, tensor=cfg.tensor_parallel, pipeline=cfg.pipeline_stages,
+                       node_index=world.node_index)
+    batch = agree(world.comm, lambda: rank_batch(cfg, grid.data))
+    train, test = open_corpus(cfg, world, grid, batch)
+    stage = GPTStage(GPTConfig.from_train(cfg), grid.tp_comm, grid.pp_rank, grid.pipeline)
+    stage.to(device)
+    dp, owned = None, []
+    if grid.data > 1:
+        dp_world = World.create(grid.dp_comm)
+        owned.append(dp_world)
+        dp = DataParallel(stage, comm=grid.dp_comm, bucket_mb=cfg.bucket_mb,
+                          hook=make_hook(cfg.compression), reducer=make_reducer(dp_world))
+    engine = PipelineEngine(stage, grid, micro_batches=cfg.micro_batches,
+                            schedule=cfg.pipeline_schedule, data_parallel=dp,
+                            tied=stage.tied_parameters(),
+                            sequence_parallel_params=stage.sequence_parallel_parameters(),
+                            device=device)
+    optimizer = build_optimizer(cfg, stage.parameters(), grid.data)
+    steps_per_epoch = -(-len(train) // cfg.accumulate)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    if world.rank == 0:
+        micro = batch // cfg.micro_batches
+        print_line(f"mpitrain: gpt {cfg.layers} layers x {cfg.hidden} wide, {cfg.heads} "
+                   f"heads, context {cfg.context}; {grid.describe()}; {cfg.micro_batches} "
+                   f"micro-batches of {micro} ({cfg.pipeline_schedule}); "
+                   f"stage 0: {memory_line(stage)}")
+    meta = {"model": "gpt", "context": cfg.context, "hidden": cfg.hidden, "heads": cfg.heads,
+            "layers": cfg.layers, "optimizer": cfg.optimizer}
+    return Parts(GridExchange(stage, engine, meta, owned), optimizer, scheduler, train, test,
+                 device, PipelineSteps(engine, device))
