@@ -7,7 +7,10 @@ Horovod's API is process-global (``hvd.rank()`` takes no communicator), so ``hvd
 makes one :class:`~mpitrain.horovod.context.Context` (world, process sets, integer handle
 table, names in flight); every collective is agreed by all ranks before data moves
 (:mod:`mpitrain.horovod.negotiate`), so mismatched calls raise on every rank instead of
-hanging.
+hanging, and a rank that shuts down or exits makes its peers' calls raise.
+
+``python -m mpitrain.horovod install-alias`` makes ``import horovod.torch as hvd`` give this
+module (:mod:`mpitrain.horovod.alias`), for scripts and libraries that import Horovod.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from mpitrain.grad.compression import (
     FP16Compressor,
     NoneCompressor,
 )
-from mpitrain.horovod import elastic
+from mpitrain.horovod import compression, elastic, functions, mpi_ops
 from mpitrain.horovod.api import (
     Adasum,
     Average,
@@ -57,8 +60,27 @@ from mpitrain.horovod.api import (
     reducescatter_async,
     sparse_allreduce_async,
 )
+from mpitrain.horovod.basics import (
+    ccl_built,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    ddl_built,
+    gloo_built,
+    gloo_enabled,
+    is_homogeneous,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    nccl_built,
+    rank,
+    rocm_built,
+    size,
+)
 from mpitrain.horovod.context import (
-    HorovodInternalError,
     ProcessSet,
     add_process_set,
     global_process_set,
@@ -66,8 +88,7 @@ from mpitrain.horovod.context import (
     remove_process_set,
     shutdown,
 )
-from mpitrain.horovod.context import context as _context
-from mpitrain.horovod.context import current as _current
+from mpitrain.horovod.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 from mpitrain.horovod.handles import poll, synchronize
 from mpitrain.horovod.optimizer import (
     DistributedOptimizer,
@@ -76,104 +97,6 @@ from mpitrain.horovod.optimizer import (
 )
 from mpitrain.horovod.sync_batch_norm import SyncBatchNorm
 from mpitrain.horovod.timeline import start_timeline, stop_timeline
-
-
-class HostsUpdatedInterrupt(RuntimeError):
-    """Horovod elastic's interrupt; never raised here (elastic mode is not provided)."""
-
-
-def is_initialized() -> bool:
-    """Return whether :func:`init` has been called (and not shut down)."""
-    return _current() is not None
-
-
-def rank() -> int:
-    """Return this process's rank."""
-    return _context().world.rank
-
-
-def size() -> int:
-    """Return the number of processes."""
-    return _context().world.size
-
-
-def local_rank() -> int:
-    """Return the rank within this node."""
-    return _context().world.local_rank
-
-
-def local_size() -> int:
-    """Return the number of processes on this node."""
-    return _context().world.local_size
-
-
-def cross_rank() -> int:
-    """Return this node's index among nodes (rank in the cross-node communicator)."""
-    return _context().world.cross_comm.rank
-
-
-def cross_size() -> int:
-    """Return the number of nodes holding a process with this local rank."""
-    return _context().world.cross_comm.size
-
-
-def is_homogeneous() -> bool:
-    """Return whether every node runs the same number of processes (collective-free)."""
-    w = _context().world
-    return w.size == w.local_size * w.num_nodes
-
-
-def mpi_threads_supported() -> bool:
-    """Return whether MPI was initialized with MPI_THREAD_MULTIPLE."""
-    from mpi4py import MPI
-
-    _context()
-    return bool(MPI.Query_thread() == MPI.THREAD_MULTIPLE)
-
-
-def mpi_enabled() -> bool:
-    """Return True: collectives run over MPI."""
-    return True
-
-
-def mpi_built(verbose: bool = False) -> bool:
-    """Return True: built on MPI (mpi4py)."""
-    return True
-
-
-def gloo_enabled() -> bool:
-    """Return False: there is no Gloo controller."""
-    return False
-
-
-def gloo_built(verbose: bool = False) -> bool:
-    """Return False: no Gloo."""
-    return False
-
-
-def nccl_built(verbose: bool = False) -> int:
-    """Return 0: NCCL is not used (device tensors go through MPI, staged or CUDA-aware)."""
-    return 0
-
-
-def ddl_built(verbose: bool = False) -> bool:
-    """Return False: no IBM DDL."""
-    return False
-
-
-def ccl_built(verbose: bool = False) -> bool:
-    """Return False: no oneCCL."""
-    return False
-
-
-def cuda_built(verbose: bool = False) -> bool:
-    """Return False: no CUDA kernels of its own (CUDA tensors are staged or CUDA-aware MPI)."""
-    return False
-
-
-def rocm_built(verbose: bool = False) -> bool:
-    """Return False: no ROCm kernels."""
-    return False
 
 
 def __getattr__(name: str) -> Any:
@@ -216,11 +139,13 @@ __all__ = [
     "broadcast_optimizer_state",
     "broadcast_parameters",
     "ccl_built",
+    "compression",
     "cross_rank",
     "cross_size",
     "cuda_built",
     "ddl_built",
     "elastic",
+    "functions",
     "global_process_set",
     "gloo_built",
     "gloo_enabled",
@@ -240,6 +165,7 @@ __all__ = [
     "local_size",
     "mpi_built",
     "mpi_enabled",
+    "mpi_ops",
     "mpi_threads_supported",
     "nccl_built",
     "poll",

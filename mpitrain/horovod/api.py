@@ -50,8 +50,8 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
     """Collective: return the reduction (Average by default) of ``tensor``; differentiable."""
     o = _o.op_of(op, average)
     sent, cctx = compression.compress(tensor)
-    out = _ag.call(_ag.HorovodAllreduce, sent, name, o, prescale_factor, postscale_factor,
-                                     process_set)
+    out = _ag.call(_ag.HorovodAllreduce, sent, None, name, o, prescale_factor,
+                   postscale_factor, process_set)
     result: torch.Tensor = compression.decompress(out, cctx)
     return result
 
@@ -95,8 +95,8 @@ def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = No
     """Collective: return the reductions of a list of tensors; differentiable."""
     o = _o.op_of(op, average)
     pairs = [compression.compress(t) for t in tensors]
-    outs = _ag.call(_ag.HorovodGroupedAllreduce, name, o, prescale_factor, postscale_factor,
-                                             process_set, *[p[0] for p in pairs])
+    outs = _ag.call(_ag.HorovodGroupedAllreduce, None, name, o, prescale_factor,
+                    postscale_factor, process_set, *[p[0] for p in pairs])
     return [compression.decompress(t, p[1]) for t, p in zip(outs, pairs, strict=True)]
 
 
@@ -216,8 +216,8 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
                   postscale_factor: float = 1.0) -> torch.Tensor:
     """Collective: reduce (Average or Sum) and keep this rank's block of dim 0."""
     sent, cctx = compression.compress(tensor)
-    out = _ag.call(_ag.HorovodReducescatter, sent, name, op, prescale_factor, postscale_factor,
-                                         process_set)
+    out = _ag.call(_ag.HorovodReducescatter, sent, name, op, process_set, prescale_factor,
+                   postscale_factor)
     result: torch.Tensor = compression.decompress(out, cctx)
     return result
 
@@ -237,8 +237,8 @@ def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = No
                           postscale_factor: float = 1.0) -> list[torch.Tensor]:
     """Collective: reduce-scatter a list of tensors; differentiable."""
     pairs = [compression.compress(t) for t in tensors]
-    outs = _ag.call(_ag.HorovodGroupedReducescatter, name, op, prescale_factor, postscale_factor,
-                                                 process_set, *[p[0] for p in pairs])
+    outs = _ag.call(_ag.HorovodGroupedReducescatter, name, op, process_set, prescale_factor,
+                    postscale_factor, *[p[0] for p in pairs])
     return [compression.decompress(t, p[1]) for t, p in zip(outs, pairs, strict=True)]
 
 
@@ -267,16 +267,19 @@ def join(device: int = -1) -> int:
     is accepted for compatibility (zeros are host tensors).
     """
     ctx = _c.context()
-    comm = ctx.world.comm
+    ctx.raise_if_down("hvd.join")
+    comm, ctl = ctx.world.comm, ctx.control_of(_G)
     state = ctx.state_of(_G)
     state.rounds += 1
     joined_at = state.rounds
     while True:
-        rows = _n.exchange(comm, _n.JOINED, joined_at, state.rounds)
+        rows = _n.exchange(ctl, _n.JOINED, joined_at, state.rounds)
         if (rows[:, 0] == _n.JOINED).all():
             last = max(range(comm.size), key=lambda r: (int(rows[r, 1]), r))
             return int(last)
-        outcome = _n.resolve(comm, rows, None, None)
+        outcome = _n.resolve(ctl, rows, None, None)
+        if outcome.shutdown is not None:
+            raise ctx.learn(_G, outcome.shutdown, "hvd.join")
         if outcome.error is None and outcome.request is not None:
             if outcome.request.kind in ("allreduce", "grouped_allreduce"):
                 _o.join_contribute(comm, outcome.request)

@@ -5,6 +5,7 @@ gradient is averaged across ranks and this rank's rows are returned. broadcast: 
 is averaged; ranks other than the root get zeros. alltoall: the gradient goes back through
 alltoall with the received splits. reducescatter: the gradient is all-gathered (divided by
 the set size for Average, times the scale factors). Grouped variants do the same per tensor.
+The ``forward`` arguments are Horovod's (``horovod.torch.mpi_ops.HorovodAllreduce`` etc.).
 """
 
 from __future__ import annotations
@@ -30,35 +31,37 @@ class HorovodAllreduce(torch.autograd.Function):
     """All-reduce whose backward all-reduces the gradient the same way."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, name: str | None, op: int, pre: float,
-                post: float, ps: Any) -> torch.Tensor:
-        ctx.args = (op, pre, post, ps)
-        out: torch.Tensor = _o.allreduce_op([tensor], None, name, op, pre, post, ps,
+    def forward(ctx: Any, tensor: torch.Tensor, average: bool | None, name: str | None,
+                op: int | None, pre: float, post: float, ps: Any) -> torch.Tensor:
+        o = _o.op_of(op, average)
+        ctx.args = (o, pre, post, ps)
+        out: torch.Tensor = _o.allreduce_op([tensor], None, name, o, pre, post, ps,
                                             False).result()
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         op, pre, post, ps = ctx.args
-        g = call(HorovodAllreduce, grad.contiguous(), None, op, pre, post, ps)
-        return g, None, None, None, None, None
+        g = call(HorovodAllreduce, grad.contiguous(), None, None, op, pre, post, ps)
+        return g, None, None, None, None, None, None
 
 
 class HorovodGroupedAllreduce(torch.autograd.Function):
     """Grouped all-reduce; backward is a grouped all-reduce of the gradients."""
 
     @staticmethod
-    def forward(ctx: Any, name: str | None, op: int, pre: float, post: float, ps: Any,
-                *tensors: torch.Tensor) -> Any:
-        ctx.args = (op, pre, post, ps)
-        return tuple(_o.allreduce_op(tensors, None, name, op, pre, post, ps, True).result())
+    def forward(ctx: Any, average: bool | None, name: str | None, op: int | None, pre: float,
+                post: float, ps: Any, *tensors: torch.Tensor) -> Any:
+        o = _o.op_of(op, average)
+        ctx.args = (o, pre, post, ps)
+        return tuple(_o.allreduce_op(tensors, None, name, o, pre, post, ps, True).result())
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         op, pre, post, ps = ctx.args
-        out = call(HorovodGroupedAllreduce, None, op, pre, post, ps,
-                                            *[g.contiguous() for g in grads])
-        return (None, None, None, None, None, *out)
+        out = call(HorovodGroupedAllreduce, None, None, op, pre, post, ps,
+                   *[g.contiguous() for g in grads])
+        return (None, None, None, None, None, None, *out)
 
 
 def _offsets(dims: list[int], ps: Any, grouped: bool) -> list[int]:
@@ -81,7 +84,8 @@ class HorovodAllgather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        reduced = call(HorovodAllreduce, grad.contiguous(), None, _o.Average, 1.0, 1.0, ctx.ps)
+        reduced = call(HorovodAllreduce, grad.contiguous(), None, None, _o.Average, 1.0, 1.0,
+                       ctx.ps)
         off = _offsets([ctx.dim], ctx.ps, False)[0]
         return reduced.narrow(0, off, ctx.dim), None, None
 
@@ -97,8 +101,8 @@ class HorovodGroupedAllgather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
-        reduced = call(HorovodGroupedAllreduce, None, _o.Average, 1.0, 1.0, ctx.ps,
-                                                *[g.contiguous() for g in grads])
+        reduced = call(HorovodGroupedAllreduce, None, None, _o.Average, 1.0, 1.0, ctx.ps,
+                       *[g.contiguous() for g in grads])
         offs = _offsets(ctx.dims, ctx.ps, True)
         return (None, None, *[r.narrow(0, o, d)
                               for r, o, d in zip(reduced, offs, ctx.dims, strict=True)])
@@ -116,7 +120,8 @@ class HorovodBroadcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        reduced = call(HorovodAllreduce, grad.contiguous(), None, _o.Average, 1.0, 1.0, ctx.ps)
+        reduced = call(HorovodAllreduce, grad.contiguous(), None, None, _o.Average, 1.0, 1.0,
+                       ctx.ps)
         if _c.context().world.rank != ctx.root:
             reduced = reduced * 0
         return reduced, None, None, None
@@ -149,8 +154,8 @@ class HorovodReducescatter(torch.autograd.Function):
     """Reduce-scatter; backward all-gathers the gradient (scaled like the forward)."""
 
     @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, name: str | None, op: int, pre: float,
-                post: float, ps: Any) -> torch.Tensor:
+    def forward(ctx: Any, tensor: torch.Tensor, name: str | None, op: int, ps: Any,
+                pre: float, post: float) -> torch.Tensor:
         ctx.args = (op, pre, post, ps)
         out: torch.Tensor = _o.reducescatter_op([tensor], name, op, pre, post, ps,
                                                 False).result()
@@ -167,7 +172,7 @@ class HorovodGroupedReducescatter(torch.autograd.Function):
     """Grouped reduce-scatter; backward as :class:`HorovodReducescatter` per tensor."""
 
     @staticmethod
-    def forward(ctx: Any, name: str | None, op: int, pre: float, post: float, ps: Any,
+    def forward(ctx: Any, name: str | None, op: int, ps: Any, pre: float, post: float,
                 *tensors: torch.Tensor) -> Any:
         ctx.args = (op, pre, post, ps)
         return tuple(_o.reducescatter_op(tensors, name, op, pre, post, ps, True).result())

@@ -4,15 +4,27 @@ Horovod's API has no communicator argument (``hvd.rank()``, ``hvd.allreduce(t)``
 context per process is unavoidable. Everything lives in it: the world, the registered
 process sets, the table from integer handles to operations (Horovod's ``synchronize`` takes
 an ``int``), the names in flight and the join state. ``shutdown()`` drops it all.
+
+Ending unevenly: ``init()`` makes an uncaught exception on any rank abort the whole job
+(mpitrain's excepthook: ``rank R/N on HOST`` and the traceback, then ``MPI_Abort``), and
+``shutdown()``, which also runs at interpreter exit, posts a notice on every process set
+(:mod:`mpitrain.horovod.negotiate`): peers that are in, or later enter, a collective raise
+Horovod's "Horovod has been shut down" error instead of waiting for a rank that has gone.
 """
 
 from __future__ import annotations
 
+import atexit
+import sys
+import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from mpitrain.horovod.exceptions import HorovodInternalError, shut_down_message
+from mpitrain.horovod.negotiate import Notice, Request, negotiate
+from mpitrain.runtime.abort import install_excepthook
 from mpitrain.timeline import NULL, Timeline, TraceSession
 
 if TYPE_CHECKING:
@@ -20,10 +32,6 @@ if TYPE_CHECKING:
 
     from mpitrain.horovod.handles import Op
     from mpitrain.runtime.world import World
-
-
-class HorovodInternalError(RuntimeError):
-    """A collective failed (ranks disagreed, or an op is unsupported in this state)."""
 
 
 def _not_initialized() -> ValueError:
@@ -46,6 +54,7 @@ class ProcessSet:
             self.ranks = None
             self.mpi_comm = ranks_or_comm
         self._comm: MPI.Intracomm | None = None  # this rank's sub-communicator, if included
+        self._ctl: MPI.Intracomm | None = None  # its duplicate for agreements and notices
         self._rank: int | None = None
 
     def size(self) -> int | None:
@@ -64,13 +73,17 @@ class ProcessSet:
         return f"ProcessSet(process_set_id={self.process_set_id}, ranks={self.ranks})"
 
     def _attach(self, set_id: int, ranks: list[int], comm: MPI.Intracomm | None) -> None:
+        """Collective over ``comm``: adopt it (and a duplicate for the agreements)."""
         self.process_set_id, self.ranks, self._comm = set_id, ranks, comm
         self._rank = None if comm is None else comm.rank
+        self._ctl = None if comm is None else comm.Dup()
 
     def _detach(self) -> None:
         if self._comm is not None and self.process_set_id != 0:
             self._comm.Free()
-        self.process_set_id, self._comm, self._rank = None, None, None
+        if self._ctl is not None:
+            self._ctl.Free()
+        self.process_set_id, self._comm, self._ctl, self._rank = None, None, None, None
 
 
 global_process_set = ProcessSet([])  # every rank; attached by init()
@@ -97,6 +110,11 @@ class Context:
     timeline: Timeline = NULL  # hvd.start_timeline's recorder
     trace: TraceSession | None = None
     engines: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet)
+    init_comm: Any = None  # init()'s argument, for hvd.elastic's reset
+    down: int | None = None  # the Horovod rank whose shutdown ended Horovod here
+    closed: set[int] = field(default_factory=set)  # sets with no more agreements
+    notices: list[Notice] = field(default_factory=list)
+    hooks: tuple[Any, ...] = ()  # the excepthooks init() replaced, then its own
 
     def comm_of(self, ps: ProcessSet | None, what: str = "this operation") -> MPI.Intracomm:
         """Return this rank's communicator of ``ps``; raise Horovod's error if not a member."""
@@ -114,6 +132,54 @@ class Context:
                 f"(ranks {ps.ranks})"
             )
         return ps._comm
+
+    def control_of(self, ps: ProcessSet | None) -> MPI.Intracomm:
+        """Return the communicator the agreements of a set (already checked) run on."""
+        ctl = (global_process_set if ps is None else ps)._ctl
+        assert ctl is not None
+        return ctl
+
+    def raise_if_down(self, what: str) -> None:
+        """Raise Horovod's shut-down error once some rank has shut down (and progress notices)."""
+        if self.down is None:
+            return
+        from mpi4py import MPI
+
+        MPI.Request.Testall([n.request for n in self.notices])
+        raise HorovodInternalError(shut_down_message(self.down, self.world.rank, what))
+
+    def learn(self, ps: ProcessSet | None, origin: int, what: str) -> HorovodInternalError:
+        """Record that ``origin`` shut down (seen on ``ps`` while in ``what``); pass the notice
+        on to every other set this rank belongs to, so peers waiting there raise too.
+
+        Returns the error to raise.
+        """
+        self.closed.add(cast(int, (global_process_set if ps is None else ps).process_set_id))
+        if self.down is None:
+            self.down = origin
+            self.announce(origin)
+        return HorovodInternalError(shut_down_message(self.down, self.world.rank, what))
+
+    def announce(self, origin: int) -> None:
+        """Post this rank's last row, a notice naming ``origin``, on every open set it is in."""
+        for sid, ps in sorted(self.sets.items()):
+            if sid not in self.closed and ps._ctl is not None:
+                self.notices.append(Notice(ps._ctl, origin))
+                self.closed.add(sid)
+
+    def agree(self, what: str, ps: ProcessSet | None = None) -> None:
+        """Collective over ``ps``: agree before a step that communicates outside the agreements
+        (registering a set, a timeline, an optimizer's layout check); raises like a collective.
+        """
+        self.comm_of(ps, what)
+        self.raise_if_down(what)
+        state = self.state_of(global_process_set if ps is None else ps)
+        state.rounds += 1
+        outcome = negotiate(self.control_of(ps), state.rounds, Request(what))
+        if outcome.shutdown is not None:
+            raise self.learn(ps, outcome.shutdown, what)
+        if outcome.error is not None:
+            raise HorovodInternalError(outcome.error)
 
     def state_of(self, ps: ProcessSet) -> SetState:
         """Return the bookkeeping of a registered set."""
@@ -151,6 +217,7 @@ class Context:
 
 
 _ctx: Context | None = None
+_exit_hook: list[bool] = []  # shutdown() is registered with atexit once per process
 
 
 def context() -> Context:
@@ -178,16 +245,23 @@ def init(comm: Any = None, process_sets: Iterable[ProcessSet] | str | None = Non
 
     if _ctx is not None:
         return
+    init_comm = comm
     if comm is None:
         comm = MPI.COMM_WORLD
     elif isinstance(comm, list | tuple):
         group = MPI.COMM_WORLD.group.Incl([int(r) for r in comm])
         comm = MPI.COMM_WORLD.Create_group(group)  # collective over the listed ranks only
         group.Free()
-    ctx = Context(World.create(comm))
+    ctx = Context(World.create(comm), init_comm=init_comm)
     global_process_set._attach(0, list(range(ctx.world.size)), ctx.world.comm)
     ctx.sets[0] = global_process_set
     ctx.states[0] = SetState()
+    before = (sys.excepthook, threading.excepthook)
+    install_excepthook(ctx.world.comm)
+    ctx.hooks = (*before, sys.excepthook, threading.excepthook)
+    if not _exit_hook:
+        atexit.register(_shutdown_at_exit)
+        _exit_hook.append(True)
     _ctx = ctx
     if process_sets is not None and not isinstance(process_sets, str):
         for ps in process_sets:
@@ -195,23 +269,58 @@ def init(comm: Any = None, process_sets: Iterable[ProcessSet] | str | None = Non
 
 
 def shutdown() -> None:
-    """Collective: free the process sets and communicators made by :func:`init`."""
+    """Collective: end Horovod on this rank; peers' pending and later calls raise.
+
+    Waits for this rank's operations in flight, posts a notice on every process set (so peers
+    blocked in a collective, or entering one later, raise Horovod's shut-down error) and waits
+    until each peer has seen it, then frees the communicators and restores the excepthooks.
+    """
     global _ctx
+    from mpi4py import MPI
+
     ctx = _ctx
     if ctx is None:
         return
     _ctx = None
-    if ctx.trace is not None:
-        ctx.trace.stop()
-    for ps in list(ctx.sets.values()):
-        ps._detach()
-    ctx.world.free()
+    try:
+        for op in list(ctx.handles.values()):
+            try:
+                op.wait()  # agreed by every rank, so it completes
+            except Exception:  # the caller never synchronized it: its error is moot now
+                continue
+        ctx.announce(ctx.world.rank if ctx.down is None else ctx.down)
+        MPI.Request.Waitall([n.request for n in ctx.notices])
+        together = ctx.down is None and all(n.everyone() for n in ctx.notices)
+        if ctx.trace is not None and together:
+            ctx.trace.stop()  # collective: every rank is here
+        elif ctx.trace is not None:
+            sys.stderr.write(f"hvd.shutdown: rank {ctx.world.rank}: timeline not written "
+                             "(the ranks did not shut down together)\n")
+    finally:
+        for ps in list(ctx.sets.values()):
+            ps._detach()
+        ctx.world.free()
+        if ctx.hooks:  # put back what init() replaced, unless the script changed it since
+            old_sys, old_thread, ours_sys, ours_thread = ctx.hooks
+            if sys.excepthook is ours_sys:
+                sys.excepthook = old_sys
+            if threading.excepthook is ours_thread:
+                threading.excepthook = old_thread
+
+
+def _shutdown_at_exit() -> None:
+    from mpi4py import MPI
+
+    if _ctx is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        shutdown()
 
 
 def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     """Collective (every rank): register a new process set; returns it."""
     ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
-    context().register(ps)
+    ctx = context()
+    ctx.agree("hvd.add_process_set")
+    ctx.register(ps)
     return ps
 
 
@@ -221,7 +330,7 @@ def remove_process_set(process_set: ProcessSet) -> bool:
     sid = process_set.process_set_id
     if sid is None or sid == 0 or ctx.sets.get(sid) is not process_set:
         return False
-    ctx.world.comm.Barrier()  # every rank removes it together
+    ctx.agree("hvd.remove_process_set")  # every rank removes it together
     del ctx.sets[sid]
     del ctx.states[sid]
     process_set._detach()

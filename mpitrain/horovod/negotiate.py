@@ -7,6 +7,13 @@ the request and a round number. When every rank is ok with the same digest the d
 otherwise the full requests are all-gathered (pickled; the error path only) and every rank
 builds the same message from them. Joined ranks (``hvd.join``) answer with their status so
 the others learn who contributes zeros.
+
+A rank that shuts down (``hvd.shutdown()``, or the end of its script) posts one last row,
+a *notice* (status SHUTDOWN, the Horovod rank that shut down first in place of the digest),
+on every process set it belongs to. It matches whatever exchange each peer makes next on that
+set, so a peer blocked in a collective, or calling one later, learns of it and raises
+instead of waiting forever. Exchanges and notices are non-blocking all-gathers on a
+communicator used for nothing else, so a notice never meets a data transfer.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-OK, BAD, JOINED = 0, 1, 2
+OK, BAD, JOINED, SHUTDOWN = 0, 1, 2, 3
 #: kinds whose first dimension may differ between ranks
 VAR_DIM0 = frozenset({"allgather", "grouped_allgather", "alltoall"})
 #: kinds that proceed while some ranks have joined (they contribute zeros, or nothing)
@@ -82,14 +89,40 @@ class Outcome:
     error: str | None = None
     joined: tuple[int, ...] = ()
     request: Request | None = None  # the active ranks' request (what joined ranks mirror)
+    shutdown: int | None = None  # the Horovod rank whose shutdown ended this set
+
+
+class Notice:
+    """A posted shut-down row on one set's control communicator (keeps its buffers alive)."""
+
+    __slots__ = ("_bufs", "request")
+
+    def __init__(self, comm: MPI.Intracomm, origin: int) -> None:
+        row = np.array([SHUTDOWN, origin, -1], dtype=np.int64)
+        rows = np.empty((comm.size, 3), dtype=np.int64)
+        self._bufs = (row, rows)
+        self.request = comm.Iallgather(row, rows)
+
+    def everyone(self) -> bool:
+        """Return whether every rank of the set posted a notice too (after completion)."""
+        return bool((self._bufs[1][:, 0] == SHUTDOWN).all())
 
 
 def exchange(comm: MPI.Intracomm, status: int, key: int, stamp: int) -> np.ndarray:
-    """Collective: all-gather (status, key, stamp) from every rank; returns a (size, 3) array."""
+    """Collective: all-gather (status, key, stamp) from every rank; returns a (size, 3) array.
+
+    Non-blocking underneath, so that it matches a peer's :class:`Notice`.
+    """
     row = np.array([status, key, stamp], dtype=np.int64)
     rows = np.empty((comm.size, 3), dtype=np.int64)
-    comm.Allgather(row, rows)
+    comm.Iallgather(row, rows).Wait()
     return rows
+
+
+def shut_down_by(rows: np.ndarray) -> int | None:
+    """Return the Horovod rank named by a notice among ``rows`` (the lowest), or None."""
+    origins = [int(rows[r, 1]) for r in range(len(rows)) if rows[r, 0] == SHUTDOWN]
+    return min(origins) if origins else None
 
 
 def _active(rows: np.ndarray) -> list[int]:
@@ -106,8 +139,12 @@ def resolve(comm: MPI.Intracomm, rows: np.ndarray, req: Request | None,
             local_error: str | None) -> Outcome:
     """Collective: turn gathered rows into an Outcome, the same on every rank.
 
-    Joined ranks call this with ``req=None`` (they mirror the active ranks' request).
+    Joined ranks call this with ``req=None`` (they mirror the active ranks' request). A
+    notice among the rows ends the set for everyone (no further collective on ``comm``).
     """
+    origin = shut_down_by(rows)
+    if origin is not None:
+        return Outcome(shutdown=origin)
     if disagree(rows):
         gathered: list[tuple[Request | None, str | None]] = comm.allgather((req, local_error))
         return Outcome(error=describe(gathered))

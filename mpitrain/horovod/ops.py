@@ -19,6 +19,7 @@ from mpitrain.comm.alltoall import ialltoallv_
 from mpitrain.comm.handle import DONE, Handle, MultiHandle, RequestHandle
 from mpitrain.comm.uneven import iallgatherv_, ireduce_scatter_
 from mpitrain.horovod import context as _c
+from mpitrain.horovod.exceptions import HorovodInternalError
 from mpitrain.horovod.handles import Op
 from mpitrain.horovod.negotiate import Outcome, Request, negotiate
 
@@ -100,20 +101,28 @@ def finish_reduce_(t: torch.Tensor, op: str, size: int, post: float) -> None:
 
 
 def submit(ps: Any, req: Request, start: Start, local_error: str | None = None) -> Op:
-    """Collective over ``ps``: negotiate ``req``, then ``start`` the data movement."""
+    """Collective over ``ps``: negotiate ``req``, then ``start`` the data movement.
+
+    Once some rank has shut down, raises Horovod's shut-down error at once; an agreement
+    that meets a shut-down notice returns an Op holding that error.
+    """
     ctx = _c.context()
+    what = f"hvd.{req.kind}" + (f" '{req.name}'" if req.name else "")
     comm = ctx.comm_of(ps, f"hvd.{req.kind}")
+    ctx.raise_if_down(what)
     if req.name is not None and req.name in ctx.in_flight and local_error is None:
         local_error = DUPLICATE
     tl = ctx.timeline
     span = (f"hvd.{req.kind} {req.name or ''}".rstrip(), tl.now()) if tl.on else None
     state = ctx.state_of(ps if ps is not None else _c.global_process_set)
     state.rounds += 1
-    outcome = negotiate(comm, state.rounds, req, local_error)
+    outcome = negotiate(ctx.control_of(ps), state.rounds, req, local_error)
+    if outcome.shutdown is not None:
+        return Op(error=ctx.learn(ps, outcome.shutdown, what))
     if outcome.error is not None:
         if any(m in outcome.error for m in VALUE_ERRORS):
             raise ValueError(outcome.error)
-        return Op(error=_c.HorovodInternalError(outcome.error))
+        return Op(error=HorovodInternalError(outcome.error))
     inner, finish = start(comm, outcome)
     op = Op(inner, finish, name=req.name, span=span)
     if req.name is not None:

@@ -114,6 +114,7 @@ def DistributedOptimizer(
     """
     ctx = _c.context()
     comm = ctx.comm_of(process_set, "hvd.DistributedOptimizer")
+    ctx.agree("hvd.DistributedOptimizer", process_set)  # before the engine's layout check
     if op == _o.Adasum:
         raise NotImplementedError(
             "DistributedOptimizer(op=hvd.Adasum): Adasum is not provided by mpitrain.horovod; "

@@ -21,6 +21,7 @@ def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
     if ctx.trace is not None:
         raise ValueError("hvd.start_timeline: a timeline is already recording; "
                          "call hvd.stop_timeline() first")
+    ctx.agree("hvd.start_timeline")
     ctx.trace = start(ctx.world.comm, file_path)
     ctx.timeline = ctx.trace.recorder
     for engine in list(ctx.engines):
@@ -30,6 +31,7 @@ def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
 def stop_timeline() -> None:
     """Collective (every rank): stop recording and write the merged trace (rank 0)."""
     ctx = _c.context()
+    ctx.agree("hvd.stop_timeline")
     trace, ctx.trace = ctx.trace, None
     ctx.timeline = NULL
     for engine in list(ctx.engines):

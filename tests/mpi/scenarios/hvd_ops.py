@@ -298,13 +298,8 @@ def misc_checks(n: int, r: int) -> None:
             check(("hvd.allreduce traced", k) in names, f"timeline span of rank {k}")
             check(("hvd.allgather traced.gather", k) in names, "timeline async span")
         Path(path).unlink()
-    for fn in (lambda: hvd.elastic.TorchState, lambda: hvd.elastic.run):
-        try:
-            fn()
-        except NotImplementedError as exc:
-            check("mpitrain" in str(exc), "error names the alternative")
-        else:
-            check(False, "accepted")
+    # hvd.elastic runs as an ordinary job (tests/mpi/scenarios/hvd_alias_elastic.py)
+    check(callable(hvd.elastic.run) and hasattr(hvd.elastic, "TorchState"), "hvd.elastic")
 
 
 GROUPS = (allreduce_checks, allgather_checks, broadcast_checks, alltoall_checks,
