@@ -16,6 +16,7 @@ from mpitrain.data.manifest import check_name, load_manifest
 from mpitrain.data.writer import Source
 from mpitrain.errors import DataError, MpitrainError, with_hint
 from mpitrain.runtime.collective import agree
+from mpitrain.runtime.tool_io import check_output_place
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--classes", type=positive_int, default=None,
                    help="number of classes: labels must lie in [0, N) (synthetic: default 10)")
     c.add_argument("--seed", type=non_negative_int, default=0)
+    c.add_argument("--vocab", type=positive_int, default=None,
+                   help="x holds token ids: each must be an integer in [0, N) (--model gpt: 256)")
     k = sub.add_parser("corpus", help="write the byte-level Python-stdlib text corpus")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--context", type=positive_int, required=True,
@@ -232,12 +235,20 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -
     return 0
 
 
+def check_out(comm: MPI.Intracomm, out: Path) -> None:
+    """Collective: refuse an ``--out`` whose directory cannot be created or written (under a
+    regular file, read-only) before any input is read; rank 0 decides for every rank."""
+    agree(comm, lambda: check_output_place(out, "--out", hint="pick an --out in a writable "
+                                           "directory") if comm.rank == 0 else None)
+
+
 def run_convert(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Collective: convert the source named by the flags; rank 0 prints the summary."""
     from data_tools.convert import convert
 
     out = Path(os.path.abspath(a.out))
     name = a.name if a.name is not None else out.name
+    check_out(comm, out)
     source = agree(comm, lambda: make_source(a))
     params = {
         k: "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
@@ -255,6 +266,7 @@ def run_convert(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
         params=params,
         inputs=inputs_of(a),
         num_classes=a.classes,
+        vocab=a.vocab,
     )
     if comm.rank == 0:
         print(report.inspect(out))
@@ -265,6 +277,7 @@ def run_corpus(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
     """Collective: rank 0 writes the stdlib corpus (a few MiB; the other ranks wait) and
     prints the summary; a failure is raised on every rank."""
     out = Path(os.path.abspath(a.out))
+    check_out(comm, out)
     agree(
         comm,
         lambda: corpus.write_corpus(

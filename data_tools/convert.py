@@ -39,6 +39,7 @@ def convert(
     params: dict[str, Any] | None = None,
     inputs: Sequence[Path] = (),
     num_classes: int | None = None,
+    vocab: int | None = None,
 ) -> Path:
     """Collective: write ``source`` as a dataset directory ``out`` using every rank of ``comm``.
 
@@ -47,13 +48,15 @@ def convert(
     the directory into place. The result does not depend on the number of ranks. A failure
     on any rank fails every rank, removes the temporary directory and leaves ``out``
     untouched; so does a dataset that another writer published at ``out`` meanwhile.
-    ``overwrite`` replaces only a dataset directory that none of ``inputs`` is in.
+    ``overwrite`` replaces only a dataset directory that none of ``inputs`` is in. With
+    ``vocab``, ``x`` holds token ids: each must be an integer in ``[0, vocab)``; they are
+    stored as integers and the manifest's params record ``vocab``.
     """
 
     def prepare() -> tuple[CheckedSource, files.DirIdentity | None]:
         check_name(name, "--name")
         check_options(compression, samples_per_shard)
-        checked = CheckedSource(source, num_classes)
+        checked = CheckedSource(source, num_classes, vocab)
         return checked, check_target(out, overwrite, inputs)
 
     checked, replace = agree(comm, prepare)

@@ -25,6 +25,8 @@ def inspect(directory: Path) -> str:
     ]
     for key, spec in m.arrays.items():
         lines.append(f"  array {key}: per-sample shape {spec.shape}, {spec.dtype}")
+    if m.params.get("vocab") is not None:
+        lines.append(f"  tokens: x holds token ids in [0, {m.params['vocab']})")
     if m.params.get("converted"):
         lines.append(f"  converted: {m.params['converted']}")
     if m.class_counts:
@@ -55,9 +57,11 @@ def verify(directory: Path) -> list[str]:
     """Return one problem line per bad shard or split (empty when all is well)."""
     m = load_manifest(directory)
     problems = []
+    vocab = m.params.get("vocab")  # token data (convert --vocab): every id is checked too
+    tokens = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
     for i, entry in enumerate(m.shards):
         try:
-            check_shard(directory, m, i, checksum=True, labels=True)
+            check_shard(directory, m, i, checksum=True, labels=True, tokens=tokens)
             read_all_chunks(directory / entry.file, m)
         except DataError as exc:
             problems.append(str(exc))

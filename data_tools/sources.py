@@ -12,6 +12,7 @@ import numpy as np
 from mpitrain.data.manifest import ArraySpec
 from mpitrain.data.writer import ArraySource
 from mpitrain.errors import DataError, with_hint
+from mpitrain.runtime.tool_io import GZIP_MAGIC, os_reason
 
 log = logging.getLogger("data_tools")
 
@@ -79,15 +80,17 @@ def from_npy(x_path: Path, y_path: Path) -> ArraySource:
 
 def from_csv(path: Path, label: str) -> ArraySource:
     """A CSV with a header: every column but ``label`` is a float32 feature."""
-    if not path.is_file():
-        raise DataError(with_hint(f"'{path}' does not exist", "check --csv"))
     try:
         return _read_csv(path, label)
     except UnicodeDecodeError as exc:
+        gz = " (it is gzip-compressed: gunzip it first)" if exc.object[:2] == GZIP_MAGIC else ""
         raise DataError(
-            with_hint(f"'{path}' is not UTF-8 text (offset {exc.start})", "save it as UTF-8 CSV")
+            with_hint(f"'{path}' is not UTF-8 text (offset {exc.start}){gz}",
+                      "save it as UTF-8 CSV")
         ) from None
-    except (OSError, csv.Error) as exc:
+    except OSError as exc:
+        raise DataError(with_hint(f"--csv '{path}' {os_reason(exc)}", "check --csv")) from None
+    except csv.Error as exc:
         raise DataError(
             with_hint(f"'{path}' cannot be read as CSV: {exc}", "check --csv")
         ) from None

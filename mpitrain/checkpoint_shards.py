@@ -33,14 +33,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.errors import CheckpointError, with_hint
+from mpitrain.checkpoint_manifest import FORMAT, HINT, check_manifest, payload_problem
+from mpitrain.errors import CheckpointError, MpitrainError, with_hint
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.files import write_atomic, write_failure
+from mpitrain.runtime.tool_io import check_output_file, read_bytes, read_json
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-FORMAT = 1
 MANIFEST = "manifest.json"
 
 
@@ -99,44 +100,62 @@ def save_shards(
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """Return the manifest of the sharded checkpoint in ``directory``."""
+    """Return the manifest of the sharded checkpoint in ``directory``, its structure checked.
+
+    Raises:
+        CheckpointError: no manifest (an unfinished save), or one that cannot be read or is
+            not a manifest: one line naming the file and the field.
+    """
     path = Path(directory) / MANIFEST
-    try:
-        doc: dict[str, Any] = json.loads(path.read_text())
-    except FileNotFoundError as exc:
+    if Path(directory).is_file():
+        raise CheckpointError(
+            with_hint(f"'{directory}' is a file, not a sharded checkpoint directory",
+                      "pass the directory that holds manifest.json (a plain checkpoint file "
+                      "loads with torch.load as it is)"))
+    if not path.exists():
         raise CheckpointError(
             with_hint(f"'{path}' does not exist: '{directory}' is not a finished sharded "
                       "checkpoint", "resume from an earlier checkpoint; the manifest is "
                       "written last, so this save did not complete")
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read '{path}': {exc}") from exc
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}': unknown sharded checkpoint format {doc.get('format')!r}")
-    return doc
+        )
+    raw = read_json(path, "checkpoint manifest", hint=HINT, error=CheckpointError)
+    return check_manifest(raw, path)
 
 
 def read_shards(directory: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Return (manifest, every rank's payload), verifying each file's SHA-256."""
     directory = Path(directory)
     doc = read_manifest(directory)
-    return doc, [read_shard(directory, entry) for entry in doc["files"]]
+    payloads = [read_shard(directory, entry) for entry in doc["files"]]
+    for entry, payload in zip(doc["files"], payloads, strict=True):
+        problem = payload_problem(doc, payload)
+        if problem is not None:
+            raise CheckpointError(with_hint(f"shard '{directory / entry['name']}' {problem}",
+                                            "the files were changed or mixed from two saves; "
+                                            "use another checkpoint"))
+    return doc, payloads
 
 
 def read_shard(directory: Path, entry: dict[str, Any]) -> dict[str, Any]:
     """Return one file's payload (``entry`` from the manifest), verifying its SHA-256."""
     path = Path(directory) / entry["name"]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read shard '{path}': {exc}") from exc
+    data = read_bytes(path, "shard", hint="resume from or consolidate another checkpoint",
+                      error=CheckpointError)
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(
             with_hint(f"shard '{path}' is damaged: its SHA-256 differs from the "
                       f"manifest's ({len(data)} bytes, {entry['bytes']} expected)",
                       "resume from an earlier checkpoint")
         )
-    payload: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure: one line naming the file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(with_hint(f"shard '{path}' is not a checkpoint file torch can "
+                                        f"load ({reason})", HINT)) from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(with_hint(f"shard '{path}' holds {type(payload).__name__}, not a "
+                                        "shard payload (a dict)", HINT))
     return payload
 
 
@@ -214,13 +233,26 @@ def load_full(directory: Path) -> dict[str, Any]:
 
     A model-parallel checkpoint (``kind`` in the manifest) is joined by
     :func:`mpitrain.checkpoint_parallel.consolidate_parallel` instead.
+
+    Raises:
+        CheckpointError: a file cannot be read or verified, or the files do not fit their
+            manifest (one line naming the checkpoint).
     """
     doc, payloads = read_shards(directory)
-    if doc.get("kind") == "model-parallel":
-        from mpitrain.checkpoint_parallel import consolidate_parallel
+    try:
+        if doc.get("kind") == "model-parallel":
+            from mpitrain.checkpoint_parallel import consolidate_parallel
 
-        return consolidate_parallel(doc, payloads)
-    return consolidate(doc, payloads)
+            return consolidate_parallel(doc, payloads)
+        return consolidate(doc, payloads)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            with_hint(f"checkpoint '{directory}': its shard files do not fit its manifest "
+                      f"({type(exc).__name__} {reason})".rstrip(),
+                      "the files were changed or mixed from two saves; use another "
+                      "checkpoint")
+        ) from None
 
 
 def write_consolidated(directory: Path, out: Path) -> dict[str, torch.Tensor]:
@@ -246,8 +278,10 @@ def main(argv: Sequence[str]) -> int:
     c.add_argument("out", type=Path, help="the .pt file to write")
     args = parser.parse_args(list(argv))
     try:
+        check_output_file(args.out, "OUT", hint="give a .pt file name in a writable directory",
+                          example="model.pt")
         state = write_consolidated(args.directory, args.out)
-    except CheckpointError as exc:
+    except MpitrainError as exc:
         print(f"mpitrain: error: {exc}", file=sys.stderr)
         return exc.exit_code
     numel = sum(t.numel() for t in state.values())

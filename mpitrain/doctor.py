@@ -243,7 +243,9 @@ def grid_lines(
 
 def main(argv: list[str], comm: MPI.Intracomm) -> int:
     """Collective: gather every rank's facts, print the report on rank 0; 1 when problems."""
-    from mpitrain.runtime.files import write_atomic
+    from mpitrain.runtime.collective import agree
+    from mpitrain.runtime.files import write_atomic, write_failure
+    from mpitrain.runtime.tool_io import check_output_file
     from mpitrain.runtime.world import World
 
     parser = argparse.ArgumentParser(prog="python -m mpitrain doctor", description=__doc__)
@@ -252,6 +254,9 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
                         help="show where a tensor x pipeline grid would place the ranks")
     parser.add_argument("--pipeline-stages", type=int, default=1, metavar="P")
     args = parser.parse_args(argv)
+    if args.json is not None:  # rank 0 writes it after the work: refuse an unusable place now
+        agree(comm, lambda: check_output_file(args.json, "--json", example="doctor.json")
+              if comm.Get_rank() == 0 else None)
     world = World.create(comm)
     mine = local_facts(world.comm)
     mine.update(
@@ -263,6 +268,7 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
     cuda_aware = cuda_aware_line(world.comm, bool(mine["cuda_devices"]))
     facts: list[dict[str, Any]] | None = world.comm.gather(mine, root=0)
     found: list[str] = []
+    failure: str | None = None
     if facts is not None:
         found = problems(facts)
         grid = grid_lines(facts, args.tensor_parallel, args.pipeline_stages, found)
@@ -277,6 +283,11 @@ def main(argv: list[str], comm: MPI.Intracomm) -> int:
                 "problems": found,
                 "grid": grid,
             }
-            write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
-    bad = world.comm.bcast(bool(found), root=0)
+            try:
+                write_atomic(args.json, (json.dumps(report, indent=2) + "\n").encode())
+            except OSError as exc:
+                failure = write_failure(args.json, exc, None)
+    bad, failure = world.comm.bcast((bool(found), failure), root=0)
+    if failure is not None:
+        raise MpitrainError(failure)
     return 1 if bad else 0

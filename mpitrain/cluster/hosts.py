@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mpitrain.cluster import ClusterError
+from mpitrain.runtime.tool_io import read_text
+
 HOSTS = Path("/etc/hosts")
 BEGIN = "# BEGIN mpitrain cluster (python -m mpitrain cluster up; removed by cluster down)"
 END = "# END mpitrain cluster"
@@ -18,6 +21,12 @@ def _split(text: str) -> tuple[list[str], list[str] | None, list[str]]:
     start = lines.index(BEGIN)
     end = lines.index(END, start) if END in lines[start:] else len(lines) - 1
     return lines[:start], lines[start + 1 : end], lines[end + 1 :]
+
+
+def _read(path: Path) -> str:
+    """The hosts file's text; unreadable or not UTF-8 is a one-line ClusterError."""
+    return read_text(path, "hosts file", error=ClusterError,
+                     hint="fix or restore it (it must be UTF-8 text) and run the command again")
 
 
 def _write(path: Path, lines: list[str]) -> None:
@@ -44,19 +53,19 @@ def foreign(path: Path, names: list[str]) -> list[str]:
     """Lines outside our block that name any of ``names`` (someone else's entries)."""
     if not path.exists():
         return []
-    before, _, after = _split(path.read_text())
+    before, _, after = _split(_read(path))
     wanted = set(names)
     return [ln for ln in before + after if wanted & set(ln.split("#")[0].split()[1:])]
 
 
 def block(path: Path) -> list[str] | None:
     """Our block's lines, or None when the file has none."""
-    return _split(path.read_text())[1] if path.exists() else None
+    return _split(_read(path))[1] if path.exists() else None
 
 
 def write_block(path: Path, entries: list[tuple[str, str]]) -> None:
     """Put ``(address, name)`` entries between our markers (replacing an older block)."""
-    before, _, after = _split(path.read_text() if path.exists() else "")
+    before, _, after = _split(_read(path) if path.exists() else "")
     body = [f"{addr} {name}" for addr, name in entries]
     _write(path, [*before, BEGIN, *body, END, *after])
 
@@ -65,7 +74,7 @@ def remove_block(path: Path) -> bool:
     """Remove our block; True when there was one."""
     if not path.exists():
         return False
-    before, ours, after = _split(path.read_text())
+    before, ours, after = _split(_read(path))
     if ours is None:
         return False
     _write(path, before + after)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
 import os
 import time
@@ -18,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mpitrain.cluster import ClusterError
+from mpitrain.cluster import MAX_NODES, ClusterError, node_name
 from mpitrain.errors import with_hint
+from mpitrain.runtime.tool_io import Fields, read_json
 
 #: where the state file, the launcher agent and the lock live (tmpfs: gone at reboot, as are
 #: the namespaces)
@@ -59,27 +61,46 @@ class State:
         """Read the state file; None when there is none.
 
         Raises:
-            ClusterError: the file exists but cannot be read as a state file.
+            ClusterError: the file exists but cannot be read as a state file (one line naming
+                it and the field).
         """
-        try:
-            raw = json.loads(path.read_text())
-            if raw.get("version") != VERSION:
-                raise ValueError(f"version {raw.get('version')!r}, expected {VERSION}")
-            items = [Item(**it) for it in raw["items"]]
-            bad = [it.kind for it in items if it.kind not in KINDS]
-            if bad:
-                raise ValueError(f"unknown item kinds {bad}")
-            return cls(path, list(raw["nodes"]), str(raw["subnet"]), str(raw["link"]), items)
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ClusterError(
-                with_hint(
-                    f"state file '{path}' is unreadable ({exc})",
-                    "inspect it; remove the mpt-* namespaces it names with `ip netns del` "
-                    "and then the file itself",
-                )
-            ) from None
+        hint = ("inspect it; remove the mpt-* namespaces it names with `ip netns del` and "
+                "then the file itself")
+        raw = read_json(path, "state file", hint=hint, error=ClusterError)
+        f = Fields(path, "state file", hint=hint, error=ClusterError)
+        doc = f.as_obj(raw)
+        if doc.get("version") != VERSION:
+            f.fail("version", f"is {doc.get('version')!r}, expected {VERSION}")
+        nodes = [f.as_str(n, f"nodes[{i}]")
+                 for i, n in enumerate(f.as_list(f.need(doc, "nodes"), "nodes"))]
+        if nodes != [node_name(i) for i in range(1, len(nodes) + 1)] or len(nodes) > MAX_NODES:
+            f.fail("nodes", f"must be {node_name(1)} ... {node_name(len(nodes))} (at most "
+                            f"{MAX_NODES}), got {nodes[:4]}")
+        subnet = f.as_str(f.need(doc, "subnet"), "subnet")
+        if nodes:
+            try:
+                if ipaddress.IPv4Network(subnet).prefixlen != 24:
+                    raise ValueError("not a /24")
+            except ValueError as exc:
+                f.fail("subnet", f"{subnet!r} is not an IPv4 /24 ({exc})")
+        link = f.as_str(f.need(doc, "link"), "link")
+        items = []
+        for i, raw_item in enumerate(f.as_list(f.need(doc, "items"), "items")):
+            key = f"items[{i}]"
+            it = f.as_obj(raw_item, key)
+            unknown = sorted(set(it) - set(Item.__dataclass_fields__))
+            if unknown:
+                f.fail(f"{key}.{unknown[0]}", "is not a field of an item")
+            kind = f.as_str(f.need(it, "kind", key), f"{key}.kind")
+            if kind not in KINDS:
+                f.fail(f"{key}.kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+            items.append(Item(kind, f.as_str(f.need(it, "name", key), f"{key}.name"),
+                              netns=f.as_str(it.get("netns", ""), f"{key}.netns"),
+                              peer=f.as_str(it.get("peer", ""), f"{key}.peer"),
+                              inode=f.as_int(it.get("inode", 0), f"{key}.inode")))
+        return cls(path, nodes, subnet, link, items)
 
     def save(self) -> None:
         """Write the state atomically (temporary file, fsync, rename)."""

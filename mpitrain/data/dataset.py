@@ -16,8 +16,12 @@ from mpitrain.data.manifest import MANIFEST, Manifest, ShardEntry, load_manifest
 from mpitrain.data.reader import (
     GAP_BYTES,
     ChunkCache,
+    check_declared_vocab,
+    check_labels,
+    check_tokens,
     copy_rows,
     first_bad_label,
+    first_bad_token,
     hdf5_problem,
     index_problem,
     segments,
@@ -34,6 +38,10 @@ IN_MEMORY_BYTES = 64 << 20
 #: labels are range-checked when the dataset opens up to this many label bytes (beyond it,
 #: batch by batch as they are read)
 LABEL_CHECK_BYTES = 64 << 20
+#: token ids (``tokens=``) are checked when the dataset opens up to this many bytes of ``x``
+#: (beyond it, batch by batch as they are read), in reads of TOKEN_BLOCK_BYTES
+TOKEN_CHECK_BYTES = 64 << 20
+TOKEN_BLOCK_BYTES = 16 << 20
 VERIFY_HINT = "run: python -m data_tools verify DIR, then re-convert the bad shards"
 
 
@@ -47,10 +55,12 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
 
 
 def check_shard(
-    directory: Path, manifest: Manifest, index: int, *, checksum: bool, labels: bool = False
+    directory: Path, manifest: Manifest, index: int, *, checksum: bool, labels: bool = False,
+    tokens: int | None = None,
 ) -> None:
     """Raise DataError unless shard ``index`` exists, matches the manifest's arrays and reaches
-    nothing outside itself; with ``labels``, also unless every label is in ``[0, classes)``."""
+    nothing outside itself; with ``labels``, also unless every label is in ``[0, classes)``;
+    with ``tokens``, also unless every value of ``x`` is a token id in ``[0, tokens)``."""
     entry = manifest.shards[index]
     path = safe_member(directory, entry.file, "shard")
     if not path.exists():
@@ -71,7 +81,7 @@ def check_shard(
     if checksum and file_sha256(path) != entry.sha256:
         raise DataError(with_hint(f"shard '{path}' fails its SHA-256 checksum", VERIFY_HINT))
     try:
-        _check_hdf5(path, manifest, entry, labels=labels)
+        _check_hdf5(path, manifest, entry, labels=labels, tokens=tokens)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         reason = str(exc).replace("\n", " ")
         raise DataError(
@@ -79,7 +89,8 @@ def check_shard(
         ) from None
 
 
-def _check_hdf5(path: Path, manifest: Manifest, entry: ShardEntry, *, labels: bool) -> None:
+def _check_hdf5(path: Path, manifest: Manifest, entry: ShardEntry, *, labels: bool,
+                tokens: int | None) -> None:
     import h5py
 
     with h5py.File(path, "r") as f:
@@ -104,19 +115,11 @@ def _check_hdf5(path: Path, manifest: Manifest, entry: ShardEntry, *, labels: bo
                 )
         if labels:
             check_labels(path, np.asarray(f["y"][()]), manifest.classes, 0)
-
-
-def check_labels(path: Path, y: np.ndarray, num_classes: int, offset: int) -> None:
-    """Raise DataError naming shard ``path`` if a label of ``y`` is outside [0, num_classes)."""
-    bad = first_bad_label(y, num_classes)
-    if bad is not None:
-        raise DataError(
-            with_hint(
-                f"shard '{path}' dataset 'y' holds label {int(y[bad])} at row {offset + bad}, "
-                f"outside [0, {num_classes})",
-                "fix the labels and re-convert (or convert with --classes N)",
-            )
-        )
+        if tokens is not None:
+            x = f["x"]
+            rows = max(1, TOKEN_BLOCK_BYTES // max(1, manifest.arrays["x"].sample_bytes))
+            for a in range(0, entry.num_samples, rows):
+                check_tokens(path, np.asarray(x[a : a + rows]), tokens, a)
 
 
 def load_split(directory: Path, manifest: Manifest, split: str, *, verify: bool) -> np.ndarray:
@@ -140,9 +143,12 @@ def load_split(directory: Path, manifest: Manifest, split: str, *, verify: bool)
 
 
 def open_checked(
-    directory: Path, split: str | None, *, verify: bool
+    directory: Path, split: str | None, *, verify: bool, tokens: int | None = None
 ) -> tuple[Manifest, np.ndarray | None]:
     """Load the manifest, check every shard and read the indices of ``split`` (if any).
+
+    With ``tokens``, ``x`` must hold token ids in ``[0, tokens)``: checked here when it is
+    at most TOKEN_CHECK_BYTES (else by :meth:`ShardedDataset.read_batch`, batch by batch).
 
     A split file that vanished because a re-split switched the manifest meanwhile is
     looked up once more in the new manifest.
@@ -150,8 +156,13 @@ def open_checked(
     for attempt in (0, 1):
         m = load_manifest(directory)
         labels = m.num_samples * np.dtype(m.arrays["y"].dtype).itemsize <= LABEL_CHECK_BYTES
+        now = None
+        if tokens is not None:
+            check_declared_vocab(directory, m, tokens)
+            small = m.num_samples * m.arrays["x"].sample_bytes <= TOKEN_CHECK_BYTES
+            now = tokens if small else None
         for i in range(len(m.shards)):
-            check_shard(directory, m, i, checksum=verify, labels=labels)
+            check_shard(directory, m, i, checksum=verify, labels=labels, tokens=now)
         if not split:
             return m, None
         if split not in m.splits:
@@ -179,7 +190,10 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     Opening checks the manifest and every shard's arrays (and checksums with ``verify=True``);
     the HDF5 files themselves are opened on first read in the reading process, so the object
-    pickles and survives fork, spawn and forkserver.
+    pickles and survives fork, spawn and forkserver. With ``tokens`` (a vocabulary size) the
+    features are token ids: a value that is not an integer in ``[0, tokens)`` is a DataError
+    naming the shard, sample, position and value, at open (small data) or in the batch that
+    reads it.
     """
 
     def __init__(
@@ -189,10 +203,13 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         *,
         verify: bool = False,
         in_memory: bool | None = None,
+        tokens: int | None = None,
     ) -> None:
         self.directory = Path(path)
         self.split = split
-        self.manifest, self.indices = open_checked(self.directory, split, verify=verify)
+        self.tokens = tokens
+        self.manifest, self.indices = open_checked(self.directory, split, verify=verify,
+                                                   tokens=tokens)
         m = self.manifest
         self._num_classes = m.classes
         self._starts = np.cumsum([0] + [s.num_samples for s in m.shards])
@@ -345,16 +362,25 @@ class ShardedDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         x, y = self.read_arrays(idx, cached=cached)
         bad = first_bad_label(y, self._num_classes)
         if bad is not None:
-            sample = int(self.indices[idx[bad]] if self.indices is not None else idx[bad])
-            shard = int(np.searchsorted(self._starts, sample, side="right")) - 1
-            check_labels(self.directory / self.manifest.shards[shard].file, y[bad : bad + 1],
-                         self._num_classes, sample - int(self._starts[shard]))
+            path, row = self._origin(idx[bad])
+            check_labels(path, y[bad : bad + 1], self._num_classes, row)
+        found = None if self.tokens is None else first_bad_token(x, self.tokens)
+        if found is not None and self.tokens is not None:  # name the sample's shard and row
+            i = found[0] // max(1, x[0].size)
+            path, row = self._origin(idx[i])
+            check_tokens(path, x[i : i + 1], self.tokens, row)
         # the training contract: float32 features, int64 labels (older shards may differ)
         if x.dtype != np.float32:
             x = x.astype(np.float32)
         if y.dtype != np.int64:
             y = y.astype(np.int64)
         return torch.from_numpy(x), torch.from_numpy(y)
+
+    def _origin(self, i: int) -> tuple[Path, int]:
+        """The shard file and row in it of sample ``i`` (of this split)."""
+        sample = int(self.indices[i] if self.indices is not None else i)
+        shard = int(np.searchsorted(self._starts, sample, side="right")) - 1
+        return self.directory / self.manifest.shards[shard].file, sample - int(self._starts[shard])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.read_batch(np.array([i]))

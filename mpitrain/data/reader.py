@@ -1,6 +1,6 @@
 """Reading: strategies for sorted sample indices (coalesced runs, or cached whole chunks), and
 the checks applied to what is read before it is trusted (a shard's HDF5 layout, a split file,
-labels, and a conversion source's dtypes and values)."""
+labels, token ids, and a conversion source's dtypes and values)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from mpitrain.data.manifest import ArraySpec
+from mpitrain.data.manifest import ArraySpec, Manifest
 from mpitrain.errors import DataError, with_hint
 from mpitrain.runtime.files import name_problem
 
 #: a gap up to this many bytes between wanted samples is read through rather than skipped
 GAP_BYTES = 256 * 1024
+TOKEN_HINT = ("token windows hold integer ids 0 .. {top}: write them with python -m data_tools "
+              "corpus, or convert with --vocab {vocab}")
 
 
 def copy_rows(out: np.ndarray, dest: np.ndarray, block: np.ndarray, rows: np.ndarray) -> None:
@@ -132,6 +135,91 @@ def first_bad_label(y: np.ndarray, num_classes: int) -> int | None:
     return int(np.flatnonzero((y < 0) | (y >= num_classes))[0])
 
 
+def first_bad_token(x: np.ndarray, vocab: int) -> tuple[int, str] | None:
+    """Flat position in ``x`` of the first value that is not a token id (an integer in
+    ``[0, vocab)``) and why; None when every value is one."""
+    if not x.size:
+        return None
+    if x.dtype.kind == "b":
+        x = x.view(np.uint8)
+    flat = x.reshape(-1)
+    if x.dtype.kind in "iu":
+        if x.dtype.kind == "u" and x.dtype.itemsize < 8 and 1 << (8 * x.dtype.itemsize) <= vocab:
+            return None  # every value of the dtype is an id
+        if int(flat.min()) >= 0 and int(flat.max()) < vocab:
+            return None
+        i = int(np.flatnonzero((flat < 0) | (flat >= vocab))[0])
+        return i, "is negative" if flat[i] < 0 else f"is not below the vocabulary size {vocab}"
+    with np.errstate(invalid="ignore"):
+        lo, hi = flat.min(), flat.max()  # NaN propagates: then the slow path names it
+        if lo >= 0 and hi < vocab and bool((flat == np.floor(flat)).all()):
+            return None
+        finite = np.isfinite(flat)
+        bad = ~finite | (flat != np.floor(flat)) | (flat < 0) | (flat >= vocab)
+    i = int(np.flatnonzero(bad)[0])
+    v = float(flat[i])
+    if not finite[i]:
+        return i, "is not a finite number"
+    if v != np.floor(v):
+        return i, "is not an integer"
+    return i, "is negative" if v < 0 else f"is not below the vocabulary size {vocab}"
+
+
+def token_problem(x: np.ndarray, vocab: int, first_row: int) -> str | None:
+    """Why ``x`` (samples from row ``first_row`` on) is not token ids in ``[0, vocab)``, naming
+    the value, the sample and the position in it; None when it is."""
+    found = first_bad_token(x, vocab)
+    if found is None:
+        return None
+    i, why = found
+    row, *pos = (int(k) for k in np.unravel_index(i, x.shape))
+    value = x.reshape(-1)[i].item()
+    where = f"position {pos[0]}" if len(pos) == 1 else f"position {tuple(pos)}"
+    return (f"holds {value!r} at sample {first_row + row}, {where}: it {why}, so it is "
+            f"not a token id in [0, {vocab})")
+
+
+def check_tokens(path: Path, x: np.ndarray, vocab: int, offset: int) -> None:
+    """Raise DataError naming shard ``path``, the sample (``offset`` + row), the position and
+    the value if ``x`` holds anything but token ids in ``[0, vocab)``."""
+    problem = token_problem(x, vocab, offset)
+    if problem:
+        raise DataError(with_hint(f"shard '{path}' dataset 'x' {problem}",
+                                  TOKEN_HINT.format(top=vocab - 1, vocab=vocab)))
+
+
+def check_declared_vocab(directory: Path, manifest: Manifest, vocab: int) -> None:
+    """Raise DataError when the manifest declares token ids beyond ``vocab`` (data_tools
+    convert --vocab records its vocabulary in the manifest's params)."""
+    declared = manifest.params.get("vocab")
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > vocab:
+        raise DataError(with_hint(
+            f"dataset '{directory}' holds token ids of a {declared}-token vocabulary "
+            f"(manifest params.vocab); this model embeds {vocab} token ids",
+            TOKEN_HINT.format(top=vocab - 1, vocab=vocab)))
+
+
+def check_labels(path: Path, y: np.ndarray, num_classes: int, offset: int) -> None:
+    """Raise DataError naming shard ``path`` if a label of ``y`` is outside [0, num_classes)."""
+    bad = first_bad_label(y, num_classes)
+    if bad is not None:
+        raise DataError(
+            with_hint(
+                f"shard '{path}' dataset 'y' holds label {int(y[bad])} at row {offset + bad}, "
+                f"outside [0, {num_classes})",
+                "fix the labels and re-convert (or convert with --classes N)",
+            )
+        )
+
+
+def token_dtype(vocab: int) -> str:
+    """The smallest integer dtype that holds every token id below ``vocab``."""
+    for dtype in ("uint8", "uint16", "int32"):
+        if vocab - 1 <= np.iinfo(dtype).max:
+            return dtype
+    return "int64"
+
+
 class Source(Protocol):
     """What a converter reads from: a sample count, specs, and contiguous sample ranges."""
 
@@ -151,18 +239,25 @@ class CheckedSource:
     real numbers, labels that are not one value per sample, names that are not plain. Refused
     as each block is read, naming the value and the sample index: NaN or infinite features
     (or float64 ones too large for float32), and labels that are NaN, fractional, negative
-    or not below ``num_classes``.
+    or not below ``num_classes``. With ``vocab`` the features are token ids instead: every
+    value must be an integer in ``[0, vocab)`` (refused naming the value and index), and they
+    are stored in the smallest integer dtype that holds them.
     """
 
-    def __init__(self, source: Source, num_classes: int | None = None) -> None:
+    def __init__(
+        self, source: Source, num_classes: int | None = None, vocab: int | None = None
+    ) -> None:
         self.source = source
         self.num_samples = source.num_samples
         self.num_classes = num_classes
+        self.vocab = vocab
         self.origin = str(getattr(source, "origin", "the source"))
         self.notes: list[str] = []
         self._specs: dict[str, ArraySpec] = {}
         if num_classes is not None and num_classes < 1:
             self._refuse(f"num_classes must be >= 1, got {num_classes}", "e.g. --classes 10")
+        if vocab is not None and vocab < 1:
+            self._refuse(f"vocab must be >= 1, got {vocab}", "e.g. --vocab 256")
         for key, spec in source.specs().items():
             self._specs[key] = ArraySpec(spec.shape, self._target(key, spec))
             if self._specs[key].dtype != spec.dtype:
@@ -189,7 +284,9 @@ class CheckedSource:
                 self._refuse(f"array 'y' has shape {shape}; labels must be one class id per "
                              "sample", "pass 1-D integer labels (argmax one-hot labels first)")
             return "int64"
-        return "float32" if key == "x" else spec.dtype
+        if key == "x":
+            return "float32" if self.vocab is None else token_dtype(self.vocab)
+        return spec.dtype
 
     def specs(self) -> dict[str, ArraySpec]:
         """Per-sample shapes and the dtypes written."""
@@ -199,7 +296,10 @@ class CheckedSource:
         """Samples ``[start, stop)``, converted and checked (DataError names a bad value)."""
         part = self.source.read(start, stop)
         out = dict(part)
-        out["x"] = self._features(part["x"], start)
+        if self.vocab is None:
+            out["x"] = self._features(part["x"], start)
+        else:
+            out["x"] = self._tokens(part["x"], start, self.vocab)
         out["y"] = self._labels(part["y"], start)
         return out
 
@@ -225,6 +325,13 @@ class CheckedSource:
         if overflow.any():
             self._bad("x", x, overflow, start, "does not fit float32")
         return cast
+
+    def _tokens(self, x: np.ndarray, start: int, vocab: int) -> np.ndarray:
+        problem = token_problem(x, vocab, start)
+        if problem:
+            self._refuse(f"array 'x' (token ids) {problem}",
+                         f"token ids must be integers 0 .. {vocab - 1} (or raise --vocab)")
+        return x.astype(token_dtype(vocab))
 
     def _labels(self, y: np.ndarray, start: int) -> np.ndarray:
         if y.dtype.kind == "f":

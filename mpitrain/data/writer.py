@@ -216,6 +216,7 @@ def build_manifest(
     if num_classes is None and counts:
         num_classes = max(int(k) for k in counts) + 1
     notes = getattr(source, "notes", [])
+    vocab = getattr(source, "vocab", None)  # token data: what the trainer checks ids against
     return Manifest(
         name=name,
         num_samples=source.num_samples,
@@ -226,7 +227,8 @@ def build_manifest(
         num_classes=num_classes,
         class_counts=counts,
         splits=splits,
-        params={**params, **({"converted": "; ".join(notes)} if notes else {})},
+        params={**params, **({"converted": "; ".join(notes)} if notes else {}),
+                **({"vocab": vocab} if vocab is not None else {})},
     )
 
 

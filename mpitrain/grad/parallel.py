@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.broadcast import broadcast_
 from mpitrain.comm.factory import default_reducer
 from mpitrain.comm.reducer import Reducer, default_overlap
 from mpitrain.grad.broadcast import broadcast_parameters
@@ -17,12 +16,13 @@ from mpitrain.grad.consistency import check_same_layout, layout
 from mpitrain.grad.engine import GradEngine
 from mpitrain.grad.hooks import Hook, HookState, allreduce_hook, make_hook
 from mpitrain.grad.protocol import BuildContext, ExchangeBase, ModeSpec
+from mpitrain.grad.recorded import broadcast_buffers
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.config import TrainConfig
-    from mpitrain.timeline.recorder import Timeline
 
 
 class DataParallel(ExchangeBase):
@@ -78,6 +78,7 @@ class DataParallel(ExchangeBase):
             hook = make_hook(hook)
         self.reducer = reducer
         self.hook_state = hook_state if hook_state is not None else HookState(reducer)
+        self.timeline: Timeline = NULL  # the buffer broadcast's span (buckets: the engine's)
         self.engine = GradEngine(
             named_params,
             hook=hook,
@@ -87,8 +88,10 @@ class DataParallel(ExchangeBase):
         )
 
     def set_timeline(self, recorder: Timeline) -> None:
-        """Record each bucket's reduction (launch, in flight, waited on) into ``recorder``."""
+        """Record each bucket's reduction (launch, in flight, waited on) and the buffer
+        broadcast into ``recorder``."""
         self.engine.timeline = recorder
+        self.timeline = recorder
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (re-attaching bucket views as ``.grad`` first)."""
@@ -99,8 +102,7 @@ class DataParallel(ExchangeBase):
         """Collective: finish the gradient exchange of this step (all buckets averaged)."""
         self.engine.synchronize()
         if self.broadcast_buffers:
-            for buf in self.module.buffers():
-                broadcast_(buf, self.comm, 0)
+            broadcast_buffers(self.module, self.comm, self.timeline)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime.files import write_atomic
+from mpitrain.runtime.tool_io import check_output_file
 from mpitrain.slurm.render import (
     LAUNCHERS,
     REQUEUE,
@@ -146,6 +147,8 @@ def main(argv: list[str]) -> int:
         train_args=train_args,
     )
     try:
+        if ns.output is not None:
+            check_output_file(ns.output, "--output", example="job.sbatch")
         text = render(ns.template, opts)
         _check_output(ns.output, ns.template, ns.grid)
     except ConfigError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime.files import write_atomic
+from mpitrain.runtime.tool_io import check_output_file
 
 #: config keys that differ per task by construction, not hyperparameters
 _PER_TASK = frozenset({"run_dir", "summary_json", "checkpoint_dir", "resume", "tensorboard"})
@@ -148,6 +149,8 @@ def main(argv: list[str]) -> int:
     if lower is None:
         lower = any(word in ns.metric for word in ("loss", "seconds", "time"))
     try:
+        if ns.json is not None:
+            check_output_file(ns.json, "--json", example="ranked.json")
         results, missing = collect(ns.directory, ns.metric)
     except ConfigError as exc:
         sys.stderr.write(f"mpitrain sweep-summary: error: {exc}\n")

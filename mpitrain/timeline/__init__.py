@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from mpitrain.timeline.chrome import TraceSession, start, start_timeline
+from mpitrain.timeline.chrome import TraceSession, check_timeline_path, start, start_timeline
 from mpitrain.timeline.recorder import NULL, NullRecorder, Recorder, Timeline, parse_steps
 
-__all__ = ["NULL", "NullRecorder", "Recorder", "Timeline", "TraceSession", "parse_steps", "start",
-           "start_timeline"]
+__all__ = ["NULL", "NullRecorder", "Recorder", "Timeline", "TraceSession", "check_timeline_path",
+           "parse_steps", "start", "start_timeline"]

@@ -1,9 +1,10 @@
 """Merge every rank's recorder into one Chrome trace event file (Perfetto, chrome://tracing).
 
 One process per rank (``pid`` = rank), one thread per track: ``tid 0`` the rank's steps and
-phases, ``tid 1 + b`` bucket ``b``. Times are microseconds on rank 0's clock since rank 0
-started recording (clock offsets from :mod:`mpitrain.timeline.clock`). The file is written by
-rank 0 through :func:`mpitrain.runtime.files.write_atomic` (temporary name, fsync, rename).
+phases, ``tid 1 + b`` bucket ``b``, then one per named flight (``"all-gather b3"``). Times are
+microseconds on rank 0's clock since rank 0 started recording (clock offsets from
+:mod:`mpitrain.timeline.clock`). The file is written by rank 0 through
+:func:`mpitrain.runtime.files.write_atomic` (temporary name, fsync, rename).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import ConfigError, MpitrainError, with_hint
+from mpitrain.runtime.collective import agree
 from mpitrain.runtime.files import write_atomic, write_failure
+from mpitrain.runtime.tool_io import check_output_file
 from mpitrain.timeline.clock import Clock, ClockFit, ClockSample, estimate_offset
 from mpitrain.timeline.recorder import (
     DEFAULT_CAPACITY,
@@ -55,7 +58,7 @@ def chrome_events(rec: Recorder, fit: ClockFit, rank: int, origin_ns: float
         out.append(ev)
         tids.add(e.tid)
     for tid in sorted(tids):
-        name = "steps" if tid == MAIN else f"bucket {tid - 1}"
+        name = "steps" if tid == MAIN else rec.track_names.get(tid, f"bucket {tid - 1}")
         out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid,
                     "args": {"name": name}})
         out.append({"ph": "M", "name": "thread_sort_index", "pid": rank, "tid": tid,
@@ -115,7 +118,7 @@ class TraceSession:
                  "bound_ns": fit.bound_ns, "rtt_ns": [self._start.rtt_ns, end.rtt_ns],
                  "start_local_ns": self._start.local_ns,
                  "fit_span_ns": end.local_ns - self._start.local_ns,
-                 "dropped": rec.dropped, "recorded": rec.recorded}
+                 "dropped": rec.dropped, "recorded": rec.recorded, "notes": list(rec.notes)}
         gathered = comm.gather((mine, clock), root=0)
         error: str | None = None
         if rank == 0:
@@ -147,6 +150,8 @@ def write_merged(path: Path, gathered: list[tuple[list[dict[str, Any]], dict[str
             "ranks": len(gathered),
             "steps": list(steps) if steps is not None else None,
             "clocks": [c for _, c in gathered],
+            # traffic some rank could not record (the summary prints each once)
+            "notes": list(dict.fromkeys(n for _, c in gathered for n in c.get("notes", []))),
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
@@ -174,6 +179,19 @@ def start(
     rec = Recorder(steps=steps, capacity=capacity, clock=clock)
     sample = estimate_offset(comm, clock)
     return TraceSession(comm, Path(path), rec, sample)
+
+
+def check_timeline_path(comm: MPI.Intracomm, path: str | None) -> None:
+    """Collective (when ``path`` is set): refuse an unusable ``--timeline`` before the run.
+
+    Rank 0 writes the file when the run ends, so rank 0 proves now that it can (not a
+    directory, not under a regular file, its directory writable; missing parents are
+    created); every rank raises the same ConfigError.
+    """
+    if path is None:
+        return
+    agree(comm, lambda: check_output_file(Path(path), "--timeline", example="trace.json")
+          if comm.Get_rank() == 0 else None)
 
 
 def start_timeline(comm: MPI.Intracomm, path: str | None, steps: str | None) -> TraceSession:

@@ -8,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mpitrain.errors import MpitrainError
-from mpitrain.runtime.files import write_atomic
+from mpitrain.errors import DataError, MpitrainError
+from mpitrain.runtime.files import write_atomic, write_failure
+from mpitrain.runtime.tool_io import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step rows shown (the first and last half of them)")
     pl = sub.add_parser("plot", help="PNG of one step across ranks (needs matplotlib)")
     pl.add_argument("path", type=Path)
-    pl.add_argument("--out", type=Path, required=True)
+    pl.add_argument("--out", type=Path, required=True,
+                    help="image file (its suffix picks the format; none: .png added), or an "
+                    "existing directory (TRACE-stepN.png in it)")
     pl.add_argument("--step", type=int, default=None, help="default: the middle recorded step")
     return p
 
@@ -37,6 +40,12 @@ def main(argv: Sequence[str]) -> int:
     from mpitrain.timeline.summary import format_summary, load, problems, summarize
 
     try:
+        if args.action == "summary" and args.json is not None:
+            check_output_file(args.json, "--json", example="summary.json")
+        if args.action == "plot":
+            from mpitrain.timeline.plot import check_out, plot_step
+
+            check_out(args.out)
         doc = load(args.path)
         if args.action == "summary":
             s = summarize(doc, path=str(args.path), peak_gbs=args.peak_gbs)
@@ -46,12 +55,14 @@ def main(argv: Sequence[str]) -> int:
                 sys.stderr.write(f"mpitrain trace: warning: {len(found)} structural problem(s) "
                                  f"in the trace, first: {found[0]}\n")
             if args.json is not None:
-                write_atomic(args.json, json.dumps(s.to_dict(), indent=1).encode())
+                text = json.dumps(s.to_dict(), indent=1).encode()
+                try:
+                    write_atomic(args.json, text)
+                except OSError as exc:
+                    raise DataError(write_failure(args.json, exc, len(text))) from None
         else:
-            from mpitrain.timeline.plot import plot_step
-
-            step = plot_step(doc, args.out, args.step)
-            print(f"wrote {args.out} (step {step})")
+            step, written = plot_step(doc, args.out, args.step, trace=args.path)
+            print(f"wrote {written} (step {step})")
     except MpitrainError as exc:
         sys.stderr.write(f"mpitrain trace: error: {exc}\n")
         return exc.exit_code

@@ -8,10 +8,18 @@ oldest are dropped first and counted), so a run of any length records a bounded 
 Tracks: ``MAIN`` (0) holds the rank's step, data wait, forward, backward, synchronize, optimizer,
 checkpoint, evaluation and step agreement spans; bucket ``b`` has its own track ``bucket_track(b)``
 holding its in-flight span (launch to observed completion) with the launch call nested in it.
+Every other collective (ZeRO's reduce-scatters and all-gathers, the asynchronous modes'
+all-reduces and messages) is a *flight* named for what it moves (``"all-gather b3"``,
+``"push s0"``): :meth:`Recorder.comm_started` opens it on a track of that name (a second lane
+when two of one name are in flight), :meth:`~Recorder.comm_done` / :meth:`~Recorder.comm_waited`
+close it; a blocking call is one :meth:`~Recorder.comm_blocking` span. Waits are spans of
+category ``wait`` on the main track. Traffic an exchange cannot record is named with
+:meth:`~Recorder.note`, and the summary prints it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from typing import Any, NamedTuple, Protocol
@@ -22,6 +30,8 @@ from mpitrain.timeline.clock import Clock
 MAIN = 0
 #: events kept per rank by default (about 150 bytes each once written)
 DEFAULT_CAPACITY = 20_000
+#: the first track of named flights (bucket tracks stay below it)
+FLIGHT_TRACK0 = 1 << 20
 
 
 def bucket_track(b: int) -> int:
@@ -71,6 +81,22 @@ class Timeline(Protocol):
     def bucket_waited(self, b: int, t0: int) -> None:
         """``wait()`` on bucket ``b`` ran from ``t0`` to now."""
 
+    def comm_started(self, name: str, nbytes: int, t0: int, op: str) -> int:
+        """Collective ``name`` (``op``, ``nbytes``) was started at ``t0``; the start call
+        returned now. Returns the flight's key (-1 when nothing is recorded)."""
+
+    def comm_done(self, key: int) -> None:
+        """Flight ``key`` was observed complete now."""
+
+    def comm_waited(self, key: int, t0: int) -> None:
+        """``wait()`` on flight ``key`` ran from ``t0`` to now (it is complete)."""
+
+    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str) -> None:
+        """A blocking collective ``name`` ran from ``t0`` to now (in flight and waited on)."""
+
+    def note(self, text: str) -> None:
+        """Say which traffic this rank cannot record (printed by the summary)."""
+
 
 class NullRecorder:
     """Records nothing; every method returns at once."""
@@ -101,6 +127,22 @@ class NullRecorder:
         """Do nothing."""
 
     def bucket_waited(self, b: int, t0: int) -> None:
+        """Do nothing."""
+
+    def comm_started(self, name: str, nbytes: int, t0: int, op: str) -> int:
+        """Return -1."""
+        return -1
+
+    def comm_done(self, key: int) -> None:
+        """Do nothing."""
+
+    def comm_waited(self, key: int, t0: int) -> None:
+        """Do nothing."""
+
+    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str) -> None:
+        """Do nothing."""
+
+    def note(self, text: str) -> None:
         """Do nothing."""
 
 
@@ -155,6 +197,17 @@ class Recorder:
         self.step = -1
         self._step_t0: int | None = None
         self._inflight: dict[int, tuple[int, int]] = {}  # bucket -> (t0, nbytes)
+        #: named flights in flight: key -> (name, track, t0, nbytes, op, step)
+        self._flights: dict[int, tuple[str, int, int, int, str, int]] = {}
+        self._keys = 0
+        self._lanes: dict[str, list[int]] = {}  # flight name -> its tracks
+        self._busy: set[int] = set()
+        #: track -> name, for the tracks of named flights (the trace's thread names)
+        self.track_names: dict[int, str] = {}
+        #: traffic this rank does not record (in the order first noted)
+        self.notes: list[str] = []
+        # flights may complete on a progress thread (double-buffer's poller)
+        self._lock = threading.Lock()
 
     @property
     def dropped(self) -> int:
@@ -162,9 +215,11 @@ class Recorder:
         return self.recorded - len(self.events)
 
     def _add(self, name: str, cat: str, tid: int, t0: int, t1: int,
-             args: dict[str, Any] | None) -> None:
-        self.events.append(Event(name, cat, tid, t0, t1, self.step, args))
-        self.recorded += 1
+             args: dict[str, Any] | None, step: int | None = None) -> None:
+        with self._lock:
+            self.events.append(Event(name, cat, tid, t0, t1,
+                                     self.step if step is None else step, args))
+            self.recorded += 1
 
     def now(self) -> int:
         """Return the current time (ns) on this recorder's clock."""
@@ -219,6 +274,76 @@ class Recorder:
             self._add(f"wait b{b}", "wait", MAIN, t0, self.clock(), {"bucket": b})
             self.bucket_done(b)
 
+    def _lane(self, name: str) -> int:
+        """A track for a flight of ``name``: the first of its lanes that is free."""
+        lanes = self._lanes.setdefault(name, [])
+        for tid in lanes:
+            if tid not in self._busy:
+                break
+        else:
+            tid = FLIGHT_TRACK0 + len(self.track_names)
+            lanes.append(tid)
+            self.track_names[tid] = name if len(lanes) == 1 else f"{name} ({len(lanes)})"
+        self._busy.add(tid)
+        return tid
+
+    def comm_started(self, name: str, nbytes: int, t0: int, op: str) -> int:
+        """Open flight ``name`` (``op``, ``nbytes``) begun at ``t0``, recording the start call
+        (``t0`` to now) on its track; returns its key (-1 when off: nothing is recorded)."""
+        if not self.on:
+            return -1
+        t1 = self.clock()
+        with self._lock:
+            tid = self._lane(name)
+            self._keys += 1
+            key = self._keys
+            self._flights[key] = (name, tid, t0, nbytes, op, self.step)
+        self._add("launch", "launch", tid, t0, t1, None)
+        return key
+
+    def comm_done(self, key: int) -> None:
+        """Close flight ``key`` now (no-op when it is not in flight). Its span carries the step
+        it started in: a flight that spans steps (double-buffer) belongs to the step that
+        started it."""
+        t1 = self.clock()
+        with self._lock:
+            started = self._flights.pop(key, None)
+            if started is not None:
+                self._busy.discard(started[1])
+        if started is not None:
+            name, tid, t0, nbytes, op, step = started
+            self._add(name, "comm", tid, t0, t1, {"bytes": nbytes, "op": op}, step)
+
+    def comm_waited(self, key: int, t0: int) -> None:
+        """Record the wait on flight ``key`` from ``t0`` (while on) and close the flight."""
+        started = self._flights.get(key)
+        if started is None:
+            return
+        if self.on:
+            self._add(f"wait {started[0]}", "wait", MAIN, t0, self.clock(), None)
+        self.comm_done(key)
+
+    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str) -> None:
+        """Record a blocking collective that ran from ``t0`` to now: its flight, and the
+        rank's wait for it on the main track (when on)."""
+        if not self.on:
+            return
+        with self._lock:
+            tid = self._lane(name)
+            self._keys += 1
+            key = self._keys
+            self._flights[key] = (name, tid, t0, nbytes, op, self.step)
+        self.comm_waited(key, t0)
+
+    def note(self, text: str) -> None:
+        """Remember that ``text`` names traffic this rank does not record (once)."""
+        if text not in self.notes:
+            self.notes.append(text)
+
     def in_flight(self) -> list[int]:
         """Buckets launched and not yet observed complete."""
         return sorted(self._inflight)
+
+    def flights(self) -> list[str]:
+        """Names of the named flights not yet observed complete."""
+        return sorted(f[0] for f in self._flights.values())

@@ -2,9 +2,14 @@
 
 Definitions (per rank and step; summed over ranks for a step, over steps for the run):
 
-- *communication*: the union of the step's bucket in-flight spans (launch to observed
-  completion);
-- *hidden*: the part of it that overlaps compute spans (forward, backward, optimizer step);
+- *communication*: the union of the rank's in-flight spans (launch to observed completion) of
+  every recorded collective inside the step: buckets, and the named flights of ZeRO and the
+  asynchronous modes (a flight that runs on into the next step counts in each step for the
+  part inside it);
+- *hidden*: the part of it that overlaps compute spans (forward, backward, optimizer step)
+  while the rank is neither starting nor waiting for a collective (launch calls and waits
+  inside compute, such as ZeRO's parameter gathers, a blocking reducer's all-reduce started
+  from a gradient hook or local SGD's average, are not compute);
   *exposed* = communication - hidden; the *hidden fraction* = hidden / communication;
 - *data-wait share*: time in "data wait" spans / step time;
 - *last rank*: the rank that entered ``synchronize`` last (rank 0's clock); the others waited
@@ -13,56 +18,38 @@ Definitions (per rank and step; summed over ranks for a step, over steps for the
   bandwidth x 2(n-1)/n (what a ring all-reduce moves per rank), optionally against a peak.
   A flight ends when the engine observes completion (a later gradient hook or the wait in
   synchronize) and includes waiting for late ranks, so the bandwidth is a lower bound; the
-  best (shortest) flight is the closest to the transport's own speed.
+  best (shortest) flight is the closest to the transport's own speed;
+- per named collective (``reduce-scatter b0``, ``all-gather b3``, ``push s0`` ...) the same,
+  with the bus bandwidth factor of its operation ((n-1)/n for reduce-scatter and all-gather,
+  1 for broadcasts and messages).
+
+Traffic that some rank could not record is listed in words (``otherData.notes``); a window
+that recorded no step says so instead of printing zeros.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpitrain.errors import DataError, with_hint
+from mpitrain.runtime.tool_io import Fields, decode_text, parse_json, read_bytes
 from mpitrain.timeline.chrome import FORMAT
+from mpitrain.timeline.intervals import Interval, clip, intersect, length, subtract, union
 
-Interval = tuple[float, float]
 COMPUTE = "compute"
-
-
-def union(spans: Iterable[Interval]) -> list[Interval]:
-    """Merge intervals into a sorted list of disjoint ones."""
-    out: list[Interval] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
-def length(spans: Iterable[Interval]) -> float:
-    """Total length of disjoint intervals."""
-    return sum(b - a for a, b in spans)
-
-
-def overlap(x: list[Interval], y: list[Interval]) -> float:
-    """Length of the intersection of two sorted disjoint interval lists."""
-    i = j = 0
-    total = 0.0
-    while i < len(x) and j < len(y):
-        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
-        if hi > lo:
-            total += hi - lo
-        if x[i][1] < y[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
+#: span categories that are communication in flight
+COMM_CATS = ("bucket", "comm")
+#: bytes a rank sends per payload byte (ring algorithms) by operation; others: 1
+BUS_FACTOR: dict[str, Callable[[int], float]] = {
+    "allreduce": lambda n: 2 * (n - 1) / n,
+    "reduce-scatter": lambda n: (n - 1) / n,
+    "all-gather": lambda n: (n - 1) / n,
+}
 
 
 @dataclass
@@ -94,6 +81,21 @@ class BucketRow:
 
 
 @dataclass
+class CollectiveRow:
+    """One named collective (``op`` on ``bytes``) over all steps and ranks."""
+
+    name: str
+    op: str
+    bytes: int
+    flights: int
+    median_ms: float
+    best_ms: float
+    algbw_gbs: float
+    busbw_gbs: float
+    of_peak: float | None
+
+
+@dataclass
 class Summary:
     """What ``trace summary`` reports."""
 
@@ -108,40 +110,88 @@ class Summary:
     step_ms: float
     last_counts: dict[int, int] = field(default_factory=dict)
     clock_bound_ms: float = 0.0
+    collectives: list[CollectiveRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  #: traffic that was not recorded
+    window: list[int] | None = None  #: the recording window (steps A..B-1), None: all
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         return asdict(self)
 
 
+_HINT = "pass a file written by: python -m mpitrain --timeline PATH ..."
+
+
 def load(path: Path) -> dict[str, Any]:
-    """Read and check a trace file written by mpitrain.
+    """Read and check a trace file written by mpitrain (plain or gzip-compressed JSON).
 
     Raises:
-        DataError: unreadable, not JSON, or not an mpitrain timeline.
+        DataError: unreadable, not JSON, not an mpitrain timeline, or a field of the wrong
+            kind (one line naming the file and the field).
     """
-    try:
-        doc: dict[str, Any] = json.loads(path.read_text())
-    except OSError as exc:
-        raise DataError(f"cannot read trace '{path}': {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(with_hint(f"trace '{path}' is not JSON ({exc})",
-                                  "was the run killed before it wrote the timeline?")) from exc
-    fmt = doc.get("otherData", {}).get("format") if isinstance(doc, dict) else None
+    data = read_bytes(path, "trace", hint=_HINT, gunzip=True)
+    text = decode_text(data, path, "trace", hint=_HINT)
+    doc = parse_json(text, path, "trace", hint="was the run killed before it wrote the timeline?")
+    other = doc.get("otherData") if isinstance(doc, dict) else None
+    fmt = other.get("format") if isinstance(other, dict) else None
     if fmt != FORMAT:
         raise DataError(with_hint(f"trace '{path}' is not an mpitrain timeline (format {fmt!r})",
                                   "write one with: python -m mpitrain --timeline PATH ..."))
-    return doc
+    check_trace(doc, path)
+    checked: dict[str, Any] = doc
+    return checked
+
+
+def check_trace(doc: dict[str, Any], path: Path) -> None:
+    """Check the fields the summary and the plot read: ranks, clocks, the step window, notes
+    and every span's rank, track, times, names and arguments (metadata and instant events
+    are not read).
+
+    Raises:
+        DataError: naming the file and the first bad field (``traceEvents[7].pid``).
+    """
+    f = Fields(path, "trace", hint=_HINT)
+    other = doc["otherData"]
+    ranks = f.as_int(f.need(other, "ranks", "otherData"), "otherData.ranks", 1, 1 << 20)
+    for i, clock in enumerate(f.as_list(other.get("clocks", []), "otherData.clocks")):
+        f.as_obj(clock, f"otherData.clocks[{i}]")
+        if "bound_ns" in clock:
+            f.as_num(clock["bound_ns"], f"otherData.clocks[{i}].bound_ns", 0)
+    if other.get("steps") is not None:
+        for w in f.as_list(other["steps"], "otherData.steps", 2):
+            f.as_int(w, "otherData.steps")
+    f.as_list(other.get("notes", []), "otherData.notes")
+    for i, ev in enumerate(f.as_list(f.need(doc, "traceEvents"), "traceEvents")):
+        key = f"traceEvents[{i}]"
+        if f.as_obj(ev, key).get("ph") != "X":
+            continue
+        f.as_int(f.need(ev, "pid", key), f"{key}.pid", 0, ranks - 1)
+        f.as_int(f.need(ev, "tid", key), f"{key}.tid")
+        for name in ("ts", "dur"):
+            f.as_num(f.need(ev, name, key), f"{key}.{name}")
+        cat = f.as_str(f.need(ev, "cat", key), f"{key}.cat")
+        f.as_str(f.need(ev, "name", key), f"{key}.name")
+        args = f.as_obj(f.need(ev, "args", key), f"{key}.args")
+        if "step" in args or cat == "step":
+            f.as_int(f.need(args, "step", f"{key}.args"), f"{key}.args.step", -1)
+        if cat == "bucket":
+            for name in ("bucket", "bytes"):
+                f.as_int(f.need(args, name, f"{key}.args"), f"{key}.args.{name}")
+        if cat == "comm":  # a named flight (ZeRO, the asynchronous modes)
+            f.as_int(f.need(args, "bytes", f"{key}.args"), f"{key}.args.bytes")
+            f.as_str(f.need(args, "op", f"{key}.args"), f"{key}.args.op")
 
 
 def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = None) -> Summary:
     """Compute the report from a loaded trace (see the module docstring for definitions)."""
     ranks = int(doc["otherData"]["ranks"])
-    # (rank, step) -> category -> spans (ms)
+    # (rank, step) -> category -> spans (ms); and rank -> category -> spans (every step)
     spans: dict[tuple[int, int], dict[str, list[Interval]]] = defaultdict(lambda: defaultdict(list))
+    of_rank: dict[int, dict[str, list[Interval]]] = defaultdict(lambda: defaultdict(list))
     arrivals: dict[int, dict[int, float]] = defaultdict(dict)
-    step_time: dict[tuple[int, int], float] = {}
+    step_span: dict[tuple[int, int], Interval] = {}
     flights: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    named: dict[str, list[tuple[int, str, float]]] = {}
     for ev in doc["traceEvents"]:
         if ev.get("ph") != "X":
             continue
@@ -150,29 +200,41 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         b = a + ev["dur"] / 1000.0
         cat = ev["cat"]
         spans[(rank, step)][cat].append((a, b))
+        of_rank[rank][cat].append((a, b))
         if cat == "step":
-            step_time[(rank, step)] = b - a
+            step_span[(rank, step)] = (a, b)
         elif cat == "sync":
             arrivals[step].setdefault(rank, a)
         elif cat == "bucket":
             flights[int(ev["args"]["bucket"])].append((int(ev["args"]["bytes"]), b - a))
+        elif cat == "comm":
+            named.setdefault(ev["name"], []).append(
+                (int(ev["args"]["bytes"]), str(ev["args"].get("op", "")), b - a))
+    # per rank: communication in flight, and the part of it under compute the rank did not
+    # spend starting or waiting for a collective
+    comm_of: dict[int, list[Interval]] = {}
+    hidden_of: dict[int, list[Interval]] = {}
+    for rank, cats in of_rank.items():
+        comm_of[rank] = union(s for c in COMM_CATS for s in cats.get(c, []))
+        waiting = union([*cats.get("wait", []), *cats.get("launch", [])])
+        busy = subtract(union(cats.get(COMPUTE, [])), waiting)
+        hidden_of[rank] = intersect(comm_of[rank], busy)
     rows: list[StepRow] = []
     totals = {"comm": 0.0, "exposed": 0.0, "data": 0.0, "time": 0.0}
     last_counts: dict[int, int] = dict.fromkeys(range(ranks), 0)
-    for step in sorted({s for _, s in step_time}):
+    for step in sorted({s for _, s in step_span}):
         comm = exposed = data = time_sum = 0.0
         slowest = 0.0
         for rank in range(ranks):
-            if (rank, step) not in step_time:
+            if (rank, step) not in step_span:
                 continue
-            cats = spans[(rank, step)]
-            c = union(cats.get("bucket", []))
-            hidden = overlap(c, union(cats.get(COMPUTE, [])))
-            comm += length(c)
-            exposed += length(c) - hidden
-            data += sum(b - a for a, b in cats.get("data", []))
-            time_sum += step_time[(rank, step)]
-            slowest = max(slowest, step_time[(rank, step)])
+            a, b = step_span[(rank, step)]
+            c = length(clip(comm_of[rank], a, b))
+            comm += c
+            exposed += c - length(clip(hidden_of[rank], a, b))
+            data += sum(y - x for x, y in spans[(rank, step)].get("data", []))
+            time_sum += b - a
+            slowest = max(slowest, b - a)
         arr = arrivals.get(step, {})
         last = max(arr, key=lambda r: arr[r]) if len(arr) > 1 else None
         if last is not None:
@@ -197,7 +259,8 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         buckets.append(BucketRow(b, nbytes, len(flights[b]), median_ms, best_ms, algbw, busbw,
                                  busbw / peak_gbs if peak_gbs else None))
     clocks = doc["otherData"].get("clocks", [])
-    n_rank_steps = max(len(step_time), 1)
+    n_rank_steps = max(len(step_span), 1)
+    window = doc["otherData"].get("steps")
     return Summary(
         path=path, ranks=ranks, steps=rows, buckets=buckets,
         comm_ms=totals["comm"], exposed_ms=totals["exposed"],
@@ -207,7 +270,31 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         step_ms=totals["time"] / n_rank_steps,
         last_counts=last_counts,
         clock_bound_ms=max((c.get("bound_ns", 0) for c in clocks), default=0) / 1e6,
+        collectives=[_collective(name, got, ranks, peak_gbs) for name, got in named.items()],
+        notes=[str(n) for n in doc["otherData"].get("notes", [])],
+        window=[int(w) for w in window] if isinstance(window, list) else None,
     )
+
+
+def _collective(name: str, got: list[tuple[int, str, float]], ranks: int,
+                peak_gbs: float | None) -> CollectiveRow:
+    nbytes, op = got[0][0], got[0][1]
+    median_ms = statistics.median(t for _, _, t in got)
+    algbw = nbytes / (median_ms / 1000.0) / 1e9 if median_ms > 0 else 0.0
+    factor = BUS_FACTOR[op](ranks) if op in BUS_FACTOR and ranks > 1 else 1.0
+    return CollectiveRow(name, op, nbytes, len(got), median_ms, min(t for _, _, t in got),
+                         algbw, algbw * factor, algbw * factor / peak_gbs if peak_gbs else None)
+
+
+def no_step_line(window: list[int] | None) -> str:
+    """Why a trace holds no step: its window missed the run, or the run took none."""
+    if window is None:
+        return "no step was recorded: the run took no step while the timeline recorded"
+    a, b = window
+    steps = f"{a}:" if b >= 1 << 62 else f"{a}:{b}"
+    return (f"no step was recorded: the window --timeline-steps {steps} holds no step that "
+            f"the run took (it stopped before step {a}?); widen the window, e.g. "
+            "--timeline-steps 0:10")
 
 
 def _pct(x: float | None) -> str:
@@ -218,10 +305,12 @@ def format_summary(s: Summary, max_rows: int = 40) -> str:
     """The human-readable report: a row per step (the first and last ``max_rows / 2`` when
     there are more), then overall, stragglers, buckets."""
     steps = [r.step for r in s.steps]
-    span = f"steps {steps[0]}..{steps[-1]} ({len(steps)})" if steps else "no complete steps"
+    span = f"steps {steps[0]}..{steps[-1]} ({len(steps)})" if steps else "no step recorded"
     lines = [f"trace {s.path}: {s.ranks} ranks, {span}, clocks aligned within "
              f"{s.clock_bound_ms:.3f} ms", "",
              "  step   time ms   comm ms  exposed ms  hidden %  data %  last rank  late by ms"]
+    if not s.steps:
+        return "\n".join([*lines[:2], no_step_line(s.window), *_note_lines(s)])
     shown: list[StepRow | None] = list(s.steps)
     half = 0
     if len(shown) > max_rows:
@@ -235,10 +324,13 @@ def format_summary(s: Summary, max_rows: int = 40) -> str:
         late = "-" if r.late_by is None else f"{r.late_by:.3f}"
         lines.append(f"{r.step:>6} {r.time:>9.3f} {r.comm:>9.3f} {r.exposed:>11.3f}    "
                      f"{_pct(r.hidden_frac)}  {_pct(r.data_share)} {last:>10} {late:>11}")
-    lines += ["", f"overall: mean step {s.step_ms:.3f} ms per rank; communication "
-              f"{s.comm_ms:.3f} ms (all ranks), exposed {s.exposed_ms:.3f} ms, hidden "
-              f"{_pct(s.hidden_frac).strip()}%; data wait {_pct(s.data_share).strip()}% "
-              "of step time"]
+    if s.comm_ms > 0:
+        comm = (f"communication {s.comm_ms:.3f} ms (all ranks), exposed {s.exposed_ms:.3f} ms, "
+                f"hidden {_pct(s.hidden_frac).strip()}%")
+    else:
+        comm = "no communication was recorded in these steps"
+    lines += ["", f"overall: mean step {s.step_ms:.3f} ms per rank; {comm}; data wait "
+              f"{_pct(s.data_share).strip()}% of step time"]
     counted = sum(s.last_counts.values())
     if counted:
         parts = [f"rank {r} last in {n}/{counted}" for r, n in sorted(s.last_counts.items())]
@@ -250,14 +342,27 @@ def format_summary(s: Summary, max_rows: int = 40) -> str:
             peak = "-" if b.of_peak is None else f"{100 * b.of_peak:.1f}%"
             lines.append(f"{b.bucket:>8} {b.bytes:>11} {b.flights:>8} {b.median_ms:>10.3f} "
                          f"{b.best_ms:>8.3f} {b.algbw_gbs:>11.3f} {b.busbw_gbs:>11.3f} {peak:>8}")
-    return "\n".join(lines)
+    if s.collectives:
+        width = max(10, *(len(c.name) for c in s.collectives))
+        lines += ["", f"  {'collective':<{width}}  {'op':<14}       bytes  flights  median ms  "
+                      "best ms  algbw GB/s  busbw GB/s  of peak"]
+        for c in s.collectives:
+            peak = "-" if c.of_peak is None else f"{100 * c.of_peak:.1f}%"
+            lines.append(f"  {c.name:<{width}}  {c.op:<14} {c.bytes:>11} {c.flights:>8} "
+                         f"{c.median_ms:>10.3f} {c.best_ms:>8.3f} {c.algbw_gbs:>11.3f} "
+                         f"{c.busbw_gbs:>11.3f} {peak:>8}")
+    return "\n".join([*lines, *_note_lines(s)])
+
+
+def _note_lines(s: Summary) -> list[str]:
+    return ["", *(f"not recorded: {n}" for n in s.notes)] if s.notes else []
 
 
 def problems(doc: dict[str, Any], *, slack_us: float = 0.002) -> list[str]:
     """Check a trace's structure; returns one line per problem (empty: well formed).
 
     Spans on one track must nest or follow each other, a rank's steps must be in order, and
-    every bucket launch must have a completed flight starting with it on the same track.
+    every launch must have a completed flight starting with it on the same track.
     """
     out: list[str] = []
     tracks: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
@@ -282,7 +387,7 @@ def problems(doc: dict[str, Any], *, slack_us: float = 0.002) -> list[str]:
         numbers = [e["args"]["step"] for e in steps]
         if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
             out.append(f"rank {pid}: steps out of order: {numbers}")
-        flights = {e["ts"] for e in evs if e["cat"] == "bucket"}
+        flights = {e["ts"] for e in evs if e["cat"] in COMM_CATS}
         for e in evs:
             if e["cat"] == "launch" and e["ts"] not in flights:
                 out.append(f"rank {pid} track {tid}: launch at {e['ts']} never completed")

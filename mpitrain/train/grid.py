@@ -123,8 +123,11 @@ class PipelineSteps:
         self.timeline: Timeline = NULL
 
     def set_timeline(self, recorder: Timeline) -> None:
-        """Record the schedule's span into ``recorder``."""
+        """Record the schedule's span into ``recorder`` (its traffic is named as unrecorded)."""
         self.timeline = recorder
+        recorder.note("tensor/pipeline-parallel traffic inside the 'pipeline schedule' span "
+                      "(stage sends, tensor all-reduces, the data-parallel buckets) is not "
+                      "recorded: that span is compute and communication together")
 
     def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         w = batch.x.to(self.device)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpitrain.errors import DataError, with_hint
+from mpitrain.errors import DataError, MpitrainError, with_hint
+from mpitrain.runtime.tool_io import check_output_dir, kind_of, read_text
 
 PLOTS = ("loss", "accuracy", "throughput")
 
@@ -31,31 +33,53 @@ class Run:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: the fields a metrics line may carry that are plotted: a number (NaN, inf: a diverged run) or
+#: null
+NUMERIC = ("step", "epoch", "loss", "lr", "samples_per_sec", "data_wait_frac", "comm_frac",
+           "time", "wall", "test_loss", "test_accuracy", "train_loss", "train_accuracy")
+_HINT = "pass the --run-dir of a training run (python -m mpitrain --run-dir DIR ...)"
+
+
 def load_run(run_dir: Path, name: str | None = None) -> Run:
-    """Read ``run_dir/metrics.jsonl``; raises DataError when missing, empty or malformed."""
+    """Read ``run_dir/metrics.jsonl``.
+
+    Raises:
+        DataError: missing, unreadable, not UTF-8, empty, a line that is not a JSON object,
+            or a plotted field that is not a number (one line naming the file and line).
+    """
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise DataError(
-            with_hint(
-                f"{path} does not exist",
-                "pass the --run-dir of a training run (python -m mpitrain --run-dir DIR ...)",
-            )
-        )
+    text = read_text(path, "metrics file", hint=_HINT)
     run = Run(name or run_dir.resolve().name)
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if lineno > 1 and not line.endswith("\n"):
-                    break  # a run killed mid-write leaves a torn last line
-                raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from exc
-            (run.evals if rec.get("kind") == "eval" else run.train).append(rec)
+    for lineno, line in enumerate(text.splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if lineno > 1 and not line.endswith("\n"):
+                break  # a run killed mid-write leaves a torn last line
+            raise DataError(f"{path}:{lineno}: not JSON ({exc.msg})") from exc
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: nested too deeply") from None
+        (run.evals if _check_record(rec, path, lineno) else run.train).append(rec)
     if not run.train and not run.evals:
         raise DataError(with_hint(f"{path} has no records", "let the run log at least one step"))
     return run
+
+
+def _check_record(rec: object, path: Path, lineno: int) -> bool:
+    """Check one metrics line's structure; return whether it is an evaluation line."""
+    hint = "metrics.jsonl holds one JSON object per line, as the trainer writes it"
+    if not isinstance(rec, dict):
+        raise DataError(with_hint(f"{path}:{lineno}: {kind_of(rec)}, not a JSON object", hint))
+    for key in NUMERIC:
+        value = rec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise DataError(with_hint(f"{path}:{lineno}: '{key}' must be a number or null, "
+                                      f"not {kind_of(value)} {json.dumps(value)[:40]}", hint))
+        if key in ("step", "epoch") and value is not None and not math.isfinite(value):
+            raise DataError(with_hint(f"{path}:{lineno}: '{key}' is {value}", hint))
+    return rec.get("kind") == "eval"
 
 
 def _x(run: Run, records: list[dict[str, Any]], axis: str) -> list[float]:
@@ -180,16 +204,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output dir (RUN_DIR/plots)")
     parser.add_argument("--x", choices=("step", "time", "wall"), default="step", dest="axis")
     args = parser.parse_args(argv)
+    out = args.out if args.out is not None else args.run_dirs[0] / "plots"
     try:
         runs = [load_run(d) for d in args.run_dirs]
-    except DataError as exc:
+        check_output_dir(out, "--out", hint="give --out a directory that can be created and "
+                         "written (the PNGs go into it)")
+        names = [r.name for r in runs]
+        for i, run in enumerate(runs):  # same basename twice: use the full path as label
+            if names.count(run.name) > 1:
+                run.name = str(args.run_dirs[i])
+        try:
+            written = draw(runs, out, args.axis)
+        except OSError as exc:
+            raise DataError(f"cannot write the plots into '{out}': "
+                            f"{exc.strerror or exc}") from None
+    except MpitrainError as exc:
         sys.stderr.write(f"mpitrain plot: error: {exc}\n")
         return 2
-    names = [r.name for r in runs]
-    for i, run in enumerate(runs):  # same basename twice: use the full path as label
-        if names.count(run.name) > 1:
-            run.name = str(args.run_dirs[i])
-    out = args.out if args.out is not None else args.run_dirs[0] / "plots"
-    for path in draw(runs, out, args.axis):
+    for path in written:
         print(path)
     return 0

@@ -84,5 +84,5 @@ def test_state_file_round_trip(tmp_path: Path) -> None:
     assert got is not None and got.find("netns", "mpt-head") == Item("netns", "mpt-head", inode=7)
     assert got.find("netns", "mpt-node1") is None
     path.write_text("{broken")
-    with pytest.raises(ClusterError, match=r"unreadable.*HINT"):
+    with pytest.raises(ClusterError, match=r"state\.json' is not valid JSON.*HINT"):
         State.load(path)

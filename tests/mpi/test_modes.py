@@ -36,6 +36,9 @@ def test_modes_through_trainer(mpirun: MpiRun, tmp_path: Path) -> None:
         "histograms <= tau",
         "param-server resume",
         "local-sgd resume mid-cycle",
+        "timeline dbuf: communication",  # --timeline records each async mode's traffic
+        "timeline local4: communication",
+        "timeline ps2: communication",
     ):
         assert needle in text, proc.stdout
 

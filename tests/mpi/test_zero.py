@@ -71,11 +71,28 @@ def test_trainer_shard_trains_like_sync(mpirun: MpiRun, tmp_path: Path) -> None:
     import json
 
     summaries = {}
+    trace = tmp_path / "zero3-trace.json"
     for shard in ("none", "gradients", "parameters"):
         out = tmp_path / f"{shard}.json"
+        timeline = ["--timeline", str(trace), "--timeline-steps", "2:6"] * (shard == "parameters")
         mpirun(2, ["-m", "mpitrain", "--shard", shard, "--epochs", "2", "--no-progress",
-                   "--clip-grad-norm", "0.5", "--summary-json", str(out)], timeout=150)
+                   "--clip-grad-norm", "0.5", "--summary-json", str(out), *timeline],
+               timeout=150)
         summaries[shard] = json.loads(out.read_text())
+    # --timeline records ZeRO-3's collectives: communication > 0 in every step, by name
+    from mpitrain.timeline.summary import load, problems, summarize
+
+    doc = load(trace)
+    assert problems(doc) == []
+    s = summarize(doc)
+    assert [r.step for r in s.steps] == [2, 3, 4, 5] and all(r.comm > 0 for r in s.steps)
+    assert 0 < s.comm_ms and 0 <= s.exposed_ms <= s.comm_ms and s.hidden_frac is not None
+    kinds = {c.name.split(" b")[0] for c in s.collectives}
+    assert kinds == {"reduce-scatter", "all-gather", "allreduce grad norm"}, s.collectives
+    buckets = {c.name.split(" b")[1] for c in s.collectives if " b" in c.name}
+    assert {f"reduce-scatter b{b}" for b in buckets} | {f"all-gather b{b}" for b in buckets} \
+        <= {c.name for c in s.collectives}
+    assert all(c.flights >= 8 and c.bytes > 0 for c in s.collectives), s.collectives
     want = summaries["none"]
     for shard in ("gradients", "parameters"):
         got = summaries[shard]

@@ -307,6 +307,87 @@ def test_labels_checked_batch_by_batch_when_too_many_to_check_at_open(
     expect_error(lambda: d.read_batch(np.arange(60, 80)), "toy-00002.h5", "9", "[0, 5)")
 
 
+# -- token data (--model gpt): x holds ids in [0, vocab), like labels in [0, classes) --
+
+VOCAB = 256
+
+
+@pytest.fixture()
+def tokens(tmp_path: Path) -> Path:
+    """Windows of 9 byte ids (as data_tools stores them: float32), vocab recorded."""
+    rng = np.random.default_rng(1)
+    split = {"train": np.arange(0, N - 20), "test": np.arange(N - 20, N)}
+    return write_dataset(
+        tmp_path / "tok", {"x": rng.integers(0, VOCAB, (N, 9)), "y": np.zeros(N, np.int64)},
+        name="toy", samples_per_shard=32, splits=split, params={"vocab": VOCAB},
+    )
+
+
+def token(value: float) -> Callable[[h5py.File, Any, Path], None]:
+    def make(f: h5py.File, data: Any, d: Path) -> None:
+        data = data.copy()
+        data[5, 3] = value
+        f["x"] = data
+
+    return make
+
+
+TOKEN_CASES: dict[str, tuple[float, str]] = {
+    "fractional": (2.5, "is not an integer"),
+    "negative": (-1.0, "is negative"),
+    "too-large": (256.0, "is not below the vocabulary size 256"),
+    "nan": (float("nan"), "is not a finite number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKEN_CASES))
+def test_bad_token_ids(tokens: Path, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpitrain.data import dataset
+
+    value, why = TOKEN_CASES[case]
+    rewrite(1, "x", token(value))(tokens)  # shard 1 = samples 32..63: sample 37
+    m = json.loads((tokens / "manifest.json").read_text())  # as if written with that value
+    m["shards"][1]["sha256"] = hashlib.sha256((tokens / "toy-00001.h5").read_bytes()).hexdigest()
+    (tokens / "manifest.json").write_text(json.dumps(m))
+    needles = ["toy-00001.h5", "'x'", repr(value), "sample 5", "position 3", why,
+               "[0, 256)", "data_tools"]
+    expect_error(lambda: ShardedDataset(tokens, "train", tokens=VOCAB), *needles)
+    assert len(ShardedDataset(tokens, "train")) == N - 20  # as features the values are fine
+    problems = report.verify(tokens)  # the manifest records the vocabulary: verify checks ids
+    assert len(problems) == 1 and all(n in problems[0] for n in needles), problems
+    monkeypatch.setattr(dataset, "TOKEN_CHECK_BYTES", 0)  # too large to check at open
+    d = ShardedDataset(tokens, "train", tokens=VOCAB, in_memory=False)
+    d.read_batch(np.arange(30))  # samples 0..29 are fine
+    expect_error(lambda: d.read_batch(np.arange(60, 20, -1)), *needles)
+
+
+def test_declared_vocabulary_larger_than_the_models_is_refused(tokens: Path) -> None:
+    edit(lambda m: m["params"].update(vocab=50257))(tokens)
+    expect_error(lambda: ShardedDataset(tokens, tokens=VOCAB), "50257", "256", "params.vocab")
+
+
+def test_gpt_trainer_refuses_bad_token_ids_before_any_step(
+    tokens: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--model gpt --data D: one DataError naming shard, sample and value (it was an
+    IndexError in the embedding: a device-side assert on a GPU), at open or in the batch."""
+    from mpi4py import MPI
+
+    from mpitrain.data import dataset
+    from mpitrain.train.run import main
+
+    rewrite(1, "x", token(300.0))(tokens)
+    argv = ["--model", "gpt", "--data", str(tokens), "--context", "8", "--hidden", "8",
+            "--heads", "2", "--layers", "1", "--batch-size", "8", "--shuffle", "none",
+            "--no-progress", "--log-level", "warning", "--summary-json",
+            str(tmp_path / "s.json")]
+    needles = ["toy-00001.h5", "300.0", "sample 5", "position 3", "[0, 256)"]
+    expect_error(lambda: main(argv, MPI.COMM_SELF), *needles)
+    monkeypatch.setattr(dataset, "TOKEN_CHECK_BYTES", 0)  # checked in the batch that reads it
+    expect_error(lambda: main(argv, MPI.COMM_SELF), *needles)  # at step 4 (samples 32..39)
+    assert not (tmp_path / "s.json").exists()
+
+
 # -- split index files --
 
 

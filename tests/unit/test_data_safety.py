@@ -484,6 +484,13 @@ CONVERT_REFUSALS: dict[str, tuple[dict[str, Any], list[str], list[str]]] = {
     "complex-features": ({"x": np.ones((4, 2), dtype=np.complex64)}, [], ["'x'", "complex64"]),
     "object-extra": ({"t": np.array([1, "a", None, 2.0], dtype=object)}, [], ["'t'", "object"]),
     "bad-extra-name": ({"a b/c": np.arange(4)}, [], ["a b/c"]),
+    # --vocab: x holds token ids, refused naming sample, position and value
+    "token-fractional": ({"x": np.array([[0.0, 1.0], [2.0, 3.5], [4.0, 5.0], [6.0, 7.0]])},
+                         ["--vocab", "256"], ["3.5", "sample 1", "position 1", "not an integer"]),
+    "token-negative": ({"x": np.array([[0, 1], [2, 3], [4, 5], [-6, 7]])}, ["--vocab", "256"],
+                       ["-6", "sample 3", "position 0", "negative", "[0, 256)"]),
+    "token-beyond-vocab": ({"x": np.array([[0, 1], [2, 3], [256, 5], [6, 7]])},
+                           ["--vocab", "256"], ["256", "sample 2", "position 0", "vocabulary"]),
 }
 
 
@@ -514,6 +521,20 @@ def test_convert_converts_and_reports(tmp_path: Path) -> None:
     assert "float64 -> float32" in json.dumps(m.params)
     x2, y2 = ShardedDataset(tmp_path / "ds").read_batch(np.arange(6))
     assert np.array_equal(x2.numpy(), x.astype(np.float32)) and y2.tolist() == [0, 1, 2, 1, 0, 2]
+
+
+def test_convert_vocab_stores_token_ids_as_integers(tmp_path: Path) -> None:
+    x = np.array([[0.0, 255.0, 7.0], [1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    np.savez(tmp_path / "in.npz", x=x, y=np.zeros(3, np.int64))
+    code, out, err = run_cli("convert", "--npz", str(tmp_path / "in.npz"),
+                             "--out", str(tmp_path / "ds"), "--vocab", "256")
+    assert code == 0, err
+    assert "x: float64 -> uint8" in out and "token ids in [0, 256)" in out
+    m = load_manifest(tmp_path / "ds")
+    assert m.arrays["x"].dtype == "uint8" and m.params["vocab"] == 256
+    assert report.verify(tmp_path / "ds") == []
+    got, _ = ShardedDataset(tmp_path / "ds", tokens=256).read_batch(np.arange(3))
+    assert np.array_equal(got.numpy(), x.astype(np.float32))
 
 
 def test_integer_features_and_small_int_labels_are_widened(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ LAYERS = {
     "mpitrain.checkpoint_shards": 1,
     "mpitrain.checkpoint_parallel": 1,
     "mpitrain.checkpoint_compat": 1,
+    "mpitrain.checkpoint_manifest": 1,
     "mpitrain.preempt": 1,
     "mpitrain.data": 1,
     "mpitrain.timeline": 1,  # recorded by grad (buckets) and train (phases)

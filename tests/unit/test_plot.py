@@ -76,7 +76,7 @@ def test_missing_metrics_is_a_clear_error(
 ) -> None:
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "metrics.jsonl does not exist" in err and "HINT: pass the --run-dir" in err
+    assert "metrics.jsonl' does not exist" in err and "HINT: pass the --run-dir" in err
 
 
 def test_garbage_line_names_file_and_line(

@@ -165,7 +165,8 @@ class _CountingComm:
 
 
 def test_eval_sends_nothing_param_server_worker() -> None:
-    from mpitrain.grad.modes.param_server import ParamServerWorker, ServerLink
+    from mpitrain.grad.modes.param_server import ServerLink
+    from mpitrain.grad.modes.param_server_worker import ParamServerWorker
 
     link_comm = _CountingComm()
     link = ServerLink(link_comm, [1], 1)  # type: ignore[arg-type]

@@ -81,7 +81,8 @@ def test_unwritable_json_output_is_an_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write(tmp_path, "task-0", 0.9, 0.3, lr=0.1)
-    out = tmp_path / "no" / "such" / "dir" / "ranked.json"
-    assert sweep.main([str(tmp_path), "--json", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "cannot write" in err and "ranked.json" in err
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "ranked.json"  # refused before the table is printed
+    assert sweep.main([str(tmp_path), "--json", str(out)]) == 2
+    err = capsys.readouterr()
+    assert "not a directory" in err.err and "ranked.json" in err.err and err.out == ""

@@ -1,12 +1,13 @@
 """`trace summary` on a synthetic 2-rank trace with known overlap and a known straggler.
 
 Per step (times in ms from the step's start), on both ranks: data wait 0-1, forward 1-3,
-backward 3-9; bucket 0 (4 MiB) in flight 5-8 (hidden in backward). The late rank (1 in steps
-0 and 2, 0 in step 1) idles 9-11, so synchronize starts at 9 on the early rank and 11 on the
-late one; bucket 1 (1 MiB) launches there and completes for both at 12; optimizer 12-13, step
-agreement 13-14. Rank 1's clock runs 5 s ahead (its clock fit removes it). Expected per step:
-communication 3+3 (early) + 3+1 (late) = 10 ms, exposed 3+1 = 4 ms, hidden 60%, data
-wait 2/28, last rank the late one, late by 2 ms.
+backward 3-9; bucket 0 (4 MiB) in flight 5-8 (hidden in backward, but for its 0.1 ms launch
+call: a rank starting a collective is not computing). The late rank (1 in steps 0 and 2, 0 in
+step 1) idles 9-11, so synchronize starts at 9 on the early rank and 11 on the late one;
+bucket 1 (1 MiB) launches there and completes for both at 12; optimizer 12-13, step agreement
+13-14. Rank 1's clock runs 5 s ahead (its clock fit removes it). Expected per step:
+communication 3+3 (early) + 3+1 (late) = 10 ms, exposed 0.1+3 + 0.1+1 = 4.2 ms, hidden 58%,
+data wait 2/28, last rank the late one, late by 2 ms.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 from mpitrain.cli import main as cli_main
 from mpitrain.timeline.chrome import chrome_events, write_merged
 from mpitrain.timeline.clock import ClockFit, ClockSample
-from mpitrain.timeline.recorder import Recorder
+from mpitrain.timeline.recorder import NULL, Recorder
 from mpitrain.timeline.summary import format_summary, load, problems, summarize
 
 MS = 1_000_000
@@ -100,13 +101,13 @@ def test_summary_reports_known_overlap_and_straggler(trace: Path) -> None:
     for r in s.steps:
         assert r.time == pytest.approx(14.0)
         assert r.comm == pytest.approx(10.0)
-        assert r.exposed == pytest.approx(4.0)
-        assert r.hidden_frac == pytest.approx(0.6)
+        assert r.exposed == pytest.approx(4.2)
+        assert r.hidden_frac == pytest.approx(0.58)
         assert r.data_share == pytest.approx(2 / 28)
         assert r.last_rank == LATE[r.step]
         assert r.late_by == pytest.approx(2.0)
-    assert s.comm_ms == pytest.approx(30.0) and s.exposed_ms == pytest.approx(12.0)
-    assert s.hidden_frac == pytest.approx(0.6) and s.data_share == pytest.approx(1 / 14)
+    assert s.comm_ms == pytest.approx(30.0) and s.exposed_ms == pytest.approx(12.6)
+    assert s.hidden_frac == pytest.approx(0.58) and s.data_share == pytest.approx(1 / 14)
     assert s.step_ms == pytest.approx(14.0)
     assert s.last_counts == {0: 1, 1: 2}
     assert s.clock_bound_ms == pytest.approx(0.002)
@@ -118,7 +119,7 @@ def test_summary_reports_known_overlap_and_straggler(trace: Path) -> None:
     assert b1.of_peak == pytest.approx(2**20 / 2e-3 / 1e9 / 2.0)
     text = format_summary(s)
     assert "rank 0 last in 1/3, rank 1 last in 2/3" in text
-    assert "hidden 60.0%" in text
+    assert "hidden 58.0%" in text
     short = format_summary(s, max_rows=2)
     assert "... 1 more steps" in short and "\n     1 " not in short
 
@@ -140,3 +141,134 @@ def test_trace_plot(trace: Path, tmp_path: Path) -> None:
     assert cli_main(["trace", "plot", str(trace), "--out", str(png), "--step", "1"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli_main(["trace", "plot", str(trace), "--out", str(png), "--step", "7"]) != 0
+
+
+def record_flights() -> Recorder:
+    """One rank, two steps of ZeRO/double-buffer-like traffic (ms from the step's start):
+    data wait 0-1; forward 1-5 with a prefetched all-gather (launch 1-1.1, in flight to 3,
+    hidden) and a second one waited on (launch 3-3.1, wait 3.1-4: exposed); synchronize 5-6
+    with a blocking 8-byte all-reduce; optimizer 6-8 starting an all-reduce that stays in
+    flight into the next step's forward (observed done at 2 there; the last at 15, after
+    step 1 ended). Per step: communication 1-4, 5-9 (and 0-2 of the previous all-reduce in
+    step 1): 7 and 8 ms; hidden 1.1-3 and 6.1-8: 3.8 ms each."""
+    clock = FakeClock()
+    rec = Recorder(steps=(0, 2), clock=clock)
+    rec.note("the servers (rank 2) record nothing")
+
+    def at(ms: float) -> int:
+        clock.t = int(ms * MS)
+        return clock.t
+
+    carried = -1
+    for step in range(2):
+        base = 100.0 * step
+        rec.step_begin(step, at(base))
+        t0 = at(base)
+        at(base + 1)
+        rec.span("data wait", t0, cat="data")
+        t_fwd = at(base + 1)
+        at(base + 1.1)
+        prefetch = rec.comm_started("all-gather b1", 1000, t_fwd, "all-gather")
+        if carried >= 0:
+            at(base + 2)
+            rec.comm_done(carried)
+        at(base + 3)
+        rec.comm_done(prefetch)
+        t0 = at(base + 3)
+        at(base + 3.1)
+        gather = rec.comm_started("all-gather b2", 2000, t0, "all-gather")
+        t_wait = rec.now()
+        at(base + 4)
+        rec.comm_waited(gather, t_wait)
+        at(base + 5)
+        rec.span("forward", t_fwd)
+        t_sync = rec.now()
+        at(base + 6)
+        rec.comm_blocking("allreduce grad norm", 8, t_sync, "allreduce")
+        rec.span("synchronize", t_sync, cat="sync")
+        t_opt = rec.now()
+        at(base + 6.1)
+        carried = rec.comm_started("allreduce gradients", 4000, t_opt, "allreduce")
+        at(base + 8)
+        rec.span("optimizer", t_opt)
+        at(base + 9)
+        rec.step_end()
+    at(115)
+    rec.comm_done(carried)
+    return rec
+
+
+def test_named_flights_count_as_communication_and_waits_are_not_compute(tmp_path: Path) -> None:
+    rec = record_flights()
+    fit = ClockFit(ClockSample(0, 0, 2000))
+    path = tmp_path / "flights.json"
+    write_merged(path, [(chrome_events(rec, fit, 0, 0.0), {"rank": 0, "notes": rec.notes})],
+                 (0, 2))
+    doc = load(path)
+    assert problems(doc) == []
+    s = summarize(doc)
+    assert [r.comm for r in s.steps] == [pytest.approx(7.0), pytest.approx(8.0)]
+    assert [r.exposed for r in s.steps] == [pytest.approx(3.2), pytest.approx(4.2)]
+    assert s.hidden_frac == pytest.approx(7.6 / 15)
+    rows = {c.name: c for c in s.collectives}
+    assert list(rows) == ["all-gather b1", "all-gather b2", "allreduce grad norm",
+                          "allreduce gradients"]
+    assert (rows["all-gather b2"].bytes, rows["all-gather b2"].flights) == (2000, 2)
+    assert rows["all-gather b2"].median_ms == pytest.approx(1.0)
+    assert rows["allreduce gradients"].op == "allreduce"
+    assert rows["allreduce gradients"].median_ms == pytest.approx((96 + 9) / 2)
+    names = {e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "thread_name"}
+    assert {"steps", "all-gather b1", "all-gather b2", "allreduce gradients"} <= names
+    text = format_summary(s)
+    assert "communication 15.000 ms" in text and "0.000 ms" not in text.split("overall")[1]
+    assert "not recorded: the servers (rank 2) record nothing" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("  all-gather b2 "))
+    assert row.split()[2:5] == ["all-gather", "2000", "2"], row
+    assert s.data_share == pytest.approx(2 / 18)
+
+
+def test_concurrent_flights_of_one_name_get_their_own_lanes() -> None:
+    clock = FakeClock()
+    rec = Recorder(clock=clock)
+    rec.step_begin(0)
+    a = rec.comm_started("push s0", 10, rec.now(), "send")
+    b = rec.comm_started("push s0", 10, rec.now(), "send")
+    clock.t = 5
+    rec.comm_done(a)
+    c = rec.comm_started("push s0", 10, rec.now(), "send")  # reuses the first lane
+    rec.comm_done(b)
+    rec.comm_done(c)
+    lanes = [e.tid for e in rec.events if e.cat == "comm"]
+    assert lanes[0] != lanes[1] and lanes[2] == lanes[0]
+    assert sorted(rec.track_names.values()) == ["push s0", "push s0 (2)"]
+    assert rec.flights() == [] and NULL.comm_started("x", 1, 0, "send") == -1
+
+
+def test_an_empty_window_says_no_step_was_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = FakeClock()
+    rec = Recorder(steps=(100, 200), clock=clock)
+    for step in range(5):  # the run stops long before the window opens
+        rec.step_begin(step)
+        clock.t += MS
+        rec.span("forward", rec.now())
+    rec.step_end()
+    path = tmp_path / "empty.json"
+    write_merged(path, [(chrome_events(rec, ClockFit(ClockSample(0, 0, 0)), 0, 0.0),
+                         {"rank": 0})], (100, 200))
+    assert cli_main(["trace", "summary", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no step was recorded" in out and "--timeline-steps 100:200" in out
+    assert "communication" not in out and "hidden" not in out
+    # steps, but no communication among them (one rank): said in words, not as 0.000 ms
+    rec = Recorder(steps=(0, 2), clock=clock)
+    for step in range(2):
+        rec.step_begin(step)
+        clock.t += MS
+    rec.step_end()
+    write_merged(path, [(chrome_events(rec, ClockFit(ClockSample(0, 0, 0)), 0, 0.0),
+                         {"rank": 0})], (0, 2))
+    text = format_summary(summarize(load(path)))
+    assert "no communication was recorded in these steps" in text, text
+    assert "communication 0.000" not in text

@@ -45,6 +45,8 @@ from mpitrain.grad.modes.base import (
 )
 from mpitrain.grad.modes.transport import FlatTransport, transport_for
 from mpitrain.grad.protocol import BuildContext, ModeSpec
+from mpitrain.grad.recorded import recorded
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -129,12 +131,18 @@ class DoubleBuffer(ModeWrapper):
         self._prev_w = torch.zeros(n, dtype=dtype, device=dev) if self.lam > 0 else None
         self._now_w = torch.zeros(n, dtype=dtype, device=dev) if self.lam > 0 else None
         self._poller = _Poller(poll_us) if progress == "thread" else None
+        self.timeline: Timeline = NULL
         self._hooks = []
         if progress == "poll":
             self._hooks = [
                 p.register_post_accumulate_grad_hook(self._poll)  # type: ignore[no-untyped-call]
                 for p in self.params
             ]
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record each step's all-reduce (started at synchronize, in flight through the next
+        step's compute, waited on at the next synchronize) into ``recorder``."""
+        self.timeline = recorder
 
     def _poll(self, _p: torch.Tensor) -> None:
         self._inflight.test()
@@ -157,7 +165,8 @@ class DoubleBuffer(ModeWrapper):
         other = self._bufs[1 - self._parity]
         flat_grads(self.params, cur)
         self._wait_inflight()  # step t-1's average lands in `other`
-        handle = self.transport.iallreduce_(cur)
+        handle = recorded(self.timeline, "allreduce gradients", cur.numel() * cur.element_size(),
+                          "allreduce", lambda: self.transport.iallreduce_(cur))
         if self._poller is not None:
             with self._poller.lock:
                 self._poller.handle = handle

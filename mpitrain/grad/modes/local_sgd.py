@@ -31,6 +31,8 @@ from mpitrain.grad.modes.base import (
 )
 from mpitrain.grad.modes.transport import FlatTransport, transport_for
 from mpitrain.grad.protocol import BuildContext, ModeSpec
+from mpitrain.grad.recorded import recorded
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -88,11 +90,21 @@ class LocalSGD(ModeWrapper):
         self._since_average = 0
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending: torch.Tensor | None = None
+        self.timeline: Timeline = NULL
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record the warm-up gradient all-reduces and the model averages into ``recorder``."""
+        self.timeline = recorder
+
+    def _allreduce(self, flat: torch.Tensor, key: int, name: str) -> None:
+        """Collective: average ``flat`` in place (recorded as ``name``)."""
+        recorded(self.timeline, name, flat.numel() * flat.element_size(), "allreduce",
+                 lambda: self.transport.iallreduce_(flat, key)).wait()
 
     def synchronize(self) -> None:
         """Collective: all-reduce gradients during warm-up; local (no traffic) afterwards."""
         if self.steps < self.warmup_steps and self.comm.size > 1:
-            self.transport.allreduce_(flat_grads(self.params, self._grad_buf), key=0)
+            self._allreduce(flat_grads(self.params, self._grad_buf), 0, "allreduce gradients")
             set_grads(self.params, self._grad_buf)
 
     def step(self, opt: torch.optim.Optimizer) -> None:
@@ -136,7 +148,7 @@ class LocalSGD(ModeWrapper):
             flat_params(extra, flat[n_params:])
         if self._anchor is not None:
             flat[:n_params].sub_(self._anchor)
-        self.transport.allreduce_(flat, key=1)
+        self._allreduce(flat, 1, "allreduce model average")
         if self._anchor is not None:
             flat[:n_params].add_(self._anchor)
             self._anchor.copy_(flat[:n_params])

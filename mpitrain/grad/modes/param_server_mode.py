@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import ConfigError, with_hint
-from mpitrain.grad.modes.param_server import ParamServerWorker, run_param_server
+from mpitrain.grad.modes.param_server import run_param_server
+from mpitrain.grad.modes.param_server_worker import ParamServerWorker
 from mpitrain.grad.protocol import BuildContext, ModeSpec
 
 if TYPE_CHECKING:

@@ -26,7 +26,9 @@ import torch
 from mpitrain.comm.handle import ChainedHandle, Handle
 from mpitrain.errors import CommError, with_hint
 from mpitrain.grad.buckets import alloc_buffer
+from mpitrain.grad.recorded import recorded
 from mpitrain.grad.zero.layout import ShardLayout
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpitrain.comm.shards import ShardComm
@@ -65,6 +67,8 @@ class ShardedGrads:
         #: (ZeRO-3 frees the bucket's gathered parameters there)
         self.on_ready: Callable[[int], None] | None = None
         self.dirty = False  # stage 1: full buffer holds reduce-scatter leftovers
+        #: records each bucket's reduce-scatter ("reduce-scatter b3": start, flight, wait)
+        self.timeline: Timeline = NULL
         spans = layout.buckets
         dtype = torch.float32
         device = self.device = self.params[0].device if self.params else torch.device("cpu")
@@ -200,18 +204,24 @@ class ShardedGrads:
                     self._take(i, self.params[i])
             assert self.full is not None
             start = span.offset
-            full = self.full[start : start + span.padded(self.layout.ranks)]
-            if self.compress is not None:
-                self._handles[b] = self._compressed(full, b, lambda: None)
-                return
-            self._handles[b] = self.transport.ireduce_scatter_(full, None, average=True)
-            return
-        buf = self._fill(b)
+            buf = self.full[start : start + span.padded(self.layout.ranks)]
+        else:
+            buf = self._fill(b)
+        nbytes = buf.numel() * (buf.element_size() if self.compress is None
+                                else self.compress.itemsize)  # what travels
+        self._handles[b] = recorded(self.timeline, f"reduce-scatter b{b}", nbytes,
+                                    "reduce-scatter", lambda: self._reduce_scatter(b, buf))
+
+    def _reduce_scatter(self, b: int, buf: torch.Tensor) -> Handle:
+        """Start bucket ``b``'s reduce-scatter of ``buf`` (stage 2: into its shard gradient,
+        then the buffer is released)."""
+        release = (lambda: None) if self.keep_full else (lambda: self._release(b))
         if self.compress is not None:
-            self._handles[b] = self._compressed(buf, b, lambda: self._release(b))
-            return
+            return self._compressed(buf, b, release)
+        if self.keep_full:
+            return self.transport.ireduce_scatter_(buf, None, average=True)
         inner = self.transport.ireduce_scatter_(buf, self.shard_grads[b], average=True)
-        self._handles[b] = ChainedHandle(inner, lambda: self._release(b))
+        return ChainedHandle(inner, release)
 
     def _compressed(self, full: torch.Tensor, b: int, release: Callable[[], None]) -> Handle:
         """Reduce-scatter ``full`` in ``self.compress``; the float32 shard gradient after."""

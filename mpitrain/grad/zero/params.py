@@ -24,7 +24,9 @@ from torch import nn
 
 from mpitrain.comm.handle import Handle
 from mpitrain.errors import CheckpointError, with_hint
+from mpitrain.grad.recorded import recorded
 from mpitrain.grad.zero.layout import ShardLayout
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpitrain.comm.shards import ShardComm
@@ -56,6 +58,8 @@ class ShardedParams:
         #: gradients' reduce-scatters)
         self.transport = transport
         self.rank = rank
+        #: records each gather ("all-gather b3": start, flight, the wait before use)
+        self.timeline: Timeline = NULL
         # the first unit's inputs need no gradient: torch warns that its pre-backward hook
         # fires on the outputs' gradients, which is just when the gather is needed
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients",
@@ -139,10 +143,16 @@ class ShardedParams:
         buf.untyped_storage().resize_(buf.numel() * buf.element_size())
         with torch.no_grad():
             buf[rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
-        self.handles[b] = self.transport.iallgather_(buf)
+        self.handles[b] = self._gather(b)
         self.live[b] = True
         self.live_bytes += _nbytes(buf)
         self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+
+    def _gather(self, b: int) -> Handle:
+        """Start bucket ``b``'s all-gather into its full buffer (recorded in the timeline)."""
+        buf = self.full[b]
+        return recorded(self.timeline, f"all-gather b{b}", buf.numel() * buf.element_size(),
+                        "all-gather", lambda: self.transport.iallgather_(buf))
 
     def _wait(self, b: int) -> None:
         h = self.handles[b]
@@ -237,7 +247,7 @@ class ShardedParams:
         span, rank = self.layout.buckets[b], self.rank
         with torch.no_grad():
             self.full[b][rank * span.chunk : (rank + 1) * span.chunk].copy_(self.shards[b])
-        self.transport.iallgather_(self.full[b]).wait()
+        self._gather(b).wait()
 
     @contextlib.contextmanager
     def gathered(self, *, writeback: bool = False) -> Iterator[None]:

@@ -22,13 +22,13 @@ See docs/sharding.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mpitrain.comm.allreduce import allreduce_
-from mpitrain.comm.broadcast import broadcast_
 from mpitrain.comm.factory import make_shard_comm
 from mpitrain.comm.reducer import default_overlap
 from mpitrain.errors import ConfigError, with_hint
@@ -36,10 +36,12 @@ from mpitrain.grad.broadcast import broadcast_parameters
 from mpitrain.grad.buckets import alloc_buffer, bucket_bytes_from_mb
 from mpitrain.grad.consistency import check_same_layout, layout
 from mpitrain.grad.protocol import ExchangeBase
+from mpitrain.grad.recorded import broadcast_buffers, recorded
 from mpitrain.grad.zero.grads import ShardedGrads
 from mpitrain.grad.zero.layout import ShardLayout, plan_grouped_layout, plan_layout
 from mpitrain.grad.zero.params import ShardedParams
 from mpitrain.runtime.world import World
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -123,6 +125,8 @@ class ShardedDataParallel(ExchangeBase):
         self.comm = comm
         self.stage = stage
         self.broadcast_buffers = broadcast_buffers
+        #: records the reduce-scatters, all-gathers and buffer broadcasts (set_timeline)
+        self.timeline: Timeline = NULL
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         device = named[0][1].device if named else torch.device("cpu")
         for n, p in named:
@@ -239,8 +243,13 @@ class ShardedDataParallel(ExchangeBase):
         for shard, g in zip(self.shards, self.grads.shard_grads, strict=True):
             shard.grad = g
         if self.broadcast_buffers:
-            for buf in self.module.buffers():
-                broadcast_(buf, self.comm, 0)
+            broadcast_buffers(self.module, self.comm, self.timeline)
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record every reduce-scatter, all-gather and buffer broadcast into ``recorder``."""
+        self.timeline = self.grads.timeline = recorder
+        if self.sharded is not None:
+            self.sharded.timeline = recorder
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Collective: step ``optimizer`` (over the shards), then all-gather the parameters."""
@@ -255,7 +264,10 @@ class ShardedDataParallel(ExchangeBase):
         from mpi4py import MPI
 
         bad = any(not bool(torch.isfinite(g).all()) for g in self.grads.shard_grads)
-        if self.comm.allreduce(bad, op=MPI.LOR) and not bad and self.grads.shard_grads:
+        t0 = self.timeline.now()
+        anywhere = self.comm.allreduce(bad, op=MPI.LOR)
+        self.timeline.comm_blocking("allreduce overflow", 1, t0, "allreduce")
+        if anywhere and not bad and self.grads.shard_grads:
             self.grads.shard_grads[0].view(-1)[:1].fill_(float("inf"))
         scaler.unscale_(optimizer)
 
@@ -275,10 +287,12 @@ class ShardedDataParallel(ExchangeBase):
             return
         assert self.full_params is not None
         ranks = self.layout.ranks
-        handles = [
-            self.transport.iallgather_(self.full_params[s.offset : s.offset + s.padded(ranks)])
-            for s in self.layout.buckets
-        ]
+        handles = []
+        for s in self.layout.buckets:
+            buf = self.full_params[s.offset : s.offset + s.padded(ranks)]
+            handles.append(recorded(self.timeline, f"all-gather b{s.index}",
+                                    buf.numel() * buf.element_size(), "all-gather",
+                                    functools.partial(self.transport.iallgather_, buf)))
         for h in handles:
             h.wait()
 
@@ -302,7 +316,9 @@ class ShardedDataParallel(ExchangeBase):
         for g in self.grads.shard_grads:
             sq += g.double().pow(2).sum()
         host = sq.reshape(1).cpu()
+        t0 = self.timeline.now()
         allreduce_(host, self.comm, average=False)
+        self.timeline.comm_blocking("allreduce grad norm", 8, t0, "allreduce")
         total = host.sqrt().to(torch.float32).reshape(())
         coef = torch.clamp(max_norm / (total + eps), max=1.0).to(self.device)
         for g in self.grads.shard_grads:

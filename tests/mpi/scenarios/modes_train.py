@@ -52,6 +52,37 @@ def records(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in map(json.loads, lines) if "staleness" in r]
 
 
+#: --timeline of each async mode: the collectives its summary must name (issue 26)
+TIMELINES = {
+    "dbuf": {"allreduce gradients"},
+    "local4": {"allreduce gradients", "allreduce model average"},
+    "ps2": {"push s0", "pull s0"},
+}
+
+
+def check_timelines(work: Path) -> None:
+    """Every mode's trace: communication > 0, recorded under the expected collective names."""
+    from mpitrain.timeline.summary import format_summary, load, problems, summarize
+
+    for name, want in TIMELINES.items():
+        doc = load(work / name / "trace.json")
+        assert problems(doc) == [], (name, problems(doc))
+        s = summarize(doc)
+        assert len(s.steps) == 10 and s.comm_ms > 0 and 0 <= s.exposed_ms <= s.comm_ms, name
+        got = {c.name for c in s.collectives}
+        assert got == want, (name, got)
+        assert all(c.bytes > 0 and c.flights > 0 for c in s.collectives), s.collectives
+        text = format_summary(s)
+        assert "communication 0.000" not in text and "hidden -" not in text, text
+        if name == "dbuf":  # in flight through the next step's compute: partly hidden
+            assert s.hidden_frac is not None and s.hidden_frac > 0, s.hidden_frac
+            assert all(r.comm > 0 for r in s.steps), s.steps
+        if name == "ps2":  # the servers are not in the trace: said in words
+            assert "not recorded: param-server: the server ranks (2..2)" in text, text
+        print(f"PASS timeline {name}: communication {s.comm_ms:.3f} ms in "
+              f"{', '.join(sorted(got))}")
+
+
 def main(world: MPI.Intracomm) -> int:
     assert world.size == 3, "run with 3 ranks"
     shared = world.bcast(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(), root=0)
@@ -71,23 +102,29 @@ def main(world: MPI.Intracomm) -> int:
         world.Barrier()
 
     ep = ["--epochs", str(EPOCHS)]
+
+    def timeline(name: str, steps: str) -> list[str]:
+        return ["--timeline", str(work / name / "trace.json"), "--timeline-steps", steps]
+
     train("sync", ep, pair)
     train("local1", [*ep, "--exchange", "local-sgd", "--local-steps", "1"], pair)
     train("ps0", [*ep, "--exchange", "param-server", "--max-staleness", "0",
                   "--checkpoint-every", "30", "--keep-last", "10"], world)
     # one-step-stale heavy ball is stable only for lr*curvature < 1 - momentum (docs/async.md)
     train("dbuf", ["--epochs", "10", "--exchange", "double-buffer", "--momentum", "0",
-                   "--lr", "0.2"], pair)
+                   "--lr", "0.2", *timeline("dbuf", "5:15")], pair)
     # warm-up is 22 steps (1 epoch): step 25 is mid-cycle for H=4, the ranks' models differ
+    # recorded 20..29: two warm-up gradient all-reduces, the model averages of steps 25, 29
     train("local4", [*ep, "--exchange", "local-sgd", "--local-steps", "4",
-                      "--checkpoint-every", "25", "--keep-last", "10"], pair)
+                      "--checkpoint-every", "25", "--keep-last", "10",
+                      *timeline("local4", "20:30")], pair)
     train("l4r", [*ep, "--exchange", "local-sgd", "--local-steps", "4", "--resume",
                   str(work / "local4" / "ckpt" / "step-000000025.pt")], pair)
     tau = 2
     # staleness up to tau shrinks the stable lr further: plain SGD, smaller lr, more epochs
     train("ps2", ["--epochs", "15", "--momentum", "0", "--lr", "0.1", "--exchange",
                   "param-server", "--max-staleness", str(tau),
-                  "--straggler-ms", "2"], world)
+                  "--straggler-ms", "2", *timeline("ps2", "5:15")], world)
     # resumed from ps0's step-30 checkpoint (server shard + optimizer): must end equal to ps0
     mid = work / "ps0" / "ckpt" / "step-000000030.pt"
     train("psr", [*ep, "--exchange", "param-server", "--resume", str(mid)], world)
@@ -137,6 +174,7 @@ def main(world: MPI.Intracomm) -> int:
         assert st["servers"][0]["version"] == n_steps
         print(f"PASS param-server resume (server shard + optimizer + staleness) equals "
               f"uninterrupted (max diff {d:.2e})")
+        check_timelines(work)
     world.Barrier()
     return 0
 
