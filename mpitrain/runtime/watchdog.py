@@ -12,6 +12,10 @@ duplicate communicator, so even a rank whose timer is not armed reports), and se
 state to rank 0. Rank 0 waits a grace period, prints a table naming the late ranks (those
 that entered fewer collectives than the most advanced ranks) and the ranks that never
 answered, then calls ``Abort(1)``. Other ranks abort by themselves when rank 0 stays silent.
+Every abort is :func:`mpitrain.runtime.abort.abort_job`: it aborts ``MPI_COMM_WORLD`` through
+the launcher, and a rank that is still running a few seconds later (its node cut off from the
+launcher) ends its own process with exit code 1. Ranks on a cut-off node end that way after
+their own watchdogs fire, since their collectives never complete.
 
 The thread keeps running while the main thread sleeps in Python or blocks inside MPI
 (mpi4py releases the GIL), so a rank stuck in ``time.sleep`` prints its own stack.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import socket
 import sys
 import threading
@@ -29,6 +34,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from mpitrain.runtime.abort import abort_job
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -156,7 +163,7 @@ class Watchdog:
         self.mpi_in_thread = True  # create() checks the thread level
         self.grace = grace if grace is not None else min(5.0, max(1.0, self.timeout / 2))
         self.clock = clock
-        self._abort = abort if abort is not None else comm.Abort
+        self._abort = abort if abort is not None else functools.partial(abort_job, comm)
         self.poll = poll if poll is not None else max(0.05, min(0.5, self.timeout / 10))
         self.host = socket.gethostname()
         self.main_ident = threading.get_ident()  # the thread that runs the steps

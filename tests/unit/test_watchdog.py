@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mpitrain.runtime.watchdog import (
     RankState,
     Watchdog,
@@ -182,3 +184,103 @@ def test_io_phase_has_its_own_longer_limit_and_is_named(capfd) -> None:
     assert "opening data not done within 100 s (--io-timeout)" in err, err
     assert "rank 0: watchdog: opening data has run 101.0 s (limit 100 s)" in err, err
     assert "step not done" not in err
+
+
+# --- issue 26 item 4: an abort that cannot complete still ends the rank -----------------------
+
+STUCK_ABORT = """
+import sys, threading, time
+from mpi4py import MPI
+from mpitrain.errors import ConfigError
+from mpitrain.runtime import abort
+from mpitrain.runtime.watchdog import Watchdog
+
+class StuckAbort:
+    '''A communicator whose MPI_Abort never returns (its node is cut off from the launcher).'''
+
+    def __init__(self, comm, size=None):
+        self.comm, self.size = comm, size
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def Get_size(self):
+        return self.size or self.comm.Get_size()
+
+    def Dup(self):
+        return StuckAbort(self.comm.Dup(), self.size)
+
+    def Abort(self, code):
+        sys.stderr.write(f"Abort({code}) called\\n")
+        sys.stderr.flush()
+        while True:
+            time.sleep(1)
+
+class NeverArrives:
+    '''The error communicator of a 2-rank job whose other rank never fails.'''
+
+    def Get_size(self):
+        return 2
+
+    def Get_rank(self):
+        return 1
+
+    def Ibarrier(self):
+        return self
+
+    def Test(self):
+        return False
+
+path = sys.argv[1]
+stuck = StuckAbort(MPI.COMM_SELF, size=2)
+if path == "watchdog":
+    dog = Watchdog.create(StuckAbort(MPI.COMM_SELF), 0.3, grace=0.1, poll=0.05)
+    dog.step_started(1)
+    time.sleep(60)
+elif path == "excepthook":
+    abort.install_excepthook(stuck)
+    worker = threading.Thread(target=lambda: 1 / 0, name="loader")
+    worker.start()
+    worker.join()
+    time.sleep(60)
+elif path == "config-error":
+    abort._end_together(NeverArrives(), stuck, ConfigError("bad lr"), 2, 0.1)
+print("not reached: the process should have ended")
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "code"), [("watchdog", 1), ("excepthook", 1), ("config-error", 2)]
+)
+def test_abort_that_never_returns_still_ends_the_rank(tmp_path, path: str, code: int) -> None:
+    """Every abort path ends this rank within EXIT_AFTER_ABORT_S when MPI_Abort hangs.
+
+    Before: the rank stayed in MPI_Abort for ever (the process is killed here at 30 s).
+    """
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from mpitrain.runtime.abort import EXIT_AFTER_ABORT_S
+
+    script = tmp_path / "stuck_abort.py"
+    script.write_text(STUCK_ABORT)
+    root = str(Path(__file__).resolve().parents[2])
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), path], cwd=root, capture_output=True, text=True,
+        timeout=30, env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    assert f"Abort({code}) called" in proc.stderr
+    assert (
+        f"MPI_Abort did not end this process within {EXIT_AFTER_ABORT_S:g} s "
+        f"(a peer or the launcher is unreachable); exiting with code {code}"
+    ) in proc.stderr, proc.stderr[-3000:]
+    assert "not reached" not in proc.stdout
+    # start-up (mpi4py import, MPI init) + watchdog timeout and grace + the exit timer
+    assert elapsed < EXIT_AFTER_ABORT_S + 12, elapsed
+

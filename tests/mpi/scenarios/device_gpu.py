@@ -19,7 +19,7 @@ from mpi4py import MPI
 
 from mpitrain.comm.factory import describe, make_reducer
 from mpitrain.comm.reducer import FlatReducer
-from mpitrain.runtime.abort import run_mpi
+from mpitrain.runtime.abort import abort_job, run_mpi
 from mpitrain.runtime.cuda_aware import decide_cuda_aware, facts_lines
 from mpitrain.runtime.device import bind_device
 from mpitrain.runtime.world import World
@@ -56,7 +56,7 @@ def main(comm: MPI.Intracomm) -> int:
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        comm.Abort(1)
+        abort_job(comm, 1)
     if comm.rank == 0:
         print("\n".join(out))
     comm.Barrier()

@@ -26,7 +26,7 @@ from mpitrain.comm.reducer import FlatReducer, Reducer
 from mpitrain.comm.staged import StagedReducer
 from mpitrain.errors import CommError, DeviceError
 from mpitrain.grad.parallel import DataParallel
-from mpitrain.runtime.abort import run_mpi
+from mpitrain.runtime.abort import abort_job, run_mpi
 from mpitrain.runtime.cuda_aware import (
     QueryResult,
     decide_cuda_aware,
@@ -287,7 +287,7 @@ def main(comm: MPI.Intracomm) -> int:
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
-        comm.Abort(1)
+        abort_job(comm, 1)
     if comm.rank == 0:
         for line in lines:
             print(f"OK {line}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from mpitrain.runtime.abort import run_mpi
+from mpitrain.runtime.abort import abort_job, run_mpi
 
 #: name -> (ranks, flags, required test accuracy)
 RUNS: dict[str, tuple[int, list[str], float]] = {
@@ -66,7 +66,7 @@ def main(world: MPI.Intracomm) -> int:
             )
             if code != 0:
                 print(f"FAIL {name}: exit {code}", flush=True)
-                world.Abort(1)
+                abort_job(world, 1)
             sub.Free()
         wait_sleeping(world)
         if world.rank == 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from mpitrain.runtime.abort import run_mpi
+from mpitrain.runtime.abort import abort_job, run_mpi
 
 COMMON = ["--lr-schedule", "step", "--seed", "3", "--no-progress", "--log-level", "warning"]
 EPOCHS = 6
@@ -98,7 +98,7 @@ def main(world: MPI.Intracomm) -> int:
                               "--summary-json", str(d / "summary.json")])
             if code != 0:  # never leave the other ranks waiting in the Barrier
                 print(f"FAIL {name}: exit {code}", flush=True)
-                world.Abort(1)
+                abort_job(world, 1)
         world.Barrier()
 
     ep = ["--epochs", str(EPOCHS)]
