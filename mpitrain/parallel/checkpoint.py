@@ -59,12 +59,20 @@ def save_parallel(
 
 
 def load_parallel(
-    grid: Grid, path: Path, meta: dict[str, Any] | None = None
+    grid: Grid, path: Path, meta: dict[str, Any] | None = None, *,
+    rules: dict[str, list[Any]] | None = None, tied: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collective (grid): return (this rank's payload, the manifest) of checkpoint ``path``.
 
     ``meta`` (the model's shape) must match the saved one: a different model is refused.
+    Written on the same tensor x pipeline grid, this rank reads its own file; on another
+    grid (given this stage's ``rules`` and its ``tied`` copies) every rank reads all files,
+    joins them into the dense state and cuts its own slice of the parameters and of the
+    optimizer state (any data-parallel size works either way: the replicas hold the same).
     """
+    from mpitrain.checkpoint_parallel import consolidate_parallel, reshard
+    from mpitrain.checkpoint_shards import read_shards
+
     def read() -> tuple[dict[str, Any], dict[str, Any]]:
         doc = read_manifest(path)
         saved_meta = doc.get("meta", {})
@@ -78,17 +86,20 @@ def load_parallel(
         if doc.get("kind") != KIND or "grid" not in doc or "files" not in doc:
             raise CheckpointError(
                 with_hint(f"'{path}' is not a model-parallel checkpoint",
-                          "resume --model gpt from an mp-step-* directory it wrote"))
+                          "resume --model gpt from a checkpoint of a grid run"))
         saved = doc["grid"]
-        if (saved["tensor"], saved["pipeline"]) != (grid.tensor, grid.pipeline):
-            raise CheckpointError(
-                with_hint(f"'{path}' was written by a grid of tensor {saved['tensor']} x "
-                          f"pipeline {saved['pipeline']}; this run is tensor {grid.tensor} x "
-                          f"pipeline {grid.pipeline}",
-                          "resume on the same tensor/pipeline sizes (the data-parallel size "
-                          "may differ), or consolidate it: python -m mpitrain checkpoint "
-                          "consolidate DIR OUT.pt"))
-        entry = doc["files"][grid.pp_rank * grid.tensor + grid.tp_rank]
-        return read_shard(path, entry), doc
+        if (saved["tensor"], saved["pipeline"]) == (grid.tensor, grid.pipeline):
+            entry = doc["files"][grid.pp_rank * grid.tensor + grid.tp_rank]
+            return read_shard(path, entry), doc
+        if rules is None:
+            raise CheckpointError(with_hint(
+                f"'{path}' was written by a grid of tensor {saved['tensor']} x pipeline "
+                f"{saved['pipeline']}; this run is tensor {grid.tensor} x pipeline "
+                f"{grid.pipeline}", "pass this stage's rules to re-cut it, or consolidate "
+                "it: python -m mpitrain checkpoint consolidate DIR OUT.pt"))
+        doc, payloads = read_shards(path)
+        full = consolidate_parallel(doc, payloads)
+        model, optim = reshard(full, rules, tied or {}, grid.tp_rank, grid.tensor)
+        return {"model": model, "optim": optim, "resharded": dict(saved)}, doc
 
     return agree(grid.comm, read)

@@ -181,6 +181,10 @@ class GPTStage(nn.Module):
         return [p for p in (getattr(self, "tok", None), getattr(self, "head", None))
                 for p in ([p.weight] if p is not None else [])]
 
+    def tied_names(self) -> dict[str, str]:
+        """Parameters that copy another stage's: name here -> name in the dense model."""
+        return {"head.weight": "tok.weight"} if self.tied_across_stages and self.last else {}
+
     def sequence_parallel_parameters(self) -> list[nn.Parameter]:
         """Replicated parameters that see only this rank's part of the sequence."""
         if not self.c.sequence_parallel:

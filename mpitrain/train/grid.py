@@ -119,7 +119,7 @@ class PipelineSteps:
     def __init__(self, engine: PipelineEngine, device: torch.device) -> None:
         self.engine, self.device = engine, device
         self.sum_comm = engine.grid.dp_comm
-        self.replicas = engine.grid.data
+        self.replicas, self.replica = engine.grid.data, engine.grid.dp_rank
         self.timeline: Timeline = NULL
 
     def set_timeline(self, recorder: Timeline) -> None:

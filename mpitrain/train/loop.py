@@ -114,6 +114,7 @@ class Trainer:
             "step": self.state.step,
             "mpitrain_version": __version__,
             "world_size": self.world.size,
+            "copies": self.world.size // self.p.steps.replicas,  # ranks per replica's sums
             "config": self.cfg.to_dict(),
             "model": weights,
             "optimizer": optim,
@@ -143,7 +144,9 @@ class Trainer:
         self.p.train_loader.load_state_dict(state["sampler"])
         if state.get("exchange") is not None:
             self.p.model.load_exchange_state_dict(state["exchange"])
-        self.state = restore_loop_state(state, self.world.rank, self.world.size, self.cfg.seed)
+        self.state = restore_loop_state(
+            state, self.world.rank, self.world.size, self.cfg.seed,
+            replica=self.p.steps.replica, copies=self.world.size // self.p.steps.replicas)
 
     def save(self) -> Path:
         """Collective: write a checkpoint of the current step, as a file of this run."""

@@ -52,22 +52,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
-def restore_loop_state(state: dict[str, Any], rank: int, size: int, seed: int) -> LoopState:
+def restore_loop_state(state: dict[str, Any], rank: int, size: int, seed: int, *,
+                       replica: int | None = None, copies: int = 1) -> LoopState:
     """Return the loop state of checkpoint ``state`` for ``rank`` of ``size``; set the RNGs.
 
-    On the rank count that saved it, each rank gets its own sums and RNG states back; on
-    another, the epoch's running sums are kept on rank 0 only and the RNGs are reseeded.
+    ``copies`` ranks hold each data-parallel replica's running sums (tensor x pipeline of a
+    grid, 1 otherwise) and ``replica`` is this rank's data-parallel index. On the layout that
+    saved it, each rank gets its own sums and RNG states back; on another, the epoch's sums
+    (each replica's counted once) go to the ranks of replica 0 and the RNGs are reseeded.
     """
     loop = LoopState(**dict(state["loop"]))
     ranks = state["ranks"]
-    if state["world_size"] == size:
+    saved_copies = int(state.get("copies", 1))
+    if state["world_size"] == size and saved_copies == copies:
         mine = ranks[rank]
         set_rng_state(mine["rng"])
         loop.loss_sum, loop.correct, loop.seen = mine["loss_sum"], mine["correct"], mine["seen"]
         return loop
-    if rank == 0:
-        loop.loss_sum = sum(r["loss_sum"] for r in ranks)
-        loop.correct = sum(r["correct"] for r in ranks)
-        loop.seen = sum(r["seen"] for r in ranks)
+    if (rank if replica is None else replica) == 0:
+        loop.loss_sum = sum(r["loss_sum"] for r in ranks) / saved_copies
+        loop.correct = round(sum(r["correct"] for r in ranks) / saved_copies)
+        loop.seen = round(sum(r["seen"] for r in ranks) / saved_copies)
     torch.manual_seed(seed + 1000 * rank + loop.step)
     return loop

@@ -35,6 +35,8 @@ class Steps(Protocol):
     sum_comm: MPI.Intracomm
     #: ranks that train on different samples (the data-parallel size)
     replicas: int
+    #: this rank's data-parallel index (its replica)
+    replica: int
     #: whether the correct counts mean anything (classification); False: loss only
     accuracy: bool
 
@@ -72,7 +74,7 @@ class ClassifierSteps:
     def __init__(self, model: Exchange, device: torch.device, comm: MPI.Intracomm, *,
                  precision: str = "fp32", scaler: Any = None) -> None:
         self.model, self.device, self.sum_comm = model, device, comm
-        self.replicas = comm.size
+        self.replicas, self.replica = comm.size, comm.rank
         self.autocast = autocast_for(precision, device)
         self.scaler = scaler
         self.timeline: Timeline = NULL

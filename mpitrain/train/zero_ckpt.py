@@ -124,12 +124,14 @@ def save_grid(model: Any, optimizer: torch.optim.Optimizer, directory: Path, ste
 def load_grid(model: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
     """Collective: load this rank's (stage, tensor slice) of a grid's state from ``path``.
 
-    The model's shape and the tensor x pipeline grid must match (refused with a hint);
-    each rank's tensors and optimizer are compared before anything is loaded.
+    The model's shape must match (refused with a hint); a state written on another tensor x
+    pipeline grid is re-cut for this one (``checkpoint_parallel.reshard``). Each rank's
+    tensors and optimizer are compared before anything is loaded.
     """
     from mpitrain.parallel.checkpoint import load_parallel
 
-    mine, doc = load_parallel(model.grid, path, model.meta)
+    mine, doc = load_parallel(model.grid, path, model.meta, rules=model.rules,
+                              tied=model.module.tied_names())
 
     def check() -> None:
         _kind, groups, _keys = compat.of_optimizer(optimizer)

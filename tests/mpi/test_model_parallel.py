@@ -1,5 +1,6 @@
 """Model parallelism end to end: split GPTs == the dense GPT, trained grids == one process,
-bitwise resume on the same grid (scenario: tests/mpi/scenarios/model_parallel.py)."""
+bitwise resume on the same grid, resume on another grid
+(scenario: tests/mpi/scenarios/model_parallel.py)."""
 
 from __future__ import annotations
 
@@ -111,11 +112,29 @@ def test_resume_is_bitwise_on_the_same_grid(mpirun: MpiRun, tmp_path: Path) -> N
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(fb["optim"]["state"][i][k]))
     assert ckpt.load(a / "step-000000060.pt")["sampler"] == ckpt.load(
         b / "step-000000060.pt")["sampler"]
-    # another tensor x pipeline grid is refused with a hint; consolidation is the way out
+    # on another grid the state is re-cut (parameters and momentum) and the run goes on as
+    # the uninterrupted one did (measured: 1.7e-7 relative after 30 more steps)
+    want = load_full(_grid_dir(a, 60))["model"]
+    want_sum = json.loads((tmp_path / "a" / "summary.json").read_text())
+    for name, other in (("t1p2d2", ["--pipeline-stages", "2", "--micro-batches", "2",
+                                    "--batch-size", "4"]),
+                        ("t1p1d4", ["--batch-size", "2"])):
+        c = tmp_path / name / "ckpt"
+        c.mkdir(parents=True)
+        for f in ("step-000000030.pt", "step-000000030.pt.sha256"):
+            shutil.copy(a / f, c / f)
+        shutil.copytree(_grid_dir(a, 30), c / _grid_dir(a, 30).name)
+        _train(mpirun, 4, tmp_path / name, [*other, "--checkpoint-every", "30", "--resume",
+                                            "auto"], steps=60)
+        got_sum = json.loads((tmp_path / name / "summary.json").read_text())
+        assert _max_rel(want, load_full(_grid_dir(c, 60))["model"]) < REL_TOL, name
+        assert abs(float(got_sum["final_loss"]) - float(want_sum["final_loss"])) < 1e-4, name
+    # another model shape is refused with one line naming it
     bad = _train(mpirun, 2, tmp_path / "b", ["--tensor-parallel", "2", "--batch-size", "8",
-                                             "--resume", "auto"], steps=90, check=False)
+                                             "--hidden", "64", "--resume", "auto"], steps=90,
+                 check=False)
     assert bad.returncode != 0
-    assert "written by a grid of tensor 2 x pipeline 2" in bad.stderr + bad.stdout
+    assert "hidden 32 (now 64)" in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr
     # a fresh run into a directory of another run's checkpoints is refused
     fresh = _train(mpirun, 2, tmp_path / "b", ["--tensor-parallel", "2", "--batch-size", "8"],
