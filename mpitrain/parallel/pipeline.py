@@ -24,7 +24,7 @@ from mpitrain.parallel.schedule import Action, get_schedule
 from mpitrain.parallel.tensor import sequence_parallel_grads_
 
 if TYPE_CHECKING:
-    from mpitrain.grad.parallel import DataParallel
+    from mpitrain.grad.protocol import Exchange
     from mpitrain.parallel.grid import Grid
 
 StageFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -73,8 +73,9 @@ class PipelineEngine:
         grid: the process grid (``pp_comm`` orders the stages).
         micro_batches: micro-batches per step (the batch's first dimension divides by it).
         schedule: ``1f1b`` or ``gpipe`` (:mod:`mpitrain.parallel.schedule`).
-        data_parallel: the stage wrapped in :class:`mpitrain.grad.parallel.DataParallel` over
-            ``grid.dp_comm``, or None when the data-parallel size is 1.
+        data_parallel: the stage wrapped in a data-parallel exchange over ``grid.dp_comm``
+            (:class:`mpitrain.grad.parallel.DataParallel`, or ZeRO's ``ShardedDataParallel``),
+            or None when the data-parallel size is 1.
         tied: parameters this stage shares with another stage (gradients summed over
             ``grid.tied_comm``).
         sequence_parallel_params: replicated parameters whose gradients are partial per
@@ -84,15 +85,18 @@ class PipelineEngine:
 
     def __init__(
         self, stage: nn.Module, grid: Grid, *, micro_batches: int, schedule: str = "1f1b",
-        data_parallel: DataParallel | None = None, tied: Sequence[nn.Parameter] = (),
+        data_parallel: Exchange | None = None, tied: Sequence[nn.Parameter] = (),
         sequence_parallel_params: Sequence[nn.Parameter] = (),
         device: torch.device | None = None, measure_memory: bool = False,
+        eval_through_exchange: bool = False,
     ) -> None:
         self.stage, self.grid, self.micro = stage, grid, micro_batches
         self.actions: list[Action] = get_schedule(schedule)(
             grid.pp_rank, grid.pipeline, micro_batches
         )
         self.dp = data_parallel
+        #: evaluate through the exchange (ZeRO-3 gathers the parameters in its forward)
+        self.eval_through_exchange = eval_through_exchange and data_parallel is not None
         self.tied = list(tied) if grid.tied_comm is not None else []
         self.sp_params = list(sequence_parallel_params)
         self.link = StageLink(grid.pp_comm, device or torch.device("cpu"))
@@ -225,7 +229,8 @@ class PipelineEngine:
         total = 0.0
         for x, t in zip(inputs.chunk(self.micro), targets.chunk(self.micro), strict=True):
             h = x if g.first_stage else link.recv_forward()
-            out = self.stage(h, t if g.last_stage else None)
+            fn: Any = self.dp if self.eval_through_exchange else self.stage
+            out = fn(h, t if g.last_stage else None)
             if g.last_stage:
                 total += float(out) * len(t)
             else:

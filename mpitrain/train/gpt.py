@@ -181,6 +181,15 @@ class GPTStage(nn.Module):
         return [p for p in (getattr(self, "tok", None), getattr(self, "head", None))
                 for p in ([p.weight] if p is not None else [])]
 
+    def zero3_units(self) -> list[nn.Module]:
+        """ZeRO-3's gather units: each block and the final norm. The token embedding stays
+        with the root (always gathered): with one stage it is also the head, used again at
+        the end of the forward."""
+        units: list[nn.Module] = list(self.blocks.values())
+        if self.last:
+            units.append(self.ln_f)
+        return units
+
     def tied_names(self) -> dict[str, str]:
         """Parameters that copy another stage's: name here -> name in the dense model."""
         return {"head.weight": "tok.weight"} if self.tied_across_stages and self.last else {}

@@ -39,8 +39,9 @@ log = logging.getLogger("mpitrain")
 
 
 class GridExchange(ExchangeBase):
-    """The exchange the loop steps for a grid: the data-parallel exchange runs inside the
-    schedule (:class:`PipelineEngine`), so ``synchronize`` has nothing left to do."""
+    """The exchange the loop steps for a grid: the data-parallel exchange (``DataParallel``
+    or ZeRO's ``ShardedDataParallel`` over the replicas) runs inside the schedule
+    (:class:`PipelineEngine`), so ``synchronize`` has nothing left to do."""
 
     def __init__(self, stage: GPTStage, engine: PipelineEngine, meta: dict[str, Any],
                  owned: list[World] | None = None) -> None:
@@ -51,6 +52,47 @@ class GridExchange(ExchangeBase):
         #: the model's shape, saved with its checkpoints and compared on resume
         self.meta = meta
         self._owned = owned or []
+        #: ZeRO over the replicas (``--shard``): the optimizer steps the exchange's shards
+        self.sharded = sharded_exchange(engine.dp)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Collective with ZeRO: step the shards, then gather the parameters."""
+        if self.sharded is not None:
+            self.sharded.step(optimizer)
+        else:
+            optimizer.step()
+
+    def checkpoint_payload(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Collective (replicas): this (stage, tensor slice)'s dense state and its optimizer's
+        per-parameter ``state_dict`` on data-parallel index 0 (ZeRO: joined from the shards,
+        so a grid checkpoint is the same with and without ``--shard``); {} elsewhere."""
+        if self.sharded is None:
+            return {"model": self.module.state_dict(), "optim": optimizer.state_dict()}
+        from mpitrain.checkpoint_shards import consolidate, optimizer_state_dict
+        from mpitrain.grad.zero.state import shard_payload
+
+        sdp = self.sharded
+        payloads = sdp.comm.gather(shard_payload(sdp, optimizer, None), root=0)
+        if sdp.comm.rank != 0:
+            return {}
+        doc = {"layout": sdp.layout.manifest(), "state_keys": list(self.module.state_dict())}
+        full = consolidate(doc, payloads or [])
+        names = [slot.name for slot in sdp.layout.slots]
+        return {"model": full["model"], "optim": optimizer_state_dict(full, names)}
+
+    def load_payload(self, optimizer: torch.optim.Optimizer, mine: dict[str, Any]) -> None:
+        """Collective with ZeRO: load a (stage, tensor slice)'s dense state and optimizer."""
+        if self.sharded is None:
+            self.module.load_state_dict(mine["model"])
+            optimizer.load_state_dict(mine["optim"])
+            return
+        from mpitrain.grad.zero.state import load_consolidated
+
+        names = [n for n, _ in self.module.named_parameters()]
+        state = mine["optim"].get("state", {})
+        full = {"model": mine["model"], "param_groups": mine["optim"]["param_groups"],
+                "optim_state": {n: state[i] for i, n in enumerate(names) if i in state}}
+        load_consolidated(self.sharded, optimizer, full)
 
     def close(self) -> None:
         """Collective (grid): finish traffic; free the grid's and the replicas' communicators."""
@@ -62,7 +104,8 @@ class GridExchange(ExchangeBase):
         self.grid.free()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients (in place where they alias the data-parallel buckets)."""
+        """Zero the gradients (in place where they alias the data-parallel buckets; ZeRO:
+        the exchange's own)."""
         if self.engine.dp is not None:
             self.engine.dp.zero_grad()
         else:
@@ -108,6 +151,13 @@ class GridExchange(ExchangeBase):
             for g in grads:
                 g.mul_(coef)
         return norm
+
+
+def sharded_exchange(dp: Any) -> Any:
+    """The ZeRO exchange among the replicas, or None (plain ``DataParallel`` or none)."""
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+    return dp if isinstance(dp, ShardedDataParallel) else None
 
 
 class PipelineSteps:
@@ -214,6 +264,8 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     """
     from mpitrain.grad.hooks import make_hook
     from mpitrain.grad.parallel import DataParallel
+    from mpitrain.grad.protocol import BuildContext
+    from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.runtime.world import World
     from mpitrain.train.loop import Parts
     from mpitrain.train.optim import build_optimizer, build_scheduler, rank_batch
@@ -224,19 +276,25 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     train, test = open_corpus(cfg, world, grid, batch)
     stage = GPTStage(GPTConfig.from_train(cfg), grid.tp_comm, grid.pp_rank, grid.pipeline)
     stage.to(device)
-    dp, owned = None, []
-    if grid.data > 1:
+    steps_per_epoch = -(-len(train) // cfg.accumulate)
+    dp: Any = None
+    owned: list[World] = []
+    if grid.data > 1 or cfg.shard != "none":
         dp_world = World.create(grid.dp_comm)
         owned.append(dp_world)
-        dp = DataParallel(stage, comm=grid.dp_comm, bucket_mb=cfg.bucket_mb,
-                          hook=make_hook(cfg.compression), reducer=make_reducer(dp_world))
+        if cfg.shard != "none":  # ZeRO over the replicas, the same builder as --shard alone
+            dp = build_sharded(BuildContext(cfg, dp_world, stage, device, steps_per_epoch),
+                               units=stage.zero3_units())
+        else:
+            dp = DataParallel(stage, comm=grid.dp_comm, bucket_mb=cfg.bucket_mb,
+                              hook=make_hook(cfg.compression), reducer=make_reducer(dp_world))
     engine = PipelineEngine(stage, grid, micro_batches=cfg.micro_batches,
                             schedule=cfg.pipeline_schedule, data_parallel=dp,
                             tied=stage.tied_parameters(),
                             sequence_parallel_params=stage.sequence_parallel_parameters(),
-                            device=device)
-    optimizer = build_optimizer(cfg, stage.parameters(), grid.data)
-    steps_per_epoch = -(-len(train) // cfg.accumulate)
+                            device=device, eval_through_exchange=cfg.shard == "parameters")
+    params = dp.parameters() if cfg.shard != "none" else stage.parameters()
+    optimizer = build_optimizer(cfg, params, grid.data)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     if world.rank == 0:
         micro = batch // cfg.micro_batches

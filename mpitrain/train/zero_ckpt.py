@@ -113,7 +113,7 @@ def save_grid(model: Any, optimizer: torch.optim.Optimizer, directory: Path, ste
     from mpitrain.parallel.checkpoint import save_parallel
 
     name = shard_dir_name(step, run_id, GRID_SUFFIX)
-    payload = {"model": model.module.state_dict(), "optim": optimizer.state_dict()}
+    payload = model.checkpoint_payload(optimizer)  # ZeRO: joined over the replicas
     save_parallel(model.grid, Path(directory) / name, step, payload, model.rules, model.meta,
                   run_id=run_id)
     g = model.grid
@@ -135,6 +135,8 @@ def load_grid(model: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
 
     def check() -> None:
         _kind, groups, _keys = compat.of_optimizer(optimizer)
+        if model.sharded is not None:  # the optimizer steps shards: count the parameters
+            groups = tuple((keys, len(model.rules)) for keys, _n in groups)
         compat.check(
             str(path),
             compat.Holds(tensors=compat.tensor_shapes(mine["model"].items()),
@@ -144,8 +146,7 @@ def load_grid(model: Any, optimizer: torch.optim.Optimizer, path: Path) -> None:
             saved_config=doc.get("meta"), now_config=model.meta)
 
     agree(model.grid.comm, check)
-    model.module.load_state_dict(mine["model"])
-    optimizer.load_state_dict(mine["optim"])
+    model.load_payload(optimizer, mine)
 
 
 def _kind(model: Any) -> str:

@@ -72,8 +72,11 @@ def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         (4, 8, ["--pipeline-stages", "2", "--micro-batches", "2"], ["--clip-grad-norm", "0.3"]),
         # the loop's accumulation around the schedule: 2 x 8 samples per step
         (2, 8, ["--tensor-parallel", "2", "--accumulate", "2"], ["--clip-grad-norm", "0.3"]),
+        # ZeRO-3 over the replicas of a tensor-parallel grid (checkpoints joined from shards)
+        (4, 8, ["--tensor-parallel", "2", "--shard", "parameters"], []),
     ],
-    ids=["tensor2", "tensor2xdata2", "pipeline2xdata2-clip", "tensor2-accumulate2-clip"],
+    ids=["tensor2", "tensor2xdata2", "pipeline2xdata2-clip", "tensor2-accumulate2-clip",
+         "tensor2xzero3xdata2"],
 )
 def test_grid_trains_like_one_process(
     mpirun: MpiRun, tmp_path: Path, n: int, batch: int, grid: list[str], both: list[str]

@@ -9,12 +9,15 @@ asynchronous modes and error feedback do not, so those are refused here, with th
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.zero.wrapper import STAGES, ShardedDataParallel
 
 if TYPE_CHECKING:
+    import torch
+
     from mpitrain.grad.protocol import BuildContext
 
 log = logging.getLogger("mpitrain")
@@ -43,8 +46,12 @@ def check_trainer_options(ctx: BuildContext) -> int:
     return stage
 
 
-def build_sharded(ctx: BuildContext) -> ShardedDataParallel:
-    """Collective: wrap ``ctx.module`` for ``--shard`` (build the optimizer over its shards)."""
+def build_sharded(ctx: BuildContext, units: Sequence[torch.nn.Module] | None = None,
+                  ) -> ShardedDataParallel:
+    """Collective: wrap ``ctx.module`` for ``--shard`` (build the optimizer over its shards).
+
+    ``units``: stage 3's gather units (default: the module's parameter-holding children).
+    """
     from mpitrain.comm.factory import describe_shards
     from mpitrain.runtime.cuda_aware import decide_cuda_aware
 
@@ -55,7 +62,7 @@ def build_sharded(ctx: BuildContext) -> ShardedDataParallel:
         aware = decide_cuda_aware(world.comm, ctx.device, cfg.cuda_aware).use_cuda_aware
     model = ShardedDataParallel(ctx.module, comm=world.comm, stage=stage,
                                 bucket_mb=cfg.bucket_mb, compression=cfg.compression,
-                                algo=cfg.allreduce, cuda_aware=aware, world=world)
+                                algo=cfg.allreduce, cuda_aware=aware, world=world, units=units)
     if world.rank == 0:
         log.info("shard transport: %s", describe_shards(model.transport))
     return model
