@@ -5,9 +5,12 @@ bitwise resume on the same grid, resume on another grid
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,80 @@ def test_resume_is_bitwise_on_the_same_grid(mpirun: MpiRun, tmp_path: Path) -> N
     assert cli.returncode == 0, cli.stderr
     dense = torch.load(out, weights_only=True)
     assert "head.weight" not in dense and "tok.weight" in dense and "blocks.1.qkv.weight" in dense
+
+
+def _rank_pids(marker: str, launcher: int) -> list[int]:
+    """Pids of this job's Python ranks (their command line holds ``marker``)."""
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    pids = []
+    for pid in (int(p) for p in out.split()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if pid != launcher and argv and Path(argv[0].decode()).name.startswith("python"):
+            pids.append(pid)
+    return pids
+
+
+def _start_grid(mpiexec: str, cache: Path, out: Path, steps: int) -> subprocess.Popen[str]:
+    from mpitrain.runtime.launch import launch_env, mpiexec_command
+
+    args = [*COMMON, "--tensor-parallel", "2", "--pipeline-stages", "2", "--micro-batches",
+            "2", "--batch-size", "8", "--lr-schedule", "constant",  # the same lr at any length
+            "--max-steps", str(steps), "--checkpoint-every", "1000",
+            "--checkpoint-dir", str(out / "ckpt"), "--run-dir", str(out / "run")]
+    return subprocess.Popen([*mpiexec_command(4, mpiexec), sys.executable, *args],
+                            cwd=Path(__file__).resolve().parents[2],
+                            env=launch_env({"MPITRAIN_CACHE": str(cache)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen[str], run: Path, steps: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = run / "metrics.jsonl"
+        if log.is_file() and log.read_text().count('"loss"') >= steps:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"no {steps} steps within 120 s: {proc.communicate()[1][-3000:]}")
+
+
+@pytest.mark.mpi
+def test_grid_preemption_resumes_bitwise_and_kill_9_ends_the_job(
+    mpirun: MpiRun, mpiexec: str, digits_cache: Path, tmp_path: Path
+) -> None:
+    """USR1 to one rank of a tensor 2 x pipeline 2 run: the agreed checkpoint and exit 99 on
+    every rank; the resume equals an uninterrupted run bitwise. kill -9 of a rank ends it."""
+    a = tmp_path / "a"
+    proc = _start_grid(mpiexec, digits_cache, a, 400)
+    _wait_for_steps(proc, a / "run", 5)
+    pids = _rank_pids(str(a / "ckpt"), proc.pid)
+    assert len(pids) == 4, pids
+    os.kill(pids[-1], signal.SIGUSR1)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 99, (proc.returncode, err[-3000:])
+    assert "preempted" in out, out
+    latest = ckpt.find_latest(a / "ckpt")
+    assert latest is not None
+    step = ckpt.read_info(latest).step
+    grid = ["--tensor-parallel", "2", "--pipeline-stages", "2", "--micro-batches", "2",
+            "--batch-size", "8", "--lr-schedule", "constant"]
+    _train(mpirun, 4, a, [*grid, "--resume", "auto"], steps=step + 5)
+    _train(mpirun, 4, tmp_path / "b", grid, steps=step + 5)
+    _, got = read_shards(_grid_dir(a / "ckpt", step + 5))
+    _, want = read_shards(_grid_dir(tmp_path / "b" / "ckpt", step + 5))
+    for fa, fb in zip(got, want, strict=True):
+        for k, v in fa["model"].items():
+            assert torch.equal(v, fb["model"][k]), k
+    # kill -9 of one rank mid-run: the whole job ends
+    c = tmp_path / "c"
+    proc = _start_grid(mpiexec, digits_cache, c, 400)
+    _wait_for_steps(proc, c / "run", 3)
+    pids = _rank_pids(str(c / "ckpt"), proc.pid)
+    t0 = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 30
