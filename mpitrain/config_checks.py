@@ -85,13 +85,8 @@ def check_model_parallel(cfg: TrainConfig) -> None:
                     "add --model gpt (or drop those options)")
         return
     # what the grid's step (train/grid.py) does not do yet: refused, never ignored
-    zero = cfg.shard != "none"
     unsupported = {
         "exchange " + cfg.exchange: cfg.exchange != "sync",
-        f"shard {cfg.shard} with --pipeline-stages {pp} (tied embedding gradients are summed "
-        "across stages before the replicas' reduce-scatter)": zero and pp > 1,
-        f"shard {cfg.shard} with --sequence-parallel": zero and cfg.sequence_parallel,
-        f"shard {cfg.shard} with --clip-grad-norm": zero and cfg.clip_grad_norm != 0,
         "bucket-mb auto": cfg.bucket_mb == 0,
         "precision " + cfg.precision: cfg.precision != "fp32",
         "hdf5-driver " + cfg.hdf5_driver: cfg.hdf5_driver != "posix",

@@ -24,6 +24,8 @@ from mpitrain.parallel.schedule import Action, get_schedule
 from mpitrain.parallel.tensor import sequence_parallel_grads_
 
 if TYPE_CHECKING:
+    from mpi4py import MPI
+
     from mpitrain.grad.protocol import Exchange
     from mpitrain.parallel.grid import Grid
 
@@ -95,6 +97,9 @@ class PipelineEngine:
             grid.pp_rank, grid.pipeline, micro_batches
         )
         self.dp = data_parallel
+        #: ``sum_shared(params, comm)``: Collective: sum those parameters' averaged gradients
+        #: over ``comm`` where the exchange keeps them (ZeRO's shards); None: in ``.grad``
+        self.sum_shared: Callable[[Sequence[nn.Parameter], MPI.Intracomm], None] | None = None
         #: evaluate through the exchange (ZeRO-3 gathers the parameters in its forward)
         self.eval_through_exchange = eval_through_exchange and data_parallel is not None
         self.tied = list(tied) if grid.tied_comm is not None else []
@@ -211,6 +216,12 @@ class PipelineEngine:
     def _reduce_shared(self) -> None:
         from mpitrain.comm.allreduce import allreduce_
 
+        if self.sum_shared is not None:  # the gradients live in the exchange's shards (ZeRO)
+            if self.sp_params:
+                self.sum_shared(self.sp_params, self.grid.tp_comm)
+            if self.tied and self.grid.tied_comm is not None:
+                self.sum_shared(self.tied, self.grid.tied_comm)
+            return
         if self.sp_params:
             sequence_parallel_grads_(self.sp_params, self.grid.tp_comm)
         if self.tied and self.grid.tied_comm is not None:

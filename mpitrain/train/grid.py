@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from mpitrain.train.gpt import GPTConfig, GPTStage
 from mpitrain.train.metrics import print_line
 
 if TYPE_CHECKING:
+    from mpi4py import MPI
+
     from mpitrain.config import TrainConfig
     from mpitrain.data import BatchLoader
     from mpitrain.data.loader import Batch
@@ -54,6 +57,47 @@ class GridExchange(ExchangeBase):
         self._owned = owned or []
         #: ZeRO over the replicas (``--shard``): the optimizer steps the exchange's shards
         self.sharded = sharded_exchange(engine.dp)
+        if self.sharded is not None:
+            engine.sum_shared = self._sum_sharded
+            trained = [p for p in stage.parameters() if p.requires_grad]
+            self._slot = {id(p): i for i, p in enumerate(trained)}  # the layout's order
+
+    def _shard_parts(self, i: int) -> list[tuple[int, int, int, int]]:
+        """This rank's pieces of parameter ``i`` in the shards: (bucket, start, end, chunk
+        start), in full-buffer coordinates."""
+        lay, rank = self.sharded.layout, self.sharded.comm.rank
+        a, b = lay.full_range(i)
+        out = []
+        for k in lay.slots[i].buckets:
+            lo, hi = lay.shard_range(k, rank)
+            if max(a, lo) < min(b, hi):
+                out.append((k, max(a, lo), min(b, hi), lo))
+        return out
+
+    def _sum_sharded(self, params: Sequence[torch.nn.Parameter], comm: MPI.Intracomm) -> None:
+        """Collective: sum the averaged gradients of ``params`` over ``comm`` where ZeRO keeps
+        them: each rank's pieces are joined over the replicas (disjoint parts of one
+        zero-filled buffer), summed over ``comm`` and written back to the shards."""
+        from mpitrain.comm.allreduce import allreduce_
+
+        sdp = self.sharded
+        lay = sdp.layout
+        spans = [lay.full_range(self._slot[id(p)]) for p in params]
+        flat = torch.zeros(sum(b - a for a, b in spans), dtype=torch.float32)
+        at, places = 0, []
+        for p, (a, b) in zip(params, spans, strict=True):
+            for k, s0, e0, lo in self._shard_parts(self._slot[id(p)]):
+                grad = sdp.shards[k].grad
+                if grad is not None:
+                    flat[at + s0 - a : at + e0 - a] = grad[s0 - lo : e0 - lo]
+                    places.append((k, s0 - lo, e0 - lo, at + s0 - a))
+            at += b - a
+        allreduce_(flat, sdp.comm, average=False)  # the replicas' disjoint pieces joined
+        allreduce_(flat, comm, average=False)  # the tied / tensor-group sum
+        for k, s0, e0, f0 in places:
+            grad = sdp.shards[k].grad
+            assert grad is not None
+            grad[s0:e0] = flat[f0 : f0 + e0 - s0]
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Collective with ZeRO: step the shards, then gather the parameters."""
@@ -127,13 +171,24 @@ class GridExchange(ExchangeBase):
         Tensor-split parameters are summed over the tensor group, replicated ones (norms,
         row-layer biases) counted once, the tied head once (the first stage's embedding),
         the stages summed over the pipeline group; data-parallel replicas hold the same
-        averaged gradients and are not summed.
+        averaged gradients and are not summed (ZeRO: their disjoint shard pieces are).
         """
         from mpitrain.comm.allreduce import allreduce_
 
         split = torch.zeros(2, dtype=torch.float64)  # [tensor-split, replicated]
         grads = []
-        for name, p in self.module.named_parameters():
+        if self.sharded is not None:  # each rank's pieces of the averaged gradients
+            trained = [n for n, p in self.module.named_parameters() if p.requires_grad]
+            for i, name in enumerate(trained):
+                dim, _k, dropped = self.rules.get(name, [None, 1, False])
+                for k, s0, e0, lo in self._shard_parts(i):
+                    grad = self.sharded.shards[k].grad
+                    if grad is not None and not dropped:
+                        piece = grad[s0 - lo : e0 - lo].double()
+                        split[0 if dim is not None else 1] += float(piece.pow(2).sum())
+            grads = [g for g in (s.grad for s in self.sharded.shards) if g is not None]
+            allreduce_(split, self.sharded.comm, average=False)
+        for name, p in self.module.named_parameters() if self.sharded is None else ():
             if p.grad is None:
                 continue
             dim, _k, dropped = self.rules.get(name, [None, 1, False])

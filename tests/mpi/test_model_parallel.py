@@ -75,11 +75,8 @@ def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         (4, 8, ["--pipeline-stages", "2", "--micro-batches", "2"], ["--clip-grad-norm", "0.3"]),
         # the loop's accumulation around the schedule: 2 x 8 samples per step
         (2, 8, ["--tensor-parallel", "2", "--accumulate", "2"], ["--clip-grad-norm", "0.3"]),
-        # ZeRO-3 over the replicas of a tensor-parallel grid (checkpoints joined from shards)
-        (4, 8, ["--tensor-parallel", "2", "--shard", "parameters"], []),
     ],
-    ids=["tensor2", "tensor2xdata2", "pipeline2xdata2-clip", "tensor2-accumulate2-clip",
-         "tensor2xzero3xdata2"],
+    ids=["tensor2", "tensor2xdata2", "pipeline2xdata2-clip", "tensor2-accumulate2-clip"],
 )
 def test_grid_trains_like_one_process(
     mpirun: MpiRun, tmp_path: Path, n: int, batch: int, grid: list[str], both: list[str]
@@ -93,6 +90,30 @@ def test_grid_trains_like_one_process(
     assert got_sum["steps"] == ref_sum["steps"] == 200
     assert abs(float(got_sum["test_loss"]) - float(ref_sum["test_loss"])) < 1e-4  # type: ignore[arg-type]
     assert float(ref_sum["test_loss"]) < 3.2  # type: ignore[arg-type]  # learnt: ln 256 = 5.5
+
+
+@pytest.mark.mpi
+def test_zero_over_the_replicas_of_a_grid_trains_like_one_process(
+    mpirun: MpiRun, tmp_path: Path
+) -> None:
+    """ZeRO over the data dimension composed with tensor and pipeline parallelism, clipped to
+    the global norm: 30 steps equal one process (measured 4.3e-7 relative; without the tied
+    embedding's sum over the shards 0.74). Checkpoints are joined from the shards."""
+    clip = ["--clip-grad-norm", "0.3"]
+    _train(mpirun, 1, tmp_path / "ref", ["--batch-size", "16", *clip], steps=30)
+    ref, ref_sum = _final(tmp_path / "ref")
+    for n, name, grid in (
+        (8, "t2p2d2-zero1", ["--tensor-parallel", "2", "--pipeline-stages", "2",
+                             "--shard", "optimizer"]),
+        (4, "p2d2-zero3", ["--pipeline-stages", "2", "--shard", "parameters"]),
+        (4, "t2d2-zero2-sp", ["--tensor-parallel", "2", "--sequence-parallel",
+                              "--shard", "gradients"]),
+    ):
+        _train(mpirun, n, tmp_path / name, ["--batch-size", "8", "--micro-batches", "2",
+                                            *grid, *clip], steps=30)
+        got, got_sum = _final(tmp_path / name)
+        assert _max_rel(ref, got) < REL_TOL, name
+        assert abs(float(got_sum["final_loss"]) - float(ref_sum["final_loss"])) < 1e-4, name
 
 
 @pytest.mark.mpi

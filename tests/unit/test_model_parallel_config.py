@@ -20,10 +20,6 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
      ["--pipeline-stages", "--model gpt"]),
     ("micro-batches without gpt", {"micro_batches": "2"}, ["--micro-batches", "--model gpt"]),
     ("gpt with local-sgd", {**GPT, "exchange": "local-sgd"}, ["--exchange", "--model gpt"]),
-    ("gpt with shard and pipeline", {**GPT, "shard": "parameters", "pipeline_stages": "2"},
-     ["--shard parameters with --pipeline-stages 2", "--model gpt"]),
-    ("gpt with shard and clipping", {**GPT, "shard": "optimizer", "clip_grad_norm": "1"},
-     ["--shard optimizer with --clip-grad-norm"]),
     ("gpt with bf16", {**GPT, "precision": "bf16"}, ["--precision bf16", "--model gpt"]),
     ("gpt with mpio", {**GPT, "hdf5_driver": "mpio"}, ["--hdf5-driver mpio", "--model gpt"]),
     ("heads do not divide hidden", {**GPT, "heads": "3", "hidden": "64"},
@@ -61,7 +57,9 @@ def test_grid_takes_the_loops_options() -> None:
                    "timeline": "t.json", "sample_log": "s.log", "tensorboard": "tb"},
                   environ={})
     assert (cfg.accumulate, cfg.clip_grad_norm, cfg.global_batch) == (2, 1.0, 32)
-    zero = resolve({**GPT, "tensor_parallel": "2", "shard": "parameters"}, environ={})
+    zero = resolve({**GPT, "tensor_parallel": "2", "pipeline_stages": "2", "shard": "parameters",
+                    "clip_grad_norm": "1", "sequence_parallel": True, "context": "32"},
+                   environ={})
     assert zero.shard == "parameters"
 
 
