@@ -171,7 +171,7 @@ class GPTStage(nn.Module):
         h = self.ln_f(h)
         head = self._head()
         h = gather_sequence(h, self.tp) if self.c.sequence_parallel else copy_to_tp(h, self.tp)
-        logits = F.linear(h, head.weight)
+        logits = F.linear(h, head.weight).float()  # the loss in float32 (under bf16 autocast)
         return vocab_parallel_cross_entropy(logits, targets.long(), self.tp, head.start).mean()
 
     def tied_parameters(self) -> list[nn.Parameter]:

@@ -28,6 +28,7 @@ from mpitrain.runtime.collective import agree
 from mpitrain.timeline.recorder import NULL, Timeline
 from mpitrain.train.gpt import GPTConfig, GPTStage
 from mpitrain.train.metrics import print_line
+from mpitrain.train.steps import autocast_for
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -221,8 +222,10 @@ class PipelineSteps:
 
     accuracy = False
 
-    def __init__(self, engine: PipelineEngine, device: torch.device) -> None:
+    def __init__(self, engine: PipelineEngine, device: torch.device,
+                 precision: str = "fp32") -> None:
         self.engine, self.device = engine, device
+        self.autocast = autocast_for(precision, device)  # bf16: stages send bf16 activations
         self.sum_comm = engine.grid.dp_comm
         self.replicas, self.replica = engine.grid.data, engine.grid.dp_rank
         self.timeline: Timeline = NULL
@@ -246,8 +249,9 @@ class PipelineSteps:
         for i, batch in enumerate(micro):
             x, y = self._split(batch)
             n = float(len(x))
-            loss = self.engine.train_step(x, y, loss_scale=n / max(total, 1.0),
-                                          last=i == len(micro) - 1)
+            with self.autocast:
+                loss = self.engine.train_step(x, y, loss_scale=n / max(total, 1.0),
+                                              last=i == len(micro) - 1)
             if not math.isfinite(loss):
                 raise DataError(with_hint(f"the loss is {loss}",
                                           "lower --lr or use --optimizer adamw"))
@@ -262,7 +266,8 @@ class PipelineSteps:
         if n == 0:  # every rank of this data-parallel index sees the same mask
             return 0.0, 0.0, 0.0
         x, y = self._split(batch)
-        return self.engine.eval_step(x[keep], y[keep]) * n, 0.0, float(n)
+        with self.autocast:
+            return self.engine.eval_step(x[keep], y[keep]) * n, 0.0, float(n)
 
 
 def open_corpus(
@@ -360,4 +365,4 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     meta = {"model": "gpt", "context": cfg.context, "hidden": cfg.hidden, "heads": cfg.heads,
             "layers": cfg.layers, "optimizer": cfg.optimizer}
     return Parts(GridExchange(stage, engine, meta, owned), optimizer, scheduler, train, test,
-                 device, PipelineSteps(engine, device))
+                 device, PipelineSteps(engine, device, cfg.precision))
