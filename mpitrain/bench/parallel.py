@@ -4,7 +4,8 @@
 
 One ``mpiexec`` job per method (each reports its own peak RSS); the same GPT, global batch,
 seeded random tokens and AdamW everywhere. ``dp``, ``tp2``/``tp4``, ``sp2`` (sequence
-parallel), ``pp2-*``/``pp4-*`` (GPipe, 1F1B) and ``tp2-pp2`` run mpitrain's PipelineEngine
+parallel), ``pp2-*``/``pp4-*`` (GPipe, 1F1B), ``tp2-pp2`` and the ZeRO compositions
+``zero1``/``zero3``/``tp2-zero3``/``tp2-pp2-zero1`` run mpitrain's PipelineEngine
 (one micro-batch per step without a pipeline); ``torch-pp-gpipe``/``-1f1b`` run the same
 ``GPTStage`` modules, one per rank, through ``torch.distributed.pipelining`` over gloo.
 Model state is counted from the tensors, activations as the bytes saved for backward, the
@@ -46,6 +47,7 @@ class Method:
     schedule: str = "1f1b"
     sequence_parallel: bool = False
     torch_pp: bool = False
+    shard: int = 0  # ZeRO stage over the data-parallel replicas (0: plain DataParallel)
 
 
 METHODS: dict[str, Method] = {
@@ -53,6 +55,9 @@ METHODS: dict[str, Method] = {
     "pp2-gpipe": Method(pipeline=2, schedule="gpipe"), "pp2-1f1b": Method(pipeline=2),
     "pp4-gpipe": Method(pipeline=4, schedule="gpipe"), "pp4-1f1b": Method(pipeline=4),
     "tp2-pp2": Method(tensor=2, pipeline=2), "sp2": Method(tensor=2, sequence_parallel=True),
+    "zero1": Method(shard=1), "zero3": Method(shard=3),
+    "tp2-pp2-zero1": Method(tensor=2, pipeline=2, shard=1),
+    "tp2-zero3": Method(tensor=2, shard=3),
     "torch-pp-gpipe": Method(pipeline=0, schedule="gpipe", torch_pp=True),
     "torch-pp-1f1b": Method(pipeline=0, torch_pp=True),
 }
@@ -92,10 +97,12 @@ def engine_run(a: argparse.Namespace, comm: MPI.Intracomm) -> Run:
     from mpi4py import MPI
 
     from mpitrain.grad.parallel import DataParallel
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
     from mpitrain.parallel.grid import Grid
     from mpitrain.parallel.pipeline import PipelineEngine
     from mpitrain.runtime.world import World
     from mpitrain.train.gpt import GPTStage
+    from mpitrain.train.grid import GridExchange
 
     m = METHODS[a.method]
     t, p, _ = shape(m, comm.size)
@@ -109,13 +116,20 @@ def engine_run(a: argparse.Namespace, comm: MPI.Intracomm) -> Run:
                 f"node(s) tensor groups are {where} nodes")
     world.free()
     stage = GPTStage(gpt_config(a, m.sequence_parallel), grid.tp_comm, grid.pp_rank, p)
-    dp = DataParallel(stage, comm=grid.dp_comm) if grid.data > 1 else None
+    dp: Any = None
+    if m.shard:  # ZeRO over the replicas, as the trainer composes it (train/grid.py)
+        dp = ShardedDataParallel(stage, comm=grid.dp_comm, stage=m.shard,
+                                 units=stage.zero3_units())
+    elif grid.data > 1:
+        dp = DataParallel(stage, comm=grid.dp_comm)
     engine = PipelineEngine(stage, grid, micro_batches=a.micro_batches if p > 1 else 1,
                             schedule=m.schedule, data_parallel=dp,
                             tied=stage.tied_parameters(),
                             sequence_parallel_params=stage.sequence_parallel_parameters(),
-                            measure_memory=True)
-    opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
+                            measure_memory=True, eval_through_exchange=m.shard == 3)
+    exchange = GridExchange(stage, engine, {})  # steps ZeRO's shards, sums tied gradients
+    held = list(stage.parameters()) + (list(dp.shards) if m.shard else [])
+    opt = torch.optim.AdamW(dp.parameters() if m.shard else stage.parameters(), lr=1e-4)
 
     def train(tokens: torch.Tensor) -> tuple[float, int]:
         mine = tokens.chunk(grid.data)[grid.dp_rank]
@@ -124,13 +138,10 @@ def engine_run(a: argparse.Namespace, comm: MPI.Intracomm) -> Run:
         return st.wait_seconds / st.step_seconds, st.peak_activation_bytes
 
     def update() -> None:
-        opt.step()
-        opt.zero_grad(set_to_none=dp is None)
-        if dp is not None:
-            dp.zero_grad()
+        exchange.step(opt)
+        exchange.zero_grad()
 
-    return Run(train, update, lambda: model_memory(list(stage.parameters()), opt), describe,
-               grid.free)
+    return Run(train, update, lambda: model_memory(held, opt), describe, grid.free)
 
 
 def worker(a: argparse.Namespace, comm: MPI.Intracomm) -> int:

@@ -1,6 +1,7 @@
 """``python -m mpitrain.bench parallel`` on 2 ranks with a tiny GPT: every method reports, the
-split methods hold about half of data parallel's parameters, GPipe keeps more activations
-alive than 1F1B and the theoretical bubble is (P - 1) / (m + P - 1)."""
+split methods hold about half of data parallel's parameters, ZeRO-1 half its optimizer state
+and ZeRO-3 half its model state, GPipe keeps more activations alive than 1F1B and the
+theoretical bubble is (P - 1) / (m + P - 1)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from mpitrain.parallel.schedule import bubble_theory
 from tests.conftest import ROOT
 
-METHODS = ["dp", "tp2", "pp2-1f1b", "pp2-gpipe"]
+METHODS = ["dp", "tp2", "pp2-1f1b", "pp2-gpipe", "zero1", "zero3"]
 
 
 @pytest.mark.mpi
@@ -41,3 +42,6 @@ def test_bench_parallel_memory_and_bubble(mpiexec: str, tmp_path: Path) -> None:
         assert 0.0 <= rows[name]["bubble_measured"] < 1.0
     assert dp["bubble_theory"] is None and rows["tp2"]["bubble_measured"] is None
     assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
+    # ZeRO over the 2 replicas: the optimizer state halves (stage 1), all model state (stage 3)
+    assert rows["zero1"]["optimizer"] == pytest.approx(dp["optimizer"] / 2, rel=0.1)
+    assert rows["zero3"]["model_state"] == pytest.approx(dp["model_state"] / 2, rel=0.2)
