@@ -22,6 +22,7 @@ from torch import nn
 from mpitrain.parallel.p2p import StageLink
 from mpitrain.parallel.schedule import Action, get_schedule
 from mpitrain.parallel.tensor import sequence_parallel_grads_
+from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -109,6 +110,8 @@ class PipelineEngine:
         self.saved = _SavedBytes(list(stage.parameters())) if measure_memory else None
         self.stats = StepStats()
         self._checked = False
+        #: records the blocking receives as "bubble" spans (``trace summary``: per stage)
+        self.timeline: Timeline = NULL
 
     def _check_batch(self, batch: torch.Tensor | None) -> None:
         """Collective (pipeline): refuse a batch that does not split into equal micro-batches
@@ -130,9 +133,11 @@ class PipelineEngine:
         return fn(x, target)  # type: ignore[no-any-return]
 
     def _recv(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        t0 = time.perf_counter()
+        t0, t_tl = time.perf_counter(), self.timeline.now()
         out = fn()
         self.stats.wait_seconds += time.perf_counter() - t0
+        self.timeline.span("pipeline wait", t_tl, cat="bubble",
+                           args={"stage": self.grid.pp_rank})
         return out
 
     def _forward(

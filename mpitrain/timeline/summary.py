@@ -38,6 +38,7 @@ from typing import Any
 
 from mpitrain.errors import DataError, with_hint
 from mpitrain.runtime.tool_io import Fields, decode_text, parse_json, read_bytes
+from mpitrain.timeline.bubble import BUBBLE, StageBubble, bubble_lines, stage_bubbles
 from mpitrain.timeline.chrome import FORMAT
 from mpitrain.timeline.intervals import Interval, clip, intersect, length, subtract, union
 
@@ -113,6 +114,7 @@ class Summary:
     collectives: list[CollectiveRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  #: traffic that was not recorded
     window: list[int] | None = None  #: the recording window (steps A..B-1), None: all
+    bubbles: list[StageBubble] = field(default_factory=list)  #: pipeline stages' waits
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -216,7 +218,8 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
     hidden_of: dict[int, list[Interval]] = {}
     for rank, cats in of_rank.items():
         comm_of[rank] = union(s for c in COMM_CATS for s in cats.get(c, []))
-        waiting = union([*cats.get("wait", []), *cats.get("launch", [])])
+        waiting = union([*cats.get("wait", []), *cats.get("launch", []),
+                         *cats.get(BUBBLE, [])])
         busy = subtract(union(cats.get(COMPUTE, [])), waiting)
         hidden_of[rank] = intersect(comm_of[rank], busy)
     rows: list[StepRow] = []
@@ -273,6 +276,7 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         collectives=[_collective(name, got, ranks, peak_gbs) for name, got in named.items()],
         notes=[str(n) for n in doc["otherData"].get("notes", [])],
         window=[int(w) for w in window] if isinstance(window, list) else None,
+        bubbles=stage_bubbles(doc),
     )
 
 
@@ -351,7 +355,7 @@ def format_summary(s: Summary, max_rows: int = 40) -> str:
             lines.append(f"  {c.name:<{width}}  {c.op:<14} {c.bytes:>11} {c.flights:>8} "
                          f"{c.median_ms:>10.3f} {c.best_ms:>8.3f} {c.algbw_gbs:>11.3f} "
                          f"{c.busbw_gbs:>11.3f} {peak:>8}")
-    return "\n".join([*lines, *_note_lines(s)])
+    return "\n".join([*lines, *bubble_lines(s.bubbles), *_note_lines(s)])
 
 
 def _note_lines(s: Summary) -> list[str]:

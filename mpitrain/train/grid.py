@@ -232,10 +232,10 @@ class PipelineSteps:
 
     def set_timeline(self, recorder: Timeline) -> None:
         """Record the schedule's span into ``recorder`` (its traffic is named as unrecorded)."""
-        self.timeline = recorder
-        recorder.note("tensor/pipeline-parallel traffic inside the 'pipeline schedule' span "
-                      "(stage sends, tensor all-reduces, the data-parallel buckets) is not "
-                      "recorded: that span is compute and communication together")
+        self.timeline = self.engine.timeline = recorder
+        recorder.note("inside the 'pipeline schedule' span only the stages' blocking receives "
+                      "are recorded (the bubble); the stage sends, tensor-parallel all-reduces "
+                      "and the data-parallel buckets are not")
 
     def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         w = batch.x.to(self.device)

@@ -272,3 +272,31 @@ def test_an_empty_window_says_no_step_was_recorded(
     text = format_summary(summarize(load(path)))
     assert "no communication was recorded in these steps" in text, text
     assert "communication 0.000" not in text
+
+
+def test_pipeline_bubble_is_reported_per_stage() -> None:
+    """Blocking receives of a pipeline stage ("bubble" spans with args.stage): each stage's
+    share of its steps, median and worst; a trace without a pipeline reports none."""
+
+    def span(rank: int, cat: str, ts: float, dur: float, **args: int) -> dict[str, object]:
+        return {"ph": "X", "pid": rank, "tid": 0, "ts": ts, "dur": dur, "cat": cat,
+                "name": cat, "args": args}
+
+    events = []
+    for step, t in enumerate((0.0, 10_000.0)):  # two steps of 10 ms (ts in microseconds)
+        for rank in (0, 1):
+            events.append(span(rank, "step", t, 10_000.0, step=step))
+        # stage 0 waits 2 ms in step 0 and 4 ms in step 1; stage 1 waits 5 ms each step,
+        # in two overlapping receives (counted once)
+        events.append(span(0, "bubble", t + 1000, 2000.0 * (step + 1), step=step, stage=0))
+        events.append(span(1, "bubble", t, 4000.0, step=step, stage=1))
+        events.append(span(1, "bubble", t + 3000, 2000.0, step=step, stage=1))
+    doc = {"otherData": {"ranks": 2}, "traceEvents": events}
+    s = summarize(doc)
+    got = {b.stage: (round(b.median, 3), round(b.worst, 3)) for b in s.bubbles}
+    assert got == {0: (0.3, 0.4), 1: (0.5, 0.5)}, got
+    text = format_summary(s)
+    assert "pipeline bubble" in text and "stage 0 30.0% (worst 40.0%)" in text, text
+    plain = summarize({"otherData": {"ranks": 1},
+                       "traceEvents": [span(0, "step", 0.0, 10.0, step=0)]})
+    assert plain.bubbles == [] and "pipeline bubble" not in format_summary(plain)
