@@ -89,7 +89,6 @@ def check_model_parallel(cfg: TrainConfig) -> None:
         "exchange " + cfg.exchange: cfg.exchange != "sync",
         "bucket-mb auto": cfg.bucket_mb == 0,
         "precision fp16": cfg.precision == "fp16",
-        "hdf5-driver " + cfg.hdf5_driver: cfg.hdf5_driver != "posix",
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

@@ -10,6 +10,7 @@ per shard and job instead of one POSIX open per shard and rank.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import ConfigError, DataError, with_hint
@@ -78,3 +79,20 @@ def open_mpio(dataset: ShardedDataset, comm: MPI.Intracomm) -> None:
                 files[j].close()
             raise DataError(with_hint(reasons[0], "check that every node sees the dataset"))
     dataset.adopt_files(files)
+
+
+def use_driver(driver: str, prefetch: int, datasets: Sequence[ShardedDataset | None],
+               comm: MPI.Intracomm) -> None:
+    """Collective: open ``datasets``' shards with ``--hdf5-driver`` (nothing to do for posix);
+    a driver this h5py or MPI cannot give is refused on every rank alike."""
+    if driver == "posix":
+        return
+    from mpi4py import MPI
+
+    from mpitrain.runtime.collective import agree
+
+    level = MPI.Query_thread()
+    agree(comm, lambda: check_driver(driver, prefetch, level, MPI.THREAD_MULTIPLE))
+    for ds in datasets:
+        if ds is not None:
+            open_mpio(ds, comm)

@@ -275,6 +275,7 @@ def open_corpus(
 ) -> tuple[BatchLoader, BatchLoader | None]:
     """Collective: open the token shards and this data-parallel index's loaders."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
+    from mpitrain.data.parallel_io import use_driver
     from mpitrain.train.builtin import ensure_corpus
 
     data_dir = Path(cfg.data) if cfg.data else ensure_corpus(world.comm, cfg.context)
@@ -295,6 +296,7 @@ def open_corpus(
         return train, test
 
     train_ds, test_ds = agree(world.comm, open_data)
+    use_driver(cfg.hdf5_driver, cfg.prefetch, (train_ds, test_ds), world.comm)
     sampler = DistributedSampler(len(train_ds), grid.dp_rank, grid.data, seed=cfg.seed,
                                  shuffle=cfg.shuffle, drop_last=True,
                                  chunk=train_ds.block_samples)
