@@ -88,7 +88,6 @@ def check_model_parallel(cfg: TrainConfig) -> None:
     unsupported = {
         "exchange " + cfg.exchange: cfg.exchange != "sync",
         "bucket-mb auto": cfg.bucket_mb == 0,
-        "precision fp16": cfg.precision == "fp16",
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:

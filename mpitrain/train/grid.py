@@ -107,6 +107,31 @@ class GridExchange(ExchangeBase):
         else:
             optimizer.step()
 
+    def _stepped_grads(self) -> list[torch.Tensor]:
+        """The gradients the optimizer steps (ZeRO: the shards')."""
+        owners = self.sharded.shards if self.sharded is not None else self.module.parameters()
+        return [p.grad for p in owners if p.grad is not None]
+
+    def unscale_(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Collective (grid): fp16: an inf/nan in any rank's gradients (one tensor slice, one
+        stage, one shard) counts for every rank of the grid: it is planted in this rank's
+        first gradient before ``scaler.unscale_``, so every scaler skips and backs off alike."""
+        from mpi4py import MPI
+
+        grads = self._stepped_grads()
+        bad = any(not bool(torch.isfinite(g).all()) for g in grads)
+        if self.grid.comm.allreduce(bad, op=MPI.LOR) and not bad and grads:
+            grads[0].view(-1)[:1].fill_(float("inf"))
+        scaler.unscale_(optimizer)
+
+    def scaled_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """Collective with ZeRO: ``scaler.step`` (skipped on every rank alike), ``update``,
+        then the parameters gathered from the shards."""
+        scaler.step(optimizer)
+        scaler.update()
+        if self.sharded is not None:
+            self.sharded.gather_parameters()
+
     def checkpoint_payload(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective (replicas): this (stage, tensor slice)'s dense state and its optimizer's
         per-parameter ``state_dict`` on data-parallel index 0 (ZeRO: joined from the shards,
@@ -223,9 +248,10 @@ class PipelineSteps:
     accuracy = False
 
     def __init__(self, engine: PipelineEngine, device: torch.device,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", scaler: Any = None) -> None:
         self.engine, self.device = engine, device
         self.autocast = autocast_for(precision, device)  # bf16: stages send bf16 activations
+        self.scaler = scaler  # fp16: the loss scale multiplies the schedule's backward
         self.sum_comm = engine.grid.dp_comm
         self.replicas, self.replica = engine.grid.data, engine.grid.dp_rank
         self.timeline: Timeline = NULL
@@ -249,10 +275,13 @@ class PipelineSteps:
         for i, batch in enumerate(micro):
             x, y = self._split(batch)
             n = float(len(x))
+            scale = 1.0  # fp16: scaler.scale() also starts the scaler's state (lazily made)
+            if self.scaler is not None:
+                scale = float(self.scaler.scale(torch.ones((), device=self.device)))
             with self.autocast:
-                loss = self.engine.train_step(x, y, loss_scale=n / max(total, 1.0),
+                loss = self.engine.train_step(x, y, loss_scale=scale * n / max(total, 1.0),
                                               last=i == len(micro) - 1)
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) and self.scaler is None:  # fp16: the scaler skips
                 raise DataError(with_hint(f"the loss is {loss}",
                                           "lower --lr or use --optimizer adamw"))
             loss_sum += loss * n
@@ -366,5 +395,6 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                    f"stage 0: {memory_line(stage)}")
     meta = {"model": "gpt", "context": cfg.context, "hidden": cfg.hidden, "heads": cfg.heads,
             "layers": cfg.layers, "optimizer": cfg.optimizer}
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return Parts(GridExchange(stage, engine, meta, owned), optimizer, scheduler, train, test,
-                 device, PipelineSteps(engine, device, cfg.precision))
+                 device, PipelineSteps(engine, device, cfg.precision, scaler), scaler)

@@ -20,7 +20,6 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
      ["--pipeline-stages", "--model gpt"]),
     ("micro-batches without gpt", {"micro_batches": "2"}, ["--micro-batches", "--model gpt"]),
     ("gpt with local-sgd", {**GPT, "exchange": "local-sgd"}, ["--exchange", "--model gpt"]),
-    ("gpt with fp16", {**GPT, "precision": "fp16"}, ["--precision fp16", "--model gpt"]),
     ("heads do not divide hidden", {**GPT, "heads": "3", "hidden": "64"},
      ["--hidden 64", "--heads 3"]),
     ("tensor does not divide heads", {**GPT, "tensor_parallel": "3"},

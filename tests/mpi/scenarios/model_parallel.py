@@ -194,6 +194,42 @@ def check_parallelize(world: MPI.Intracomm) -> None:
     grid.free()
 
 
+def check_fp16_overflow_agreed(world: MPI.Intracomm) -> None:
+    """fp16 loss scaling on a tensor x pipeline grid: an inf in one tensor rank's gradients
+    only makes every rank's scaler skip the step and back off alike (parameters unchanged)."""
+    from mpitrain.train.grid import GridExchange, PipelineSteps
+
+    n = world.size
+    tensor, pipeline = (2, 2) if n == 4 else (n, 1)
+    grid = Grid.create(world, tensor=tensor, pipeline=pipeline)
+    c = GPTConfig(context=8, dim=16, heads=2, layers=2)
+    stage = GPTStage(c, grid.tp_comm, grid.pp_rank, grid.pipeline)
+    engine = PipelineEngine(stage, grid, micro_batches=2, tied=stage.tied_parameters())
+    exchange = GridExchange(stage, engine, {})
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    steps = PipelineSteps(engine, torch.device("cpu"), "fp32", scaler)
+    opt = torch.optim.SGD(stage.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in stage.parameters()]
+    x, y = batch(c, n=4)
+
+    class _B:
+        def __init__(self) -> None:
+            self.x, self.mask = torch.cat([x, y[:, -1:]], dim=1), torch.ones(4)
+
+    steps.forward_backward([_B()])  # type: ignore[list-item]
+    if grid.tp_rank == 1 and grid.pp_rank == 0:  # one tensor rank of one stage overflows
+        next(p for p in stage.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    exchange.unscale_(opt, scaler)
+    exchange.scaled_step(opt, scaler)
+    scales = world.allgather(float(scaler.get_scale()))
+    assert scales == [512.0] * n, scales  # every rank backed off (without: 1024 on most)
+    for a, b in zip(before, stage.parameters(), strict=True):
+        assert torch.equal(a, b.detach()), "a rank stepped"
+    grid.free()
+    if world.rank == 0:
+        print(f"PASS fp16 overflow on one tensor rank skips every rank {n}", flush=True)
+
+
 def main(world: MPI.Intracomm) -> int:
     n = world.size
     check_parallelize(world)
@@ -205,6 +241,7 @@ def main(world: MPI.Intracomm) -> int:
         check_split(world, "tensor 2 x data 2", 2, 1, "1f1b")
         check_split(world, "pipeline 2 x data 2", 1, 2, "1f1b")
         check_split(world, "tensor 2 x pipeline 2", 2, 2, "1f1b")
+    check_fp16_overflow_agreed(world)
     assert peak_in_flight([]) == 0
     return 0
 
