@@ -59,6 +59,10 @@ GPT_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: options only the built-in GPT reads (refused with --model mlp / cnn)
+GPT_ONLY = frozenset({"context", "layers", "heads", "pipeline_schedule"})
+
+
 def explicit_options(cfg: TrainConfig) -> set[str]:
     """Return the options the user set (flags, ``MPITRAIN_*`` variables, the TOML file)."""
     return {name for name in cfg.explicit.split(",") if name}
@@ -83,6 +87,14 @@ def check_model_parallel(cfg: TrainConfig) -> None:
             _refuse("--tensor-parallel, --pipeline-stages, --micro-batches and "
                     "--sequence-parallel split the built-in GPT only",
                     "add --model gpt (or drop those options)")
+        # the built-in mlp and cnn have no layers, heads, context or schedule: an option
+        # that would change nothing is refused (a factory of yours may read them)
+        unused = sorted(GPT_ONLY & explicit_options(cfg)) if cfg.model in ("mlp", "cnn") else []
+        if unused:
+            flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+            _refuse(f"{flags} shape the built-in GPT; --model {cfg.model} does not use "
+                    f"{'it' if len(unused) == 1 else 'them'}",
+                    "drop them, or use --model gpt or your own --model package.module:factory")
         return
     # what the grid's step (train/grid.py) does not do yet: refused, never ignored
     unsupported = {
