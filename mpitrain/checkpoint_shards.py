@@ -270,7 +270,7 @@ def write_consolidated(directory: Path, out: Path) -> dict[str, torch.Tensor]:
 
 def main(argv: Sequence[str]) -> int:
     """``python -m mpitrain checkpoint consolidate DIR OUT``: no MPI needed."""
-    parser = argparse.ArgumentParser(prog="mpitrain checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m mpitrain checkpoint",
                                      description="Work with sharded checkpoints.")
     sub = parser.add_subparsers(dest="action", required=True)
     c = sub.add_parser("consolidate", help="write a plain full state_dict for torch.load")

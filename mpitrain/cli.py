@@ -9,29 +9,75 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
+from mpitrain import __version__
 from mpitrain.errors import ConfigError
 
-#: command -> (module with main(), needs MPI)
-COMMANDS: dict[str, tuple[str, bool]] = {
-    "train": ("mpitrain.train.run", True),
-    "doctor": ("mpitrain.doctor", True),
-    "bench": ("mpitrain.bench.__main__", False),
-    "plot": ("mpitrain.train.plot", False),
-    "slurm": ("mpitrain.slurm.cli", False),
-    "sweep-summary": ("mpitrain.slurm.sweep", False),
-    "cluster": ("mpitrain.cluster.cli", False),
-    "trace": ("mpitrain.timeline.cli", False),
-    "checkpoint": ("mpitrain.checkpoint_shards", False),
+
+class Command(NamedTuple):
+    """A command: the module with its ``main()``, whether it runs under MPI, one line of help."""
+
+    module: str
+    needs_mpi: bool
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("mpitrain.train.run", True,
+                     "train a model data-parallel across the MPI ranks (the default command)"),
+    "config": Command("mpitrain.config_toml", False,
+                      "print the resolved configuration as TOML: config --print [options]"),
+    "doctor": Command("mpitrain.doctor", True,
+                      "check MPI, devices, h5py and the environment on every rank"),
+    "bench": Command("mpitrain.bench.__main__", False,
+                     "benchmarks: all-reduce, loader, training, sharding, model parallelism"),
+    "plot": Command("mpitrain.train.plot", False,
+                    "plot runs' metrics.jsonl (loss, accuracy, throughput)"),
+    "slurm": Command("mpitrain.slurm.cli", False, "list and render the sbatch templates"),
+    "sweep-summary": Command("mpitrain.slurm.sweep", False,
+                             "tabulate the runs of a Slurm sweep, best first"),
+    "cluster": Command("mpitrain.cluster.cli", False,
+                       "an emulated multi-node cluster on this machine (root)"),
+    "trace": Command("mpitrain.timeline.cli", False, "summarise or plot a --timeline trace"),
+    "checkpoint": Command("mpitrain.checkpoint_shards", False,
+                          "consolidate a sharded or model-parallel checkpoint into one file"),
 }
+
+_HELP = ("-h", "--help")
+
+
+def overview() -> str:
+    """Return the train command's ``--help`` description: what it does and every command."""
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items())
+    return (
+        "Train a PyTorch model data-parallel across MPI ranks:\n"
+        "  mpiexec -n N python -m mpitrain [options]\n"
+        "With no options it trains an MLP on scikit-learn's handwritten digits.\n\n"
+        f"commands (python -m mpitrain COMMAND --help):\n{rows}"
+    )
+
+
+def _train_help() -> int:
+    """Print the train command's help without starting MPI or importing torch."""
+    from mpitrain.config_args import build_parser
+
+    build_parser("python -m mpitrain", overview()).print_help()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["--version"], ["-V"]):
+        print(f"mpitrain {__version__}")
+        return 0
     name = args[0] if args and args[0] in COMMANDS else "train"
     rest = args[1:] if args and args[0] in COMMANDS else args
-    module_name, needs_mpi = COMMANDS[name]
+    if name == "train" and any(a in (*_HELP, "--version") for a in rest):
+        return _train_help() if any(a in _HELP for a in rest) else main(["--version"])
+    module_name, needs_mpi, _ = COMMANDS[name]
     preempt = None
     if name == "train":
         # before torch is imported: a preemption signal from now on is recorded, not fatal

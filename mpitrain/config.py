@@ -11,11 +11,11 @@ import argparse
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, get_type_hints
 
 from mpitrain.config_checks import check_combinations
 from mpitrain.config_values import (
+    OPTIMIZER_DEFAULTS,
     Range,
     available_stop_signals,
     check_model,
@@ -23,26 +23,38 @@ from mpitrain.config_values import (
     check_signals,
     convert,
     has_type,
-    read_toml_options,
     show,
 )
 from mpitrain.errors import ConfigError, with_hint
-from mpitrain.runtime import env
+
+#: the sections of ``--help``, in the order a user thinks about a run; every option names one
+DATA, MODEL, PARALLEL, OPTIM = "data", "model", "parallelism", "optimisation"
+EXCHANGE, FAULTS = "exchange and sharding", "checkpoints and faults"
+LOGGING = "logging and profiling"
+SECTIONS = (DATA, MODEL, PARALLEL, OPTIM, EXCHANGE, FAULTS, LOGGING)
 
 
 def _opt(
+    section: str,
     default: Any,
     help: str,
     choices: Sequence[str] | None = None,
     *,
     accepted: Range | None = None,
     check: Callable[[Any, str], None] | None = None,
-    internal: bool = False,
 ) -> Any:
+    """Declare an option: its ``--help`` section, default, help text and what it accepts."""
     meta = {
         "help": help, "choices": choices, "accepted": accepted, "check": check,
-        "internal": internal,
+        "internal": False, "section": section,
     }
+    return field(default=default, metadata=meta)
+
+
+def _internal(default: Any, help: str) -> Any:
+    """Declare a field that is not an option (set by the trainer or by :func:`resolve`)."""
+    meta = {"help": help, "choices": None, "accepted": None, "check": None, "internal": True,
+            "section": None}
     return field(default=default, metadata=meta)
 
 
@@ -60,178 +72,210 @@ class TrainConfig:
 
     # data and model
     data: str | None = _opt(
-        None, "dataset directory made by data_tools (default: built-in digits)",
+        DATA, None, "dataset directory made by data_tools (default: built-in digits)",
         check=check_nonempty("data"),
     )
     train_split: str = _opt(
-        "train", "split of --data to train on", check=check_nonempty("train_split")
+        DATA, "train", "split of --data to train on", check=check_nonempty("train_split")
     )
-    test_split: str = _opt("test", "split of --data to evaluate on ('' to skip)")
+    test_split: str = _opt(DATA, "test", "split of --data to evaluate on ('' to skip)")
     model: str = _opt(
-        "mlp", "mlp | cnn | gpt | package.module:factory (factory(config) -> nn.Module)",
+        MODEL, "mlp", "mlp | cnn | gpt | package.module:factory (factory(config) -> nn.Module)",
         check=check_model,
     )
-    hidden: int = _opt(128, "hidden width of the built-in models", accepted=Range(1, 1 << 20))
+    hidden: int = _opt(
+        MODEL, 128, "hidden width of the built-in models", accepted=Range(1, 1 << 20)
+    )
     # model parallelism and the built-in GPT (docs/model-parallel.md)
     tensor_parallel: int = _opt(
-        1, "ranks that split each layer (tensor parallelism; inside a node)",
+        PARALLEL, 1, "ranks that split each layer (tensor parallelism; inside a node)",
         accepted=Range(1, 4096),
     )
     pipeline_stages: int = _opt(
-        1, "ranks that split the layers into stages", accepted=Range(1, 4096)
+        PARALLEL, 1, "ranks that split the layers into stages", accepted=Range(1, 4096)
     )
     micro_batches: int = _opt(
-        1, "pipeline micro-batches per step (--batch-size divides by it)", accepted=Range(1, 65536)
+        PARALLEL, 1, "pipeline micro-batches per step (--batch-size divides by it)",
+        accepted=Range(1, 65536),
     )
-    pipeline_schedule: str = _opt("1f1b", "pipeline schedule", ("1f1b", "gpipe"))
-    sequence_parallel: bool = _opt(False, "tensor parallel: split activations along the sequence")
-    context: int = _opt(128, "gpt: tokens (bytes) per sample", accepted=Range(2, 1 << 16))
-    layers: int = _opt(4, "gpt: transformer blocks", accepted=Range(1, 4096))
-    heads: int = _opt(4, "gpt: attention heads (divisible by --tensor-parallel)",
+    pipeline_schedule: str = _opt(PARALLEL, "1f1b", "pipeline schedule", ("1f1b", "gpipe"))
+    sequence_parallel: bool = _opt(
+        PARALLEL, False, "tensor parallel: split activations along the sequence"
+    )
+    context: int = _opt(MODEL, 128, "gpt: tokens (bytes) per sample", accepted=Range(2, 1 << 16))
+    layers: int = _opt(MODEL, 4, "gpt: transformer blocks", accepted=Range(1, 4096))
+    heads: int = _opt(MODEL, 4, "gpt: attention heads (divisible by --tensor-parallel)",
                       accepted=Range(1, 4096))
     # schedule
-    epochs: int = _opt(12, "passes over the training split", accepted=Range(1, _MILLION))
+    epochs: int = _opt(OPTIM, 12, "passes over the training split", accepted=Range(1, _MILLION))
     max_steps: int = _opt(
-        0, "stop after this many optimizer steps (0 = no limit)", accepted=Range(0, _TRILLION)
+        OPTIM, 0, "stop after this many optimizer steps (0 = no limit)",
+        accepted=Range(0, _TRILLION),
     )
-    batch_size: int = _opt(32, "samples per rank per step", accepted=Range(1, 1 << 20))
-    global_batch: int = _opt(0, "samples per step over all ranks, kept when the rank count "
+    batch_size: int = _opt(OPTIM, 32, "samples per rank per step", accepted=Range(1, 1 << 20))
+    global_batch: int = _opt(OPTIM, 0, "samples per step over all ranks, kept when the rank count "
                              "changes (0: batch-size x ranks x accumulate)",
                              accepted=Range(0, 1 << 30))
     lr: float = _opt(
-        0.05, "learning rate (for the whole job, see --scale-lr)",
+        OPTIM, OPTIMIZER_DEFAULTS["sgd"].lr,
+        "learning rate for a batch of --batch-size samples (see --scale-lr)",
         accepted=Range(0, 1000, lo_open=True),
     )
-    scale_lr: bool = _opt(True, "multiply lr by global batch / batch-size (linear scaling rule)")
-    optimizer: str = _opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
-    momentum: float = _opt(0.9, "SGD momentum", accepted=Range(0, 1, hi_open=True))
-    nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(0.0, "weight decay", accepted=Range(0, 1))
-    lr_schedule: str = _opt("cosine", "lr decay after warm-up", ("constant", "cosine", "step"))
+    scale_lr: bool = _opt(
+        OPTIM, True, "scale lr with global batch / batch-size by the optimizer's rule "
+        f"({', '.join(f'{k}: {v.scaling}' for k, v in OPTIMIZER_DEFAULTS.items())})",
+    )
+    optimizer: str = _opt(OPTIM, "sgd", "optimizer", tuple(OPTIMIZER_DEFAULTS))
+    momentum: float = _opt(OPTIM, 0.9, "SGD momentum", accepted=Range(0, 1, hi_open=True))
+    nesterov: bool = _opt(OPTIM, False, "SGD Nesterov momentum")
+    weight_decay: float = _opt(OPTIM, 0.0, "weight decay", accepted=Range(0, 1))
+    lr_schedule: str = _opt(
+        OPTIM, "cosine", "lr decay after warm-up", ("constant", "cosine", "step")
+    )
     warmup_epochs: float = _opt(
-        1.0, "linear lr warm-up length in epochs", accepted=Range(0, _MILLION)
+        OPTIM, 1.0, "linear lr warm-up length in epochs", accepted=Range(0, _MILLION)
     )
     step_every: int = _opt(
-        10, "epochs between x0.1 decays for --lr-schedule step", accepted=Range(1, _MILLION)
+        OPTIM, 10, "epochs between x0.1 decays for --lr-schedule step", accepted=Range(1, _MILLION)
     )
     clip_grad_norm: float = _opt(
-        0.0, "clip gradients to this global norm (0 = off)", accepted=Range(0, 1e9)
+        OPTIM, 0.0, "clip gradients to this global norm (0 = off)", accepted=Range(0, 1e9)
     )
-    precision: str = _opt("fp32", "autocast precision", ("fp32", "bf16", "fp16"))
+    precision: str = _opt(OPTIM, "fp32", "autocast precision", ("fp32", "bf16", "fp16"))
     seed: int = _opt(
-        0, "seed for model init, data order and dropout", accepted=Range(0, 2**32 - 1)
+        OPTIM, 0, "seed for model init, data order and dropout", accepted=Range(0, 2**32 - 1)
     )
-    shuffle: str = _opt("global", "data order within an epoch", ("global", "chunk", "none"))
-    prefetch: int = _opt(2, "batches read ahead by the loader thread", accepted=Range(1, 1024))
+    shuffle: str = _opt(DATA, "global", "data order within an epoch", ("global", "chunk", "none"))
+    prefetch: int = _opt(
+        DATA, 2, "batches read ahead by the loader thread", accepted=Range(1, 1024)
+    )
     hdf5_driver: str = _opt(
-        "posix", "open shards per rank (posix) or collectively with MPI-IO", ("posix", "mpio")
+        DATA, "posix", "open shards per rank (posix) or collectively with MPI-IO", ("posix", "mpio")
     )
     eval_every: int = _opt(
-        1, "evaluate every E epochs (0 = only at the end)", accepted=Range(0, _MILLION)
+        LOGGING, 1, "evaluate every E epochs (0 = only at the end)", accepted=Range(0, _MILLION)
     )
     # gradient exchange
     bucket_mb: float | None = _opt(
-        None, "gradient bucket size in MiB (default: measured, docs/engine.md), or 'auto' "
-        "(kept as 0): try 1, 4 and 16 MiB over the first steps, keep the fastest",
+        EXCHANGE, None, "gradient bucket size in MiB (default: measured, docs/engine.md), or "
+        "'auto' (kept as 0): try 1, 4 and 16 MiB over the first steps, keep the fastest",
         accepted=Range(0, 4096, lo_open=True, off=0, off_label="auto"),
     )
     compression: str = _opt(
-        "none", "gradient compression hook", ("none", "fp16", "bf16", "fp16-ef", "bf16-ef")
+        EXCHANGE, "none", "gradient compression hook",
+        ("none", "fp16", "bf16", "fp16-ef", "bf16-ef"),
     )
     accumulate: int = _opt(
-        1, "micro-batches accumulated per optimizer step", accepted=Range(1, 65536)
+        OPTIM, 1, "micro-batches accumulated per optimizer step", accepted=Range(1, 65536)
     )
     exchange: str = _opt(
-        "sync", "gradient exchange mode", ("sync", "double-buffer", "local-sgd", "param-server")
+        EXCHANGE, "sync", "gradient exchange mode",
+        ("sync", "double-buffer", "local-sgd", "param-server"),
     )
     shard: str = _opt(
-        "none", "ZeRO sharding across ranks: optimizer state, + gradients, + parameters "
+        EXCHANGE, "none", "ZeRO sharding across ranks: optimizer state, + gradients, + parameters "
         "(ZeRO-1/2/3, docs/sharding.md)", ("none", "optimizer", "gradients", "parameters"),
     )
     local_steps: int = _opt(
-        4, "local SGD: local steps between model averages", accepted=Range(1, _MILLION)
+        EXCHANGE, 4, "local SGD: local steps between model averages", accepted=Range(1, _MILLION)
     )
-    servers: int = _opt(1, "param-server: ranks that hold parameters", accepted=Range(1, 65536))
+    servers: int = _opt(
+        EXCHANGE, 1, "param-server: ranks that hold parameters", accepted=Range(1, 65536)
+    )
     max_staleness: int = _opt(
-        0, "param-server: max parameter versions a worker may lag", accepted=Range(0, _MILLION)
+        EXCHANGE, 0, "param-server: max parameter versions a worker may lag",
+        accepted=Range(0, _MILLION),
     )
     sync_warmup_steps: int | None = _opt(
-        None, "local-sgd, param-server (tau > 0): synchronous steps first "
+        EXCHANGE, None, "local-sgd, param-server (tau > 0): synchronous steps first "
         "(default: the lr warm-up's)", accepted=Range(0, _TRILLION),
     )
-    local_sgd_average_optimizer: bool = _opt(False, "local SGD: also average optimizer state")
+    local_sgd_average_optimizer: bool = _opt(
+        EXCHANGE, False, "local SGD: also average optimizer state"
+    )
     double_buffer_progress: str = _opt(
-        "poll", "double-buffer: who drives the in-flight all-reduce", ("poll", "thread", "none")
+        EXCHANGE, "poll", "double-buffer: who drives the in-flight all-reduce",
+        ("poll", "thread", "none"),
     )
     delay_compensation: float = _opt(
-        0.0, "double-buffer: DC-ASGD lambda (0 = off)", accepted=Range(0, _MILLION)
+        EXCHANGE, 0.0, "double-buffer: DC-ASGD lambda (0 = off)", accepted=Range(0, _MILLION)
     )
     mode_defaults: bool = _opt(
-        True, "apply tuned defaults where unset: the exchange mode's lr/momentum, --model gpt's "
-        "size and optimizer"
+        OPTIM, True, "apply tuned defaults where unset: the exchange mode's lr/momentum, "
+        "--model gpt's size and optimizer"
     )
     straggler_ms: float = _opt(
-        0.0, "test option: sleep this long on one rank every step", accepted=Range(0, 3_600_000)
+        EXCHANGE, 0.0, "test option: sleep this long on one rank every step",
+        accepted=Range(0, 3_600_000),
     )
     straggler: str = _opt(
-        "last", "test option: which rank sleeps: the last one, or a seeded random one per step",
+        EXCHANGE, "last",
+        "test option: which rank sleeps: the last one, or a seeded random one per step",
         ("last", "random"),
     )
     # devices and transports
-    device: str = _opt("auto", "compute device", ("auto", "cpu", "cuda"))
-    allow_shared_gpu: bool = _opt(False, "allow more ranks per node than GPUs")
-    cuda_aware: str = _opt("auto", "hand device buffers to MPI", ("auto", "yes", "no"))
-    allreduce: str = _opt("auto", "all-reduce algorithm (auto: hierarchical across hosts with "
-                          "several ranks each, docs/cluster.md)", ("flat", "hierarchical", "auto"))
+    device: str = _opt(PARALLEL, "auto", "compute device", ("auto", "cpu", "cuda"))
+    allow_shared_gpu: bool = _opt(PARALLEL, False, "allow more ranks per node than GPUs")
+    cuda_aware: str = _opt(EXCHANGE, "auto", "hand device buffers to MPI", ("auto", "yes", "no"))
+    allreduce: str = _opt(
+        EXCHANGE, "auto", "all-reduce algorithm (auto: hierarchical across hosts with several "
+        "ranks each, docs/cluster.md)", ("flat", "hierarchical", "auto"),
+    )
     # run directory, checkpoints, robustness
     run_dir: str | None = _opt(
-        None, "directory for metrics.jsonl and the summary", check=check_nonempty("run_dir")
+        LOGGING, None, "directory for metrics.jsonl and the summary",
+        check=check_nonempty("run_dir"),
     )
     summary_json: str | None = _opt(
-        None, "rank 0 writes the final summary here as JSON",
+        LOGGING, None, "rank 0 writes the final summary here as JSON",
         check=check_nonempty("summary_json"),
     )
     checkpoint_dir: str | None = _opt(
-        None, "directory for the checkpoints of one run", check=check_nonempty("checkpoint_dir")
+        FAULTS, None, "directory for the checkpoints of one run",
+        check=check_nonempty("checkpoint_dir"),
     )
     checkpoint_every: int = _opt(
-        0, "checkpoint every N optimizer steps (0 = off)", accepted=Range(0, _TRILLION)
+        FAULTS, 0, "checkpoint every N optimizer steps (0 = off)", accepted=Range(0, _TRILLION)
     )
     checkpoint_minutes: float = _opt(
-        0.0, "checkpoint every M minutes (0 = off)", accepted=Range(0, 525_600)
+        FAULTS, 0.0, "checkpoint every M minutes (0 = off)", accepted=Range(0, 525_600)
     )
-    keep_last: int = _opt(3, "checkpoints of this run kept", accepted=Range(1, _MILLION))
-    resume: str | None = _opt(None, "'auto' (latest complete checkpoint, if any) or a path")
+    keep_last: int = _opt(FAULTS, 3, "checkpoints of this run kept", accepted=Range(1, _MILLION))
+    resume: str | None = _opt(FAULTS, None, "'auto' (latest complete checkpoint, if any) or a path")
     preempt_signals: str = _opt(
-        "USR1,TERM", "signals that stop the run with a checkpoint", check=check_signals
+        FAULTS, "USR1,TERM", "signals that stop the run with a checkpoint", check=check_signals
     )
     hang_timeout: float = _opt(
-        600.0, "abort when a step takes longer than this (seconds; 0 = off)",
+        FAULTS, 600.0, "abort when a step takes longer than this (seconds; 0 = off)",
         accepted=Range(1, 30 * 86400, off=0),
     )
     io_timeout: float = _opt(
-        1800.0, "abort when opening the data, loading or writing a checkpoint takes longer "
+        FAULTS, 1800.0, "abort when opening the data, loading or writing a checkpoint takes longer "
         "than this (seconds; 0 = off)",
         accepted=Range(1, 30 * 86400, off=0),
     )
-    progress: bool = _opt(True, "rank-0 progress bar (plain lines when not a TTY)")
-    log_level: str = _opt("info", "log level", ("debug", "info", "warning", "error"))
+    progress: bool = _opt(LOGGING, True, "rank-0 progress bar (plain lines when not a TTY)")
+    log_level: str = _opt(LOGGING, "info", "log level", ("debug", "info", "warning", "error"))
     tensorboard: str | None = _opt(
-        None, "also write TensorBoard events to this directory",
+        LOGGING, None, "also write TensorBoard events to this directory",
         check=check_nonempty("tensorboard"),
     )
     timeline: str | None = _opt(
-        None, "write a Chrome trace of the --timeline-steps to this file (docs/profiling.md)",
+        LOGGING, None,
+        "write a Chrome trace of the --timeline-steps to this file (docs/profiling.md)",
         check=check_nonempty("timeline"),
     )
-    timeline_steps: str = _opt("10:20", "steps A:B that --timeline records (from 0, B excluded)")
+    timeline_steps: str = _opt(
+        LOGGING, "10:20", "steps A:B that --timeline records (from 0, B excluded)"
+    )
     sample_log: str | None = _opt(
-        None, "append each rank's trained sample indices to PATH.rankR (audit data coverage)",
+        LOGGING, None,
+        "append each rank's trained sample indices to PATH.rankR (audit data coverage)",
         check=check_nonempty("sample_log"),
     )
     # not an option: set by the trainer
-    run_id: str | None = _opt(None, "id of the run the checkpoints belong to", internal=True)
-    explicit: str = _opt("", "options the user set (comma-separated; by resolve)", internal=True)
+    run_id: str | None = _internal(None, "id of the run the checkpoints belong to")
+    explicit: str = _internal("", "options the user set (comma-separated; by resolve)")
 
     def replace(self, **changes: Any) -> TrainConfig:
         """Return a copy with some fields changed (validated)."""
@@ -290,18 +334,6 @@ def _not_a(name: str, value: Any, source: str) -> ConfigError:
             f"option '{name}' from {source} has a bad value {show(value)} "
             f"(expected {_KIND[_base_type(name)]})",
             f"accepted: {accepted(name)}",
-        )
-    )
-
-
-def _unknown(key: str, source: str) -> ConfigError:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return ConfigError(
-        with_hint(
-            f"unknown option '{key}' in {source}", f"{hint}valid keys: {', '.join(valid_keys())}"
         )
     )
 
@@ -368,76 +400,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file (top-level keys, or a [train] table); keys may use - or _."""
-    p = Path(path)
-    where = f"config file '{p}'"
-    out: dict[str, Any] = {}
-    for name, (key, value) in read_toml_options(p).items():
-        if name not in _FIELDS:
-            raise _unknown(key, where)
-        out[name] = coerce(name, value, where)
-    return out
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per option; unset flags stay absent so lower layers can fill them."""
-    parser.add_argument(
-        "--config", metavar="FILE", help="TOML file of options", default=argparse.SUPPRESS
-    )
-    for name, f in _FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        typ = _base_type(name)
-        default = f.default
-        helptext = f"{f.metadata['help']} (default: {default})"
-        if typ is bool:
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=helptext,
-            )
-        else:
-            parser.add_argument(
-                flag,
-                dest=name,
-                default=argparse.SUPPRESS,
-                metavar=name.upper(),
-                choices=f.metadata.get("choices"),
-                help=helptext,
-                type=str,
-            )
+    """Add one flag per option, in ``--help`` sections (:mod:`mpitrain.config_args`)."""
+    from mpitrain.config_args import add_arguments as add
+
+    add(parser)
+
+
+def option_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Return the options a user may set, by name, in declaration order."""
+    return dict(_FIELDS)
+
+
+def option_type(name: str) -> type:
+    """Return the type of option ``name`` (``int`` for ``int | None``)."""
+    return _base_type(name)
 
 
 def resolve(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> TrainConfig:
     """Merge defaults < file < env < CLI into a validated TrainConfig.
 
-    Every value is type- and range-checked where it is read, so an error names its source.
-
-    Args:
-        cli: options given on the command line (argparse namespace as a dict, unset ones absent);
-            may hold ``config`` (a TOML path).
-        environ: environment to read MPITRAIN_* options from (default: the process's).
+    See :func:`mpitrain.config_sources.resolve_sources`, which also says where each value
+    came from.
     """
-    values: dict[str, Any] = {}
-    cli = dict(cli)
-    variables = env.config_vars(environ)
-    file_path = cli.pop("config", None)
-    source = "--config"
-    if file_path is None:
-        file_path, source = variables.get("config"), "MPITRAIN_CONFIG"
-    if file_path is not None:
-        if not str(file_path).strip():
-            raise ConfigError(with_hint(f"{source} is empty", "give a TOML file or leave it out"))
-        values.update(load_file(file_path))
-    for key, raw in variables.items():
-        if key == "config":
-            continue
-        if key not in _FIELDS:
-            raise _unknown(f"MPITRAIN_{key.upper()}", "the environment")
-        values[key] = coerce(key, raw, f"MPITRAIN_{key.upper()}")
-    for key, raw in cli.items():
-        if key not in _FIELDS:
-            raise _unknown(key, "the command line")
-        values[key] = coerce(key, raw, f"--{key.replace('_', '-')}")
-    return validate(TrainConfig(**values, explicit=",".join(sorted(values))))
+    from mpitrain.config_sources import resolve_sources
+
+    return resolve_sources(cli, environ)[0]

@@ -58,6 +58,31 @@ class Range:
         return text if self.off is None else f"{_number(self.off)} ({self.off_label}) or {text}"
 
 
+@dataclass(frozen=True)
+class OptimizerDefault:
+    """An optimizer's lr when none is given, and how ``--scale-lr`` grows an lr with the batch.
+
+    ``scaling`` is ``linear`` (SGD: lr x global batch / batch-size) or ``sqrt`` (Adam: the
+    square-root rule, lr x sqrt(global batch / batch-size)).
+    """
+
+    lr: float
+    scaling: str
+
+    def factor(self, ratio: float) -> float:
+        """Return the lr multiplier for a global batch ``ratio`` times ``--batch-size``."""
+        return ratio if self.scaling == "linear" else math.sqrt(ratio)
+
+
+#: what ``--optimizer X`` uses when ``--lr`` is not given (measured on the demo, with the
+#: scaling rule that keeps it at 1 to 8 ranks; docs/design.md "Defaults that fit the choice")
+OPTIMIZER_DEFAULTS = {
+    "sgd": OptimizerDefault(0.05, "linear"),
+    "adam": OptimizerDefault(0.006, "sqrt"),
+    "adamw": OptimizerDefault(0.006, "sqrt"),
+}
+
+
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 

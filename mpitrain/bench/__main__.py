@@ -44,6 +44,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mpitrain.bench.cluster",
         "any benchmark on emulated clusters: topologies x link rates, bytes on the links",
     ),
+    "lightning": (
+        "mpitrain.bench.lightning_steps",
+        "lightning.Trainer steps/s: MPIStrategy (replicas, ZeRO) vs Lightning's DDP (gloo)",
+    ),
     "parallel": (
         "mpitrain.bench.parallel",
         "GPT model parallelism: memory per rank, tokens/s, bubble (tensor/pipeline/torch-pp)",

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 
 from mpitrain.config import TrainConfig
+from mpitrain.config_checks import explicit_options
+from mpitrain.config_values import OPTIMIZER_DEFAULTS
 from mpitrain.errors import ConfigError, with_hint
 
 
@@ -33,15 +35,32 @@ def rank_batch(cfg: TrainConfig, world_size: int) -> int:
 
 
 def base_lr(cfg: TrainConfig, world_size: int) -> float:
-    """Return the peak lr: ``cfg.lr``, with --scale-lr times ``global batch / batch-size``.
+    """Return the peak lr: ``cfg.lr``, with --scale-lr grown by the optimizer's scaling rule.
 
-    The linear scaling rule: ``cfg.lr`` is meant for a batch of ``--batch-size`` samples, so
-    N ranks each accumulating K micro-batches use ``lr * N * K``; with ``--global-batch G``
-    the lr is ``lr * G / batch-size`` whatever the number of ranks (elastic runs keep it).
+    ``cfg.lr`` is meant for a batch of ``--batch-size`` samples. SGD's rule is linear: N ranks
+    each accumulating K micro-batches use ``lr * N * K``; Adam's is the square root,
+    ``lr * sqrt(N * K)`` (``OPTIMIZER_DEFAULTS``). With ``--global-batch G`` the ratio is
+    ``G / batch-size`` whatever the number of ranks (elastic runs keep the lr).
     """
     if not cfg.scale_lr:
         return cfg.lr
-    return cfg.lr * global_batch(cfg, world_size) / cfg.batch_size
+    ratio = global_batch(cfg, world_size) / cfg.batch_size
+    return cfg.lr * OPTIMIZER_DEFAULTS[cfg.optimizer].factor(ratio)
+
+
+def lr_note(cfg: TrainConfig, world_size: int) -> str | None:
+    """Say which default lr ``--optimizer`` chose when ``--lr`` was not given (None otherwise).
+
+    SGD's is the plain default; another optimizer's is announced like the exchange modes'
+    tuned defaults.
+    """
+    default = OPTIMIZER_DEFAULTS[cfg.optimizer]
+    if cfg.optimizer == "sgd" or "lr" in explicit_options(cfg) or cfg.lr != default.lr:
+        return None
+    scaled = (f", {default.scaling} scaling to {base_lr(cfg, world_size):.4g} at global batch "
+              f"{global_batch(cfg, world_size)}" if cfg.scale_lr else "")
+    return (f"mpitrain: --optimizer {cfg.optimizer} defaults: --lr {default.lr:g} for "
+            f"{cfg.batch_size} samples{scaled} (set --lr to override)")
 
 
 def build_optimizer(

@@ -28,6 +28,7 @@ LAYERS = {
     "mpitrain.horovod": 3,
     "mpitrain.parallel": 3,
     "mpitrain.train": 4,
+    "mpitrain.lightning": 4,  # a Lightning strategy over grad/ (exchange) and runtime/
     "mpitrain.slurm": 4,
     "mpitrain.cluster": 4,
     "mpitrain.doctor": 4,
