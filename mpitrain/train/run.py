@@ -23,6 +23,7 @@ from mpitrain.slurm.world import check_slurm_world
 from mpitrain.timeline import check_timeline_path, start_timeline
 from mpitrain.train.loop import Parts, Trainer
 from mpitrain.train.metrics import print_line, summary_line, write_summary
+from mpitrain.train.optim import lr_note
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -103,6 +104,7 @@ def build_parts(
 ) -> Parts:
     """Collective: open the data, build and wrap the model, optimizer and schedule."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
+    from mpitrain.data.parallel_io import use_driver
     from mpitrain.grad.protocol import BuildContext, build_exchange
     from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
@@ -125,17 +127,7 @@ def build_parts(
         return train, test
 
     train_ds, test_ds = agree(world.comm, open_data)
-    if cfg.hdf5_driver != "posix":
-        from mpi4py import MPI
-
-        from mpitrain.data.parallel_io import check_driver, open_mpio
-
-        level = MPI.Query_thread()
-        agree(world.comm, lambda: check_driver(cfg.hdf5_driver, cfg.prefetch, level,
-                                               MPI.THREAD_MULTIPLE))
-        for ds in (train_ds, test_ds):
-            if ds is not None:
-                open_mpio(ds, world.comm)
+    use_driver(cfg.hdf5_driver, cfg.prefetch, (train_ds, test_ds), world.comm)
     sampler = DistributedSampler(
         len(train_ds),
         world.rank,
@@ -269,45 +261,51 @@ def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> N
         )
 
 
-def main(
-    argv: list[str],
-    comm: MPI.Intracomm,
-    *,
-    ps_link: Any = None,
-    preempt: PreemptFlag | None = None,
-) -> int:
+def main(argv: list[str], comm: MPI.Intracomm, *, preempt: PreemptFlag | None = None) -> int:
     """Collective: run the train command on ``comm``; returns the process exit code.
 
-    With ``--exchange param-server`` the last ``--servers`` ranks serve parameters and the
-    others run this function again on a workers-only communicator (``ps_link`` set).
-    ``preempt`` is the flag the entry point installed at process start (so a signal during
-    start-up, data loading or resume is recorded, not fatal); a new one is installed if None.
+    The configuration is resolved once, for the ranks launched; then the exchange mode's own
+    role split runs before any trainer is built (``--exchange param-server``: the last
+    ``--servers`` ranks serve parameters, the others train on a workers-only communicator),
+    and the ranks that train run :func:`train`. ``preempt`` is the flag the entry point
+    installed at process start (so a signal during start-up, data loading or resume is
+    recorded, not fatal); a new one is installed if None.
     """
     t_start = time.perf_counter()
-    # tuned for the ranks launched (a param-server worker's main sees the workers only)
-    ranks = comm.size if ps_link is None else ps_link.workers + len(ps_link.servers)
     cfg = parse_config(argv)
     if cfg.model == "gpt":
         cfg = with_gpt_defaults(cfg, announce=comm.rank == 0)
-    cfg = with_mode_defaults(cfg, ranks, announce=ps_link is None and comm.rank == 0)
+    cfg = with_mode_defaults(cfg, comm.size, announce=comm.rank == 0)
+    note = lr_note(cfg, comm.size)
+    if note and comm.rank == 0:
+        print_line(note)
     flag = preempt if preempt is not None else PreemptFlag([]).install()
     flag.switch(parse_signals(cfg.preempt_signals))
     world = World.create(comm)
     check_slurm_world(world.size)  # srun without PMI starts N worlds of size 1: say so
     launch = get_mode(cfg.exchange).launch  # the mode's own role split (param-server)
-    if launch is not None and ps_link is None:
+    try:
+        if launch is None:
+            return train(cfg, world, flag, t_start)
         from mpitrain.train.optim import build_optimizer
 
-        try:
-            return launch(
-                cfg,
-                world,
-                lambda wcomm, link: main(argv, wcomm, ps_link=link, preempt=flag),
-                lambda params: build_optimizer(cfg, params, 1),
-                flag,
-            )
-        finally:
-            flag.uninstall()
+        return int(launch(
+            cfg,
+            world,
+            lambda wcomm, link: train(cfg, World.create(wcomm), flag, t_start, ps_link=link),
+            lambda params: build_optimizer(cfg, params, 1),
+            flag,
+        ))
+    finally:
+        flag.uninstall()
+
+
+def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
+          ps_link: Any = None) -> int:
+    """Collective (the ranks that train): build the parts and the one Trainer, fit, report.
+
+    ``ps_link``: a param-server worker's link to the servers (None otherwise).
+    """
     setup_logging(world.rank, cfg.log_level)
     # before any data is opened: refuse another run's checkpoint directory on every rank
     plan = ckpt.plan_run(world.comm, cfg.resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
@@ -344,7 +342,6 @@ def main(
             trainer.samples.close()
         parts.model.close()  # collective: in-flight traffic finished, communicators freed
     finally:
-        flag.uninstall()
         watchdog.close()
     if code != 0:
         return code
