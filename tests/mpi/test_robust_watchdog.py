@@ -63,7 +63,9 @@ def test_frozen_peer_over_tcp_cannot_block_the_abort(mpirun) -> None:
     assert elapsed < 3 + 15
     assert "rank 1: SIGSTOP myself" in out
     assert "never answered: rank 1. Aborting the job (exit 1)." in out, out[-3000:]
-    assert "MPI_Abort(MPI_COMM_WORLD, 1)" in out, out[-3000:]
+    # MPICH's own "application called MPI_Abort(MPI_COMM_WORLD, 1)" line may be lost when the
+    # launcher kills the rank first (seen on a loaded CI machine): the exit code and the time
+    # above are the guarantee (before the fix the job never ended)
 
 
 #: rank 0 aborts a duplicate communicator that rank 1 (asleep in Python, no MPI progress)
