@@ -62,6 +62,7 @@ from mpitrain.lightning.exchange import (
 )
 from mpitrain.lightning.options import MPIOptions
 from mpitrain.lightning.preempt import Preemption, PreemptionCallback
+from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.runtime.world import World
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ class MPIStrategy(ParallelStrategy):
         cuda_aware: ``auto``, ``yes`` or ``no``: hand device buffers to MPI (GPUs).
         preempt_signals: signals that stop the run with a checkpoint and exit code 99
             (default ``"USR1,TERM"``; ``""`` leaves signals to Lightning).
+        hang_timeout: seconds a training batch (to its optimizer step) may take before the
+            hang watchdog names the late ranks and aborts the job (as ``--hang-timeout``);
+            None: no watchdog.
         comm: the communicator (default: a duplicate of ``MPI.COMM_WORLD``; pass the one
             ``mpitrain.runtime.abort.run_mpi`` hands your ``main``).
         accelerator, checkpoint_io, precision_plugin: as for any Lightning strategy.
@@ -106,6 +110,7 @@ class MPIStrategy(ParallelStrategy):
         allreduce: str = "auto",
         cuda_aware: str = "auto",
         preempt_signals: str = "USR1,TERM",
+        hang_timeout: float | None = None,
         comm: MPI.Intracomm | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         checkpoint_io: CheckpointIO | None = None,
@@ -113,7 +118,7 @@ class MPIStrategy(ParallelStrategy):
     ) -> None:
         self.options = MPIOptions(shard=shard, bucket_mb=bucket_mb, compression=compression,
                                   allreduce=allreduce, cuda_aware=cuda_aware,
-                                  preempt_signals=preempt_signals)
+                                  preempt_signals=preempt_signals, hang_timeout=hang_timeout)
         if comm is None:
             from mpi4py import MPI
 
@@ -132,6 +137,8 @@ class MPIStrategy(ParallelStrategy):
         #: optimizers of a finished ZeRO fit: they hold this rank's shards only
         self._sharded_leftovers: list[torch.optim.Optimizer] = []
         self.preemption = Preemption(self.options.signals(), self.world.comm)
+        #: the hang watchdog of a fit (armed per training batch; ``hang_timeout``)
+        self._watchdog = Watchdog.off(self.world.comm)
 
     # ---- the job's layout ------------------------------------------------------------------
     @property
@@ -220,6 +227,9 @@ class MPIStrategy(ParallelStrategy):
             if isinstance(self._exchange, ShardedDataParallel):
                 shard_optimizers(self.optimizers, self._exchange, module)
             self._add_preemption(trainer)
+            if self.options.hang_timeout is not None:  # Collective: dups the communicator
+                self._watchdog.close()
+                self._watchdog = Watchdog.create(self.world.comm, self.options.hang_timeout)
         else:
             from mpitrain.grad.broadcast import broadcast_parameters
 
@@ -243,6 +253,11 @@ class MPIStrategy(ParallelStrategy):
         return True
 
     # ---- the step --------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Arm the hang watchdog for this batch (disarmed after the optimizer step)."""
+        self._watchdog.step_started(batch_idx)
+        super().on_train_batch_start(batch, batch_idx)
+
     def pre_backward(self, closure_loss: Tensor) -> None:
         """Point ``.grad`` back at the gradient buckets: Lightning's ``optimizer.zero_grad()``
         runs between forward and backward and sets them to None, and autograd would then
@@ -277,6 +292,7 @@ class MPIStrategy(ParallelStrategy):
         if isinstance(self._exchange, ShardedDataParallel):
             self._exchange.gather_parameters()
             self._exchange.zero_grad()
+        self._watchdog.step_done()
         return out
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -393,4 +409,5 @@ class MPIStrategy(ParallelStrategy):
             unwrap(ex, collective=not self._interrupted)
             self.model = self.lightning_module
         self.preemption.stop()
+        self._watchdog.close()
         super().teardown()

@@ -224,6 +224,17 @@ def test_killed_rank_ends_the_job(two: Launch) -> None:
     assert two.ended - float(m.group(2)) < 30, two.ended - float(m.group(2))
 
 
+def test_hang_watchdog_ends_a_frozen_fit(mpiexec: str, workdir: Path) -> None:
+    """MPIStrategy(hang_timeout=3): rank 1 frozen (SIGSTOP) before step 3; rank 0's watchdog
+    names it and aborts the job, timeout + grace after the freeze (without it: a hang)."""
+    hang = Launch(mpiexec, 2, [str(workdir / "d"), "--hang"], timeout=90)
+    m = re.search(r"rank 1 \(pid \d+\): SIGSTOP myself at ([\d.]+)", hang.out)
+    assert m is not None, hang.out[-6000:]
+    assert hang.rc != 0 and "survived the hang" not in hang.out
+    assert "never answered: rank 1" in hang.out, hang.out[-6000:]
+    assert hang.ended - float(m.group(1)) < 30, hang.ended - float(m.group(1))
+
+
 def test_failing_rank_aborts_the_job(failing: Launch) -> None:
     """An exception in rank 1's training_step aborts every rank (from the strategy's
     on_exception, before Lightning's teardown), with the rank and traceback."""

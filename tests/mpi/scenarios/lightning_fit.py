@@ -229,10 +229,15 @@ def main(comm: MPI.Intracomm) -> int:
     p.add_argument("--resume-from")
     p.add_argument("--kill", action="store_true")
     p.add_argument("--raise", dest="fail", action="store_true")
+    p.add_argument("--hang", action="store_true")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"ranks": comm.size}
+    if args.hang:  # rank 1 freezes (SIGSTOP) before step 3: the strategy's watchdog ends it
+        fit(MPIStrategy(comm=comm, hang_timeout=3), callbacks=[Signaller(1, 3, signal.SIGSTOP)])
+        print("survived the hang", flush=True)
+        return 0
     if args.fail:
         results["refusals"] = gathered(comm, refusals(comm, out))
     else:
