@@ -217,6 +217,17 @@ ELSEWHERE: dict[str, str] = {
                      " (builds the sdist and the wheel, installs it into a new venv)",
     "mpitrain --version": "tests/mpi/test_install.py::"
                           "test_wheel_installs_and_runs_outside_the_checkout",
+    # docs/benchmarks.md: the Lightning benchmark (a measurement, minutes at full size)
+    "python -m mpitrain.bench lightning -n 2 --model cnn --methods ddp,mpi,mpi:gradients "
+    "--steps 10 --warmup 2 --rounds 5 --json lightning_cnn_n2.json":
+        "tests/mpi/test_lightning.py::test_bench_lightning_smoke runs it at tiny size",
+    "python -m mpitrain.bench lightning -n 2 --model mlp --methods ddp,mpi,mpi:gradients,"
+    "mpi:parameters --rounds 7 --json lightning_mlp_n2.json":
+        "tests/mpi/test_lightning.py::test_bench_lightning_smoke runs it at tiny size",
+    "sudo python -m mpitrain.bench cluster --topologies 2x1,2x2 --links 1gbit --out DIR -- "
+    "lightning --rounds 5 --steps 20": "root and the emulated cluster; tests/cluster/"
+    "test_bench_cluster.py::test_bench_cluster_runs_the_benchmark_across_the_nodes runs bench "
+    "cluster, tests/mpi/test_lightning.py::test_bench_lightning_smoke the Lightning benchmark",
     # docs/lightning.md
     'pip install "mpitrain[lightning]"': "tests/mpi/test_install.py::"
     "test_wheel_installs_and_runs_outside_the_checkout (the wheel with [plot,lightning])",
