@@ -13,7 +13,6 @@ the single-process order, whatever the split.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -253,7 +252,9 @@ class PipelineSteps:
         self.autocast = autocast_for(precision, device)  # bf16: stages send bf16 activations
         self.scaler = scaler  # fp16: the loss scale multiplies the schedule's backward
         self.sum_comm = engine.grid.dp_comm
-        self.replicas, self.replica = engine.grid.data, engine.grid.dp_rank
+        g = engine.grid
+        self.replicas, self.replica = g.data, g.dp_rank
+        self.lead = g.tp_rank == 0 and g.pp_rank == 0  # its replica's samples, logged once
         self.timeline: Timeline = NULL
 
     def set_timeline(self, recorder: Timeline) -> None:
@@ -281,9 +282,6 @@ class PipelineSteps:
             with self.autocast:
                 loss = self.engine.train_step(x, y, loss_scale=scale * n / max(total, 1.0),
                                               last=i == len(micro) - 1)
-            if not math.isfinite(loss) and self.scaler is None:  # fp16: the scaler skips
-                raise DataError(with_hint(f"the loss is {loss}",
-                                          "lower --lr or use --optimizer adamw"))
             loss_sum += loss * n
         self.timeline.span("pipeline schedule", t_tl)
         return loss_sum, 0

@@ -15,6 +15,7 @@ import torch
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.comm.reducer import overlap_measured
+from mpitrain.errors import DataError, with_hint
 from mpitrain.grad.autotune import BucketAutotuner
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
 from mpitrain.runtime.collective import agree
@@ -80,7 +81,9 @@ class Trainer:
         self.data_wait = 0.0
         self.comm_wait = 0.0
         self.timeline: Timeline = NULL  # --timeline: set by train.run (docs/profiling.md)
-        self.samples = SampleLog(cfg.sample_log, world.rank, world.size)  # --sample-log
+        steps = parts.steps  # --sample-log: one file per replica, its samples once
+        self.samples = SampleLog(cfg.sample_log if steps.lead else None, steps.replica,
+                                 steps.replicas)
         self.tuner = None  # --bucket-mb auto; overlap too where this MPI was never measured
         if cfg.bucket_mb == 0:
             self.tuner = BucketAutotuner(self.comm, tune_overlap=not overlap_measured())
@@ -280,6 +283,9 @@ class Trainer:
         self.p.steps.sum_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         n = max(sums[2], 1.0)
         train_loss, train_acc = float(sums[0] / n), float(sums[1] / n)
+        if not math.isfinite(train_loss) and self.p.scaler is None:  # the same on every rank
+            raise DataError(with_hint(f"epoch {epoch + 1}: the training loss is {train_loss}",
+                                      "lower --lr (or use --optimizer adamw, --clip-grad-norm)"))
         self.state.last_train_loss = train_loss
         last = partial or epoch + 1 == self.cfg.epochs
         ev: dict[str, float] = {}

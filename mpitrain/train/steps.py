@@ -37,6 +37,9 @@ class Steps(Protocol):
     replicas: int
     #: this rank's data-parallel index (its replica)
     replica: int
+    #: whether this rank speaks for its replica (logs its samples): every rank of data
+    #: parallelism, one rank (first stage, tensor rank 0) of a grid's replica
+    lead: bool
     #: whether the correct counts mean anything (classification); False: loss only
     accuracy: bool
 
@@ -74,7 +77,7 @@ class ClassifierSteps:
     def __init__(self, model: Exchange, device: torch.device, comm: MPI.Intracomm, *,
                  precision: str = "fp32", scaler: Any = None) -> None:
         self.model, self.device, self.sum_comm = model, device, comm
-        self.replicas, self.replica = comm.size, comm.rank
+        self.replicas, self.replica, self.lead = comm.size, comm.rank, True
         self.autocast = autocast_for(precision, device)
         self.scaler = scaler
         self.timeline: Timeline = NULL

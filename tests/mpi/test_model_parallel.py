@@ -18,6 +18,7 @@ import torch
 
 from mpitrain import checkpoint as ckpt
 from mpitrain.checkpoint_shards import load_full, read_shards
+from mpitrain.train.sample_log import read_sample_log
 from tests.conftest import MpiRun
 
 # a small GPT, plain SGD (no warm-up), 200 steps over the built-in corpus
@@ -83,7 +84,15 @@ def test_grid_trains_like_one_process(
     mpirun: MpiRun, tmp_path: Path, n: int, batch: int, grid: list[str], both: list[str]
 ) -> None:
     _train(mpirun, 1, tmp_path / "ref", ["--batch-size", "16", *both])
-    proc = _train(mpirun, n, tmp_path / "grid", ["--batch-size", str(batch), *grid, *both])
+    log = tmp_path / "samples"
+    proc = _train(mpirun, n, tmp_path / "grid", ["--batch-size", str(batch), *grid, *both,
+                                                 "--sample-log", str(log)])
+    # --sample-log: one file per replica (not per rank of it), each step's 16 samples once
+    per_step: dict[int, list[int]] = {}
+    for _epoch, step, _world, idx in read_sample_log(log):
+        per_step.setdefault(step, []).extend(idx)
+    assert sorted(per_step) == list(range(200))
+    assert all(len(v) == len(set(v)) == 16 for v in per_step.values())
     assert "tensor groups inside nodes" in proc.stdout, proc.stdout
     ref, ref_sum = _final(tmp_path / "ref")
     got, got_sum = _final(tmp_path / "grid")
