@@ -95,16 +95,12 @@ def weights_state(
     grids: the shards are written now, and ``model`` holds their reference (``optimizer``
     None).
     """
-    from mpitrain.grad.zero.wrapper import ShardedDataParallel
-    from mpitrain.train.grid import GridExchange
-
-    if isinstance(model, GridExchange):
-        assert directory is not None and run_id is not None
-        return save_grid(model, optimizer, directory, step, run_id), None
-    if not isinstance(model, ShardedDataParallel):
+    kind = _kind(model)
+    if kind == "plain":
         return model.module.state_dict(), optimizer.state_dict()
     assert directory is not None and run_id is not None
-    return save_trainer_shards(model, optimizer, directory, step, run_id), None
+    save = save_grid if kind == "grid" else save_trainer_shards
+    return save(model, optimizer, directory, step, run_id), None
 
 
 def save_grid(model: Any, optimizer: torch.optim.Optimizer, directory: Path, step: int,
@@ -170,12 +166,11 @@ def run_holds(model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     Not collective. Tensors are named and shaped as in the unwrapped model (a ZeRO model's
     full parameter shapes, not its shards).
     """
-    from mpitrain.grad.zero.wrapper import ShardedDataParallel
-
     kind, _groups, _keys = compat.of_optimizer(optimizer)
-    if _kind(model) == "grid":  # each rank's part is compared when it is loaded
+    wrapper = _kind(model)
+    if wrapper == "grid":  # each rank's part is compared when it is loaded
         return {"tensors": {}, "optimizer": kind}
-    if isinstance(model, ShardedDataParallel):
+    if wrapper == "sharded":
         slots = {s.name: s.shape for s in model.layout.slots}
         pairs = [(s.name, s.shape) for s in model.layout.slots] + [
             (k, v) for k, v in model.module.state_dict().items() if k not in slots]
