@@ -40,7 +40,7 @@ COMMANDS: dict[str, Command] = {
     "cluster": Command("mpitrain.cluster.cli", False,
                        "an emulated multi-node cluster on this machine (root)"),
     "trace": Command("mpitrain.timeline.cli", False, "summarise or plot a --timeline trace"),
-    "checkpoint": Command("mpitrain.checkpoint_shards", False,
+    "checkpoint": Command("mpitrain.checkpoint.shards", False,
                           "consolidate a sharded or model-parallel checkpoint into one file"),
 }
 

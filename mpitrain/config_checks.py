@@ -79,6 +79,16 @@ def _refuse(what: str, hint: str) -> None:
     raise ConfigError(with_hint(what, hint))
 
 
+#: exchange modes a grid's data-parallel replicas cannot take, and why
+GRID_REFUSED_MODES = {
+    "double-buffer": "it applies the previous step's gradients while the next step computes, "
+                     "but a pipeline step's gradients are complete only after its schedule "
+                     "drains, so there is no next step's compute to hide them behind",
+    "param-server": "its servers are ranks outside the grid that hold the whole model's "
+                    "parameters; a stage's slice has no server",
+}
+
+
 def check_model_parallel(cfg: TrainConfig) -> None:
     """Refuse model-parallel options that do not fit the built-in GPT or each other."""
     tp, pp = cfg.tensor_parallel, cfg.pipeline_stages
@@ -96,16 +106,12 @@ def check_model_parallel(cfg: TrainConfig) -> None:
                     f"{'it' if len(unused) == 1 else 'them'}",
                     "drop them, or use --model gpt or your own --model package.module:factory")
         return
-    # what the grid's step (train/grid.py) does not do yet: refused, never ignored
-    unsupported = {
-        "exchange " + cfg.exchange: cfg.exchange != "sync",
-        "bucket-mb auto": cfg.bucket_mb == 0,
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        _refuse(f"--model gpt (a tensor x pipeline x data grid) does not take "
-                f"--{', --'.join(bad)} yet (docs/model-parallel.md lists what composes)",
-                "leave those options at their defaults with --model gpt")
+    # the replicas of a grid take sync or local SGD (docs/model-parallel.md says why)
+    why = GRID_REFUSED_MODES.get(cfg.exchange)
+    if why is not None:
+        _refuse(f"--exchange {cfg.exchange} does not compose with --model gpt's tensor x "
+                f"pipeline x data grid: {why}",
+                "use --exchange sync or local-sgd (local SGD over the replicas) with --model gpt")
     hidden, heads, layers, context, batch = (
         _effective(cfg, n) for n in ("hidden", "heads", "layers", "context", "batch_size"))
     if hidden % heads:

@@ -104,6 +104,10 @@ class DataParallel(ExchangeBase):
         if self.broadcast_buffers:
             broadcast_buffers(self.module, self.comm, self.timeline)
 
+    def bucket_engine(self) -> DataParallel:
+        """This wrapper: ``--bucket-mb auto`` rebuilds its ``engine``."""
+        return self
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (no communication) for the backward passes inside."""

@@ -36,12 +36,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from mpitrain.checkpoint.payload import ReplicatedState, StateIO
 from mpitrain.config_checks import explicit_options
 from mpitrain.errors import ConfigError, with_hint
 
 if TYPE_CHECKING:
     from mpitrain.comm.reducer import Reducer
     from mpitrain.config import TrainConfig
+    from mpitrain.grad.autotune import HasEngine
     from mpitrain.runtime.world import World
     from mpitrain.timeline.recorder import Timeline
 
@@ -132,6 +134,14 @@ class Exchange(Protocol):
         """Record this exchange's communication spans into ``recorder`` (no communication)."""
         ...
 
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> StateIO:
+        """How this exchange's model and optimizer state is checkpointed (no communication)."""
+        ...
+
+    def bucket_engine(self) -> HasEngine | None:
+        """The wrapper whose gradient buckets ``--bucket-mb auto`` resizes (None: none)."""
+        ...
+
 
 class ExchangeBase(torch.nn.Module):
     """Defaults for an :class:`Exchange` that is an ``nn.Module`` holding ``self.module``.
@@ -206,6 +216,14 @@ class ExchangeBase(torch.nn.Module):
     def set_timeline(self, recorder: Timeline) -> None:
         """Record communication spans into ``recorder`` (default: the trainer's phases only)."""
         del recorder
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> StateIO:
+        """Replicated state: the module's and the optimizer's state dicts, in the file."""
+        return ReplicatedState(self.module, optimizer)
+
+    def bucket_engine(self) -> HasEngine | None:
+        """No bucketed gradient engine to tune (default)."""
+        return None
 
 
 @dataclass

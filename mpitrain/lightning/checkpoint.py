@@ -12,7 +12,7 @@ directory::
                                  manifest's SHA-256, so a mixed or unfinished save is refused
 
 Either kind loads under either mode and any number of ranks: both are turned into the
-consolidated form (``checkpoint_shards.consolidate``: full per-parameter tensors and optimizer
+consolidated form (``checkpoint.shards.consolidate``: full per-parameter tensors and optimizer
 state by parameter name) where they differ. :func:`consolidate_checkpoint` writes a sharded
 one as a plain Lightning checkpoint, which Lightning's own strategies load.
 """
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.checkpoint_shards import MANIFEST, load_full, read_manifest
+from mpitrain.checkpoint.shards import MANIFEST, load_full, read_manifest
 from mpitrain.errors import CheckpointError, MpitrainError, with_hint
 from mpitrain.grad.zero.state import load_consolidated
 from mpitrain.grad.zero.wrapper import ShardedDataParallel
@@ -210,7 +210,7 @@ def consolidated(checkpoint: dict[str, Any], names: list[str]) -> dict[str, Any]
 
 def optimizer_state_for(full: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """An unsharded optimizer's ``state_dict`` over ``names`` (one group) from ``full``."""
-    from mpitrain.checkpoint_shards import optimizer_state_dict
+    from mpitrain.checkpoint.shards import optimizer_state_dict
 
     return optimizer_state_dict(full, names)
 

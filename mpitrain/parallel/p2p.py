@@ -4,6 +4,12 @@ The first message on each link carries the tensor's shape and dtype (agreed once
 that, only raw buffers travel: ``Isend`` (the caller keeps the handle) and a blocking
 ``Recv`` into a fresh tensor. MPI keeps messages of one (source, tag) in order, so
 micro-batches arrive in the order they were sent. Device tensors are staged through host.
+
+While ``timeline`` records, each send is a named flight (``send activation to stage 1``, op
+``send``) from its start to observed completion: it is tested right after the start and at
+this link's next send or receive, and waited in :meth:`StageLink.wait_sends`; each receive
+is a blocking one (``recv gradient from stage 1``, op ``recv``). Both carry the tensor's bytes
+and ``args`` ``group == "pipeline"``, ``peer`` (the other stage) and ``stage`` (this one).
 """
 
 from __future__ import annotations
@@ -13,12 +19,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.comm.allreduce import numpy_view
+from mpitrain.comm.handle import RequestHandle
 from mpitrain.errors import CommError, with_hint
+from mpitrain.grad.recorded import RecordedHandle
+from mpitrain.timeline.recorder import NULL, Timeline
+from mpitrain.timeline.stages import PIPELINE
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 TAG_FORWARD, TAG_BACKWARD, TAG_SHAPE = 31, 32, 33
+#: what travels under each tag (the flights' names)
+WHAT = {TAG_FORWARD: "activation", TAG_BACKWARD: "gradient"}
 
 
 class StageLink:
@@ -34,9 +46,21 @@ class StageLink:
         self.stages = pp_comm.size
         self._shapes: dict[tuple[int, int], tuple[tuple[int, ...], torch.dtype]] = {}
         self._pending: list[tuple[MPI.Request, Any]] = []
+        #: records the sends and receives (set by the pipeline engine)
+        self.timeline: Timeline = NULL
+        self._flights: list[RecordedHandle] = []  # recorded sends not yet seen complete
+
+    def _args(self, peer: int) -> dict[str, Any]:
+        return {"group": PIPELINE, "peer": peer, "stage": self.stage}
+
+    def _poll(self) -> None:
+        """Close the recorded sends that completed (while recording)."""
+        self._flights = [h for h in self._flights if not h.test()]
 
     def _send(self, t: torch.Tensor, dest: int, tag: int) -> None:
         key = (dest, tag)
+        tl = self.timeline
+        t0 = tl.now() if tl.on else 0
         host = t.detach().to("cpu").contiguous()
         if key not in self._shapes or not self.fixed:
             self._shapes[key] = (tuple(host.shape), host.dtype)
@@ -50,17 +74,32 @@ class StageLink:
                 )
             )
         buf = numpy_view(host)
-        self._pending.append((self.comm.Isend(buf, dest=dest, tag=tag), (host, buf)))
+        request = self.comm.Isend(buf, dest=dest, tag=tag)
+        self._pending.append((request, (host, buf)))
+        if tl.on:
+            flight = tl.comm_started(f"send {WHAT[tag]} to stage {dest}",
+                                     host.numel() * host.element_size(), t0, "send",
+                                     self._args(dest))
+            self._flights.append(RecordedHandle(RequestHandle(request), tl, flight))
+            self._poll()
 
     def _recv(self, source: int, tag: int) -> torch.Tensor:
         key = (source, tag)
+        tl = self.timeline
+        if tl.on:
+            self._poll()
+        t0 = tl.now() if tl.on else 0
         if key not in self._shapes or not self.fixed:
             shape, dtype = self.comm.recv(source=source, tag=TAG_SHAPE + tag)
             self._shapes[key] = (tuple(shape), getattr(torch, dtype.split(".")[-1]))
         shape, dt = self._shapes[key]
         out = torch.empty(shape, dtype=dt)
         self.comm.Recv(numpy_view(out), source=source, tag=tag)
-        return out.to(self.device)
+        got = out.to(self.device)
+        if tl.on:
+            tl.comm_blocking(f"recv {WHAT[tag]} from stage {source}",
+                             out.numel() * out.element_size(), t0, "recv", self._args(source))
+        return got
 
     def send_forward(self, t: torch.Tensor) -> None:
         """Send an activation to the next stage (non-blocking)."""
@@ -79,9 +118,12 @@ class StageLink:
         return self._recv(self.stage + 1, TAG_BACKWARD)
 
     def wait_sends(self) -> None:
-        """Wait for every send this stage started."""
+        """Wait for every send this stage started (the recorded ones: their waits recorded)."""
         from mpi4py import MPI
 
+        for h in self._flights:
+            h.wait()
+        self._flights.clear()
         if self._pending:
             MPI.Request.Waitall([r for r, _ in self._pending])
         self._pending.clear()

@@ -6,6 +6,12 @@ are complete: summed over micro-batches, averaged over the data-parallel group (
 existing engine: buckets, overlap, compression, on the last micro-batch's backward only),
 summed over the stages that share tied parameters, and, under sequence parallelism, summed
 over the tensor group for replicated parameters.
+
+With a timeline (:meth:`PipelineEngine.set_timeline`) a step records each blocking receive as
+a ``bubble`` span, the sends and receives as flights (:mod:`mpitrain.parallel.p2p`), every
+tensor-parallel collective of the stage's forward and backward (inside
+:func:`mpitrain.parallel.functional.recording`), the tied gradients' all-reduce and the loss
+broadcast (``mpitrain/timeline/stages.py`` says what ``trace summary`` makes of them).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mpitrain.parallel.functional import recording
 from mpitrain.parallel.p2p import StageLink
 from mpitrain.parallel.schedule import Action, get_schedule
 from mpitrain.parallel.tensor import sequence_parallel_grads_
 from mpitrain.timeline.recorder import NULL, Timeline
+from mpitrain.timeline.stages import PIPELINE
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -110,8 +118,13 @@ class PipelineEngine:
         self.saved = _SavedBytes(list(stage.parameters())) if measure_memory else None
         self.stats = StepStats()
         self._checked = False
-        #: records the blocking receives as "bubble" spans (``trace summary``: per stage)
+        #: records the bubble and the stage's traffic (:meth:`set_timeline`)
         self.timeline: Timeline = NULL
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record this stage's bubble, sends, receives and tensor-parallel collectives into
+        ``recorder`` (no communication)."""
+        self.timeline = self.link.timeline = self.eval_link.timeline = recorder
 
     def _check_batch(self, batch: torch.Tensor | None) -> None:
         """Collective (pipeline): refuse a batch that does not split into equal micro-batches
@@ -189,6 +202,12 @@ class PipelineEngine:
         """
         if not self._checked:  # once: every stage agrees the batch splits into micro-batches
             self._check_batch(inputs if inputs is not None else targets)
+        with recording(self.timeline):
+            return self._train_step(inputs, targets, loss_scale, last)
+
+    def _train_step(self, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+                    loss_scale: float, last: bool) -> float:
+        """Collective (grid): :meth:`train_step`'s schedule, reductions and loss."""
         t0 = time.perf_counter()
         self.stats = StepStats()
         xs = inputs.chunk(self.micro) if inputs is not None else None
@@ -212,11 +231,20 @@ class PipelineEngine:
             if self.dp is not None:
                 self.dp.synchronize()
             self._reduce_shared()
-        loss = self.grid.pp_comm.bcast(total / self.micro, root=self.grid.pipeline - 1)
+        loss = self._loss_bcast(total / self.micro)
         self.stats.loss = float(loss)
         self.stats.peak_activation_bytes = peak_bytes
         self.stats.step_seconds = time.perf_counter() - t0
         return self.stats.loss
+
+    def _loss_bcast(self, loss: float) -> float:
+        """Collective (pipeline): the last stage's loss on every stage."""
+        tl = self.timeline
+        t0 = tl.now() if tl.on else 0
+        out = float(self.grid.pp_comm.bcast(loss, root=self.grid.pipeline - 1))
+        if tl.on:
+            tl.comm_blocking("broadcast loss", 8, t0, "broadcast", {"group": PIPELINE})
+        return out
 
     def _reduce_shared(self) -> None:
         from mpitrain.comm.allreduce import allreduce_
@@ -230,9 +258,16 @@ class PipelineEngine:
         if self.sp_params:
             sequence_parallel_grads_(self.sp_params, self.grid.tp_comm)
         if self.tied and self.grid.tied_comm is not None:
+            tl = self.timeline
+            t0 = tl.now() if tl.on else 0
             for p in self.tied:
                 if p.grad is not None:
                     allreduce_(p.grad, self.grid.tied_comm, average=False)
+            if tl.on:
+                nbytes = sum(p.grad.numel() * p.grad.element_size()
+                             for p in self.tied if p.grad is not None)
+                tl.comm_blocking("allreduce tied grads", nbytes, t0, "allreduce",
+                                 {"group": "tied", "ranks": self.grid.tied_comm.size})
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -243,13 +278,14 @@ class PipelineEngine:
         """
         g, link = self.grid, self.eval_link
         total = 0.0
-        for x, t in zip(inputs.chunk(self.micro), targets.chunk(self.micro), strict=True):
-            h = x if g.first_stage else link.recv_forward()
-            fn: Any = self.dp if self.eval_through_exchange else self.stage
-            out = fn(h, t if g.last_stage else None)
-            if g.last_stage:
-                total += float(out) * len(t)
-            else:
-                link.send_forward(out)
+        with recording(self.timeline):
+            for x, t in zip(inputs.chunk(self.micro), targets.chunk(self.micro), strict=True):
+                h = x if g.first_stage else link.recv_forward()
+                fn: Any = self.dp if self.eval_through_exchange else self.stage
+                out = fn(h, t if g.last_stage else None)
+                if g.last_stage:
+                    total += float(out) * len(t)
+                else:
+                    link.send_forward(out)
         link.wait_sends()
-        return float(g.pp_comm.bcast(total / len(targets), root=g.pipeline - 1))
+        return self._loss_bcast(total / len(targets))

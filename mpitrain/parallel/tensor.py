@@ -19,8 +19,10 @@ from torch.nn import functional as F
 from mpitrain.parallel.functional import (
     allreduce_sum,
     copy_to_tp,
+    current_timeline,
     gather_from_tp,
     gather_sequence,
+    record_since,
     reduce_from_tp,
     reduce_scatter_sequence,
 )
@@ -191,16 +193,23 @@ class _VocabParallelCE(torch.autograd.Function):
 
         from mpitrain.comm.allreduce import numpy_view
 
+        tl = current_timeline()
         logits = logits.detach()
-        lmax = logits.max(dim=-1).values.to("cpu", copy=True).contiguous()
+        lmax = logits.max(dim=-1).values
+        t0 = tl.now() if tl.on else 0
+        lmax = lmax.to("cpu", copy=True).contiguous()
         comm.Allreduce(MPI.IN_PLACE, numpy_view(lmax), op=MPI.MAX)
+        if tl.on:
+            record_since(tl, "tp all-reduce loss max", "allreduce",
+                         lmax.numel() * lmax.element_size(), comm, t0)
         shifted = logits - lmax.to(logits.device).unsqueeze(-1)
         exp = shifted.exp()
         local = target - start
         inside = (local >= 0) & (local < logits.shape[-1])
         idx = local.clamp(0, logits.shape[-1] - 1)
         picked = shifted.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * inside
-        sums = allreduce_sum(torch.stack([exp.sum(-1), picked]), comm)
+        sums = allreduce_sum(torch.stack([exp.sum(-1), picked]), comm, tl=tl,
+                             name="tp all-reduce loss sums")
         keep = (target != ignore_index).to(logits.dtype)
         ctx.save_for_backward(exp.div_(sums[0].unsqueeze(-1)), idx, inside, keep)
         return (sums[0].log() - sums[1]) * keep
@@ -235,10 +244,13 @@ def vocab_parallel_cross_entropy(
 
 def sequence_parallel_grads_(params: list[nn.Parameter], comm: MPI.Intracomm) -> None:
     """Collective: sum over ``comm`` the gradients of replicated parameters that each rank
-    computed on its part of the sequence (LayerNorms, biases under sequence parallelism)."""
+    computed on its part of the sequence (LayerNorms, biases under sequence parallelism);
+    recorded as ``tp all-reduce sequence-parallel grads`` inside ``recording(tl)``."""
+    tl = current_timeline()
     for p in params:
         if p.grad is not None:
-            p.grad.copy_(allreduce_sum(p.grad, comm))
+            p.grad.copy_(allreduce_sum(p.grad, comm, tl=tl,
+                                       name="tp all-reduce sequence-parallel grads"))
 
 
 ParallelLayer = ColumnParallelLinear | RowParallelLinear | VocabParallelEmbedding

@@ -9,12 +9,14 @@ Tracks: ``MAIN`` (0) holds the rank's step, data wait, forward, backward, synchr
 checkpoint, evaluation and step agreement spans; bucket ``b`` has its own track ``bucket_track(b)``
 holding its in-flight span (launch to observed completion) with the launch call nested in it.
 Every other collective (ZeRO's reduce-scatters and all-gathers, the asynchronous modes'
-all-reduces and messages) is a *flight* named for what it moves (``"all-gather b3"``,
-``"push s0"``): :meth:`Recorder.comm_started` opens it on a track of that name (a second lane
-when two of one name are in flight), :meth:`~Recorder.comm_done` / :meth:`~Recorder.comm_waited`
-close it; a blocking call is one :meth:`~Recorder.comm_blocking` span. Waits are spans of
-category ``wait`` on the main track. Traffic an exchange cannot record is named with
-:meth:`~Recorder.note`, and the summary prints it.
+all-reduces and messages, the tensor-parallel collectives, the pipeline's sends and receives) is
+a *flight* named for what it moves (``"all-gather b3"``, ``"push s0"``, ``"tp all-reduce fwd"``):
+:meth:`Recorder.comm_started` opens it on a track of that name (a second lane when two of one
+name are in flight), :meth:`~Recorder.comm_done` / :meth:`~Recorder.comm_waited` close it; a
+blocking call is one :meth:`~Recorder.comm_blocking` span. Its span's args hold ``bytes``,
+``op`` and what the caller adds (``group``, ``peer``, ``stage``: :mod:`mpitrain.timeline.stages`).
+Waits are spans of category ``wait`` on the main track. Traffic an exchange cannot record is
+named with :meth:`~Recorder.note`, and the summary prints it.
 """
 
 from __future__ import annotations
@@ -81,9 +83,11 @@ class Timeline(Protocol):
     def bucket_waited(self, b: int, t0: int) -> None:
         """``wait()`` on bucket ``b`` ran from ``t0`` to now."""
 
-    def comm_started(self, name: str, nbytes: int, t0: int, op: str) -> int:
-        """Collective ``name`` (``op``, ``nbytes``) was started at ``t0``; the start call
-        returned now. Returns the flight's key (-1 when nothing is recorded)."""
+    def comm_started(self, name: str, nbytes: int, t0: int, op: str,
+                     args: dict[str, Any] | None = None) -> int:
+        """Collective ``name`` (``op``, ``nbytes``; more ``args`` for its span, such as the
+        group or peer) was started at ``t0``; the start call returned now. Returns the
+        flight's key (-1 when nothing is recorded)."""
 
     def comm_done(self, key: int) -> None:
         """Flight ``key`` was observed complete now."""
@@ -91,7 +95,8 @@ class Timeline(Protocol):
     def comm_waited(self, key: int, t0: int) -> None:
         """``wait()`` on flight ``key`` ran from ``t0`` to now (it is complete)."""
 
-    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str) -> None:
+    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str,
+                      args: dict[str, Any] | None = None) -> None:
         """A blocking collective ``name`` ran from ``t0`` to now (in flight and waited on)."""
 
     def note(self, text: str) -> None:
@@ -129,7 +134,8 @@ class NullRecorder:
     def bucket_waited(self, b: int, t0: int) -> None:
         """Do nothing."""
 
-    def comm_started(self, name: str, nbytes: int, t0: int, op: str) -> int:
+    def comm_started(self, name: str, nbytes: int, t0: int, op: str,
+                     args: dict[str, Any] | None = None) -> int:
         """Return -1."""
         return -1
 
@@ -139,7 +145,8 @@ class NullRecorder:
     def comm_waited(self, key: int, t0: int) -> None:
         """Do nothing."""
 
-    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str) -> None:
+    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str,
+                      args: dict[str, Any] | None = None) -> None:
         """Do nothing."""
 
     def note(self, text: str) -> None:
@@ -197,8 +204,9 @@ class Recorder:
         self.step = -1
         self._step_t0: int | None = None
         self._inflight: dict[int, tuple[int, int]] = {}  # bucket -> (t0, nbytes)
-        #: named flights in flight: key -> (name, track, t0, nbytes, op, step)
-        self._flights: dict[int, tuple[str, int, int, int, str, int]] = {}
+        #: named flights in flight: key -> (name, track, t0, args, step); args holds
+        #: ``bytes``, ``op`` and what the caller added (``group``, ``peer`` ...)
+        self._flights: dict[int, tuple[str, int, int, dict[str, Any], int]] = {}
         self._keys = 0
         self._lanes: dict[str, list[int]] = {}  # flight name -> its tracks
         self._busy: set[int] = set()
@@ -287,17 +295,26 @@ class Recorder:
         self._busy.add(tid)
         return tid
 
-    def comm_started(self, name: str, nbytes: int, t0: int, op: str) -> int:
-        """Open flight ``name`` (``op``, ``nbytes``) begun at ``t0``, recording the start call
-        (``t0`` to now) on its track; returns its key (-1 when off: nothing is recorded)."""
-        if not self.on:
-            return -1
-        t1 = self.clock()
+    def _open(self, name: str, nbytes: int, t0: int, op: str,
+              args: dict[str, Any] | None) -> tuple[int, int]:
+        """Open flight ``name`` on a free lane; returns (key, track)."""
         with self._lock:
             tid = self._lane(name)
             self._keys += 1
             key = self._keys
-            self._flights[key] = (name, tid, t0, nbytes, op, self.step)
+            self._flights[key] = (name, tid, t0, {"bytes": nbytes, "op": op, **(args or {})},
+                                  self.step)
+        return key, tid
+
+    def comm_started(self, name: str, nbytes: int, t0: int, op: str,
+                     args: dict[str, Any] | None = None) -> int:
+        """Open flight ``name`` (``op``, ``nbytes``, and ``args`` for its span) begun at
+        ``t0``, recording the start call (``t0`` to now) on its track; returns its key (-1
+        when off: nothing is recorded)."""
+        if not self.on:
+            return -1
+        t1 = self.clock()
+        key, tid = self._open(name, nbytes, t0, op, args)
         self._add("launch", "launch", tid, t0, t1, None)
         return key
 
@@ -311,8 +328,8 @@ class Recorder:
             if started is not None:
                 self._busy.discard(started[1])
         if started is not None:
-            name, tid, t0, nbytes, op, step = started
-            self._add(name, "comm", tid, t0, t1, {"bytes": nbytes, "op": op}, step)
+            name, tid, t0, args, step = started
+            self._add(name, "comm", tid, t0, t1, args, step)
 
     def comm_waited(self, key: int, t0: int) -> None:
         """Record the wait on flight ``key`` from ``t0`` (while on) and close the flight."""
@@ -323,16 +340,13 @@ class Recorder:
             self._add(f"wait {started[0]}", "wait", MAIN, t0, self.clock(), None)
         self.comm_done(key)
 
-    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str) -> None:
-        """Record a blocking collective that ran from ``t0`` to now: its flight, and the
-        rank's wait for it on the main track (when on)."""
+    def comm_blocking(self, name: str, nbytes: int, t0: int, op: str,
+                      args: dict[str, Any] | None = None) -> None:
+        """Record a blocking collective that ran from ``t0`` to now: its flight (``args``
+        added to its span), and the rank's wait for it on the main track (when on)."""
         if not self.on:
             return
-        with self._lock:
-            tid = self._lane(name)
-            self._keys += 1
-            key = self._keys
-            self._flights[key] = (name, tid, t0, nbytes, op, self.step)
+        key, _ = self._open(name, nbytes, t0, op, args)
         self.comm_waited(key, t0)
 
     def note(self, text: str) -> None:

@@ -19,9 +19,12 @@ Definitions (per rank and step; summed over ranks for a step, over steps for the
   A flight ends when the engine observes completion (a later gradient hook or the wait in
   synchronize) and includes waiting for late ranks, so the bandwidth is a lower bound; the
   best (shortest) flight is the closest to the transport's own speed;
-- per named collective (``reduce-scatter b0``, ``all-gather b3``, ``push s0`` ...) the same,
-  with the bus bandwidth factor of its operation ((n-1)/n for reduce-scatter and all-gather,
-  1 for broadcasts and messages).
+- per named collective (``reduce-scatter b0``, ``all-gather b3``, ``push s0``,
+  ``tp all-reduce fwd``, ``send activation to stage 1`` ...) the same, with the bus bandwidth
+  factor of its operation ((n-1)/n for reduce-scatter and all-gather, 1 for broadcasts and
+  messages) over its group (``args.ranks``, else every rank of the trace);
+- per pipeline stage (model parallelism): the bubble, the tensor-parallel communication and
+  the sends and receives (:mod:`mpitrain.timeline.stages`).
 
 Traffic that some rank could not record is listed in words (``otherData.notes``); a window
 that recorded no step says so instead of printing zeros.
@@ -38,9 +41,9 @@ from typing import Any
 
 from mpitrain.errors import DataError, with_hint
 from mpitrain.runtime.tool_io import Fields, decode_text, parse_json, read_bytes
-from mpitrain.timeline.bubble import BUBBLE, StageBubble, bubble_lines, stage_bubbles
 from mpitrain.timeline.chrome import FORMAT
 from mpitrain.timeline.intervals import Interval, clip, intersect, length, subtract, union
+from mpitrain.timeline.stages import BUBBLE, StageRow, stage_lines, stage_rows
 
 COMPUTE = "compute"
 #: span categories that are communication in flight
@@ -114,7 +117,8 @@ class Summary:
     collectives: list[CollectiveRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  #: traffic that was not recorded
     window: list[int] | None = None  #: the recording window (steps A..B-1), None: all
-    bubbles: list[StageBubble] = field(default_factory=list)  #: pipeline stages' waits
+    #: per pipeline stage: the bubble, tensor-parallel and send/recv time (timeline/stages.py)
+    stages: list[StageRow] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -179,9 +183,14 @@ def check_trace(doc: dict[str, Any], path: Path) -> None:
         if cat == "bucket":
             for name in ("bucket", "bytes"):
                 f.as_int(f.need(args, name, f"{key}.args"), f"{key}.args.{name}")
-        if cat == "comm":  # a named flight (ZeRO, the asynchronous modes)
+        if cat == "comm":  # a named flight (ZeRO, the asynchronous modes, model parallelism)
             f.as_int(f.need(args, "bytes", f"{key}.args"), f"{key}.args.bytes")
             f.as_str(f.need(args, "op", f"{key}.args"), f"{key}.args.op")
+            for name, lo in (("ranks", 1), ("stage", 0), ("peer", 0)):
+                if name in args:
+                    f.as_int(args[name], f"{key}.args.{name}", lo)
+        if cat == BUBBLE and "stage" in args:
+            f.as_int(args["stage"], f"{key}.args.stage", 0)
 
 
 def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = None) -> Summary:
@@ -193,7 +202,7 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
     arrivals: dict[int, dict[int, float]] = defaultdict(dict)
     step_span: dict[tuple[int, int], Interval] = {}
     flights: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    named: dict[str, list[tuple[int, str, float]]] = {}
+    named: dict[str, list[tuple[int, str, float, int]]] = {}
     for ev in doc["traceEvents"]:
         if ev.get("ph") != "X":
             continue
@@ -211,7 +220,8 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
             flights[int(ev["args"]["bucket"])].append((int(ev["args"]["bytes"]), b - a))
         elif cat == "comm":
             named.setdefault(ev["name"], []).append(
-                (int(ev["args"]["bytes"]), str(ev["args"].get("op", "")), b - a))
+                (int(ev["args"]["bytes"]), str(ev["args"].get("op", "")), b - a,
+                 int(ev["args"].get("ranks", ranks))))
     # per rank: communication in flight, and the part of it under compute the rank did not
     # spend starting or waiting for a collective
     comm_of: dict[int, list[Interval]] = {}
@@ -273,20 +283,20 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         step_ms=totals["time"] / n_rank_steps,
         last_counts=last_counts,
         clock_bound_ms=max((c.get("bound_ns", 0) for c in clocks), default=0) / 1e6,
-        collectives=[_collective(name, got, ranks, peak_gbs) for name, got in named.items()],
+        collectives=[_collective(name, got, peak_gbs) for name, got in named.items()],
         notes=[str(n) for n in doc["otherData"].get("notes", [])],
         window=[int(w) for w in window] if isinstance(window, list) else None,
-        bubbles=stage_bubbles(doc),
+        stages=stage_rows(doc),
     )
 
 
-def _collective(name: str, got: list[tuple[int, str, float]], ranks: int,
+def _collective(name: str, got: list[tuple[int, str, float, int]],
                 peak_gbs: float | None) -> CollectiveRow:
-    nbytes, op = got[0][0], got[0][1]
-    median_ms = statistics.median(t for _, _, t in got)
+    nbytes, op, _, ranks = got[0]  # ranks: the group's (args.ranks), else the trace's
+    median_ms = statistics.median(t for _, _, t, _ in got)
     algbw = nbytes / (median_ms / 1000.0) / 1e9 if median_ms > 0 else 0.0
     factor = BUS_FACTOR[op](ranks) if op in BUS_FACTOR and ranks > 1 else 1.0
-    return CollectiveRow(name, op, nbytes, len(got), median_ms, min(t for _, _, t in got),
+    return CollectiveRow(name, op, nbytes, len(got), median_ms, min(t for _, _, t, _ in got),
                          algbw, algbw * factor, algbw * factor / peak_gbs if peak_gbs else None)
 
 
@@ -355,7 +365,7 @@ def format_summary(s: Summary, max_rows: int = 40) -> str:
             lines.append(f"  {c.name:<{width}}  {c.op:<14} {c.bytes:>11} {c.flights:>8} "
                          f"{c.median_ms:>10.3f} {c.best_ms:>8.3f} {c.algbw_gbs:>11.3f} "
                          f"{c.busbw_gbs:>11.3f} {peak:>8}")
-    return "\n".join([*lines, *bubble_lines(s.bubbles), *_note_lines(s)])
+    return "\n".join([*lines, *stage_lines(s.stages), *_note_lines(s)])
 
 
 def _note_lines(s: Summary) -> list[str]:

@@ -204,7 +204,7 @@ class GPTStage(nn.Module):
         return [p for p in self.parameters() if id(p) not in split]
 
     def merge_rules(self) -> dict[str, list[Any]]:
-        """How each parameter's tensor slices join back (``checkpoint_parallel``)."""
+        """How each parameter's tensor slices join back (``mpitrain.checkpoint.reshard``)."""
         return merge_rules(self, drop=("head.",))
 
 

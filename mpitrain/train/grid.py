@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mpitrain.data import BatchLoader
     from mpitrain.data.loader import Batch
     from mpitrain.runtime.world import World
+    from mpitrain.train.grid_state import GridState
     from mpitrain.train.loop import Parts
 
 log = logging.getLogger("mpitrain")
@@ -61,6 +62,11 @@ class GridExchange(ExchangeBase):
             engine.sum_shared = self._sum_sharded
             trained = [p for p in stage.parameters() if p.requires_grad]
             self._slot = {id(p): i for i, p in enumerate(trained)}  # the layout's order
+
+    @property
+    def stage(self) -> GPTStage:
+        """The wrapped stage (``module``, typed)."""
+        return cast("GPTStage", self.module)
 
     def _shard_parts(self, i: int) -> list[tuple[int, int, int, int]]:
         """This rank's pieces of parameter ``i`` in the shards: (bucket, start, end, chunk
@@ -100,11 +106,47 @@ class GridExchange(ExchangeBase):
             grad[s0:e0] = flat[f0 : f0 + e0 - s0]
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Collective with ZeRO: step the shards, then gather the parameters."""
-        if self.sharded is not None:
-            self.sharded.step(optimizer)
+        """Collective with ZeRO: step the shards, then gather the parameters (otherwise the
+        replicas' exchange steps: local SGD's optimizer is remembered for its averages)."""
+        if self.engine.dp is not None:
+            self.engine.dp.step(optimizer)
         else:
             optimizer.step()
+
+    def after_step(self) -> None:
+        """Collective (replicas): the replicas' exchange after the update (local SGD: every
+        H steps the stage's slice is averaged over its data-parallel group)."""
+        if self.engine.dp is not None:
+            self.engine.dp.after_step()
+
+    def bucket_engine(self) -> Any:
+        """The replicas' ``DataParallel`` (``--bucket-mb auto`` resizes its buckets)."""
+        return None if self.engine.dp is None else self.engine.dp.bucket_engine()
+
+    def exchange_state_dict(self) -> dict[str, Any] | None:
+        """Collective (grid): the replicas' exchange state (local SGD: every replica's own
+        slice) of every (stage, tensor slice), gathered to rank 0 by grid position."""
+        own = self.engine.dp.exchange_state_dict() if self.engine.dp is not None else None
+        g = self.grid
+        got = g.comm.gather((g.pp_rank * g.tensor + g.tp_rank, g.dp_rank, own), root=0)
+        if g.comm.rank != 0 or got is None or all(s is None for _p, _d, s in got):
+            return None
+        return {"grid": [g.tensor, g.pipeline, g.data],
+                "positions": {pos: s for pos, d, s in got if d == 0}}
+
+    def load_exchange_state_dict(self, state: dict[str, Any]) -> None:
+        """Collective (replicas): restore this position's exchange state; saved on another
+        tensor x pipeline grid, only its counters (each replica continues from the state
+        the checkpoint's grid payload holds, as right after an average)."""
+        if self.engine.dp is None or "positions" not in state:
+            return
+        g = self.grid
+        positions = state["positions"]
+        if state["grid"][:2] == [g.tensor, g.pipeline]:
+            mine = positions[g.pp_rank * g.tensor + g.tp_rank]
+        else:
+            mine = {**positions[0], "ranks": [], "anchor": None}
+        self.engine.dp.load_exchange_state_dict(mine)
 
     def _stepped_grads(self) -> list[torch.Tensor]:
         """The gradients the optimizer steps (ZeRO: the shards')."""
@@ -131,13 +173,19 @@ class GridExchange(ExchangeBase):
         if self.sharded is not None:
             self.sharded.gather_parameters()
 
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> GridState:
+        """A grid's state: its slices in a directory beside the checkpoint file."""
+        from mpitrain.train.grid_state import GridState
+
+        return GridState(self, optimizer)
+
     def checkpoint_payload(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective (replicas): this (stage, tensor slice)'s dense state and its optimizer's
         per-parameter ``state_dict`` on data-parallel index 0 (ZeRO: joined from the shards,
         so a grid checkpoint is the same with and without ``--shard``); {} elsewhere."""
         if self.sharded is None:
             return {"model": self.module.state_dict(), "optim": optimizer.state_dict()}
-        from mpitrain.checkpoint_shards import consolidate, optimizer_state_dict
+        from mpitrain.checkpoint.shards import consolidate, optimizer_state_dict
         from mpitrain.grad.zero.state import shard_payload
 
         sdp = self.sharded
@@ -180,14 +228,21 @@ class GridExchange(ExchangeBase):
         else:
             self.module.zero_grad(set_to_none=set_to_none)
 
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record the replicas' exchange (buckets, ZeRO's collectives) into ``recorder``."""
+        if self.engine.dp is not None:
+            self.engine.dp.set_timeline(recorder)
+
     def replicas_identical(self) -> bool:
         """No: each rank holds its own part of the model."""
         return False
 
     def metrics(self) -> dict[str, float]:
-        """This step's wait in pipeline receives, as a fraction of the step (the bubble)."""
+        """This step's wait in pipeline receives, as a fraction of the step (the bubble),
+        and the replicas' exchange's statistics."""
         st = self.engine.stats
-        return {"pipeline_wait_frac": st.wait_seconds / st.step_seconds
+        own = self.engine.dp.metrics() if self.engine.dp is not None else {}
+        return {**own, "pipeline_wait_frac": st.wait_seconds / st.step_seconds
                 if st.step_seconds > 0 else 0.0}
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -258,11 +313,13 @@ class PipelineSteps:
         self.timeline: Timeline = NULL
 
     def set_timeline(self, recorder: Timeline) -> None:
-        """Record the schedule's span into ``recorder`` (its traffic is named as unrecorded)."""
-        self.timeline = self.engine.timeline = recorder
-        recorder.note("inside the 'pipeline schedule' span only the stages' blocking receives "
-                      "are recorded (the bubble); the stage sends, tensor-parallel all-reduces "
-                      "and the data-parallel buckets are not")
+        """Record the schedule's span, its bubble, sends, receives and tensor-parallel
+        collectives into ``recorder`` (the replicas' exchange: ``GridExchange.set_timeline``)."""
+        self.timeline = recorder
+        self.engine.set_timeline(recorder)
+        recorder.note("the grid's gradient-norm (--clip-grad-norm) and fp16 overflow "
+                      "all-reduces, and with --shard the tensor/tied sums of the shards' "
+                      "gradients")
 
     def _split(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         w = batch.x.to(self.device)
@@ -348,12 +405,11 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                      make_reducer: Any) -> Parts:
     """Collective: the grid, this rank's stage, its schedule, optimizer and loaders.
 
-    ``make_reducer(world)`` builds the data-parallel transport over the grid's replicas
-    (``--allreduce``, ``--cuda-aware``, as for plain data parallelism).
+    ``make_reducer(world, overlap)`` builds the data-parallel transport over the grid's
+    replicas (``--allreduce``, ``--cuda-aware``, as for plain data parallelism); the replicas'
+    exchange is ``--exchange``'s (sync or local SGD) or ZeRO's (``--shard``).
     """
-    from mpitrain.grad.hooks import make_hook
-    from mpitrain.grad.parallel import DataParallel
-    from mpitrain.grad.protocol import BuildContext
+    from mpitrain.grad.protocol import BuildContext, build_exchange
     from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.runtime.world import World
     from mpitrain.train.loop import Parts
@@ -374,9 +430,10 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
         if cfg.shard != "none":  # ZeRO over the replicas, the same builder as --shard alone
             dp = build_sharded(BuildContext(cfg, dp_world, stage, device, steps_per_epoch),
                                units=stage.zero3_units())
-        else:
-            dp = DataParallel(stage, comm=grid.dp_comm, bucket_mb=cfg.bucket_mb,
-                              hook=make_hook(cfg.compression), reducer=make_reducer(dp_world))
+        else:  # the replicas' exchange from the mode registry: sync or local SGD
+            dp = build_exchange(BuildContext(
+                cfg, dp_world, stage, device, steps_per_epoch,
+                make_reducer=lambda overlap: make_reducer(dp_world, overlap)))
     engine = PipelineEngine(stage, grid, micro_batches=cfg.micro_batches,
                             schedule=cfg.pipeline_schedule, data_parallel=dp,
                             tied=stage.tied_parameters(),

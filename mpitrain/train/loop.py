@@ -8,12 +8,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from mpitrain import checkpoint as ckpt
+from mpitrain.checkpoint import files as ckpt
+from mpitrain.checkpoint import payload
 from mpitrain.comm.reducer import overlap_measured
 from mpitrain.errors import DataError, with_hint
 from mpitrain.grad.autotune import BucketAutotuner
@@ -21,7 +22,6 @@ from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.timeline.recorder import NULL, Timeline
-from mpitrain.train import zero_ckpt
 from mpitrain.train.agree import StepAgreement, agreement_lag
 from mpitrain.train.metrics import MetricsLog, Progress, print_line
 from mpitrain.train.sample_log import SampleLog
@@ -102,11 +102,12 @@ class Trainer:
         gathered = self.comm.gather(per_rank, root=0)
         exchange = self.p.model.exchange_state_dict()
         directory = Path(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
-        weights, optim = zero_ckpt.weights_state(  # ZeRO: the shards are written now
-            self.p.model, self.p.optimizer, directory, self.state.step, self.cfg.run_id)
+        state_io = self.p.model.checkpoint_state(self.p.optimizer)
+        weights, optim = payload.weights_state(  # ZeRO, grids: their directory is written now
+            state_io, directory, self.state.step, self.cfg.run_id)
         if self.world.rank != 0:
             return None
-        holds = zero_ckpt.run_holds(self.p.model, self.p.optimizer)
+        holds = payload.run_holds(state_io, self.p.optimizer)
         loop = asdict(self.state)
         for key in ("loss_sum", "correct", "seen"):
             loop.pop(key)
@@ -121,7 +122,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model": weights,
             "optimizer": optim,
-            "holds": holds,  # what the resume compares with the run first (checkpoint_compat)
+            "holds": holds,  # what the resume compares with the run first (checkpoint.compat)
             "scheduler": self.p.scheduler.state_dict(),
             "scaler": self.p.scaler.state_dict() if self.p.scaler is not None else None,
             "sampler": self.p.train_loader.state_dict(),
@@ -136,9 +137,10 @@ class Trainer:
                         source: Path | None = None) -> None:
         """Restore from a checkpoint dict (every rank loads the same file, from ``origin``);
         another model or optimizer than this run's is refused first, with one line."""
-        agree(self.comm, lambda: zero_ckpt.check_holds(
-            self.p.model, self.p.optimizer, state, str(source or origin), self.cfg.to_dict()))
-        zero_ckpt.load_weights(self.p.model, self.p.optimizer, state, origin)
+        state_io = self.p.model.checkpoint_state(self.p.optimizer)
+        agree(self.comm, lambda: payload.check_holds(
+            state_io, self.p.optimizer, state, str(source or origin), self.cfg.to_dict()))
+        state_io.load(state, origin)
         self.p.scheduler.load_state_dict(state["scheduler"])
         if self.tuner is not None:  # a finished search is kept, not repeated
             self.tuner.load_state_dict(state.get("bucket_autotune"))
@@ -171,8 +173,9 @@ class Trainer:
                 run_id=run_id,
             )
             if self.world.rank == 0:
-                # ZeRO: shards of pruned files go too
-                zero_ckpt.prune_trainer_shards(directory, run_id)
+                # ZeRO's and grids' directories of pruned files go too
+                kept = {i.step for i in ckpt.checkpoint_infos(directory) if i.run_id == run_id}
+                payload.prune_directories(directory, run_id, kept)
         self.timeline.span("checkpoint", t_tl, cat="io")
         self._last_ckpt_time = time.monotonic()
         self.last_saved_step = self.state.step
@@ -319,11 +322,18 @@ class Trainer:
         if not partial:
             self.state.loss_sum, self.state.correct, self.state.seen = 0.0, 0, 0
 
+    def _tuned(self) -> HasEngine:
+        """The exchange whose buckets the tuner resizes (refused at configuration where the
+        run's exchange has none)."""
+        engine = self.p.model.bucket_engine()
+        assert engine is not None, "--bucket-mb auto without a bucketed exchange"
+        return engine
+
     def _autotune(self, seconds: float) -> None:
         """Collective when a candidate's trial ends: score bucket sizes (--bucket-mb auto)."""
         if self.tuner is None:
             return
-        result = self.tuner.after_step(cast("HasEngine", self.p.model), seconds)
+        result = self.tuner.after_step(self._tuned(), seconds)
         if result is not None and self.world.rank == 0:
             log.info("bucket autotune: %s", result.table())
 
@@ -335,7 +345,7 @@ class Trainer:
         loader = self.p.train_loader
         self.p.model.train()
         if self.tuner is not None:
-            self.tuner.start(cast("HasEngine", self.p.model))
+            self.tuner.start(self._tuned())
         stop = bool(cfg.max_steps and st.step >= cfg.max_steps)  # resumed at the limit already
         while st.epoch < cfg.epochs and not stop:
             if not st.mid_epoch:

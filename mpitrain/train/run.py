@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain import checkpoint as ckpt
+from mpitrain.checkpoint import files as ckpt
 from mpitrain.config import TrainConfig, add_arguments, resolve
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.protocol import get_mode
@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
                 from mpitrain.train.grid import build_grid_parts
 
                 parts = build_grid_parts(
-                    cfg, world, device, lambda w: build_reducer(cfg, w, device))
+                    cfg, world, device, lambda w, overlap: build_reducer(cfg, w, device, overlap))
             else:
                 parts = build_parts(cfg, world, device, ps_link)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)

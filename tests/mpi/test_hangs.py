@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mpitrain import checkpoint as ckpt
+from mpitrain.checkpoint import files as ckpt
 from mpitrain.runtime.launch import launch_env, mpiexec_command
 from tests.conftest import ROOT, MpiRun
 

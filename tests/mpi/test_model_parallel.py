@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpitrain import checkpoint as ckpt
-from mpitrain.checkpoint_shards import load_full, read_shards
+from mpitrain.checkpoint import files as ckpt
+from mpitrain.checkpoint.shards import load_full, read_shards
 from mpitrain.train.sample_log import read_sample_log
 from tests.conftest import MpiRun
 
@@ -286,3 +286,41 @@ def test_grid_preemption_resumes_bitwise_and_kill_9_ends_the_job(
     proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.mpi
+def test_local_sgd_and_bucket_autotune_on_a_grid(mpirun: MpiRun, tmp_path: Path) -> None:
+    """The replicas of a grid take --exchange local-sgd (the DiLoCo shape: each pipeline
+    replica trains alone, its slices averaged over the data group every H steps): equal to
+    local SGD over dense replicas, not to sync; a resume between two averages continues
+    bitwise (each replica's own slices are checkpointed); --bucket-mb auto tunes the
+    replicas' buckets without changing the result."""
+    local = ["--exchange", "local-sgd", "--local-steps", "4", "--sync-warmup-steps", "0",
+             "--batch-size", "8", "--checkpoint-every", "10", "--keep-last", "5"]
+    grid = ["--pipeline-stages", "2", "--micro-batches", "2"]
+    _train(mpirun, 2, tmp_path / "ref", local, steps=30)  # dense replicas
+    _train(mpirun, 4, tmp_path / "grid", [*local, *grid], steps=30)
+    _train(mpirun, 2, tmp_path / "sync", ["--batch-size", "8"], steps=30)
+    ref, ref_sum = _final(tmp_path / "ref")
+    got, got_sum = _final(tmp_path / "grid")
+    assert _max_rel(ref, got) < REL_TOL
+    assert abs(float(got_sum["final_loss"]) - float(ref_sum["final_loss"])) < 1e-4  # type: ignore[arg-type]
+    assert _max_rel(ref, _final(tmp_path / "sync")[0]) > 100 * REL_TOL  # local, not sync
+    # resume at step 10 (two local steps after the average of step 8: the replicas differ)
+    a, c = tmp_path / "grid" / "ckpt", tmp_path / "again" / "ckpt"
+    c.mkdir(parents=True)
+    for name in ("step-000000010.pt", "step-000000010.pt.sha256"):
+        shutil.copy(a / name, c / name)
+    shutil.copytree(_grid_dir(a, 10), c / _grid_dir(a, 10).name)
+    _train(mpirun, 4, tmp_path / "again", [*local, *grid, "--resume", "auto"], steps=30)
+    for fa, fc in zip(read_shards(_grid_dir(a, 30))[1], read_shards(_grid_dir(c, 30))[1],
+                      strict=True):
+        for k, v in fa["model"].items():
+            assert torch.equal(v, fc["model"][k]), k
+    # --bucket-mb auto over a tensor 2 x data 2 grid: tuned, the same numbers as fixed buckets
+    tp = ["--tensor-parallel", "2", "--batch-size", "8"]
+    auto = _train(mpirun, 4, tmp_path / "auto", [*tp, "--bucket-mb", "auto"], steps=30)
+    _train(mpirun, 4, tmp_path / "fixed", [*tp, "--bucket-mb", "4"], steps=30)
+    assert "bucket autotune:" in auto.stderr + auto.stdout, auto.stderr
+    tuned, fixed = _final(tmp_path / "auto")[0], _final(tmp_path / "fixed")[0]
+    assert all(torch.equal(tuned[k], fixed[k]) for k in fixed)

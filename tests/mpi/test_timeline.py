@@ -137,7 +137,7 @@ def test_trainer_writes_a_timeline(mpirun: MpiRun, tmp_path: Path) -> None:
 
 def test_trainer_bucket_autotune_picks_agrees_and_resumes(mpirun: MpiRun, tmp_path: Path) -> None:
     """--bucket-mb auto: the search runs once, is logged as a table, and a resume keeps it."""
-    from mpitrain import checkpoint as ckpt
+    from mpitrain.checkpoint import files as ckpt
 
     ck = tmp_path / "ck"
     common = ["-m", "mpitrain", "--bucket-mb", "auto", "--no-progress", "--epochs", "3",

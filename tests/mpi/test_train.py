@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpitrain import checkpoint as ckpt
+from mpitrain.checkpoint import files as ckpt
 from mpitrain.data import ShardedDataset
 
 pytestmark = pytest.mark.mpi

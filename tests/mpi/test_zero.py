@@ -123,7 +123,7 @@ def test_trainer_sharded_checkpoints_resume_bitwise(
 
     import torch
 
-    from mpitrain.checkpoint_shards import load_full
+    from mpitrain.checkpoint.shards import load_full
 
     common = ["-m", "mpitrain", "--shard", shard, "--max-steps", "40", "--no-progress",
               "--checkpoint-every", "10", "--keep-last", "2"]

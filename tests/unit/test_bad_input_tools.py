@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import torch
 
-from mpitrain.checkpoint_shards import FORMAT as CKPT_FORMAT
-from mpitrain.checkpoint_shards import MANIFEST, shard_name
+from mpitrain.checkpoint.shards import FORMAT as CKPT_FORMAT
+from mpitrain.checkpoint.shards import MANIFEST, shard_name
 from mpitrain.cli import main as cli_main
 from mpitrain.errors import ConfigError
 from mpitrain.timeline.chrome import FORMAT as TRACE_FORMAT

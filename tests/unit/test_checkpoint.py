@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpitrain import checkpoint as ckpt
+from mpitrain.checkpoint import files as ckpt
 from mpitrain.errors import CheckpointError
 
 

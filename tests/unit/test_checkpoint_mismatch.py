@@ -18,7 +18,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpitrain import checkpoint_compat as compat
+from mpitrain.checkpoint import compat
 from mpitrain.errors import CheckpointError
 
 COMMON = ["--epochs", "1", "--no-progress", "--batch-size", "16"]

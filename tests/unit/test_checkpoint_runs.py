@@ -17,7 +17,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpitrain import checkpoint as ckpt
+from mpitrain.checkpoint import files as ckpt
 from mpitrain.errors import CheckpointError, ConfigError
 
 MODELS = "tests.mpi.scenarios.train_models"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpitrain.checkpoint_parallel import join, merge_parallel
+from mpitrain.checkpoint.reshard import join, merge_parallel
 from mpitrain.errors import CheckpointError
 from mpitrain.train.gpt import GPTConfig, GPTStage, qkv_init, stage_layers
 

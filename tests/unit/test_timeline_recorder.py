@@ -137,6 +137,38 @@ def test_engine_records_every_bucket_launch_and_completion(tmp_path: Path) -> No
     assert rec.recorded == before
 
 
+def test_flights_carry_the_callers_args() -> None:
+    """comm_started / comm_blocking add ``args`` (group, peer, stage) to the flight's span
+    beside bytes and op; off (the null recorder, or outside the window) nothing is kept."""
+    clock = FakeClock()
+    rec = Recorder(steps=(1, 2), clock=clock)
+    rec.step_begin(0)
+    assert rec.comm_started("send x", 8, 0, "send", {"peer": 1}) == -1
+    rec.comm_blocking("recv x", 8, 0, "recv", {"peer": 1})
+    assert NULL.comm_started("send x", 8, 0, "send", {"peer": 1}) == -1
+    NULL.comm_blocking("recv x", 8, 0, "recv", {"peer": 1})
+    assert not rec.events
+    rec.step_begin(1)
+    t0 = clock.t = 10
+    clock.t = 12
+    key = rec.comm_started("send activation to stage 1", 64, t0, "send",
+                           {"group": "pipeline", "peer": 1, "stage": 0})
+    clock.t = 20
+    rec.comm_blocking("tp all-reduce fwd", 32, 15, "allreduce",
+                      {"group": "tensor", "ranks": 2})
+    clock.t = 30
+    rec.comm_done(key)
+    rec.step_end()
+    flights = {e.name: e for e in rec.events if e.cat == "comm"}
+    assert flights["send activation to stage 1"].args == {
+        "bytes": 64, "op": "send", "group": "pipeline", "peer": 1, "stage": 0}
+    assert (flights["send activation to stage 1"].t0, flights["send activation to stage 1"].t1
+            ) == (10, 30)
+    assert flights["tp all-reduce fwd"].args == {"bytes": 32, "op": "allreduce",
+                                                 "group": "tensor", "ranks": 2}
+    assert [e.name for e in rec.events if e.cat == "wait"] == ["wait tp all-reduce fwd"]
+
+
 def test_problems_catch_broken_traces() -> None:
     def x(name: str, cat: str, ts: float, dur: float, tid: int = 0) -> dict[str, object]:
         return {"ph": "X", "name": name, "cat": cat, "pid": 0, "tid": tid, "ts": ts, "dur": dur,

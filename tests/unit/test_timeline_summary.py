@@ -274,14 +274,16 @@ def test_an_empty_window_says_no_step_was_recorded(
     assert "communication 0.000" not in text
 
 
+def _span(rank: int, cat: str, ts: float, dur: float, name: str = "",
+          **args: object) -> dict[str, object]:
+    return {"ph": "X", "pid": rank, "tid": 0, "ts": ts, "dur": dur, "cat": cat,
+            "name": name or cat, "args": args}
+
+
 def test_pipeline_bubble_is_reported_per_stage() -> None:
     """Blocking receives of a pipeline stage ("bubble" spans with args.stage): each stage's
     share of its steps, median and worst; a trace without a pipeline reports none."""
-
-    def span(rank: int, cat: str, ts: float, dur: float, **args: int) -> dict[str, object]:
-        return {"ph": "X", "pid": rank, "tid": 0, "ts": ts, "dur": dur, "cat": cat,
-                "name": cat, "args": args}
-
+    span = _span
     events = []
     for step, t in enumerate((0.0, 10_000.0)):  # two steps of 10 ms (ts in microseconds)
         for rank in (0, 1):
@@ -293,10 +295,69 @@ def test_pipeline_bubble_is_reported_per_stage() -> None:
         events.append(span(1, "bubble", t + 3000, 2000.0, step=step, stage=1))
     doc = {"otherData": {"ranks": 2}, "traceEvents": events}
     s = summarize(doc)
-    got = {b.stage: (round(b.median, 3), round(b.worst, 3)) for b in s.bubbles}
+    got = {b.stage: (round(b.median, 3), round(b.worst, 3)) for b in s.stages}
     assert got == {0: (0.3, 0.4), 1: (0.5, 0.5)}, got
-    text = format_summary(s)
-    assert "pipeline bubble" in text and "stage 0 30.0% (worst 40.0%)" in text, text
+    assert all(r.tensor_ms == r.p2p_ms == r.p2p_bytes == 0 for r in s.stages)
+    lines = format_summary(s).splitlines()
+    head = lines.index(next(x for x in lines if "model parallelism per stage" in x))
+    assert lines[head + 2].split()[:4] == ["0", "2", "30.0", "40.0"], lines[head:]
+    assert lines[head + 3].split()[:4] == ["1", "2", "50.0", "50.0"], lines[head:]
     plain = summarize({"otherData": {"ranks": 1},
                        "traceEvents": [span(0, "step", 0.0, 10.0, step=0)]})
-    assert plain.bubbles == [] and "pipeline bubble" not in format_summary(plain)
+    assert plain.stages == [] and "model parallelism" not in format_summary(plain)
+
+
+def test_tensor_parallel_and_send_recv_time_per_stage() -> None:
+    """Per stage beside the bubble: the time in tensor-group flights (args.group "tensor")
+    and in sends and receives (op send/recv; a receive nested in the bubble counts in both),
+    as the median over the stage's rank-steps of the union inside each step, clipped to it;
+    and the bytes the step's sends and receives moved. A rank with tensor-parallel flights
+    but no stage (no pipeline) is stage 0."""
+    span = _span
+    tp = {"op": "allreduce", "group": "tensor", "ranks": 2}
+
+    def p2p(rank: int, op: str, ts: float, dur: float, step: int, nbytes: int
+            ) -> dict[str, object]:
+        return span(rank, "comm", ts, dur, f"{op} x", step=step, bytes=nbytes, op=op,
+                    group="pipeline", peer=1 - rank, stage=rank)
+
+    events = []
+    for step, t in enumerate((0.0, 10_000.0)):
+        for rank in (0, 1):
+            events.append(span(rank, "step", t, 10_000.0, step=step))
+        # stage 0: tensor 1 + 0.5 ms; a 1 ms receive inside its bubble, a 3 ms send: 4 ms
+        events.append(span(0, "bubble", t + 1000, 2000.0, step=step, stage=0))
+        events.append(span(0, "comm", t + 100, 1000.0, "tp all-reduce fwd", step=step,
+                           bytes=64, **tp))
+        events.append(span(0, "comm", t + 5000, 500.0, "tp all-reduce bwd", step=step,
+                           bytes=64, **tp))
+        events.append(p2p(0, "recv", t + 1000, 1000.0, step, 100))
+        events.append(p2p(0, "send", t + 3000, 3000.0, step, 100))
+        # stage 1: tensor 2 ms, of which 1 ms past the last step's end (clipped there);
+        # a 4 ms receive and a send overlapping it by 1 ms: 5 ms; ZeRO's flights are not
+        # tensor-parallel
+        events.append(span(1, "bubble", t, 4000.0, step=step, stage=1))
+        events.append(span(1, "comm", t + 9000, 2000.0, "tp all-reduce fwd", step=step,
+                           bytes=64, **tp))
+        events.append(span(1, "comm", t + 6000, 2000.0, "all-gather b0", step=step,
+                           bytes=64, op="all-gather"))
+        events.append(p2p(1, "recv", t, 4000.0, step, 50))
+        events.append(p2p(1, "send", t + 3000, 2000.0, step, 50))
+    s = summarize({"otherData": {"ranks": 2}, "traceEvents": events})
+    got = {r.stage: (r.samples, round(r.tensor_ms, 3), round(r.tensor_share, 3),
+                     round(r.p2p_ms, 3), round(r.p2p_share, 3), r.p2p_bytes) for r in s.stages}
+    # stage 1's tensor time: 1 ms (clipped) + 1 ms spilled from step 0 into step 1 = 1 | 2
+    assert got == {0: (2, 1.5, 0.15, 4.0, 0.4, 200), 1: (2, 1.5, 0.15, 5.0, 0.5, 100)}, got
+    rows = {r.name: r for r in s.collectives}
+    assert rows["tp all-reduce fwd"].busbw_gbs == rows["tp all-reduce fwd"].algbw_gbs  # 2 ranks
+    lines = format_summary(s).splitlines()
+    head = lines.index(next(x for x in lines if "tensor-parallel ms" in x))
+    assert lines[head].split()[-8:] == ["tensor-parallel", "ms", "%", "send/recv", "ms", "%",
+                                        "send/recv", "bytes"], lines[head]
+    assert lines[head + 1].split() == ["0", "2", "20.0", "20.0", "1.500", "15.0", "4.000",
+                                       "40.0", "200"], lines[head + 1]
+    only_tp = summarize({"otherData": {"ranks": 1}, "traceEvents": [
+        span(0, "step", 0.0, 10_000.0, step=0),
+        span(0, "comm", 0.0, 1000.0, "tp all-reduce fwd", step=0, bytes=64, **tp)]})
+    assert [(r.stage, r.median, r.tensor_ms, r.p2p_ms) for r in only_tp.stages] == [
+        (0, 0.0, 1.0, 0.0)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mpitrain.checkpoint_shards import consolidate
+from mpitrain.checkpoint.shards import consolidate
 from mpitrain.errors import ConfigError
 from mpitrain.grad.zero.layout import plan_layout
 

@@ -1,6 +1,6 @@
 """Build ShardedDataParallel for the trainer (``--shard optimizer|gradients|parameters``).
 
-The trainer's checkpoints (``mpitrain.train.zero_ckpt``), clipping, bf16 autocast, fp16 with
+The trainer's checkpoints (``mpitrain.grad.zero.checkpoint``), clipping, bf16 autocast, fp16 with
 its loss scaler (inf/nan agreed over the shards) and device parameters (CUDA-aware or staged,
 flat or hierarchical, as ``--allreduce`` and ``--cuda-aware`` say) work with sharding; the
 asynchronous modes and error feedback do not, so those are refused here, with the fix.

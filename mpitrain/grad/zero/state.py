@@ -1,6 +1,6 @@
 """Sharded checkpoints of a ShardedDataParallel model and its optimizer (save, load N -> M).
 
-The files and the manifest are :mod:`mpitrain.checkpoint_shards`'; this module knows the
+The files and the manifest are :mod:`mpitrain.checkpoint.shards`'; this module knows the
 wrapper: what a rank's payload holds and how a consolidated (per-parameter) state is cut into
 this rank's shards of the current layout, whatever the number of ranks that wrote it.
 """
@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain import checkpoint_compat as compat
-from mpitrain.checkpoint_shards import load_full, save_shards
+from mpitrain.checkpoint import compat
+from mpitrain.checkpoint.shards import load_full, save_shards
 from mpitrain.errors import CheckpointError, ConfigError, with_hint
 from mpitrain.runtime.collective import agree
 
@@ -113,7 +113,7 @@ def load_consolidated(
     model: ShardedDataParallel, optimizer: torch.optim.Optimizer | None, full: dict[str, Any],
     what: str = "the checkpoint",
 ) -> None:
-    """Copy a consolidated state (``checkpoint_shards.consolidate``) into this rank's shards.
+    """Copy a consolidated state (``checkpoint.shards.consolidate``) into this rank's shards.
 
     What it holds is compared with ``model`` and ``optimizer`` first (one-line refusal).
     """

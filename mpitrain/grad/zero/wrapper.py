@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.comm.shards import ShardComm
+    from mpitrain.grad.zero.checkpoint import ShardedState
 
 #: --shard names -> ZeRO stage
 STAGES = {"none": 0, "optimizer": 1, "gradients": 2, "parameters": 3}
@@ -345,6 +346,12 @@ class ShardedDataParallel(ExchangeBase):
         out["gradients_transient_peak"] = self.grads.peak_transient
         out["parameters_transient_peak"] = transient  # stage 3: units gathered at once, at most
         return out
+
+    def checkpoint_state(self, optimizer: torch.optim.Optimizer) -> ShardedState:
+        """Sharded state: a shard directory beside the checkpoint file."""
+        from mpitrain.grad.zero.checkpoint import ShardedState
+
+        return ShardedState(self, optimizer)
 
     def replicas_identical(self) -> bool:
         """Every rank holds the same full parameters (optimizer state differs by design)."""

@@ -139,7 +139,7 @@ def collectives(comm: MPI.Intracomm, ddp_s: Any, mpi_s: Any) -> dict[str, Any]:
 
 
 def consolidated_params(path: Path) -> dict[str, list[float]]:
-    from mpitrain.checkpoint_shards import load_full
+    from mpitrain.checkpoint.shards import load_full
 
     return {k: v.reshape(-1).tolist() for k, v in load_full(path)["model"].items()
             if v.is_floating_point()}

@@ -17,7 +17,7 @@ from mpi4py import MPI
 from torch import nn
 from torch.nn import functional as F
 
-from mpitrain.checkpoint_parallel import merge_parallel
+from mpitrain.checkpoint.reshard import merge_parallel
 from mpitrain.grad.parallel import DataParallel
 from mpitrain.parallel.convert import parallelize_
 from mpitrain.parallel.grid import Grid

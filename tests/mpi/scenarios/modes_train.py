@@ -31,7 +31,7 @@ def run(comm: MPI.Intracomm, argv: list[str]) -> int:
 
 
 def final_params(ckpt: Path) -> dict[str, torch.Tensor]:
-    from mpitrain.checkpoint import find_latest, load
+    from mpitrain.checkpoint.files import find_latest, load
 
     path = find_latest(ckpt)
     assert path is not None, ckpt
@@ -157,7 +157,7 @@ def main(world: MPI.Intracomm) -> int:
         assert max(int(r["staleness_max"]) for r in recs) <= tau
         print(f"PASS param-server tau={tau}: staleness <= tau at every step "
               f"(histogram {sorted((s, stale.count(s)) for s in set(stale))})")
-        from mpitrain.checkpoint import find_latest, load
+        from mpitrain.checkpoint.files import find_latest, load
 
         path = find_latest(work / "ps2" / "ckpt")
         assert path is not None

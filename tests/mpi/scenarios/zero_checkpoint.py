@@ -25,7 +25,7 @@ from mpi4py import MPI
 from torch import nn
 
 from mpitrain import DataParallel
-from mpitrain.checkpoint_shards import (
+from mpitrain.checkpoint.shards import (
     MANIFEST,
     load_full,
     optimizer_state_dict,

@@ -1,25 +1,51 @@
-"""Save and load the model-parallel state of a grid (files: ``checkpoint_parallel``).
+"""Save and load the model-parallel state of a grid (joined and re-cut by ``reshard``).
 
 The state is a directory with one file per (stage, tensor rank), written by the ranks of
 data-parallel index 0 (the replicas hold the same state), and a manifest written last; the
-trainer's checkpoint file names it (``mpitrain.train.zero_ckpt``), so runs, resume and pruning
-follow the one checkpoint policy. Resuming needs the same tensor x pipeline grid (any
-data-parallel size: the sampler state is global); ``python -m mpitrain checkpoint
-consolidate`` turns one into the dense model's ``state_dict`` for any other use.
+trainer's checkpoint file names it (:mod:`mpitrain.checkpoint.payload`), so runs, resume and
+pruning follow the one checkpoint policy. A state written on another tensor x pipeline grid
+is re-cut on load (any data-parallel size: the sampler state is global); ``python -m mpitrain
+checkpoint consolidate`` turns one into the dense model's ``state_dict`` for any other use.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from mpitrain.checkpoint_parallel import KIND
-from mpitrain.checkpoint_shards import read_manifest, read_shard, save_shards
+from mpitrain.checkpoint.reshard import KIND
+from mpitrain.checkpoint.shards import read_manifest, read_shard, save_shards
 from mpitrain.errors import CheckpointError, MpitrainError, with_hint
 from mpitrain.runtime.collective import agree
 
 if TYPE_CHECKING:
-    from mpitrain.parallel.grid import Grid
+    from mpi4py import MPI
+
+
+class Grid(Protocol):
+    """What this module reads of a process grid (``mpitrain.parallel.grid.Grid``)."""
+
+    @property
+    def comm(self) -> MPI.Intracomm: ...
+
+    @property
+    def tensor(self) -> int: ...
+
+    @property
+    def pipeline(self) -> int: ...
+
+    @property
+    def data(self) -> int: ...
+
+    @property
+    def tp_rank(self) -> int: ...
+
+    @property
+    def pp_rank(self) -> int: ...
+
+    @property
+    def dp_rank(self) -> int: ...
+
 
 def save_parallel(
     grid: Grid, path: Path, step: int, payload: dict[str, Any],
@@ -70,8 +96,8 @@ def load_parallel(
     joins them into the dense state and cuts its own slice of the parameters and of the
     optimizer state (any data-parallel size works either way: the replicas hold the same).
     """
-    from mpitrain.checkpoint_parallel import consolidate_parallel, reshard
-    from mpitrain.checkpoint_shards import read_shards
+    from mpitrain.checkpoint.reshard import consolidate_parallel, reshard
+    from mpitrain.checkpoint.shards import read_shards
 
     def read() -> tuple[dict[str, Any], dict[str, Any]]:
         doc = read_manifest(path)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.checkpoint_manifest import FORMAT, HINT, check_manifest, payload_problem
+from mpitrain.checkpoint.manifest import FORMAT, HINT, check_manifest, payload_problem
 from mpitrain.errors import CheckpointError, MpitrainError, with_hint
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.files import write_atomic, write_failure
@@ -232,7 +232,7 @@ def load_full(directory: Path) -> dict[str, Any]:
     """Read and consolidate the sharded checkpoint in ``directory`` (see :func:`consolidate`).
 
     A model-parallel checkpoint (``kind`` in the manifest) is joined by
-    :func:`mpitrain.checkpoint_parallel.consolidate_parallel` instead.
+    :func:`mpitrain.checkpoint.reshard.consolidate_parallel` instead.
 
     Raises:
         CheckpointError: a file cannot be read or verified, or the files do not fit their
@@ -241,7 +241,7 @@ def load_full(directory: Path) -> dict[str, Any]:
     doc, payloads = read_shards(directory)
     try:
         if doc.get("kind") == "model-parallel":
-            from mpitrain.checkpoint_parallel import consolidate_parallel
+            from mpitrain.checkpoint.reshard import consolidate_parallel
 
             return consolidate_parallel(doc, payloads)
         return consolidate(doc, payloads)

@@ -1,6 +1,6 @@
 """What a sharded checkpoint's manifest and shard payloads must hold, checked field by field.
 
-A manifest (:mod:`mpitrain.checkpoint_shards`) that is not an object, lacks a field or holds
+A manifest (:mod:`mpitrain.checkpoint.shards`) that is not an object, lacks a field or holds
 the wrong kind of value, names a file outside its directory or describes a layout its own
 numbers contradict is refused with one line naming the file and the field
 (``'files[1].sha256' must be 64 lowercase hex digits``), before any shard is read; a shard
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mpitrain.checkpoint_parallel import KIND as KIND_PARALLEL
+from mpitrain.checkpoint.reshard import KIND as KIND_PARALLEL
 from mpitrain.errors import CheckpointError
 from mpitrain.runtime.files import name_problem
 from mpitrain.runtime.tool_io import Fields

@@ -1,6 +1,6 @@
 """Model-parallel checkpoints: one file per (pipeline stage, tensor rank), joined on demand.
 
-The files and the manifest are :mod:`mpitrain.checkpoint_shards`' (written by the ranks of
+The files and the manifest are :mod:`mpitrain.checkpoint.shards`' (written by the ranks of
 data-parallel index 0, file k for grid position ``stage * tensor + tensor_rank``). The
 manifest holds ``kind: "model-parallel"``, the grid and, per stage, each parameter's merge
 rule ``[split dim or None, interleave, dropped]``; :func:`merge_parallel` turns the slices
