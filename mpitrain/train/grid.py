@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from mpitrain.errors import DataError, with_hint
 from mpitrain.grad.protocol import ExchangeBase
 from mpitrain.parallel.grid import Grid
 from mpitrain.parallel.pipeline import PipelineEngine
@@ -33,7 +31,6 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
     from mpitrain.config import TrainConfig
-    from mpitrain.data import BatchLoader
     from mpitrain.data.loader import Batch
     from mpitrain.runtime.world import World
     from mpitrain.train.grid_state import GridState
@@ -354,46 +351,6 @@ class PipelineSteps:
             return self.engine.eval_step(x[keep], y[keep]) * n, 0.0, float(n)
 
 
-def open_corpus(
-    cfg: TrainConfig, world: World, grid: Grid, batch: int
-) -> tuple[BatchLoader, BatchLoader | None]:
-    """Collective: open the token shards and this data-parallel index's loaders."""
-    from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
-    from mpitrain.data.parallel_io import use_driver
-    from mpitrain.train.builtin import ensure_corpus
-
-    data_dir = Path(cfg.data) if cfg.data else ensure_corpus(world.comm, cfg.context)
-
-    def open_data() -> tuple[Any, Any]:
-        shape = load_manifest(data_dir).arrays["x"].shape  # before the token ids are read
-        if shape != (cfg.context + 1,):
-            raise DataError(with_hint(
-                f"'{data_dir}' holds samples of shape {shape}; --model gpt "
-                f"with --context {cfg.context} needs token windows of {cfg.context + 1}",
-                f"write them with: python -m data_tools corpus --context {cfg.context}"))
-        # token ids outside [0, vocab) are refused here (or in the batch that reads them,
-        # for data too large to check at open), never as an IndexError in the embedding
-        vocab = GPTConfig.from_train(cfg).vocab
-        train = ShardedDataset(data_dir, split=cfg.train_split, tokens=vocab)
-        test = (ShardedDataset(data_dir, split=cfg.test_split, tokens=vocab)
-                if cfg.test_split else None)
-        return train, test
-
-    train_ds, test_ds = agree(world.comm, open_data)
-    use_driver(cfg.hdf5_driver, cfg.prefetch, (train_ds, test_ds), world.comm)
-    sampler = DistributedSampler(len(train_ds), grid.dp_rank, grid.data, seed=cfg.seed,
-                                 shuffle=cfg.shuffle, drop_last=True,
-                                 chunk=train_ds.block_samples)
-    agree(world.comm, lambda: sampler.check_batch(batch))
-    train = BatchLoader(train_ds, sampler, batch, prefetch=cfg.prefetch)
-    test = None
-    if test_ds is not None:
-        ts = DistributedSampler(len(test_ds), grid.dp_rank, grid.data, seed=cfg.seed,
-                                shuffle="none", drop_last=False)
-        test = BatchLoader(test_ds, ts, max(64, batch), prefetch=1)
-    return train, test
-
-
 def memory_line(stage: torch.nn.Module) -> str:
     """Parameter bytes of this rank's stage (what splitting the model divides)."""
     n = sum(p.numel() for p in stage.parameters())
@@ -412,6 +369,7 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     from mpitrain.grad.protocol import BuildContext, build_exchange
     from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.runtime.world import World
+    from mpitrain.train.corpus import open_corpus
     from mpitrain.train.loop import Parts
     from mpitrain.train.optim import build_optimizer, build_scheduler, rank_batch
 

@@ -103,27 +103,56 @@ def test_grid_trains_like_one_process(
 
 
 @pytest.mark.mpi
+@pytest.mark.timeout(900)  # eight launches, one of 8 ranks, on 2 cores
 def test_zero_over_the_replicas_of_a_grid_trains_like_one_process(
     mpirun: MpiRun, tmp_path: Path
 ) -> None:
     """ZeRO over the data dimension composed with tensor and pipeline parallelism, clipped to
     the global norm: 30 steps equal one process (measured 4.3e-7 relative; without the tied
     embedding's sum over the shards 0.74). Checkpoints are joined from the shards."""
-    clip = ["--clip-grad-norm", "0.3"]
+    clip = ["--clip-grad-norm", "0.3", "--checkpoint-every", "30"]
     _train(mpirun, 1, tmp_path / "ref", ["--batch-size", "16", *clip], steps=30)
     ref, ref_sum = _final(tmp_path / "ref")
-    for n, name, grid in (
-        (8, "t2p2d2-zero1", ["--tensor-parallel", "2", "--pipeline-stages", "2",
+    grids = {
+        "t2p2d2-zero1": (8, ["--tensor-parallel", "2", "--pipeline-stages", "2",
                              "--shard", "optimizer"]),
-        (4, "p2d2-zero3", ["--pipeline-stages", "2", "--shard", "parameters"]),
-        (4, "t2d2-zero2-sp", ["--tensor-parallel", "2", "--sequence-parallel",
+        "p2d2-zero3": (4, ["--pipeline-stages", "2", "--shard", "parameters"]),
+        "t2d2-zero2-sp": (4, ["--tensor-parallel", "2", "--sequence-parallel",
                               "--shard", "gradients"]),
-    ):
+    }
+    for name, (n, grid) in grids.items():
         _train(mpirun, n, tmp_path / name, ["--batch-size", "8", "--micro-batches", "2",
                                             *grid, *clip], steps=30)
         got, got_sum = _final(tmp_path / name)
         assert _max_rel(ref, got) < REL_TOL, name
         assert abs(float(got_sum["final_loss"]) - float(ref_sum["final_loss"])) < 1e-4, name
+    # each grid's step-30 state resumes on another grid (ZeRO state joined and re-cut) and
+    # goes on as one process does from step 30 (a plain checkpoint resumes the reference)
+    _resume_copy(tmp_path / "ref" / "ckpt", tmp_path / "ref40" / "ckpt", 30)
+    _train(mpirun, 1, tmp_path / "ref40", ["--batch-size", "16", *clip, "--resume", "auto"],
+           steps=40)
+    want, want_sum = _final(tmp_path / "ref40")
+    for name, (n, other) in {
+        "t2p2d2-zero1": (4, ["--pipeline-stages", "2", "--shard", "parameters",
+                             "--batch-size", "8"]),
+        "p2d2-zero3": (4, ["--tensor-parallel", "2", "--batch-size", "8"]),
+        "t2d2-zero2-sp": (4, ["--shard", "optimizer", "--batch-size", "4"]),
+    }.items():
+        out = tmp_path / f"{name}-then"
+        _resume_copy(tmp_path / name / "ckpt", out / "ckpt", 30)
+        _train(mpirun, n, out, ["--micro-batches", "2", *other, *clip,
+                                "--resume", "auto"], steps=40)
+        got, got_sum = _final(out)
+        assert _max_rel(want, got) < REL_TOL, name
+        assert abs(float(got_sum["final_loss"]) - float(want_sum["final_loss"])) < 1e-4, name
+
+
+def _resume_copy(src: Path, dst: Path, step: int) -> None:
+    """Copy step ``step``'s checkpoint (file, checksum, grid state) into a new directory."""
+    dst.mkdir(parents=True)
+    for name in (f"step-{step:09d}.pt", f"step-{step:09d}.pt.sha256"):
+        shutil.copy(src / name, dst / name)
+    shutil.copytree(_grid_dir(src, step), dst / _grid_dir(src, step).name)
 
 
 @pytest.mark.mpi
