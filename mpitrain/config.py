@@ -217,6 +217,13 @@ class TrainConfig:
     device: str = _opt(PARALLEL, "auto", "compute device", ("auto", "cpu", "cuda"))
     allow_shared_gpu: bool = _opt(PARALLEL, False, "allow more ranks per node than GPUs")
     cuda_aware: str = _opt(EXCHANGE, "auto", "hand device buffers to MPI", ("auto", "yes", "no"))
+    comm_progress: str = _opt(
+        EXCHANGE, "auto", "what moves the gradient buckets' all-reduces during backward: "
+        "thread (a communication thread runs them), poll (non-blocking calls, moved in the "
+        "engine's waits), mpi (the MPI library's own progress thread: launch with "
+        "MPIR_CVAR_ASYNC_PROGRESS=1), auto (measured per MPI library, docs/engine.md)",
+        ("auto", "thread", "poll", "mpi"),
+    )
     allreduce: str = _opt(
         EXCHANGE, "auto", "all-reduce algorithm (auto: hierarchical across hosts with several "
         "ranks each, docs/cluster.md)", ("flat", "hierarchical", "auto"),

@@ -5,9 +5,10 @@ model (MLP 784-1024-1024-10, ~1.9M params; CNN, ~1.2M params) in which every met
 own copy of the model and they take turns, round-robin, ``--rounds`` times:
 
 - ``single``: rank 0 alone (no communication; the other ranks sleep), the 1-process baseline;
-- ``mpitrain[:BUCKET_MB][:on|off][:hier][:nopipe][:HOOK]``: ``DataParallel`` (overlap on/off,
-  ``hier``: the hierarchical all-reduce on the real node layout, ``nopipe``: without cutting
-  buckets into pipelined pieces, compression hook);
+- ``mpitrain[:BUCKET_MB][:on|off][:hier][:nopipe][:thread][:HOOK]``: ``DataParallel``
+  (overlap on/off, ``hier``: the hierarchical all-reduce on the real node layout, ``nopipe``:
+  without cutting buckets into pipelined pieces, ``thread``: the all-reduces on a
+  communication thread, compression hook);
 - ``ddp``: torch ``DistributedDataParallel`` over gloo (rank/size from mpi4py, rank 0 hosts);
 - ``nocomm``: every rank trains its own copy at once with no gradient exchange: the ceiling
   that N ranks sharing this machine's cores and memory bandwidth can reach.
@@ -72,12 +73,14 @@ def parse_method(spec: str) -> dict[str, Any]:
     """Parse ``single`` | ``ddp`` | ``mpitrain[:BUCKET_MB][:on|off][:hier][:HOOK]``."""
     name, *opts = spec.split(":")
     out: dict[str, Any] = {"spec": spec, "mode": name, "bucket_mb": None, "overlap": None,
-                           "hook": "none", "hier": False, "pipe": True}
+                           "hook": "none", "hier": False, "pipe": True, "thread": False}
     for o in opts:
         if o in ("on", "off"):
             out["overlap"] = o == "on"
         elif o == "hier":
             out["hier"] = True
+        elif o == "thread":  # the blocking all-reduces on a communication thread
+            out["thread"] = True
         elif o == "nopipe":  # hierarchical without cutting buckets into pipelined pieces
             out["pipe"] = False
         elif o.replace(".", "", 1).isdigit():
@@ -120,7 +123,7 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
         if m["mode"] == "mpitrain":
             from mpitrain.grad import DataParallel
 
-            reducer = None
+            reducer: Any = None
             if m["hier"]:
                 from mpitrain.comm.hierarchical import HierarchicalReducer
                 from mpitrain.runtime.world import World
@@ -131,6 +134,12 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
                 reducer = HierarchicalReducer.create(
                     World.create(comm), overlap=ov,
                     pipeline_bytes=PIPELINE_BYTES if m["pipe"] else 1 << 40)
+            if m["thread"]:
+                from mpitrain.comm.reducer import FlatReducer
+                from mpitrain.comm.threaded import ThreadReducer
+
+                reducer = ThreadReducer(reducer or FlatReducer(comm.Dup(), overlap=False),
+                                        comm.rank)
             dp = DataParallel(model, comm=comm, bucket_mb=m["bucket_mb"], hook=m["hook"],
                               overlap=m["overlap"], reducer=reducer)
             wrapped, sync = dp, dp.synchronize

@@ -70,6 +70,7 @@ def make_reducer(
     staged: bool | None = None,
     overlap: bool | None = None,
     variant: str = "auto",
+    progress: str = "poll",
 ) -> Reducer:
     """Collective: build the reducer for ``device`` (same choice on every rank).
 
@@ -81,8 +82,24 @@ def make_reducer(
             without CUDA-aware MPI); None picks.
         overlap: passed to FlatReducer (non-blocking or blocking MPI call).
         variant: hierarchical variant (``reduce_bcast``, ``rs_ag`` or ``auto`` by size).
+        progress: ``thread`` runs the stack's blocking calls on a communication thread
+            (:class:`~mpitrain.comm.threaded.ThreadReducer`); ``poll`` / ``mpi`` leave the
+            non-blocking calls to the engine's waits / the MPI library's progress thread.
     """
+    stack = _make_stack(world, device=device, cuda_aware=cuda_aware, algo=algo, staged=staged,
+                        overlap=overlap, variant=variant)
+    if progress == "thread":
+        from mpitrain.comm.threaded import ThreadReducer
 
+        return ThreadReducer(stack, world.rank)
+    return stack
+
+
+def _make_stack(
+    world: World, *, device: torch.device, cuda_aware: Decision | None, algo: str,
+    staged: bool | None, overlap: bool | None, variant: str,
+) -> Reducer:
+    """The transport stack without its progress choice (:func:`make_reducer`)."""
     from mpitrain.comm.cuda_aware import CudaAwareReducer, DirectReducer
     from mpitrain.comm.hierarchical import HierarchicalReducer
     from mpitrain.comm.reducer import FlatReducer
@@ -115,6 +132,7 @@ def describe(reducer: Reducer) -> str:
     from mpitrain.comm.cuda_aware import CudaAwareReducer
     from mpitrain.comm.hierarchical import HierarchicalReducer
     from mpitrain.comm.staged import StagedReducer
+    from mpitrain.comm.threaded import ThreadReducer
 
     if isinstance(reducer, StagedReducer):
         return f"Staged({describe(reducer.inner)})"
@@ -122,7 +140,17 @@ def describe(reducer: Reducer) -> str:
         return f"CudaAware({describe(reducer.inner)})"
     if isinstance(reducer, HierarchicalReducer):
         return f"Hierarchical[{reducer.variant}]"
+    if isinstance(reducer, ThreadReducer):
+        return f"Thread({describe(reducer.inner)})"
     return type(reducer).__name__.removesuffix("Reducer")
+
+
+def close_reducer(reducer: Reducer) -> None:
+    """Stop what a reducer stack runs besides MPI calls (the communication thread)."""
+    from mpitrain.comm.threaded import ThreadReducer
+
+    if isinstance(reducer, ThreadReducer):
+        reducer.close()
 
 
 def default_reducer(

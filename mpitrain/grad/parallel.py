@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.factory import default_reducer
+from mpitrain.comm.factory import close_reducer, default_reducer
 from mpitrain.comm.reducer import Reducer, default_overlap
 from mpitrain.grad.broadcast import broadcast_parameters
 from mpitrain.grad.consistency import check_same_layout, layout
@@ -103,6 +103,11 @@ class DataParallel(ExchangeBase):
         self.engine.synchronize()
         if self.broadcast_buffers:
             broadcast_buffers(self.module, self.comm, self.timeline)
+
+    def close(self) -> None:
+        """Collective: finish in-flight traffic; stop the transport's communication thread."""
+        self.drain()
+        close_reducer(self.reducer)
 
     def bucket_engine(self) -> DataParallel:
         """This wrapper: ``--bucket-mb auto`` rebuilds its ``engine``."""

@@ -312,9 +312,12 @@ class Watchdog:
             f"    {name} {nbytes} B ({self.clock() - t:.1f}s ago)"
             for t, name, nbytes in list(self.ring)
         )
+        from mpitrain.runtime.comm_thread import live_threads
+
+        threads = "".join(f"    {t.describe()}\n" for t in live_threads())
         out.write(
             f"watchdog rank {self.rank}/{self.size} on {self.host}: {why}; step {self.step}; "
-            f"last phases (oldest first):\n{ring or '    (none)'}\n"
+            f"last phases (oldest first):\n{ring or '    (none)'}\n{threads}"
             f"watchdog rank {self.rank}: Python stacks of all threads:\n"
         )
         out.flush()

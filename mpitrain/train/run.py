@@ -84,6 +84,7 @@ def build_reducer(
 ) -> Any:
     """Collective: pick the gradient transport (CUDA-aware, staged, flat or hierarchical)."""
     from mpitrain.comm.factory import describe, make_reducer
+    from mpitrain.comm.threaded import resolve_progress
     from mpitrain.runtime.cuda_aware import decide_cuda_aware
 
     decision = None
@@ -91,9 +92,9 @@ def build_reducer(
         decision = decide_cuda_aware(world.comm, device, cfg.cuda_aware)
         if world.rank == 0:
             log.info("CUDA-aware MPI: %s", decision.describe())
-    reducer = make_reducer(
-        world, device=device, cuda_aware=decision, algo=cfg.allreduce, overlap=overlap
-    )
+    progress = resolve_progress(cfg.comm_progress)
+    reducer = make_reducer(world, device=device, cuda_aware=decision, algo=cfg.allreduce,
+                           overlap=True if progress == "mpi" else overlap, progress=progress)
     if world.rank == 0:
         log.info("gradient transport: %s", describe(reducer))
     return reducer

@@ -1,0 +1,105 @@
+"""``ThreadReducer``: any reducer's blocking all-reduces, run on a communication thread.
+
+The gradient engine's hooks call :meth:`ThreadReducer.iallreduce_` when a bucket is ready
+during backward; the bucket is queued on the reducer's :class:`CommThread` and reduced there
+with the inner reducer's *blocking* ``allreduce_`` (its own communicators, used by that thread
+only), while the main thread goes on with the backward. ``wait()`` on the handle returns once
+it is done. The sums are the blocking path's, bit for bit (``--comm-progress poll`` with
+overlap off); against the non-blocking path they differ only where MPI picks another
+algorithm for ``Iallreduce``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mpitrain.comm.handle import DONE, Handle
+from mpitrain.errors import MpitrainError
+from mpitrain.runtime.comm_thread import CommThread, check_thread_level
+
+if TYPE_CHECKING:
+    import torch
+
+    from mpitrain.comm.reducer import Reducer
+
+#: --comm-progress values: thread (this module), poll (non-blocking calls driven by the
+#: engine's waits and tests), mpi (non-blocking calls moved by the MPI library's own thread)
+PROGRESS_MODES = ("thread", "poll", "mpi")
+
+
+class ThreadReducer:
+    """Run ``inner``'s blocking all-reduces in order on one communication thread.
+
+    Args:
+        inner: the transport (flat, hierarchical, staged...); only the thread calls it.
+        rank: this rank (named in failures).
+        name: the stream's name (``gradients``).
+    """
+
+    def __init__(self, inner: Reducer, rank: int, name: str = "gradients") -> None:
+        check_thread_level()
+        self.inner = inner
+        self.thread = CommThread(rank, name)
+
+    @property
+    def size(self) -> int:
+        """Number of ranks the reduction spans."""
+        return self.inner.size
+
+    @property
+    def overlap(self) -> bool:
+        """Always overlapping: the calls run while the main thread computes."""
+        return True
+
+    def iallreduce_(self, t: torch.Tensor, *, average: bool) -> Handle:
+        """Collective: queue an in-place sum/average of ``t`` on the thread."""
+        if self.inner.size == 1 or t.numel() == 0:
+            return DONE
+        return self.thread.submit(lambda: self.inner.allreduce_(t, average=average),
+                                  f"allreduce {t.numel() * t.element_size()} B")
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
+        """Collective: queue and wait (after everything queued before it)."""
+        self.iallreduce_(t, average=average).wait()
+
+    def close(self) -> None:
+        """Run what is queued, then stop the thread."""
+        self.thread.close()
+
+
+#: MPI library -> the measured --comm-progress default (docs/engine.md, "Communication thread")
+DEFAULT_PROGRESS = {"MPICH": "poll", "Open MPI": "poll"}
+#: the variable that starts each library's own progress thread (--comm-progress mpi)
+ASYNC_PROGRESS_ENV = {"MPICH": "MPIR_CVAR_ASYNC_PROGRESS"}  # Open MPI's ob1/TCP has none
+
+
+def resolve_progress(choice: str) -> str:
+    """``--comm-progress``'s value for this MPI (``auto``: the measured default).
+
+    Raises:
+        ConfigError: ``mpi`` without the library's progress thread switched on at launch,
+            or ``thread`` without ``MPI_THREAD_MULTIPLE``.
+    """
+    import os
+
+    from mpi4py import MPI
+
+    from mpitrain.errors import ConfigError, with_hint
+
+    vendor = MPI.get_vendor()[0]
+    if choice == "auto":
+        return DEFAULT_PROGRESS.get(vendor, "poll")
+    if choice == "mpi":
+        var = ASYNC_PROGRESS_ENV.get(vendor)
+        if var is None or os.environ.get(var, "0") in ("", "0"):
+            raise ConfigError(with_hint(
+                f"--comm-progress mpi needs {vendor}'s own progress thread, which this "
+                "launch did not start",
+                f"launch with {var}=1 in the ranks' environment" if var else
+                "use --comm-progress thread or poll with this MPI"))
+    if choice == "thread":
+        try:
+            check_thread_level()
+        except MpitrainError as exc:
+            raise ConfigError(str(exc)) from None
+    return choice
