@@ -90,12 +90,11 @@ def shard_optimizers(
     opt.param_groups[0]["params"] = list(model.shards)
 
 
-def refuse_unsupported(
-    stage: int, *, precision: str, clip_norm: bool, layer_sync: bool
-) -> None:
+def refuse_unsupported(stage: int, *, clip_norm: bool, layer_sync: bool) -> None:
     """Refuse what would silently train wrong under this exchange (one line, with the fix).
 
-    Decided from the Trainer's settings, which are the same on every rank.
+    Decided from the Trainer's settings, which are the same on every rank (fp16 loss scaling:
+    :mod:`mpitrain.lightning.precision`).
     """
     if layer_sync:
         raise ConfigError(with_hint(
@@ -104,11 +103,6 @@ def refuse_unsupported(
             "0 after each step (as DDP does), or use strategy='ddp'"))
     if not stage:
         return
-    if precision in ("16-mixed", "16"):
-        raise ConfigError(with_hint(
-            "MPIStrategy(shard=...) with precision='16-mixed': each rank's GradScaler would "
-            "see only its shard of the gradient and skip steps alone",
-            "use precision='bf16-mixed' (no loss scaling), or shard='none'"))
     if clip_norm:
         raise ConfigError(with_hint(
             "Trainer(gradient_clip_val=..., gradient_clip_algorithm='norm') with "

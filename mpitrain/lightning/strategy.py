@@ -36,6 +36,7 @@ from lightning.fabric.utilities.optimizer import _optimizer_to_device, _optimize
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning_utilities.core.rank_zero import rank_zero_only
@@ -61,6 +62,7 @@ from mpitrain.lightning.exchange import (
     unwrap,
 )
 from mpitrain.lightning.options import MPIOptions
+from mpitrain.lightning.precision import check_plugin, routes_scaler, scaled_optimizer_step
 from mpitrain.lightning.preempt import Preemption, PreemptionCallback
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.runtime.world import World
@@ -216,10 +218,10 @@ class MPIStrategy(ParallelStrategy):
             default_clip = type(module).configure_gradient_clipping is \
                 pl.LightningModule.configure_gradient_clipping
             refuse_unsupported(
-                self.options.stage, precision=str(trainer.precision),
-                clip_norm=bool(trainer.gradient_clip_val) and default_clip
+                self.options.stage, clip_norm=bool(trainer.gradient_clip_val) and default_clip
                 and trainer.gradient_clip_algorithm in (None, "norm"),
                 layer_sync=self._layer_sync is not None)
+            check_plugin(self.precision_plugin, self.options.stage)
             self._sharded_leftovers = []  # this fit builds new optimizers
             self._exchange = build_exchange(module, self.world, self.root_device, self.options)
             self.model = self._exchange
@@ -287,8 +289,17 @@ class MPIStrategy(ParallelStrategy):
                        model: pl.LightningModule | torch.nn.Module | None = None,
                        **kwargs: Any) -> Any:
         """Collective: step through the precision plugin (the closure runs forward, backward
-        and the exchange); ZeRO then all-gathers the new parameters."""
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        and the exchange; fp16's GradScaler unscales through the exchange, so an overflow in
+        any rank's shard skips every rank's step); ZeRO then all-gathers the new parameters."""
+        plugin = self.precision_plugin
+        if self._exchange is not None and routes_scaler(plugin):
+            assert isinstance(plugin, MixedPrecision)
+            module = model if isinstance(model, pl.LightningModule) else self.lightning_module
+            assert module is not None
+            out = scaled_optimizer_step(plugin, self._exchange, optimizer, module, closure,
+                                        **kwargs)
+        else:
+            out = super().optimizer_step(optimizer, closure, model, **kwargs)
         if isinstance(self._exchange, ShardedDataParallel):
             self._exchange.gather_parameters()
             self._exchange.zero_grad()

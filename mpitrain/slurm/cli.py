@@ -1,4 +1,5 @@
-"""`python -m mpitrain slurm render TEMPLATE [options] -- TRAIN ARGS...` and `slurm list`."""
+"""`python -m mpitrain slurm render TEMPLATE [options] [--script FILE] -- ARGS...` and
+`slurm list`."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from mpitrain.slurm.render import (
 
 EPILOG = """\
 Everything after `--` is passed to the program the template runs (training flags, or
-data_tools convert flags for preprocess.sbatch); each word is shell-quoted.
-Example:
+data_tools convert flags for preprocess.sbatch, or with --script the script's own
+arguments); each word is shell-quoted.
+Examples:
   python -m mpitrain slurm render train-gpu --nodes 2 --gpus-per-node 4 --time 02:00:00 \\
       --partition gpu --env-setup 'module load cuda; source ~/venv/bin/activate' \\
       --output job.sbatch -- --epochs 30 --summary-json out/summary.json
+  python -m mpitrain slurm render train-gpu --nodes 2 --gpus-per-node 4 --script train.py \\
+      --output job.sbatch -- --max-epochs 30     # your Lightning script under MPIStrategy
 """
 
 
@@ -75,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--python", default=d.python, help="python executable inside the job")
     r.add_argument("--log", default=d.log, help="sbatch --output pattern")
-    r.add_argument("--checkpoint-dir", help="default: checkpoints/JOBNAME-JOBID")
+    r.add_argument("--checkpoint-dir", help="default: checkpoints/JOBNAME-JOBID (with "
+                   "--script: exported as MPITRAIN_CHECKPOINT_DIR)")
+    r.add_argument("--script", help="train templates: run `python SCRIPT ARGS` on every rank "
+                   "instead of python -m mpitrain (e.g. a Lightning script under MPIStrategy; "
+                   "docs/lightning.md)")
     r.add_argument("--grid", type=Path, help="sweep: TOML or CSV grid, one array task per run")
     r.add_argument("--sweep-dir", help="sweep: parent of the task-N run directories")
     r.add_argument("--array-parallel", type=int, help="sweep: at most this many tasks at once")
@@ -144,6 +152,7 @@ def main(argv: list[str]) -> int:
         sweep_dir=ns.sweep_dir,
         array_parallel=ns.array_parallel,
         max_array_size=ns.max_array_size,
+        script=ns.script,
         train_args=train_args,
     )
     try:

@@ -4,9 +4,10 @@ Templates use ``@@{name}`` placeholders (a :class:`string.Template` with delimit
 so the shell's own ``$`` syntax passes through untouched. No value may hold a control
 character (newlines included). Values that land on ``#SBATCH`` lines must match strict
 patterns in full (sbatch parses those lines itself, not the shell); values that land in shell
-code go through :func:`shlex.quote`; training flags are parsed as the trainer will parse them.
-The one exception is ``env_setup``: shell code the user writes, inserted verbatim in a marked
-block.
+code go through :func:`shlex.quote`; training flags are parsed as the trainer will parse them
+(with ``--script`` the train templates run the user's script instead, whose arguments are its
+own: only their characters are checked). The one exception is ``env_setup``: shell code the
+user writes, inserted verbatim in a marked block.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ NO_ENV_SETUP = "# (none given: the job inherits the submitting shell's environme
 _TIME = re.compile(r"(?:([0-9]{1,5})-)?([0-9]{1,7})(?::([0-9]{1,2}))?(?::([0-9]{1,2}))?")
 _LOG = re.compile(r"[A-Za-z0-9_.%+/-]{1,255}")
 #: options whose values are plain text (shell-quoted), checked for control characters
-_TEXT = ("python", "checkpoint_dir", "sweep_dir")
+_TEXT = ("python", "checkpoint_dir", "sweep_dir", "script")
 #: options whose values must not start with '-' (they follow an option of srun/mpirun/the
-#: trainer, which would read them as one of their own)
-_NO_DASH = {"python": "srun/mpirun", "checkpoint_dir": "the trainer", "sweep_dir": "the trainer"}
+#: trainer/python, which would read them as one of their own)
+_NO_DASH = {"python": "srun/mpirun", "checkpoint_dir": "the trainer", "sweep_dir": "the trainer",
+            "script": "python"}
 
 
 class _Template(string.Template):
@@ -83,6 +85,8 @@ class RenderOptions:
     sweep_dir: str | None = None
     array_parallel: int | None = None
     max_array_size: int = MAX_ARRAY_SIZE
+    #: run ``python SCRIPT TRAIN_ARGS`` instead of ``python -m mpitrain`` (train templates)
+    script: str | None = None
     train_args: list[str] = field(default_factory=list)
 
 
@@ -225,7 +229,9 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
         if value is not None and value.startswith("-"):
             hint = f"{_NO_DASH[name]} would read it as an option: write ./{value}"
             raise _bad(name, value, hint)
-    if not template.startswith("preprocess"):  # preprocess runs data_tools, not the trainer
+    if opts.script is not None:  # the arguments are the script's own: checked for characters
+        _check_script(opts.script)
+    elif not template.startswith("preprocess"):  # preprocess runs data_tools, not the trainer
         check_train_args(opts.train_args, "training arguments", SWEEP_MANAGED if sweep else MANAGED)
     if gpu:
         gpus = opts.gpus_per_node or 1
@@ -253,6 +259,31 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
     return opts
 
 
+def _check_script(script: str) -> None:
+    """Refuse a ``--script`` that is neither a file nor a directory python can run."""
+    path = Path(script)
+    try:
+        runnable = path.is_file() or (path / "__main__.py").is_file()
+        exists = runnable or path.exists()
+    except OSError:
+        runnable = exists = False
+    if not runnable:
+        what = "is a directory without __main__.py" if exists else "does not exist"
+        raise ConfigError(with_hint(
+            f"--script {script!r} {what} (looked from {str(Path.cwd())!r})",
+            "give the path of your training script (e.g. train.py), as seen from the "
+            "directory you will submit the job from"))
+
+
+def _check_script_slot(text: str, template: str, opts: RenderOptions) -> None:
+    """Refuse ``--script`` for a template that runs its own program (it would be ignored)."""
+    if opts.script is not None and "script" not in placeholders(text):
+        raise ConfigError(with_hint(
+            f"--script {opts.script!r} is not available with template '{template}': it runs "
+            "its own program (python -m mpitrain over a grid, or data_tools)",
+            "render train-cpu or train-gpu for your script, or drop --script"))
+
+
 def _quote_words(words: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
@@ -268,6 +299,7 @@ def placeholders(text: str) -> set[str]:
 
 def render_text(text: str, template: str, opts: RenderOptions) -> str:
     """Render template source ``text`` (named ``template``) with validated options."""
+    _check_script_slot(text, template, opts)
     opts = validate(template, opts)
     directives = [f"#SBATCH --partition={opts.partition}"] if opts.partition else []
     directives += [f"#SBATCH --account={opts.account}"] if opts.account else []
@@ -298,6 +330,7 @@ def render_text(text: str, template: str, opts: RenderOptions) -> str:
         "sweep_dir": shlex.quote(opts.sweep_dir)
         if opts.sweep_dir
         else '"sweeps/${SLURM_JOB_NAME}-${SLURM_ARRAY_JOB_ID}"',
+        "script": shlex.quote(opts.script or ""),
         "train_args": _quote_words(opts.train_args),
         "env_setup": opts.env_setup.rstrip("\n") or NO_ENV_SETUP,
         "grid_cases": _grid_cases(tasks),

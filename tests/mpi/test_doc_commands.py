@@ -180,6 +180,9 @@ RUN: dict[str, str] = {
     "python -m mpitrain plot RUN_DIR": "test_checkpoint_and_plot_commands",
     "python -m mpitrain plot RUN_A RUN_B --out DIR --x time": "test_checkpoint_and_plot_commands",
     "python -m mpitrain slurm list": "test_slurm_render_commands",
+    "python -m mpitrain slurm render train-gpu --nodes 2 --gpus-per-node 4 --time 04:00:00 "
+    "--env-setup 'source ~/venv/bin/activate' --script train.py -o train.sbatch -- "
+    "--max-epochs 30": "test_lightning_slurm_render",
     "python -m mpitrain slurm render TEMPLATE [options] [--output job.sbatch] -- PROGRAM "
     "ARGS...": "test_slurm_render_commands",
     "python -m mpitrain slurm render sweep --grid grid.toml --sweep-dir sweeps/lr "
@@ -233,9 +236,9 @@ ELSEWHERE: dict[str, str] = {
     "test_wheel_installs_and_runs_outside_the_checkout (the wheel with [plot,lightning])",
     "mpiexec -n 4 python train.py": "a script of the user's; the Lightning strategy's own "
     "multi-rank tests run one like it (Trainer.fit under mpiexec)",
-    'mpirun -n "$SLURM_NTASKS" python train.py & pid=$!': "a line of a hand-written batch "
-    "script that docs/lightning.md says was not run under Slurm; " + _SLURM
-    + "tests/slurm/test_requeue.py::test_scontrol_requeue_then_resume (the templates' requeue)",
+    "sbatch train.sbatch": _SLURM + "tests/slurm/test_lightning_job.py::"
+    "test_lightning_script_preempted_requeued_resumed (a rendered --script job: preempted, "
+    "requeued, resumed)",
     # docs/cluster.md
     "sudo python -m mpitrain cluster up --nodes 2 --link 1gbit": _LIFECYCLE,
     "sudo python -m mpitrain cluster mpiexec -n 4 --per-node 2 -- python -m mpitrain "
@@ -673,3 +676,18 @@ def test_slurm_render_commands(here: Path, capsys: pytest.CaptureFixture[str]) -
     for name in ("job", "sweep", "prep", "resnet"):
         assert "#SBATCH" in (here / f"{name}.sbatch").read_text(), name
     assert "#SBATCH --gpus-per-node=4" in (here / "resnet.sbatch").read_text()
+
+
+def test_lightning_slurm_render(here: Path) -> None:
+    """docs/lightning.md's own train.py, rendered into a Slurm job with --script."""
+    code = re.search(r"```python\n# train\.py\n(.*?)```",
+                     (ROOT / "docs" / "lightning.md").read_text(), re.S)
+    assert code is not None
+    compile(code.group(1), "train.py", "exec")  # the docs' script is Python
+    (here / "train.py").write_text(code.group(1))
+    run("python -m mpitrain slurm render train-gpu --nodes 2 --gpus-per-node 4 --time 04:00:00 "
+        "--env-setup 'source ~/venv/bin/activate' --script train.py -o train.sbatch -- "
+        "--max-epochs 30")
+    text = (here / "train.sbatch").read_text()
+    assert "SCRIPT=train.py\n" in text and "TRAIN_ARGS=(--max-epochs 30)\n" in text
+    assert "#SBATCH --gpus-per-node=4\n" in text and "#SBATCH --requeue\n" in text

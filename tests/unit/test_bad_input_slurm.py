@@ -20,6 +20,7 @@ from mpitrain.errors import ConfigError
 from mpitrain.slurm.render import RenderOptions, render
 
 ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "slurm" / "lightning_job.py"  # an existing script for --script
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,19 @@ CASES: dict[str, Case] = {
     "train-args-not-strings": Case("train-cpu", {"train_args": [3]}, ("3",)),
     "max-array-size-range": Case(
         "sweep", {"max_array_size": 0}, ("--max-array-size",), grid=GRID),
+    # ---- --script (a user's own script instead of python -m mpitrain) ----
+    "script-missing": Case(
+        "train-cpu", {"script": "no-such-train.py"}, ("--script", "no-such-train.py", "exist")),
+    "script-directory-without-main": Case(
+        "train-gpu", {"script": str(ROOT / "tests")}, ("--script", "__main__.py")),
+    "script-leading-dash": Case("train-cpu", {"script": "-c"}, ("--script", "'-c'", "./-c")),
+    "script-empty": Case("train-cpu", {"script": ""}, ("--script",)),
+    "script-c1-control": Case("train-cpu", {"script": "tr\x85ain.py"}, ("--script", "control")),
+    "script-with-sweep": Case(
+        "sweep", {"script": str(SCRIPT)}, ("--script", "sweep.sbatch", "train-cpu"), grid=GRID),
+    "script-with-preprocess": Case(
+        "preprocess", {"script": str(SCRIPT)}, ("--script", "preprocess.sbatch")),
+    "script-with-grid": Case("train-cpu", {"script": str(SCRIPT)}, ("--grid",), grid=GRID),
 }
 # fmt: on
 
@@ -172,8 +186,10 @@ def run_cli(words: list[str | bytes], cwd: Path) -> subprocess.CompletedProcess[
         (["train-cpu", "--", "--data", b"d\xff"], None, b"UTF-8"),
         (["sweep", "--grid", "g.toml"], b"grid = 5\n", b"[grid]"),
         (["sweep", "--grid", "g.csv"], b"\xff\xfe\x00\x01lr\n", b"UTF-8"),
+        (["train-cpu", "--script", "train.py", "--", "--lr", "1"], None, b"'train.py'"),
     ],
-    ids=["abbreviated-resume", "non-utf8-argument", "grid-is-a-number", "binary-csv"],
+    ids=["abbreviated-resume", "non-utf8-argument", "grid-is-a-number", "binary-csv",
+         "missing-script"],
 )
 def test_cli_exits_2_without_traceback(
     words: list[str | bytes], grid: bytes | None, needle: bytes, tmp_path: Path

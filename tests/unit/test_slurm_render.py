@@ -47,6 +47,12 @@ CASES: dict[str, list[str]] = {
         "preprocess", "--ntasks-per-node", "4", "--launcher", "mpirun", "--job-name", "prep",
         "--time", "10:00", "--", "--sklearn", "digits", "--out", "data/digits",
     ],
+    # a user's Lightning script instead of python -m mpitrain (docs/lightning.md)
+    "train-gpu-script.sbatch": [
+        "train-gpu", "--nodes", "2", "--gpus-per-node", "4", "--time", "04:00:00",
+        "--job-name", "lit", "--checkpoint-dir", "runs/lit", "--script",
+        "tests/slurm/lightning_job.py", "--", "--max-epochs", "30", "--shard", "parameters",
+    ],
 }
 # fmt: on
 
@@ -73,9 +79,11 @@ def test_golden(name: str, tmp_path: Path) -> None:
 
 
 def test_every_template_has_a_golden_case_and_renders_completely() -> None:
-    assert sorted(CASES) == list_templates()
+    templates = {argv[0] + ".sbatch" for argv in CASES.values()}
+    assert sorted(templates) == list_templates()
     for name in CASES:
         assert "@@" not in (GOLDEN / name).read_text()
+    for name in templates:
         assert placeholders((template_dir() / name).read_text())
         # the symlinked copies in slurm/ are the packaged templates
         assert (ROOT / "slurm" / name).resolve() == (template_dir() / name).resolve()

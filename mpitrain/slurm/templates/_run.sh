@@ -27,9 +27,36 @@ if [ "$RESTARTS" -gt "$MPITRAIN_MAX_RESTARTS" ]; then
 fi
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}   # srun does not inherit it from sbatch
-resume=()
-if [ "$RESTARTS" -gt 0 ]; then
-    resume=(--resume auto)
+# The program every rank runs. python -m mpitrain: told where to checkpoint, and after a
+# requeue to resume. --script (SCRIPT): the script with its own arguments; it finds the
+# directory in MPITRAIN_CHECKPOINT_DIR and resumes by itself (Lightning under MPIStrategy:
+# default_root_dir, where a preemption writes hpc_ckpt_N.ckpt; fit(..., ckpt_path="hpc")).
+if [ -z "${SCRIPT:-}" ]; then   # (sweep.sbatch sets no SCRIPT: it runs python -m mpitrain)
+    program=(-m mpitrain "${TRAIN_ARGS[@]}" --checkpoint-dir "$CHECKPOINT_DIR")
+    if [ "$RESTARTS" -gt 0 ]; then program+=(--resume auto); fi
+    latest() { cat "$CHECKPOINT_DIR/latest" 2>/dev/null || echo none; }  # the newest checkpoint's name
+elif [ -f "$SCRIPT" ] || [ -f "$SCRIPT/__main__.py" ]; then
+    program=("$SCRIPT" "${TRAIN_ARGS[@]}")
+    export MPITRAIN_CHECKPOINT_DIR=$CHECKPOINT_DIR
+    latest() {  # the newest finished hpc_ckpt_N.ckpt: a file, or a ZeRO directory with its lightning.pt
+        local path n top=-1 name=none
+        for path in "$CHECKPOINT_DIR"/hpc_ckpt_*.ckpt; do
+            n=${path##*/hpc_ckpt_}
+            n=${n%.ckpt}
+            case "$n" in "" | *[!0-9]*) continue ;; esac
+            if [ "${#n}" -le 9 ] && [ "$((10#$n))" -gt "$top" ] \
+                && { [ -f "$path" ] || [ -f "$path/lightning.pt" ]; }; then
+                top=$((10#$n))
+                name=${path##*/}
+            fi
+        done
+        echo "$name"
+    }
+else
+    echo "mpitrain: --script '${SCRIPT//[[:cntrl:]]/?}' is not a file seen from $PWD: stopping" \
+        "without running or requeueing. HINT: submit from the directory the script was" \
+        "rendered in, or render it with an absolute --script path" >&2
+    exit 2
 fi
 case "$MPITRAIN_LAUNCHER" in
     srun) launch=(srun --mpi="$MPITRAIN_SRUN_MPI" --kill-on-bad-exit=1 "${SRUN_EXTRA[@]}") ;;
@@ -41,12 +68,11 @@ esac
 
 # Slurm signals this batch shell (--signal=B:USR1@T, scancel --signal=USR1 --batch, or TERM
 # on cancel); the trap passes it on to the launcher, which hands it to every rank; mpitrain
-# stops all ranks at the next step, writes a checkpoint and exits with 99.
+# (or MPIStrategy) stops all ranks at the next step, writes a checkpoint and exits with 99.
 signals=0
 signalled=0
 latest_at_signal=
 child=
-latest() { cat "$CHECKPOINT_DIR/latest" 2>/dev/null || echo none; }  # the newest checkpoint's name
 forward() {
     signals=$((signals + 1))
     if [ "$signalled" -eq 0 ]; then signalled=1; latest_at_signal=$(latest); fi
@@ -57,8 +83,7 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 echo "mpitrain: job ${SLURM_JOB_ID} restart ${RESTARTS} on ${SLURM_JOB_NODELIST}: ${launch[*]}"
-"${launch[@]}" "$MPITRAIN_PYTHON" -m mpitrain "${TRAIN_ARGS[@]}" \
-    --checkpoint-dir "$CHECKPOINT_DIR" "${resume[@]}" &
+"${launch[@]}" "$MPITRAIN_PYTHON" "${program[@]}" &
 child=$!
 while :; do
     seen=$signals
