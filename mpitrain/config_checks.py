@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import ConfigError, with_hint
@@ -45,6 +47,7 @@ def check_combinations(cfg: TrainConfig) -> None:
             )
         )
     check_model_parallel(cfg)
+    check_effects(cfg)
 
 
 #: the byte-level GPT's vocabulary (docs/model-parallel.md)
@@ -129,3 +132,99 @@ def check_model_parallel(cfg: TrainConfig) -> None:
     if cfg.sequence_parallel and (tp == 1 or context % tp):
         _refuse(f"--sequence-parallel needs --tensor-parallel > 1 dividing --context "
                 f"{context}", "drop --sequence-parallel or change --context")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """Where option ``name`` has an effect; set (flag, variable or file) elsewhere it is refused.
+
+    Attributes:
+        name: the option.
+        applies: ``applies(cfg)`` -> whether the option does something on ``cfg``'s path.
+        why: ``why(cfg)`` -> where it does nothing and why ("without --checkpoint-dir (...)").
+        hint: the fix.
+    """
+
+    name: str
+    applies: Callable[[TrainConfig], bool]
+    why: Callable[[TrainConfig], str]
+    hint: str
+
+
+def _optimizer(cfg: TrainConfig) -> str:
+    """The optimizer the run steps, and where it comes from when the user did not pick it."""
+    if cfg.model == "gpt" and cfg.mode_defaults and "optimizer" not in explicit_options(cfg):
+        return f"{GPT_DEFAULTS['optimizer']} (--model gpt's default)"
+    return str(cfg.optimizer)
+
+
+#: options that act only under another option or on some paths: set where they would change
+#: nothing they are refused, never silently ignored (issue 22; every option x path is held to
+#: it by tests/mpi/test_option_paths.py). Exchange modes' own options: ``grad.protocol``.
+EFFECTS: tuple[Effect, ...] = (
+    Effect("keep_last", lambda c: c.checkpoint_dir is not None,
+           lambda c: "without --checkpoint-dir (it prunes the checkpoints written there)",
+           "pass --checkpoint-dir DIR, or drop --keep-last"),
+    Effect("timeline_steps", lambda c: c.timeline is not None,
+           lambda c: "without --timeline (it picks the steps the timeline records)",
+           "pass --timeline PATH, or drop --timeline-steps"),
+    Effect("straggler", lambda c: c.straggler_ms > 0,
+           lambda c: "without --straggler-ms (it picks the rank that --straggler-ms slows)",
+           "pass --straggler-ms MS too, or drop --straggler"),
+    Effect("step_every", lambda c: c.lr_schedule == "step",
+           lambda c: f"with --lr-schedule {c.lr_schedule} (it spaces --lr-schedule step's decays)",
+           "add --lr-schedule step, or drop --step-every"),
+    Effect("eval_every", lambda c: c.test_split != "",
+           lambda c: "with --test-split '' (nothing is evaluated)",
+           "give a --test-split to evaluate on, or drop --eval-every"),
+    *(Effect(name, lambda c: _optimizer(c) == "sgd",
+             lambda c: f"with --optimizer {_optimizer(c)}: momentum is SGD's",
+             "add --optimizer sgd, or drop --momentum and --nesterov")
+      for name in ("momentum", "nesterov")),
+    Effect("bucket_mb", lambda c: c.exchange == "sync",
+           lambda c: f"with --exchange {c.exchange} (it sizes the buckets of the sync exchange "
+                     "and of ZeRO; this mode sends one flat buffer)",
+           "drop --bucket-mb, or use --exchange sync"),
+    Effect("allreduce", lambda c: c.exchange != "param-server",
+           lambda c: "with --exchange param-server (workers and servers exchange shards "
+                     "point-to-point: nothing is all-reduced)",
+           "drop --allreduce, or use --exchange sync, double-buffer or local-sgd"),
+    Effect("comm_progress", lambda c: c.exchange != "param-server",
+           lambda c: "with --exchange param-server (nothing is all-reduced during backward)",
+           "drop --comm-progress, or use --exchange sync, double-buffer or local-sgd"),
+    Effect("comm_progress", lambda c: c.shard == "none",
+           lambda c: f"with --shard {c.shard} (ZeRO's reduce-scatters have their own transport)",
+           "drop --comm-progress, or use --shard none"),
+    Effect("sync_warmup_steps", lambda c: c.exchange != "param-server" or c.max_staleness > 0,
+           lambda c: "with --exchange param-server --max-staleness 0 (every step is "
+                     "synchronous already)",
+           "raise --max-staleness, or drop --sync-warmup-steps"),
+    *(Effect(name, lambda c: c.device != "cpu",
+             lambda c: "with --device cpu (it is about CUDA devices)",
+             f"drop --{name.replace('_', '-')}, or use --device cuda or auto")
+      for name in ("cuda_aware", "allow_shared_gpu")),
+    Effect("cuda_aware", lambda c: c.exchange != "param-server",
+           lambda c: "with --exchange param-server (it stages device buffers through the host)",
+           "drop --cuda-aware, or use --exchange sync, double-buffer or local-sgd"),
+)
+
+
+def check_effects(cfg: TrainConfig) -> None:
+    """Refuse an option set where it has no effect (:data:`EFFECTS`), naming it and the fix."""
+    explicit = explicit_options(cfg)
+    for rule in EFFECTS:
+        if rule.name in explicit and not rule.applies(cfg):
+            _refuse(f"--{rule.name.replace('_', '-')} has no effect {rule.why(cfg)}", rule.hint)
+
+
+def check_device_options(cfg: TrainConfig, device_type: str) -> None:
+    """Refuse options about CUDA devices on a run that got none (``--device auto`` on a
+    machine without CUDA); ``device_type`` is the bound device's (``torch.device.type``)."""
+    if device_type == "cuda":
+        return
+    unused = [n for n in ("cuda_aware", "allow_shared_gpu") if n in explicit_options(cfg)]
+    if unused:
+        flags = " and ".join("--" + n.replace("_", "-") for n in unused)
+        _refuse(f"{flags} {'have' if len(unused) > 1 else 'has'} no effect: this run has no "
+                f"CUDA device (--device {cfg.device} gave {device_type})",
+                "drop them, or run where CUDA is available")

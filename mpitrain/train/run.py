@@ -69,9 +69,11 @@ def setup_logging(rank: int, level: str) -> None:
 
 def choose_device(cfg: TrainConfig, world: World) -> torch.device:
     """Collective: bind this rank to its device (one rank per GPU) and check the precision."""
+    from mpitrain.config_checks import check_device_options
     from mpitrain.runtime.device import bind_device
 
     device = bind_device(world, cfg.device, allow_shared=cfg.allow_shared_gpu)
+    check_device_options(cfg, device.type)  # --cuda-aware on a rank that got no GPU
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             with_hint("--precision fp16 needs a CUDA device", "use --precision bf16 on CPU")

@@ -119,7 +119,8 @@ def test_version_has_one_source(capsys: pytest.CaptureFixture[str]) -> None:
 # ---- config --print -------------------------------------------------------------------------
 FLAGS = ["--optimizer", "adam", "--epochs", "3", "--no-progress", "--bucket-mb", "auto",
          "--checkpoint-dir", "ck", "--resume", "auto", "--test-split", "",
-         "--run-dir", 'runs/"q" \\ ü\x7f', "--timeline-steps", "2:5", "--accumulate", "2"]
+         "--run-dir", 'runs/"q" \\ ü\x7f', "--timeline", "t.json", "--timeline-steps", "2:5",
+         "--accumulate", "2"]
 
 
 def _print(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
