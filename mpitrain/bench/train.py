@@ -138,7 +138,8 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
                 from mpitrain.comm.reducer import FlatReducer
                 from mpitrain.comm.threaded import ThreadReducer
 
-                reducer = ThreadReducer(reducer or FlatReducer(comm.Dup(), overlap=False),
+                ov = True if m["overlap"] is None else bool(m["overlap"])
+                reducer = ThreadReducer(reducer or FlatReducer(comm.Dup(), overlap=ov),
                                         comm.rank)
             dp = DataParallel(model, comm=comm, bucket_mb=m["bucket_mb"], hook=m["hook"],
                               overlap=m["overlap"], reducer=reducer)

@@ -55,7 +55,7 @@ class ThreadReducer:
         """Collective: queue an in-place sum/average of ``t`` on the thread."""
         if self.inner.size == 1 or t.numel() == 0:
             return DONE
-        return self.thread.submit(lambda: self.inner.allreduce_(t, average=average),
+        return self.thread.submit(lambda: self.inner.iallreduce_(t, average=average).wait(),
                                   f"allreduce {t.numel() * t.element_size()} B")
 
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
