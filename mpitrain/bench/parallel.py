@@ -8,15 +8,20 @@ parallel), ``pp2-*``/``pp4-*`` (GPipe, 1F1B), ``tp2-pp2`` and the ZeRO compositi
 ``zero1``/``zero3``/``tp2-zero3``/``tp2-pp2-zero1`` run mpitrain's PipelineEngine
 (one micro-batch per step without a pipeline); ``torch-pp-gpipe``/``-1f1b`` run the same
 ``GPTStage`` modules, one per rank, through ``torch.distributed.pipelining`` over gloo.
-Model state is counted from the tensors, activations as the bytes saved for backward, the
-bubble as the slowest stage's share of the step blocked in receives. ``--placement across``
-puts tensor groups across nodes (docs/model-parallel.md).
+``torch-tp2``, ``torch-fsdp2``, ``torch-tp2-fsdp2``, ``torch-tp2-pp2`` and
+``torch-tp2-pp2-fsdp2`` (alias ``torch-stack``) train the same weights on torch's own stack
+over a gloo ``DeviceMesh``: DTensor tensor parallel, FSDP2, torch pipelining (1F1B)
+(``parallel_dtensor``). Model state is counted from the tensors (a DTensor's local shard),
+activations as the bytes saved for backward (parameters excluded), the bubble as the slowest
+stage's share of the step blocked in receives; every row has the losses, which agree across
+methods. ``--placement across`` puts tensor groups across nodes (docs/model-parallel.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpitrain.bench.allreduce import relaunch
+from mpitrain.bench.parallel_dtensor import torch_stack_run
 from mpitrain.bench.parallel_torch import Run, gpt_config, model_memory, torch_pp_run
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.parallel.schedule import bubble_theory
@@ -48,6 +54,7 @@ class Method:
     sequence_parallel: bool = False
     torch_pp: bool = False
     shard: int = 0  # ZeRO stage over the data-parallel replicas (0: plain DataParallel)
+    torch_stack: bool = False  # DTensor TP + FSDP2 (shard 3) + torch pipelining on a DeviceMesh
 
 
 METHODS: dict[str, Method] = {
@@ -60,8 +67,14 @@ METHODS: dict[str, Method] = {
     "tp2-zero3": Method(tensor=2, shard=3),
     "torch-pp-gpipe": Method(pipeline=0, schedule="gpipe", torch_pp=True),
     "torch-pp-1f1b": Method(pipeline=0, torch_pp=True),
+    "torch-tp2": Method(tensor=2, torch_stack=True),
+    "torch-fsdp2": Method(shard=3, torch_stack=True),
+    "torch-tp2-fsdp2": Method(tensor=2, shard=3, torch_stack=True),
+    "torch-tp2-pp2": Method(tensor=2, pipeline=2, torch_stack=True),
+    "torch-tp2-pp2-fsdp2": Method(tensor=2, pipeline=2, shard=3, torch_stack=True),
 }
-ALIASES = {"torch-pp": ["torch-pp-gpipe", "torch-pp-1f1b"]}
+ALIASES = {"torch-pp": ["torch-pp-gpipe", "torch-pp-1f1b"],
+           "torch-stack": [k for k, m in METHODS.items() if m.torch_stack]}
 
 
 def shape(m: Method, n: int) -> tuple[int, int, int]:
@@ -131,17 +144,27 @@ def engine_run(a: argparse.Namespace, comm: MPI.Intracomm) -> Run:
     held = list(stage.parameters()) + (list(dp.shards) if m.shard else [])
     opt = torch.optim.AdamW(dp.parameters() if m.shard else stage.parameters(), lr=1e-4)
 
-    def train(tokens: torch.Tensor) -> tuple[float, int]:
+    def train(tokens: torch.Tensor) -> tuple[float, int, float]:
         mine = tokens.chunk(grid.data)[grid.dp_rank]
-        engine.train_step(mine[:, :-1], mine[:, 1:])
+        loss = engine.train_step(mine[:, :-1], mine[:, 1:])
         st = engine.stats
-        return st.wait_seconds / st.step_seconds, st.peak_activation_bytes
+        return st.wait_seconds / st.step_seconds, st.peak_activation_bytes, loss
 
     def update() -> None:
         exchange.step(opt)
         exchange.zero_grad()
 
     return Run(train, update, lambda: model_memory(held, opt), describe, grid.free)
+
+
+def build_run(a: argparse.Namespace, comm: MPI.Intracomm, m: Method) -> Run:
+    """Collective: this rank's part of method ``m`` (mpitrain's engine or torch's stack)."""
+    if m.torch_pp:
+        return torch_pp_run(a, comm, m.schedule)
+    if m.torch_stack:
+        t, p, _ = shape(m, comm.size)
+        return torch_stack_run(a, comm, t, p, m.shard == 3, m.schedule)
+    return engine_run(a, comm)
 
 
 def worker(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
@@ -151,23 +174,26 @@ def worker(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
 
     torch.set_num_threads(1)
     m = METHODS[a.method]
-    run = torch_pp_run(a, comm, m.schedule) if m.torch_pp else engine_run(a, comm)
+    run = build_run(a, comm, m)
     if comm.rank == 0:
         print(f"{a.method}: {run.describe}", flush=True)
     times: list[float] = []
     bubbles: list[float] = []
     act = 0
     mem: dict[str, int] = {}
+    losses: list[float] = []
     for i in range(2 + a.steps):
         g = torch.Generator().manual_seed(1000 + i)
         tokens = torch.randint(0, 256, (a.batch, a.context + 1), generator=g)
         comm.Barrier()
         t0 = time.perf_counter()
-        bubble, nbytes = run.train(tokens)
+        bubble, nbytes, loss = run.train(tokens)
         if i == 1 + a.steps:
             mem = run.memory()
         run.update()
         dt = time.perf_counter() - t0
+        mine = [x for x in comm.allgather(loss) if not math.isnan(x)]  # each replica's
+        losses.append(sum(mine) / len(mine))
         if i >= 2:
             times.append(comm.allreduce(dt, op=MPI.MAX))
             bubbles.append(comm.allreduce(bubble, op=MPI.MAX))
@@ -183,12 +209,15 @@ def worker(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
         step = statistics.median(times)
         row = {"method": a.method, "ranks": comm.size, "tensor": t, "pipeline": p, "data": d,
                "schedule": m.schedule if p > 1 else None, "implementation":
-               "torch.distributed.pipelining" if m.torch_pp else "mpitrain",
+               "torch.distributed.pipelining" if m.torch_pp else
+               "torch (DTensor, FSDP2, pipelining)" if m.torch_stack else "mpitrain",
                "micro_batches": a.micro_batches if p > 1 else 1, "placement": a.placement,
                "grid": run.describe, "numel": gpt_config(a, False).parameters_count(),
                "batch": a.batch, "context": a.context, "step_ms": step * 1e3,
                "step_ms_all": [x * 1e3 for x in times], "tokens_per_s": a.batch * a.context / step,
-               "bubble_measured": None if p == 1 or m.torch_pp else statistics.median(bubbles),
+               "loss": losses[-1], "losses": losses,
+               "bubble_measured": None if p == 1 or m.torch_pp or m.torch_stack
+               else statistics.median(bubbles),
                "bubble_theory": bubble_theory(p, a.micro_batches) if p > 1 else None,
                **{k: max(r[k] for r in per_rank) for k in per_rank[0]}}
         Path(a.out).write_text(json.dumps(row))
@@ -204,7 +233,8 @@ def _opt(x: float | None, fmt: str) -> str:
 
 
 def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
-    """Print the table (model state relative to ``dp`` where it ran)."""
+    """Print the table (model state and step time relative to ``dp`` where it ran; the last
+    step's loss, the same for every method up to float rounding)."""
     base = next((r for r in rows if r["method"] == "dp"), rows[0])
     cores = os.cpu_count() or 1
     print(f"GPT {rows[0]['numel'] / 1e6:.2f}M params (dim {a.dim}, {a.layers} layers, "
@@ -215,18 +245,19 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
         print(f"OVERSUBSCRIBED ({a.ranks} ranks > {cores} cores): times are not those of a "
               "cluster; read the memory columns and the ratios")
     print("MiB per rank (max over ranks); step ms median; bubble = blocked-in-receive share "
-          "of the slowest stage")
-    print(f"{'method':<15} {'T':>2} {'P':>2} {'D':>2} {'params':>7} {'grads':>7} {'optim':>7} "
-          f"{'model':>7} {'of dp':>6} {'activ':>7} {'rss':>7} {'step ms':>8} {'tok/s':>8} "
-          f"{'bubble':>6} {'theory':>6}")
+          "of the slowest stage (mpitrain's engine only)")
+    print(f"{'method':<19} {'T':>2} {'P':>2} {'D':>2} {'params':>7} {'grads':>7} {'optim':>7} "
+          f"{'model':>7} {'of dp':>6} {'activ':>7} {'rss':>7} {'step ms':>8} {'of dp':>6} "
+          f"{'tok/s':>8} {'bubble':>6} {'theory':>6} {'loss':>8}")
     for r in rows:
-        print(f"{r['method']:<15} {r['tensor']:>2} {r['pipeline']:>2} {r['data']:>2} "
+        print(f"{r['method']:<19} {r['tensor']:>2} {r['pipeline']:>2} {r['data']:>2} "
               f"{_mib(r['parameters']):>7} {_mib(r['gradients']):>7} "
               f"{_mib(r['optimizer']):>7} {_mib(r['model_state']):>7} "
               f"{r['model_state'] / base['model_state']:>6.2f} "
               f"{_mib(r['activations_peak']):>7} {_mib(r['peak_rss']):>7} "
-              f"{r['step_ms']:>8.1f} {r['tokens_per_s']:>8.0f} "
-              f"{_opt(r['bubble_measured'], '.2f'):>6} {_opt(r['bubble_theory'], '.2f'):>6}")
+              f"{r['step_ms']:>8.1f} {r['step_ms'] / base['step_ms']:>6.2f} "
+              f"{r['tokens_per_s']:>8.0f} {_opt(r['bubble_measured'], '.2f'):>6} "
+              f"{_opt(r['bubble_theory'], '.2f'):>6} {r['loss']:>8.5f}")
 
 
 def choose(a: argparse.Namespace) -> tuple[list[str], list[str]]:

@@ -19,12 +19,22 @@ if TYPE_CHECKING:
     from mpi4py import MPI
     from torch import nn
 
+
+def local(t: Any) -> Any:
+    """A DTensor's local shard (other tensors as they are)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _storage_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (gradient views of buckets count once)."""
+    """Bytes of the distinct storages behind ``tensors`` (gradient views of buckets count once;
+    a DTensor counts its local shard)."""
     import torch
 
     seen: dict[int, int] = {}
     for t in tensors:
+        t = local(t)
         if isinstance(t, torch.Tensor) and t.numel():
             s = t.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()
@@ -42,32 +52,41 @@ def model_memory(params: list[nn.Parameter], opt: torch.optim.Optimizer) -> dict
 class _Held:
     """A saved tensor; releasing it (autograd dropping the saved value) updates the count."""
 
-    __slots__ = ("owner", "ptr", "t")
+    __slots__ = ("nbytes", "owner", "ptr", "t")
 
-    def __init__(self, t: torch.Tensor, owner: _LiveSaved, ptr: int) -> None:
-        self.t, self.owner, self.ptr = t, owner, ptr
+    def __init__(self, t: torch.Tensor, owner: LiveSaved, ptr: int, nbytes: int) -> None:
+        self.t, self.owner, self.ptr, self.nbytes = t, owner, ptr, nbytes
 
     def __del__(self) -> None:
-        self.owner.release(self.ptr, self.t.untyped_storage().nbytes())
+        self.owner.release(self.ptr, self.nbytes)
 
 
-class _LiveSaved:
-    """Peak bytes of tensors saved for backward alive at once (parameters excluded)."""
+class LiveSaved:
+    """Peak bytes of tensors saved for backward alive at once (``module``'s parameters excluded,
+    the ones registered when the tensor is saved: FSDP2's gathered parameters too)."""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.skip = self._params()
         self.refs: dict[int, int] = {}
         self.live = self.peak = 0
 
+    def _params(self) -> set[int]:
+        return {local(p).untyped_storage().data_ptr() for p in self.module.parameters()}
+
     def pack(self, t: torch.Tensor) -> Any:
-        ptr = t.untyped_storage().data_ptr()
+        storage = local(t).untyped_storage()
+        ptr = storage.data_ptr()
         if ptr in self.skip or ptr == 0:
             return t
+        self.skip = self._params()  # the parameters may have been swapped (FSDP2's unshard)
+        if ptr in self.skip:
+            return t
         if not self.refs.get(ptr):
-            self.live += t.untyped_storage().nbytes()
+            self.live += storage.nbytes()
             self.peak = max(self.peak, self.live)
         self.refs[ptr] = self.refs.get(ptr, 0) + 1
-        return _Held(t, self, ptr)
+        return _Held(t, self, ptr, storage.nbytes())
 
     def release(self, ptr: int, nbytes: int) -> None:
         self.refs[ptr] -= 1
@@ -84,7 +103,8 @@ class _LiveSaved:
 class Run:
     """One rank's training step, split where the model state is counted."""
 
-    train: Callable[[torch.Tensor], tuple[float, int]]  # -> (bubble share, activation bytes)
+    train: Callable[[torch.Tensor], tuple[float, int, float]]  # -> (bubble share,
+    # activation bytes, the mean loss of this rank's replica or NaN where it has none)
     update: Callable[[], None]
     memory: Callable[[], dict[str, int]]
     describe: str
@@ -132,20 +152,22 @@ def torch_pp_run(a: argparse.Namespace, comm: MPI.Intracomm, schedule: str) -> R
     opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4)
     params = list(gpt.parameters())
 
-    def train(tokens: torch.Tensor) -> tuple[float, int]:
-        live = _LiveSaved(params)
+    def train(tokens: torch.Tensor) -> tuple[float, int, float]:
+        live = LiveSaved(gpt)
+        losses: list[torch.Tensor] = []
         with torch.autograd.graph.saved_tensors_hooks(live.pack, live.unpack):
             if rank == 0:
                 sched.step(tokens[:, :-1])
             elif rank == n - 1:
-                sched.step(target=tokens[:, 1:], losses=[])
+                sched.step(target=tokens[:, 1:], losses=losses)
             else:
                 sched.step()
         if ends is not None:
             for p in gpt.tied_parameters():
                 assert p.grad is not None
                 allreduce_(p.grad, ends, average=False)
-        return math.nan, live.peak
+        loss = sum(float(v) for v in losses) / len(losses) if losses else math.nan
+        return math.nan, live.peak, loss
 
     def update() -> None:
         opt.step()

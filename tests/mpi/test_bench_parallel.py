@@ -45,3 +45,27 @@ def test_bench_parallel_memory_and_bubble(mpiexec: str, tmp_path: Path) -> None:
     # ZeRO over the 2 replicas: the optimizer state halves (stage 1), all model state (stage 3)
     assert rows["zero1"]["optimizer"] == pytest.approx(dp["optimizer"] / 2, rel=0.1)
     assert rows["zero3"]["model_state"] == pytest.approx(dp["model_state"] / 2, rel=0.2)
+
+
+@pytest.mark.mpi
+def test_bench_parallel_torch_stack_trains_like_data_parallel(mpiexec: str,
+                                                              tmp_path: Path) -> None:
+    """torch's own stack on 4 ranks (DTensor tensor 2 x replicate 2; x FSDP2 2; x torch
+    pipelining 2 with FSDP2 and the tied embedding summed over the stages) trains the same GPT
+    as data parallel: the same losses over 3 AdamW steps; 1/2, 1/4, 1/4 of its model state."""
+    out = tmp_path / "torch.json"
+    share = {"torch-tp2": 0.5, "torch-tp2-fsdp2": 0.25, "torch-tp2-pp2-fsdp2": 0.25}
+    args = ["parallel", "-n", "4", "--dim", "64", "--layers", "2", "--heads", "4",
+            "--context", "16", "--batch", "8", "--micro-batches", "2", "--steps", "1",
+            "--methods", ",".join(["dp", *share]), "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "mpitrain.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "data 2 (FSDP2 fully_shard) x tensor 2 (DTensor" in proc.stdout
+    dp = rows["dp"]
+    for name, part in share.items():
+        r = rows[name]
+        assert r["implementation"].startswith("torch") and len(r["losses"]) == 3
+        assert r["losses"] == pytest.approx(dp["losses"], rel=1e-5), name
+        assert r["model_state"] == pytest.approx(dp["model_state"] * part, rel=0.25), name
