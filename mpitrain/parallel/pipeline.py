@@ -56,13 +56,15 @@ class _SavedBytes:
     """Count the bytes autograd saves for backward, per micro-batch (parameters excluded)."""
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
+        self.params = list(params)
         self.current = 0
         self.seen: set[int] = set()
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in self.skip and ptr not in self.seen:
+        # the parameters' storage now: ZeRO-3 gathers a block's weights into new storage
+        skip = {p.untyped_storage().data_ptr() for p in self.params}
+        if ptr not in skip and ptr not in self.seen:
             self.seen.add(ptr)
             self.current += t.untyped_storage().nbytes()
         return t
