@@ -117,8 +117,8 @@ def test_zero_over_the_replicas_of_a_grid_trains_like_one_process(
         "t2p2d2-zero1": (8, ["--tensor-parallel", "2", "--pipeline-stages", "2",
                              "--shard", "optimizer"]),
         "p2d2-zero3": (4, ["--pipeline-stages", "2", "--shard", "parameters"]),
-        "t2d2-zero2-sp": (4, ["--tensor-parallel", "2", "--sequence-parallel",
-                              "--shard", "gradients"]),
+        "t2d2-zero3-sp": (4, ["--tensor-parallel", "2", "--sequence-parallel",
+                              "--shard", "parameters"]),
     }
     for name, (n, grid) in grids.items():
         _train(mpirun, n, tmp_path / name, ["--batch-size", "8", "--micro-batches", "2",
@@ -136,7 +136,7 @@ def test_zero_over_the_replicas_of_a_grid_trains_like_one_process(
         "t2p2d2-zero1": (4, ["--pipeline-stages", "2", "--shard", "parameters",
                              "--batch-size", "8"]),
         "p2d2-zero3": (4, ["--tensor-parallel", "2", "--batch-size", "8"]),
-        "t2d2-zero2-sp": (4, ["--shard", "optimizer", "--batch-size", "4"]),
+        "t2d2-zero3-sp": (4, ["--shard", "optimizer", "--batch-size", "4"]),
     }.items():
         out = tmp_path / f"{name}-then"
         _resume_copy(tmp_path / name / "ckpt", out / "ckpt", 30)
