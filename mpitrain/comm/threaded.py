@@ -2,11 +2,10 @@
 
 The gradient engine's hooks call :meth:`ThreadReducer.iallreduce_` when a bucket is ready
 during backward; the bucket is queued on the reducer's :class:`CommThread` and reduced there
-with the inner reducer's *blocking* ``allreduce_`` (its own communicators, used by that thread
-only), while the main thread goes on with the backward. ``wait()`` on the handle returns once
-it is done. The sums are the blocking path's, bit for bit (``--comm-progress poll`` with
-overlap off); against the non-blocking path they differ only where MPI picks another
-algorithm for ``Iallreduce``.
+with the inner stack's own call (its own communicators, used by that thread only):
+non-blocking + wait on the thread where the stack overlaps, blocking otherwise, while the
+main thread goes on with the backward. ``wait()`` on the handle returns once it is done. The
+sums are that stack's, bit for bit.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ PROGRESS_MODES = ("thread", "poll", "mpi")
 
 
 class ThreadReducer:
-    """Run ``inner``'s blocking all-reduces in order on one communication thread.
+    """Run ``inner``'s all-reduces in order on one communication thread.
 
     Args:
         inner: the transport (flat, hierarchical, staged...); only the thread calls it.
@@ -69,29 +68,30 @@ class ThreadReducer:
 
 #: MPI library -> the measured --comm-progress default (docs/engine.md, "Communication thread")
 DEFAULT_PROGRESS = {"MPICH": "poll", "Open MPI": "poll"}
-#: the variable that starts each library's own progress thread (--comm-progress mpi)
-ASYNC_PROGRESS_ENV = {"MPICH": "MPIR_CVAR_ASYNC_PROGRESS"}  # Open MPI's ob1/TCP has none
+#: the env table key of each library's own progress thread switch (--comm-progress mpi)
+ASYNC_PROGRESS_ENV = {"MPICH": "mpich_async_progress"}  # Open MPI's ob1/TCP has none
 
 
 def resolve_progress(choice: str) -> str:
-    """``--comm-progress``'s value for this MPI (``auto``: the measured default).
+    """``--comm-progress``'s value for this MPI (``auto``: the measured default). Local:
+    call it through :func:`mpitrain.runtime.collective.agree` (each rank's environment).
 
     Raises:
         ConfigError: ``mpi`` without the library's progress thread switched on at launch,
             or ``thread`` without ``MPI_THREAD_MULTIPLE``.
     """
-    import os
-
     from mpi4py import MPI
 
     from mpitrain.errors import ConfigError, with_hint
+    from mpitrain.runtime import env
 
     vendor = MPI.get_vendor()[0]
     if choice == "auto":
         return DEFAULT_PROGRESS.get(vendor, "poll")
     if choice == "mpi":
-        var = ASYNC_PROGRESS_ENV.get(vendor)
-        if var is None or os.environ.get(var, "0") in ("", "0"):
+        key = ASYNC_PROGRESS_ENV.get(vendor)
+        if key is None or (env.get(key) or "0") == "0":
+            var = env.TABLE[key][0] if key else ""
             raise ConfigError(with_hint(
                 f"--comm-progress mpi needs {vendor}'s own progress thread, which this "
                 "launch did not start",

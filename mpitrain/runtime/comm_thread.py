@@ -78,6 +78,8 @@ class ThreadHandle:
         job = self._job
         if job.error is not None:
             job.collected = True
+            if self._owner.first_error is not None:  # the failure behind a "not run"
+                self._owner.first_error.collected = True
             raise CommThreadError(self._owner.failure_line(job)) from job.error
 
 
@@ -120,6 +122,11 @@ class CommThread:
             f"rank {self.rank}: '{job.name}' failed in the communication thread "
             f"'{self.name}': {type(job.error).__name__}: {job.error}",
             "the operation's own error is chained below; later operations were not run")
+
+    @property
+    def first_error(self) -> _Job | None:
+        """The operation whose failure stopped the thread (None: none failed)."""
+        return self._error
 
     def describe(self) -> str:
         """What the thread is doing now (the watchdog's dump)."""

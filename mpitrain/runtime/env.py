@@ -32,6 +32,8 @@ TABLE: dict[str, tuple[str, ...]] = {
     "mpich_enable_gpu": ("MPIR_CVAR_ENABLE_GPU",),
     "mv2_use_cuda": ("MV2_USE_CUDA",),
     "ucx_tls": ("UCX_TLS",),
+    # MPICH's own progress thread (--comm-progress mpi)
+    "mpich_async_progress": ("MPIR_CVAR_ASYNC_PROGRESS",),
     # ours
     "cache": ("MPITRAIN_CACHE",),
     "ranks_per_node": ("MPITRAIN_RANKS_PER_NODE",),

@@ -358,6 +358,28 @@ def memory_line(stage: torch.nn.Module) -> str:
     return f"{n} parameters ({b / 2**20:.1f} MiB)"
 
 
+#: options that act on a grid's data-parallel replicas (their exchange and its transport)
+REPLICA_OPTIONS = frozenset({"bucket_mb", "allreduce", "compression", "comm_progress",
+                             "cuda_aware", "local_steps", "sync_warmup_steps",
+                             "local_sgd_average_optimizer"})
+
+
+def refuse_replica_options(cfg: TrainConfig, grid: Grid) -> None:
+    """Refuse replica options on a grid with one replica (the same on every rank)."""
+    from mpitrain.config_checks import explicit_options
+    from mpitrain.errors import ConfigError, with_hint
+
+    unused = sorted(REPLICA_OPTIONS & explicit_options(cfg))
+    unused += ["exchange"] if cfg.exchange != "sync" else []
+    if unused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise ConfigError(with_hint(
+            f"{flags} {'acts' if len(unused) == 1 else 'act'} on the data-parallel replicas "
+            f"of a grid, and tensor {grid.tensor} "
+            f"x pipeline {grid.pipeline} on {grid.comm.size} ranks has one replica",
+            f"launch a multiple of {2 * grid.tensor * grid.pipeline} ranks, or drop them"))
+
+
 def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                      make_reducer: Any) -> Parts:
     """Collective: the grid, this rank's stage, its schedule, optimizer and loaders.
@@ -392,6 +414,8 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
             dp = build_exchange(BuildContext(
                 cfg, dp_world, stage, device, steps_per_epoch,
                 make_reducer=lambda overlap: make_reducer(dp_world, overlap)))
+    if dp is None:
+        refuse_replica_options(cfg, grid)
     engine = PipelineEngine(stage, grid, micro_batches=cfg.micro_batches,
                             schedule=cfg.pipeline_schedule, data_parallel=dp,
                             tied=stage.tied_parameters(),

@@ -94,7 +94,7 @@ def build_reducer(
         decision = decide_cuda_aware(world.comm, device, cfg.cuda_aware)
         if world.rank == 0:
             log.info("CUDA-aware MPI: %s", decision.describe())
-    progress = resolve_progress(cfg.comm_progress)
+    progress = agree(world.comm, lambda: resolve_progress(cfg.comm_progress))
     reducer = make_reducer(world, device=device, cuda_aware=decision, algo=cfg.allreduce,
                            overlap=True if progress == "mpi" else overlap, progress=progress)
     if world.rank == 0:

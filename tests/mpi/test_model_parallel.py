@@ -355,3 +355,9 @@ def test_local_sgd_and_bucket_autotune_on_a_grid(mpirun: MpiRun, tmp_path: Path)
     assert "bucket autotune:" in auto.stderr + auto.stdout, auto.stderr
     tuned, fixed = _final(tmp_path / "auto")[0], _final(tmp_path / "fixed")[0]
     assert all(torch.equal(tuned[k], fixed[k]) for k in fixed)
+    # one replica (tensor 2 on 2 ranks): the replicas' options are refused, not ignored
+    one = _train(mpirun, 2, tmp_path / "one", [*tp, "--compression", "bf16", "--exchange",
+                                               "local-sgd"], steps=2, check=False)
+    assert one.returncode != 0 and "Traceback" not in one.stderr, one.stderr
+    assert "--compression, --exchange act on the data-parallel replicas" in one.stderr
+    assert "has one replica" in one.stderr, one.stderr

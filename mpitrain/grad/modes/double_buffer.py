@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpitrain.comm.factory import close_reducer
 from mpitrain.comm.handle import DONE, Handle
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.broadcast import broadcast_parameters
@@ -222,6 +223,7 @@ class DoubleBuffer(ModeWrapper):
         if self._own_comm is not None:
             self._own_comm.Free()
             self._own_comm = None
+        close_reducer(self.transport.reducer)  # its communication thread, if any
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mpitrain.comm.factory import close_reducer
 from mpitrain.grad.broadcast import broadcast_parameters
 from mpitrain.grad.hooks import allreduce_hook
 from mpitrain.grad.modes.base import (
@@ -155,6 +156,11 @@ class LocalSGD(ModeWrapper):
         set_params(self.params, flat[:n_params])
         if extra:
             set_params(extra, flat[n_params:])
+
+    def close(self) -> None:
+        """Collective: finish traffic; stop the transport's communication thread."""
+        self.drain()
+        close_reducer(self.transport.reducer)
 
     def metrics(self) -> dict[str, float]:
         """Steps since the last model average (the models' divergence horizon)."""
