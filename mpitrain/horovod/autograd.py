@@ -3,8 +3,9 @@
 allreduce: the gradient is all-reduced with the same op and scale factors. allgather: the
 gradient is averaged across ranks and this rank's rows are returned. broadcast: the gradient
 is averaged; ranks other than the root get zeros. alltoall: the gradient goes back through
-alltoall with the received splits. reducescatter: the gradient is all-gathered (divided by
-the set size for Average, times the scale factors). Grouped variants do the same per tensor.
+alltoall with the received splits. reducescatter: the gradient is all-gathered (times the
+set size for Sum, unchanged for Average, times the scale factors). Grouped variants do the
+same per tensor.
 The ``forward`` arguments are Horovod's (``horovod.torch.mpi_ops.HorovodAllreduce`` etc.).
 """
 
@@ -147,7 +148,9 @@ class HorovodAlltoall(torch.autograd.Function):
 
 
 def _rs_scale(op: int, pre: float, post: float, ps: Any) -> float:
-    return (1.0 / (_ps(ps).size() or 1) if op == _o.Average else 1.0) * pre * post
+    """Return Horovod's factor on a reduce-scatter gradient: the set size for Sum, 1 for
+    Average, times both scale factors (``HorovodReducescatter.backward``)."""
+    return ((_ps(ps).size() or 1) if op == _o.Sum else 1.0) * pre * post
 
 
 class HorovodReducescatter(torch.autograd.Function):

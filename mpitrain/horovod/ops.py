@@ -52,7 +52,17 @@ def op_of(op: Any, average: bool | None) -> int:
 UNSUPPORTED = "is not supported by hvd."
 NOT_CONTIGUOUS = "Tensor is required to be contiguous."
 #: local problems raised as Horovod's ValueError (on every rank, after the agreement)
-VALUE_ERRORS = (DUPLICATE, UNSUPPORTED, NOT_CONTIGUOUS)
+VALUE_ERRORS = (UNSUPPORTED, NOT_CONTIGUOUS)
+
+
+def argument_error(msg: str) -> ValueError:
+    """Return Horovod's InvalidArgument error, raised on the calling rank before any exchange.
+
+    Horovod raises these at enqueue time (``ThrowIfError`` turns them into ValueError), so
+    no collective is issued and the peers are left in none; ranks that all pass the same
+    bad argument all raise at once.
+    """
+    return ValueError(f"rank {_c.context().world.rank}: {msg}")
 
 
 def check_tensors(ts: Sequence[Any], what: str, dtypes: Sequence[torch.dtype] = MOVABLE,
@@ -110,8 +120,8 @@ def submit(ps: Any, req: Request, start: Start, local_error: str | None = None) 
     what = f"hvd.{req.kind}" + (f" '{req.name}'" if req.name else "")
     comm = ctx.comm_of(ps, f"hvd.{req.kind}")
     ctx.raise_if_down(what)
-    if req.name is not None and req.name in ctx.in_flight and local_error is None:
-        local_error = DUPLICATE
+    if req.name is not None and req.name in ctx.in_flight:
+        raise argument_error(DUPLICATE)  # on this rank alone, as Horovod's tensor queue
     tl = ctx.timeline
     span = (f"hvd.{req.kind} {req.name or ''}".rstrip(), tl.now()) if tl.on else None
     state = ctx.state_of(ps if ps is not None else _c.global_process_set)
@@ -235,8 +245,11 @@ def broadcast_op(tensor: torch.Tensor, root_rank: int, name: str | None, ps: Any
                  in_place: bool) -> Op:
     """Collective: broadcast ``tensor`` from global rank ``root_rank``."""
     bad = check_tensors([tensor], "broadcast", in_place=in_place)
+    _c.context().comm_of(ps, "hvd.broadcast")  # membership first, as Horovod checks
     root, err = root_index(ps, int(root_rank))
-    err = bad or err
+    if err is not None:
+        raise argument_error(err)
+    err = bad
     req = Request("broadcast", name, (str(tensor.dtype),), (tuple(tensor.shape),),
                   root=int(root_rank))
 
@@ -285,8 +298,11 @@ def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any) ->
     bad = check_tensors([tensor], "alltoall")
     size = (ps or _c.global_process_set).size() or 1
     dim0 = tensor.shape[0] if tensor.dim() else 1
+    _c.context().comm_of(ps, "hvd.alltoall")  # membership first, as Horovod checks
     sends, err = _splits_error(splits, dim0, size)
-    err = bad or err
+    if err is not None:
+        raise argument_error(err)
+    err = bad
     req = Request("alltoall", name, (str(tensor.dtype),), (tuple(tensor.shape) or (1,),),
                   splits=splits is not None)
     split_dtype = splits.dtype if isinstance(splits, torch.Tensor) else torch.int32
@@ -350,10 +366,11 @@ def reducescatter_op(tensors: Sequence[torch.Tensor], name: str | None, op: int,
 
 def object_op(kind: str, obj: Any, root_rank: int | None, name: str | None, ps: Any) -> Any:
     """Collective: broadcast (root given) or all-gather a picklable object."""
-    err = None
     root = 0
     if root_rank is not None:
         root, err = root_index(ps, int(root_rank))
+        if err is not None:
+            raise argument_error(err)
     req = Request(kind, name or f"{kind}_object", root=root_rank)
 
     def start(comm: MPI.Intracomm, outcome: Outcome) -> tuple[Handle, Callable[[], Any]]:
@@ -361,4 +378,4 @@ def object_op(kind: str, obj: Any, root_rank: int | None, name: str | None, ps: 
                   if root_rank is not None else comm.allgather(obj))
         return DONE, lambda: result
 
-    return submit(ps, req, start, err).result()
+    return submit(ps, req, start).result()

@@ -9,6 +9,7 @@ contribute zeros.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,10 +53,34 @@ class HorovodReducer:
         self.iallreduce_(t, average=average).wait()
 
 
+STEP_AFTER_SYNCHRONIZE = (
+    "optimizer.step() called without optimizer.skip_synchronize() context after "
+    "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
+    "using optimizer.skip_synchronize() context if you use optimizer.synchronize() in your "
+    "code."
+)
+
+
+class HorovodOptimizer(_EngineOptimizer):
+    """The engine's optimizer with Horovod's warning for ``step()`` after ``synchronize()``.
+
+    Horovod then exchanges the gradients a second time; here the step uses the gradients
+    already exchanged (the same values for Average, and no second sum for Sum).
+    """
+
+    def step(self, closure: Any = None) -> Any:
+        """Collective unless synchronized: warn as Horovod after an explicit synchronize()."""
+        if self._synchronized and not self._skip:
+            warnings.warn(STEP_AFTER_SYNCHRONIZE, stacklevel=2)
+        return super().step(closure)
+
+
 def _check_named(optimizer: torch.optim.Optimizer, named_parameters: Any
-                 ) -> list[tuple[str, torch.nn.Parameter]] | None:
-    if named_parameters is None:
-        return None
+                 ) -> list[tuple[str, torch.nn.Parameter]]:
+    if named_parameters is None:  # Horovod's own names: group i, parameter j
+        return [(f"allreduce.noname.{i}.{j}", p)
+                for i, g in enumerate(optimizer.param_groups)
+                for j, p in enumerate(g["params"])]
     named = list(named_parameters)
     if any(not isinstance(p, tuple) or len(p) != 2 for p in named):
         raise ValueError("named_parameters should be a sequence of tuples (name, parameter), "
@@ -106,7 +131,7 @@ def DistributedOptimizer(
     groups: Any = None,
     sparse_as_dense: bool = False,
     process_set: _c.ProcessSet = _G,
-) -> _EngineOptimizer:
+) -> HorovodOptimizer:
     """Collective: wrap ``optimizer`` so gradients are averaged (or summed) across the set.
 
     ``groups``/``num_groups`` are validated as Horovod does; fusion uses the engine's fixed
@@ -128,7 +153,7 @@ def DistributedOptimizer(
     _check_groups(num_groups, groups)
     f = float(gradient_predivide_factor)
     reducer = HorovodReducer(process_set, 1.0 / f, f)
-    opt = _EngineOptimizer(
+    opt = HorovodOptimizer(
         optimizer,
         named,
         comm=comm,

@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -250,13 +251,18 @@ def gradient_checks(n: int, r: int) -> None:
         (out * (r + 1)).sum().backward()
         want = torch.tensor([k + 1.0 for k in range(n)]).view(-1, *[1] * (dim - 1))
         same(x.grad, want.expand_as(x), f"alltoall grad {dim}d")
-        # reducescatter Sum: gradient is the all-gather of the gradients
+        # reducescatter (Horovod's HorovodReducescatter.backward): the all-gather of the
+        # gradients, times the set size for Sum, times the scale factors
         x = torch.ones([n, *shape[1:]], requires_grad=True)
         (hvd.reducescatter(x, op=hvd.Sum) * (r + 1)).sum().backward()
-        same(x.grad, want.expand_as(x), f"reducescatter Sum grad {dim}d")
+        same(x.grad, (want * n).expand_as(x), f"reducescatter Sum grad {dim}d")
         x = torch.ones([n, *shape[1:]], requires_grad=True)
         (hvd.reducescatter(x) * (r + 1)).sum().backward()
-        same(x.grad, (want / n).expand_as(x), f"reducescatter Average grad {dim}d")
+        same(x.grad, want.expand_as(x), f"reducescatter Average grad {dim}d")
+        x = torch.ones([n, *shape[1:]], requires_grad=True)
+        (hvd.reducescatter(x, op=hvd.Sum, prescale_factor=3.0, postscale_factor=0.5)
+         * (r + 1)).sum().backward()
+        same(x.grad, (want * n * 1.5).expand_as(x), f"reducescatter scaled grad {dim}d")
     # grouped variants
     a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
     ga, gb = hvd.grouped_allreduce([a, b], op=hvd.Sum)
@@ -266,9 +272,10 @@ def gradient_checks(n: int, r: int) -> None:
     a = torch.ones(1, requires_grad=True)
     (hvd.grouped_allgather([a])[0] * (r + 1)).sum().backward()
     same(a.grad, torch.full((1,), ps_sum / n), "grouped_allgather grad")
-    a = torch.ones(n, requires_grad=True)
-    (hvd.grouped_reducescatter([a], op=hvd.Sum)[0] * (r + 1)).sum().backward()
-    same(a.grad, torch.arange(1.0, n + 1), "grouped_reducescatter grad")
+    for op, factor in ((hvd.Sum, n), (hvd.Average, 1)):
+        a = torch.ones(n, requires_grad=True)
+        (hvd.grouped_reducescatter([a], op=op)[0] * (r + 1)).sum().backward()
+        same(a.grad, torch.arange(1.0, n + 1) * factor, f"grouped_reducescatter grad op{op}")
 
 
 def misc_checks(n: int, r: int) -> None:
@@ -302,8 +309,67 @@ def misc_checks(n: int, r: int) -> None:
     check(callable(hvd.elastic.run) and hasattr(hvd.elastic, "TorchState"), "hvd.elastic")
 
 
+def value_error(fn: object, what: str, needle: str = "") -> None:
+    """``fn()`` raises ValueError (not HorovodInternalError) within a second."""
+    t0 = time.monotonic()
+    try:
+        fn()  # type: ignore[operator]
+    except hvd.HorovodInternalError as e:
+        check(False, f"{what}: HorovodInternalError instead of ValueError: {e}")
+    except ValueError as e:
+        check(needle in str(e), f"{what}: {needle!r} not in {e}")
+        check(time.monotonic() - t0 < 1.0, f"{what}: not raised at once")
+        return
+    check(False, f"{what}: no ValueError")
+
+
+def client_semantics_checks(n: int, r: int) -> None:
+    """Horovod client code unchanged: argument errors, names in flight, the optimizer."""
+    # Horovod's InvalidArgument errors: a ValueError on the calling rank, nothing issued
+    value_error(lambda: hvd.alltoall(torch.ones(n + 1)), "alltoall uneven", "splits")
+    value_error(lambda: hvd.alltoall(torch.ones(n), splits=[n] * n), "splits sum", "splits")
+    value_error(lambda: hvd.alltoall(torch.ones(n), splits=[1] * (n + 1)), "splits count")
+    value_error(lambda: hvd.broadcast(torch.ones(1), root_rank=n), "root outside", "root")
+    if r == 0:  # one rank alone: it raises and its peers are in no collective
+        value_error(lambda: hvd.alltoall_async(torch.ones(n + 1)), "one rank", "splits")
+        value_error(lambda: hvd.broadcast_(torch.ones(1), root_rank=-1), "one rank root")
+    same(hvd.allreduce(torch.ones(2), op=hvd.Sum), torch.full((2,), float(n)), "next op")
+    # a name in flight: the second submission raises at once, on that rank alone
+    h = hvd.allreduce_async(torch.ones(2), name="x")
+    if r == 0:
+        value_error(lambda: hvd.allreduce_async(torch.ones(2), name="x"), "in flight",
+                    "same name")
+    hvd.barrier()
+    same(hvd.synchronize(h), torch.ones(2), "the first 'x' completes")
+    # DistributedOptimizer without named_parameters (Horovod names them itself)
+    model = torch.nn.Linear(2, 1)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD([{"params": [model.weight]},
+                                                    {"params": [model.bias]}], lr=1.0))
+    w0 = model.weight.detach().clone()
+    model(torch.full((1, 2), float(r + 1))).sum().backward()
+    opt.step()
+    mean = (n + 1) / 2
+    same(model.weight.detach(), w0 - mean, "unnamed parameters are averaged")
+    # step() after an explicit synchronize() without skip_synchronize() warns (as Horovod)
+    for skip in (False, True):
+        opt.zero_grad()
+        model(torch.ones(1, 2)).sum().backward()
+        opt.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if skip:
+                with opt.skip_synchronize():
+                    opt.step()
+            else:
+                opt.step()
+        text = [str(w.message) for w in seen]
+        check(any("skip_synchronize" in m for m in text) != skip, f"warning {skip}: {text}")
+
+
 GROUPS = (allreduce_checks, allgather_checks, broadcast_checks, alltoall_checks,
-          reducescatter_checks, grouped_allreduce_checks, gradient_checks, misc_checks)
+          reducescatter_checks, grouped_allreduce_checks, gradient_checks, misc_checks,
+          client_semantics_checks)
 
 
 def run_groups(n: int, r: int) -> None:
