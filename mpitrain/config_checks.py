@@ -192,9 +192,6 @@ EFFECTS: tuple[Effect, ...] = (
     Effect("comm_progress", lambda c: c.exchange != "param-server",
            lambda c: "with --exchange param-server (nothing is all-reduced during backward)",
            "drop --comm-progress, or use --exchange sync, double-buffer or local-sgd"),
-    Effect("comm_progress", lambda c: c.shard == "none",
-           lambda c: f"with --shard {c.shard} (ZeRO's reduce-scatters have their own transport)",
-           "drop --comm-progress, or use --shard none"),
     Effect("sync_warmup_steps", lambda c: c.exchange != "param-server" or c.max_staleness > 0,
            lambda c: "with --exchange param-server --max-staleness 0 (every step is "
                      "synchronous already)",

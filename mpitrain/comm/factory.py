@@ -145,6 +145,14 @@ def describe(reducer: Reducer) -> str:
     return type(reducer).__name__.removesuffix("Reducer")
 
 
+def close_shard_thread(transport: ShardComm) -> None:
+    """Stop a shard transport's communication thread, if it has one (not collective)."""
+    from mpitrain.comm.threaded import ThreadShards
+
+    if isinstance(transport, ThreadShards):
+        transport.thread.close()
+
+
 def close_reducer(reducer: Reducer) -> None:
     """Stop what a reducer stack runs besides MPI calls (the communication thread)."""
     from mpitrain.comm.threaded import ThreadReducer
@@ -178,6 +186,7 @@ def make_shard_comm(
     cuda_aware: bool = False,
     algo: str = "flat",
     staged: bool | None = None,
+    progress: str = "poll",
 ) -> ShardComm:
     """Collective: the reduce-scatter / all-gather transport for ZeRO shards on ``device``.
 
@@ -188,7 +197,20 @@ def make_shard_comm(
     each collective into an intra-node and a cross-node part; it needs the same number of
     ranks on every node and falls back to flat otherwise (:func:`describe_shards` says so).
     Every call builds new communicators (one transport per stream of collectives).
+    ``progress`` ``thread`` runs the transport's calls on its own communication thread
+    (:class:`~mpitrain.comm.threaded.ThreadShards`).
     """
+    stack = _shard_stack(world, device=device, cuda_aware=cuda_aware, algo=algo, staged=staged)
+    if progress == "thread":
+        from mpitrain.comm.threaded import ThreadShards
+
+        return ThreadShards(stack, world.rank)
+    return stack
+
+
+def _shard_stack(world: World, *, device: torch.device, cuda_aware: bool, algo: str,
+                 staged: bool | None) -> ShardComm:
+    """The shard transport without its progress choice (:func:`make_shard_comm`)."""
 
     from mpitrain.comm.shards import CudaAwareShards, FlatShards, HierarchicalShards, StagedShards
 
@@ -210,7 +232,10 @@ def make_shard_comm(
 def describe_shards(transport: ShardComm) -> str:
     """One log line naming a shard transport stack, e.g. ``Staged(HierarchicalShards)``."""
     from mpitrain.comm.shards import CudaAwareShards, StagedShards
+    from mpitrain.comm.threaded import ThreadShards
 
+    if isinstance(transport, ThreadShards):
+        return f"Thread({describe_shards(transport.inner)})"
     if isinstance(transport, StagedShards):
         return f"Staged({describe_shards(transport.inner)})"
     if isinstance(transport, CudaAwareShards):

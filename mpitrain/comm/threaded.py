@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from mpitrain.comm.reducer import Reducer
+    from mpitrain.comm.shards import ShardComm
 
 #: --comm-progress values: thread (this module), poll (non-blocking calls driven by the
 #: engine's waits and tests), mpi (non-blocking calls moved by the MPI library's own thread)
@@ -103,3 +104,41 @@ def resolve_progress(choice: str) -> str:
         except MpitrainError as exc:
             raise ConfigError(str(exc)) from None
     return choice
+
+
+class ThreadShards:
+    """Run ``inner``'s reduce-scatters and all-gathers (ZeRO) in order on one thread.
+
+    Args:
+        inner: the shard transport (flat, hierarchical, staged...); only the thread calls it.
+        rank: this rank (named in failures).
+        name: the stream's name (``zero reduce-scatter``, ``zero all-gather``).
+    """
+
+    def __init__(self, inner: ShardComm, rank: int, name: str = "zero") -> None:
+        check_thread_level()
+        self.inner = inner
+        self.thread = CommThread(rank, name)
+
+    @property
+    def size(self) -> int:
+        """Number of ranks (and chunks)."""
+        return self.inner.size
+
+    def ireduce_scatter_(
+        self, send: torch.Tensor, out: torch.Tensor | None, *, average: bool
+    ) -> Handle:
+        """Collective: queue the reduce-scatter of ``send`` on the thread."""
+        return self.thread.submit(
+            lambda: self.inner.ireduce_scatter_(send, out, average=average).wait(),
+            f"reduce-scatter {send.numel() * send.element_size()} B")
+
+    def iallgather_(self, full: torch.Tensor) -> Handle:
+        """Collective: queue the in-place all-gather of ``full`` on the thread."""
+        return self.thread.submit(lambda: self.inner.iallgather_(full).wait(),
+                                  f"all-gather {full.numel() * full.element_size()} B")
+
+    def free(self) -> None:
+        """Collective: run what is queued, stop the thread, free the inner communicators."""
+        self.thread.close()
+        self.inner.free()

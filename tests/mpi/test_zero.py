@@ -169,6 +169,7 @@ def test_shard_transports(mpirun: MpiRun) -> None:
         "transports == flat, 1x4",
         "stages 1-3 over hierarchical and staged transports == sync data parallel",
         "bf16 compression over the hierarchical reduce-scatter",
+        "stages 1-3 with the collectives on communication threads == main thread",
         "fp16 loss scaler: an overflow in one rank's shard skips every rank's step",
     }, proc.stdout
 

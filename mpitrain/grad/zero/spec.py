@@ -12,8 +12,10 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from mpitrain.comm.threaded import resolve_progress
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.zero.wrapper import STAGES, ShardedDataParallel
+from mpitrain.runtime.collective import agree
 
 if TYPE_CHECKING:
     import torch
@@ -60,9 +62,11 @@ def build_sharded(ctx: BuildContext, units: Sequence[torch.nn.Module] | None = N
     aware = False
     if ctx.device.type == "cuda":
         aware = decide_cuda_aware(world.comm, ctx.device, cfg.cuda_aware).use_cuda_aware
+    progress = agree(world.comm, lambda: resolve_progress(cfg.comm_progress))
     model = ShardedDataParallel(ctx.module, comm=world.comm, stage=stage,
                                 bucket_mb=cfg.bucket_mb, compression=cfg.compression,
-                                algo=cfg.allreduce, cuda_aware=aware, world=world, units=units)
+                                algo=cfg.allreduce, cuda_aware=aware, world=world, units=units,
+                                progress=progress)
     if world.rank == 0:
         log.info("shard transport: %s", describe_shards(model.transport))
     return model

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.comm.allreduce import allreduce_
-from mpitrain.comm.factory import make_shard_comm
+from mpitrain.comm.factory import close_shard_thread, make_shard_comm
 from mpitrain.comm.reducer import default_overlap
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.broadcast import broadcast_parameters
@@ -88,6 +88,8 @@ class ShardedDataParallel(ExchangeBase):
         cuda_aware: the agreed decision that MPI takes device buffers
             (:func:`mpitrain.runtime.cuda_aware.decide_cuda_aware`).
         world: ``World.create(comm)`` when the caller has one (else built here).
+        progress: ``thread`` runs the reduce-scatters and all-gathers on communication
+            threads (one per transport, ``--comm-progress``); ``poll`` the engine's waits.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class ShardedDataParallel(ExchangeBase):
         staged: bool | None = None,
         cuda_aware: bool = False,
         world: World | None = None,
+        progress: str = "poll",
     ) -> None:
         super().__init__(module)
         if param_dtype not in (None, torch.float32, torch.bfloat16, torch.float16) or (
@@ -145,7 +148,7 @@ class ShardedDataParallel(ExchangeBase):
         self._own_world = world is None
         self.world = World.create(comm) if world is None else world
         transport_args = {"device": device, "cuda_aware": cuda_aware, "algo": algo,
-                          "staged": staged}
+                          "staged": staged, "progress": progress}
 
         def transport() -> ShardComm:
             return make_shard_comm(self.world, **transport_args)  # type: ignore[arg-type]
@@ -369,6 +372,8 @@ class ShardedDataParallel(ExchangeBase):
         if self.sharded is not None:
             self.sharded.remove_hooks()
         self.transport.free()
+        if self.sharded is not None:  # stage 3's gathers: their communication thread
+            close_shard_thread(self.sharded.transport)
         if self._own_world:
             self.world.free()
 

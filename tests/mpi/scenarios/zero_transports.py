@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from mpitrain.comm.factory import describe_shards, make_shard_comm
 from mpitrain.comm.shards import FlatShards, HierarchicalShards, ShardComm
+from mpitrain.grad.zero.wrapper import ShardedDataParallel
 from mpitrain.runtime.abort import run_mpi
 from mpitrain.runtime.world import World
 from tests.mpi.scenarios.zero_equivalence import Deep, Mlp, check_close, passed, train
@@ -157,6 +158,21 @@ def check_scaler(comm: MPI.Intracomm) -> None:
     passed(comm, "fp16 loss scaler: an overflow in one rank's shard skips every rank's step")
 
 
+def check_thread(comm: MPI.Intracomm) -> None:
+    """Stages 1-3 with the reduce-scatters and all-gathers on communication threads
+    (``progress="thread"``) == on the main thread, bit for bit (the same MPI calls)."""
+    for stage in (1, 2, 3):
+        _, ref, _ = train(comm, Deep, "adam", stage)
+        _, w, _ = train(comm, Deep, "adam", stage, sdp={"progress": "thread"})
+        assert isinstance(w, ShardedDataParallel) and isinstance(ref, ShardedDataParallel)
+        assert describe_shards(w.transport).startswith("Thread("), describe_shards(w.transport)
+        for a, b in zip(w.parameters(), ref.parameters(), strict=True):  # the stepped shards
+            assert torch.equal(a, b), stage
+        w.close()
+        ref.close()
+    passed(comm, "stages 1-3 with the collectives on communication threads == main thread")
+
+
 def main(comm: MPI.Intracomm) -> int:
     torch.set_num_threads(1)
     assert comm.size == 4, "run with 4 ranks"
@@ -164,6 +180,7 @@ def main(comm: MPI.Intracomm) -> int:
         check_collectives(comm, name, world)
         world.free()
     check_training(comm)
+    check_thread(comm)
     check_scaler(comm)
     comm.Free()
     return 0
