@@ -132,7 +132,7 @@ class GradEngine:
         if tl.on:
             t0 = tl.now()
             self._handles[b] = self.hook(self.state, self.buckets[b])
-            tl.bucket_launched(b, self.buckets[b].nbytes, t0)
+            tl.bucket_launched(b, self.buckets[b].nbytes, t0, self.state.reducer.size)
             return
         self._handles[b] = self.hook(self.state, self.buckets[b])
 

@@ -74,8 +74,9 @@ class Timeline(Protocol):
     def step_end(self) -> None:
         """End the current step's span."""
 
-    def bucket_launched(self, b: int, nbytes: int, t0: int) -> None:
-        """Bucket ``b`` (``nbytes``) was launched at ``t0``; the launch call returned now."""
+    def bucket_launched(self, b: int, nbytes: int, t0: int, ranks: int | None = None) -> None:
+        """Bucket ``b`` (``nbytes``, reduced over ``ranks``: None = every rank of the trace)
+        was launched at ``t0``; the launch call returned now."""
 
     def bucket_done(self, b: int) -> None:
         """Bucket ``b``'s reduction was observed complete now."""
@@ -125,7 +126,7 @@ class NullRecorder:
     def step_end(self) -> None:
         """Do nothing."""
 
-    def bucket_launched(self, b: int, nbytes: int, t0: int) -> None:
+    def bucket_launched(self, b: int, nbytes: int, t0: int, ranks: int | None = None) -> None:
         """Do nothing."""
 
     def bucket_done(self, b: int) -> None:
@@ -203,7 +204,7 @@ class Recorder:
         self.recorded = 0
         self.step = -1
         self._step_t0: int | None = None
-        self._inflight: dict[int, tuple[int, int]] = {}  # bucket -> (t0, nbytes)
+        self._inflight: dict[int, tuple[int, int, int | None]] = {}  # bucket -> (t0, bytes, ranks)
         #: named flights in flight: key -> (name, track, t0, args, step); args holds
         #: ``bytes``, ``op`` and what the caller added (``group``, ``peer`` ...)
         self._flights: dict[int, tuple[str, int, int, dict[str, Any], int]] = {}
@@ -261,20 +262,22 @@ class Recorder:
             self._add("step", "step", MAIN, self._step_t0, self.clock(), {"step": self.step})
             self._step_t0 = None
 
-    def bucket_launched(self, b: int, nbytes: int, t0: int) -> None:
+    def bucket_launched(self, b: int, nbytes: int, t0: int, ranks: int | None = None) -> None:
         """Bucket ``b`` was launched at ``t0``; records the launch call, opens its flight."""
         if self.on:
             t1 = self.clock()
             self._add("launch", "launch", bucket_track(b), t0, t1, None)
-            self._inflight[b] = (t0, nbytes)
+            self._inflight[b] = (t0, nbytes, ranks)
 
     def bucket_done(self, b: int) -> None:
         """Close bucket ``b``'s in-flight span (no-op when it is not in flight)."""
         started = self._inflight.pop(b, None)
         if started is not None:
-            t0, nbytes = started
-            self._add(f"allreduce b{b}", "bucket", bucket_track(b), t0, self.clock(),
-                      {"bucket": b, "bytes": nbytes})
+            t0, nbytes, ranks = started
+            args = {"bucket": b, "bytes": nbytes}
+            if ranks is not None:  # a group smaller than the trace (a grid's replicas)
+                args["ranks"] = ranks
+            self._add(f"allreduce b{b}", "bucket", bucket_track(b), t0, self.clock(), args)
 
     def bucket_waited(self, b: int, t0: int) -> None:
         """Record the wait on bucket ``b`` from ``t0`` and close its flight (if in flight)."""

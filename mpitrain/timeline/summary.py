@@ -201,7 +201,8 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
     of_rank: dict[int, dict[str, list[Interval]]] = defaultdict(lambda: defaultdict(list))
     arrivals: dict[int, dict[int, float]] = defaultdict(dict)
     step_span: dict[tuple[int, int], Interval] = {}
-    flights: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    #: (bucket, bytes, group size) -> flight times: a grid's stages have their own buckets
+    flights: dict[tuple[int, int, int], list[float]] = defaultdict(list)
     named: dict[str, list[tuple[int, str, float, int]]] = {}
     for ev in doc["traceEvents"]:
         if ev.get("ph") != "X":
@@ -217,7 +218,9 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         elif cat == "sync":
             arrivals[step].setdefault(rank, a)
         elif cat == "bucket":
-            flights[int(ev["args"]["bucket"])].append((int(ev["args"]["bytes"]), b - a))
+            args = ev["args"]
+            key = (int(args["bucket"]), int(args["bytes"]), int(args.get("ranks", ranks)))
+            flights[key].append(b - a)
         elif cat == "comm":
             named.setdefault(ev["name"], []).append(
                 (int(ev["args"]["bytes"]), str(ev["args"].get("op", "")), b - a,
@@ -263,13 +266,12 @@ def summarize(doc: dict[str, Any], *, path: str = "", peak_gbs: float | None = N
         totals["data"] += data
         totals["time"] += time_sum
     buckets = []
-    for b in sorted(flights):
-        nbytes = flights[b][0][0]
-        median_ms = statistics.median(t for _, t in flights[b])
+    for b, nbytes, group in sorted(flights):
+        times = flights[(b, nbytes, group)]
+        median_ms = statistics.median(times)
         algbw = nbytes / (median_ms / 1000.0) / 1e9 if median_ms > 0 else 0.0
-        busbw = algbw * 2 * (ranks - 1) / ranks if ranks > 1 else algbw
-        best_ms = min(t for _, t in flights[b])
-        buckets.append(BucketRow(b, nbytes, len(flights[b]), median_ms, best_ms, algbw, busbw,
+        busbw = algbw * 2 * (group - 1) / group if group > 1 else algbw
+        buckets.append(BucketRow(b, nbytes, len(times), median_ms, min(times), algbw, busbw,
                                  busbw / peak_gbs if peak_gbs else None))
     clocks = doc["otherData"].get("clocks", [])
     n_rank_steps = max(len(step_span), 1)

@@ -361,3 +361,29 @@ def test_tensor_parallel_and_send_recv_time_per_stage() -> None:
         span(0, "comm", 0.0, 1000.0, "tp all-reduce fwd", step=0, bytes=64, **tp)]})
     assert [(r.stage, r.median, r.tensor_ms, r.p2p_ms) for r in only_tp.stages] == [
         (0, 0.0, 1.0, 0.0)]
+
+
+def test_grid_buckets_use_their_group_and_stay_apart(tmp_path: Path) -> None:
+    """A grid's replicas reduce over their data-parallel group (2 of 4 ranks) and each stage
+    has its own bucket 0: bus bandwidth over the group, one row per (bucket, size)."""
+    gathered = []
+    for rank in range(4):
+        clock = FakeClock()
+        rec = Recorder(steps=(0, 1), clock=clock)
+        rec.step_begin(0)
+        nbytes = 4 * 2**20 if rank < 2 else 2 * 2**20  # stage 0 / stage 1
+        rec.bucket_launched(0, nbytes, rec.now(), ranks=2)
+        clock.t = 4 * MS
+        rec.bucket_done(0)
+        clock.t = 5 * MS
+        rec.step_end()
+        fit = ClockFit(ClockSample(0, 0, 2000), ClockSample(10**12, 0, 4000))
+        gathered.append((chrome_events(rec, fit, rank, 0.0), {"rank": rank, "bound_ns": 2000}))
+    path = tmp_path / "grid.json"
+    write_merged(path, gathered, (0, 1))
+    s = summarize(load(path), path=str(path))
+    assert [(r.bucket, r.bytes, r.flights) for r in s.buckets] == [
+        (0, 2 * 2**20, 2), (0, 4 * 2**20, 2)]
+    for r in s.buckets:  # 2 ranks: bus bandwidth == algorithm bandwidth (4 ranks: 1.5x)
+        assert r.busbw_gbs == pytest.approx(r.algbw_gbs)
+        assert r.algbw_gbs == pytest.approx(r.bytes / 4e-3 / 1e9)
