@@ -83,6 +83,11 @@ class TrainConfig:
         MODEL, "mlp", "mlp | cnn | gpt | package.module:factory (factory(config) -> nn.Module)",
         check=check_model,
     )
+    compile: str = _opt(
+        MODEL, "none", "torch.compile the model: regions (each child module alone, so gradient "
+        "buckets still launch during backward), full (one graph: they launch after it), none",
+        ("none", "regions", "full"),
+    )
     hidden: int = _opt(
         MODEL, 128, "hidden width of the built-in models", accepted=Range(1, 1 << 20)
     )

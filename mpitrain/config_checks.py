@@ -16,6 +16,13 @@ def check_combinations(cfg: TrainConfig) -> None:
     """Raise ConfigError for options that are fine alone but not together."""
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
         raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))
+    if cfg.compile != "none" and (cfg.shard == "parameters" or cfg.model == "gpt"):
+        raise ConfigError(with_hint(
+            f"--compile {cfg.compile} is not available with "
+            + ("--shard parameters (ZeRO-3 frees and re-gathers the parameters' storage "
+               "around each unit, under the compiled graphs)" if cfg.shard == "parameters"
+               else "--model gpt (the grid's stages are not compiled yet)"),
+            "drop --compile, or use --shard none|optimizer|gradients with your own model"))
     if cfg.bucket_mb == 0 and (cfg.exchange != "sync" or cfg.shard != "none"):
         raise ConfigError(with_hint("--bucket-mb auto tunes DataParallel's buckets only",
                                     "use it with --exchange sync and --shard none"))

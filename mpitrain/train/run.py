@@ -108,6 +108,7 @@ def build_parts(
     """Collective: open the data, build and wrap the model, optimizer and schedule."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
     from mpitrain.data.parallel_io import use_driver
+    from mpitrain.grad.compile import compile_model
     from mpitrain.grad.protocol import BuildContext, build_exchange
     from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
@@ -174,6 +175,7 @@ def build_parts(
     module = agree(
         world.comm, lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes)
     ).to(device)
+    compile_model(module, cfg.compile)  # before the exchange registers its hooks
     # ZeRO (--shard, docs/sharding.md): the optimizer is built over this rank's shards
     model = (build_sharded if cfg.shard != "none" else build_exchange)(
         BuildContext(
