@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from mpitrain.comm.shards import ShardComm
     from mpitrain.runtime.cuda_aware import Decision
     from mpitrain.runtime.world import World
+    from mpitrain.timeline.recorder import Timeline
 
 ALGOS = ("flat", "hierarchical", "auto")
 
@@ -145,12 +146,28 @@ def describe(reducer: Reducer) -> str:
     return type(reducer).__name__.removesuffix("Reducer")
 
 
+def set_shard_timeline(transport: ShardComm, recorder: Timeline) -> None:
+    """Let a shard transport's communication thread record into ``recorder`` (if any)."""
+    from mpitrain.comm.threaded import ThreadShards
+
+    if isinstance(transport, ThreadShards):
+        transport.thread.timeline = recorder
+
+
 def close_shard_thread(transport: ShardComm) -> None:
     """Stop a shard transport's communication thread, if it has one (not collective)."""
     from mpitrain.comm.threaded import ThreadShards
 
     if isinstance(transport, ThreadShards):
         transport.thread.close()
+
+
+def set_reducer_timeline(reducer: Reducer, recorder: Timeline) -> None:
+    """Let a reducer stack's communication thread record into ``recorder`` (if it has one)."""
+    from mpitrain.comm.threaded import ThreadReducer
+
+    if isinstance(reducer, ThreadReducer):
+        reducer.set_timeline(recorder)
 
 
 def close_reducer(reducer: Reducer) -> None:

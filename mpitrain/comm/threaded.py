@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from mpitrain.comm.reducer import Reducer
     from mpitrain.comm.shards import ShardComm
+    from mpitrain.timeline.recorder import Timeline
 
 #: --comm-progress values: thread (this module), poll (non-blocking calls driven by the
 #: engine's waits and tests), mpi (non-blocking calls moved by the MPI library's own thread)
@@ -61,6 +62,10 @@ class ThreadReducer:
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
         """Collective: queue and wait (after everything queued before it)."""
         self.iallreduce_(t, average=average).wait()
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record each operation's queue wait and run on the thread's own track."""
+        self.thread.timeline = recorder
 
     def close(self) -> None:
         """Run what is queued, then stop the thread."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpitrain.comm.factory import close_reducer, default_reducer
+from mpitrain.comm.factory import close_reducer, default_reducer, set_reducer_timeline
 from mpitrain.comm.reducer import Reducer, default_overlap
 from mpitrain.grad.broadcast import broadcast_parameters
 from mpitrain.grad.consistency import check_same_layout, layout
@@ -92,6 +92,7 @@ class DataParallel(ExchangeBase):
         broadcast into ``recorder``."""
         self.engine.timeline = recorder
         self.timeline = recorder
+        set_reducer_timeline(self.reducer, recorder)  # the communication thread's spans
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (re-attaching bucket views as ``.grad`` first)."""

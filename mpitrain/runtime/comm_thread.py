@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpitrain.errors import MpitrainError, with_hint
+from mpitrain.timeline.recorder import NULL, Timeline
 
 #: every live communication thread (the watchdog's dump names what each is doing)
 _LIVE: weakref.WeakSet[CommThread] = weakref.WeakSet()
@@ -51,6 +52,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     collected: bool = False
+    queued_at: int = 0  #: the timeline's clock at submit (0: not recorded)
 
 
 class ThreadHandle:
@@ -100,6 +102,8 @@ class CommThread:
         self._error: _Job | None = None
         self.current: tuple[str, float] | None = None  #: (operation, start) now running
         self.submitted = 0
+        #: records each operation's wait in the queue and its run (``thread_span``)
+        self.timeline: Timeline = NULL
         self._closed = False
         self._thread = threading.Thread(
             target=self._run, name=f"mpitrain-comm-{name}-{next(_IDS)}", daemon=True)
@@ -111,7 +115,7 @@ class CommThread:
         if self._closed:
             raise CommThreadError(f"rank {self.rank}: communication thread '{self.name}' "
                                   f"is closed; '{name}' was submitted after close()")
-        job = _Job(fn, name)
+        job = _Job(fn, name, queued_at=self.timeline.now() if self.timeline.on else 0)
         self.submitted += 1
         self._queue.put(job)
         return ThreadHandle(job, self)
@@ -156,6 +160,8 @@ class CommThread:
                 job.done.set()
                 continue
             self.current = (job.name, time.monotonic())
+            tl = self.timeline
+            t0 = tl.now() if tl.on else 0
             try:
                 job.fn()
             except BaseException as exc:  # reported through the handle
@@ -165,6 +171,10 @@ class CommThread:
                                  daemon=True).start()
             finally:
                 self.current = None
+                if tl.on and job.queued_at:
+                    track = f"comm thread {self.name}"
+                    tl.thread_span(track, f"queued: {job.name}", job.queued_at, t0)
+                    tl.thread_span(track, job.name, t0, tl.now())
                 job.done.set()
 
     def _abort_if_uncollected(self, job: _Job) -> None:

@@ -103,6 +103,11 @@ class Timeline(Protocol):
     def note(self, text: str) -> None:
         """Say which traffic this rank cannot record (printed by the summary)."""
 
+    def thread_span(self, track: str, name: str, t0: int, t1: int,
+                    args: dict[str, Any] | None = None) -> None:
+        """A span another thread ran (``t0``..``t1`` from :meth:`now`), on its own ``track``;
+        callable from that thread."""
+
 
 class NullRecorder:
     """Records nothing; every method returns at once."""
@@ -127,6 +132,10 @@ class NullRecorder:
         """Do nothing."""
 
     def bucket_launched(self, b: int, nbytes: int, t0: int, ranks: int | None = None) -> None:
+        """Do nothing."""
+
+    def thread_span(self, track: str, name: str, t0: int, t1: int,
+                    args: dict[str, Any] | None = None) -> None:
         """Do nothing."""
 
     def bucket_done(self, b: int) -> None:
@@ -213,6 +222,7 @@ class Recorder:
         self._busy: set[int] = set()
         #: track -> name, for the tracks of named flights (the trace's thread names)
         self.track_names: dict[int, str] = {}
+        self._thread_tracks: dict[str, int] = {}  # other threads' tracks by name
         #: traffic this rank does not record (in the order first noted)
         self.notes: list[str] = []
         # flights may complete on a progress thread (double-buffer's poller)
@@ -284,6 +294,20 @@ class Recorder:
         if b in self._inflight:
             self._add(f"wait b{b}", "wait", MAIN, t0, self.clock(), {"bucket": b})
             self.bucket_done(b)
+
+    def thread_span(self, track: str, name: str, t0: int, t1: int,
+                    args: dict[str, Any] | None = None) -> None:
+        """Record a span of another thread (a communication thread's queue wait or
+        transfer) on the track named ``track`` (thread-safe)."""
+        if not self.on:
+            return
+        with self._lock:
+            tid = self._thread_tracks.get(track)
+            if tid is None:
+                tid = FLIGHT_TRACK0 + len(self.track_names)
+                self._thread_tracks[track] = tid
+                self.track_names[tid] = track
+        self._add(name, "thread", tid, t0, t1, args)
 
     def _lane(self, name: str) -> int:
         """A track for a flight of ``name``: the first of its lanes that is free."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -226,3 +227,27 @@ def test_step_begins_at_a_given_time_and_bad_windows_are_config_errors(tmp_path:
     with pytest.raises(ConfigError, match=r"need 0 <= A < B.*HINT"):
         start_timeline(MPI.COMM_SELF, str(tmp_path / "t.json"), "9:3")
     assert start_timeline(MPI.COMM_SELF, None, "9:3").recorder is NULL  # off: not even parsed
+
+
+def test_communication_thread_spans_on_their_own_track() -> None:
+    """A communication thread records each operation's queue wait and run (issue 24)."""
+    from mpitrain.runtime.comm_thread import CommThread
+
+    rec = Recorder(steps=(0, 10))
+    rec.step_begin(0)
+    thread = CommThread(0, "gradients")
+    thread.timeline = rec
+    gate = threading.Event()
+    first = thread.submit(gate.wait, "allreduce 64 B")
+    second = thread.submit(lambda: None, "allreduce 32 B")
+    gate.set()
+    first.wait()
+    second.wait()
+    thread.close()
+    spans = [e for e in rec.events if e.cat == "thread"]
+    assert [e.name for e in spans] == ["queued: allreduce 64 B", "allreduce 64 B",
+                                       "queued: allreduce 32 B", "allreduce 32 B"]
+    assert len({e.tid for e in spans}) == 1
+    assert rec.track_names[spans[0].tid] == "comm thread gradients"
+    assert all(e.t0 <= e.t1 for e in spans)
+    assert spans[3].t0 >= spans[1].t1  # in submission order, one at a time

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.comm.allreduce import allreduce_
-from mpitrain.comm.factory import close_shard_thread, make_shard_comm
+from mpitrain.comm.factory import close_shard_thread, make_shard_comm, set_shard_timeline
 from mpitrain.comm.reducer import default_overlap
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.broadcast import broadcast_parameters
@@ -252,8 +252,10 @@ class ShardedDataParallel(ExchangeBase):
     def set_timeline(self, recorder: Timeline) -> None:
         """Record every reduce-scatter, all-gather and buffer broadcast into ``recorder``."""
         self.timeline = self.grads.timeline = recorder
+        set_shard_timeline(self.transport, recorder)  # communication threads' spans
         if self.sharded is not None:
             self.sharded.timeline = recorder
+            set_shard_timeline(self.sharded.transport, recorder)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Collective: step ``optimizer`` (over the shards), then all-gather the parameters."""
