@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mpitrain.comm.allreduce import numpy_view
-from mpitrain.comm.handle import RequestHandle
+from mpitrain.comm.handle import Handle, RequestHandle
 from mpitrain.errors import CommError, with_hint
 from mpitrain.grad.recorded import RecordedHandle
 from mpitrain.timeline.recorder import NULL, Timeline
@@ -27,6 +27,8 @@ from mpitrain.timeline.stages import PIPELINE
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from mpitrain.runtime.comm_thread import CommThread
 
 TAG_FORWARD, TAG_BACKWARD, TAG_SHAPE = 31, 32, 33
 #: what travels under each tag (the flights' names)
@@ -37,9 +39,13 @@ class StageLink:
     """This stage's links to its neighbours on ``pp_comm`` (stage index = rank there)."""
 
     def __init__(
-        self, pp_comm: MPI.Intracomm, device: torch.device, *, fixed_shapes: bool = True
+        self, pp_comm: MPI.Intracomm, device: torch.device, *, fixed_shapes: bool = True,
+        thread: CommThread | None = None,
     ) -> None:
         self.comm = pp_comm
+        #: the sends run, blocking, on this communication thread (``--comm-progress thread``)
+        self.thread = thread
+        self._sent: list[tuple[Handle, Any]] = []  # the thread's sends not yet waited on
         self.fixed = fixed_shapes  # False: a header before every tensor (evaluation)
         self.device = device
         self.stage = pp_comm.rank
@@ -74,13 +80,20 @@ class StageLink:
                 )
             )
         buf = numpy_view(host)
-        request = self.comm.Isend(buf, dest=dest, tag=tag)
-        self._pending.append((request, (host, buf)))
+        handle: Handle
+        if self.thread is not None:  # moves while this thread computes the next micro-batch
+            handle = self.thread.submit(lambda: self.comm.Send(buf, dest=dest, tag=tag),
+                                        f"send {WHAT[tag]} to stage {dest}")
+            self._sent.append((handle, (host, buf)))
+        else:
+            request = self.comm.Isend(buf, dest=dest, tag=tag)
+            self._pending.append((request, (host, buf)))
+            handle = RequestHandle(request)
         if tl.on:
             flight = tl.comm_started(f"send {WHAT[tag]} to stage {dest}",
                                      host.numel() * host.element_size(), t0, "send",
                                      self._args(dest))
-            self._flights.append(RecordedHandle(RequestHandle(request), tl, flight))
+            self._flights.append(RecordedHandle(handle, tl, flight))
             self._poll()
 
     def _recv(self, source: int, tag: int) -> torch.Tensor:
@@ -127,3 +140,6 @@ class StageLink:
         if self._pending:
             MPI.Request.Waitall([r for r, _ in self._pending])
         self._pending.clear()
+        for sent, _keep in self._sent:
+            sent.wait()
+        self._sent.clear()

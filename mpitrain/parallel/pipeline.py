@@ -29,6 +29,7 @@ from mpitrain.parallel.functional import recording
 from mpitrain.parallel.p2p import StageLink
 from mpitrain.parallel.schedule import Action, get_schedule
 from mpitrain.parallel.tensor import sequence_parallel_grads_
+from mpitrain.runtime.comm_thread import CommThread
 from mpitrain.timeline.recorder import NULL, Timeline
 from mpitrain.timeline.stages import PIPELINE
 
@@ -94,6 +95,8 @@ class PipelineEngine:
         sequence_parallel_params: replicated parameters whose gradients are partial per
             tensor rank (summed over ``grid.tp_comm``).
         measure_memory: count the activation bytes saved for backward (benchmark).
+        progress: ``thread`` sends activations and gradients on a communication thread
+            (``--comm-progress``; needs ``MPI_THREAD_MULTIPLE``), ``poll`` with ``Isend``.
     """
 
     def __init__(
@@ -101,7 +104,7 @@ class PipelineEngine:
         data_parallel: Exchange | None = None, tied: Sequence[nn.Parameter] = (),
         sequence_parallel_params: Sequence[nn.Parameter] = (),
         device: torch.device | None = None, measure_memory: bool = False,
-        eval_through_exchange: bool = False,
+        eval_through_exchange: bool = False, progress: str = "poll",
     ) -> None:
         self.stage, self.grid, self.micro = stage, grid, micro_batches
         self.actions: list[Action] = get_schedule(schedule)(
@@ -115,8 +118,11 @@ class PipelineEngine:
         self.eval_through_exchange = eval_through_exchange and data_parallel is not None
         self.tied = list(tied) if grid.tied_comm is not None else []
         self.sp_params = list(sequence_parallel_params)
-        self.link = StageLink(grid.pp_comm, device or torch.device("cpu"))
-        self.eval_link = StageLink(grid.pp_comm, device or torch.device("cpu"), fixed_shapes=False)
+        #: ``progress="thread"``: the sends run on one communication thread (in order)
+        self.thread = CommThread(grid.comm.rank, "pipeline") if progress == "thread" else None
+        self.link = StageLink(grid.pp_comm, device or torch.device("cpu"), thread=self.thread)
+        self.eval_link = StageLink(grid.pp_comm, device or torch.device("cpu"),
+                                   fixed_shapes=False, thread=self.thread)
         self.saved = _SavedBytes(list(stage.parameters())) if measure_memory else None
         self.stats = StepStats()
         self._checked = False
@@ -127,6 +133,15 @@ class PipelineEngine:
         """Record this stage's bubble, sends, receives and tensor-parallel collectives into
         ``recorder`` (no communication)."""
         self.timeline = self.link.timeline = self.eval_link.timeline = recorder
+        if self.thread is not None:
+            self.thread.timeline = recorder
+
+    def close(self) -> None:
+        """Finish the sends in flight; stop the communication thread (not collective)."""
+        self.link.wait_sends()
+        self.eval_link.wait_sends()
+        if self.thread is not None:
+            self.thread.close()
 
     def _check_batch(self, batch: torch.Tensor | None) -> None:
         """Collective (pipeline): refuse a batch that does not split into equal micro-batches

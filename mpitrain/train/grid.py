@@ -212,6 +212,7 @@ class GridExchange(ExchangeBase):
         """Collective (grid): finish traffic; free the grid's and the replicas' communicators."""
         if self.engine.dp is not None:
             self.engine.dp.close()
+        self.engine.close()
         for w in self._owned:
             w.free()
         self._owned = []
@@ -369,7 +370,8 @@ def refuse_replica_options(cfg: TrainConfig, grid: Grid) -> None:
     from mpitrain.config_checks import explicit_options
     from mpitrain.errors import ConfigError, with_hint
 
-    unused = sorted(REPLICA_OPTIONS & explicit_options(cfg))
+    options = REPLICA_OPTIONS - ({"comm_progress"} if grid.pipeline > 1 else set())  # sends
+    unused = sorted(options & explicit_options(cfg))
     unused += ["exchange"] if cfg.exchange != "sync" else []
     if unused:
         flags = ", ".join("--" + n.replace("_", "-") for n in unused)
@@ -388,6 +390,7 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     replicas (``--allreduce``, ``--cuda-aware``, as for plain data parallelism); the replicas'
     exchange is ``--exchange``'s (sync or local SGD) or ZeRO's (``--shard``).
     """
+    from mpitrain.comm.threaded import resolve_progress
     from mpitrain.grad.protocol import BuildContext, build_exchange
     from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.runtime.world import World
@@ -420,7 +423,9 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                             schedule=cfg.pipeline_schedule, data_parallel=dp,
                             tied=stage.tied_parameters(),
                             sequence_parallel_params=stage.sequence_parallel_parameters(),
-                            device=device, eval_through_exchange=cfg.shard == "parameters")
+                            device=device, eval_through_exchange=cfg.shard == "parameters",
+                            progress=agree(world.comm, lambda: resolve_progress(
+                                cfg.comm_progress)))
     params = dp.parameters() if cfg.shard != "none" else stage.parameters()
     optimizer = build_optimizer(cfg, params, grid.data)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)

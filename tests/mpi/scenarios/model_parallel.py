@@ -230,6 +230,33 @@ def check_fp16_overflow_agreed(world: MPI.Intracomm) -> None:
         print(f"PASS fp16 overflow on one tensor rank skips every rank {n}", flush=True)
 
 
+def check_thread_sends(world: MPI.Intracomm) -> None:
+    """The pipeline's sends on a communication thread (``progress="thread"``) give the same
+    losses and gradients as ``Isend``, bit for bit, over three steps of both schedules."""
+    c = GPTConfig(context=16, dim=32, heads=4, layers=4, seed=3)
+    for schedule in ("gpipe", "1f1b"):
+        out = []
+        for progress in ("poll", "thread"):
+            grid = Grid.create(world, tensor=1, pipeline=world.size)
+            stage = GPTStage(c, grid.tp_comm, grid.pp_rank, grid.pipeline)
+            eng = PipelineEngine(stage, grid, micro_batches=M, schedule=schedule,
+                                 tied=stage.tied_parameters(), progress=progress)
+            losses = []
+            for s in range(3):
+                x, y = batch(c, seed=1 + s)
+                losses.append(eng.train_step(x, y))
+                grads = [p.grad.clone() for p in stage.parameters() if p.grad is not None]
+                stage.zero_grad()
+            assert (eng.thread is not None) == (progress == "thread")
+            eng.close()
+            grid.free()
+            out.append((losses, grads))
+        (l0, g0), (l1, g1) = out
+        assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True)), schedule
+    if world.rank == 0:
+        print(f"PASS pipeline {world.size} sends on a thread", flush=True)
+
+
 def main(world: MPI.Intracomm) -> int:
     n = world.size
     check_parallelize(world)
@@ -242,6 +269,7 @@ def main(world: MPI.Intracomm) -> int:
         check_split(world, "pipeline 2 x data 2", 1, 2, "1f1b")
         check_split(world, "tensor 2 x pipeline 2", 2, 2, "1f1b")
     check_fp16_overflow_agreed(world)
+    check_thread_sends(world)
     assert peak_in_flight([]) == 0
     return 0
 
