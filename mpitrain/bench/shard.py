@@ -72,11 +72,13 @@ def worker(args: argparse.Namespace, comm: MPI.Intracomm) -> int:
     numel = sum(p.numel() for p in net.parameters())
     method = args.method
     zero, _, algo = method.partition(":")  # zero2:hierarchical = over the hierarchical transport
+    progress = "thread" if algo == "thread" else "poll"  # zero3:thread = on comm threads
     if zero in ("zero1", "zero2", "zero3"):
         from mpitrain.grad.zero.wrapper import ShardedDataParallel
 
         sdp = ShardedDataParallel(net, comm=comm, stage=int(zero[-1]), bucket_mb=args.bucket_mb,
-                                  algo=algo or "flat")
+                                  algo="flat" if algo in ("", "thread") else algo,
+                                  progress=progress)
         opt = torch.optim.Adam(sdp.parameters(), lr=1e-4)
 
         def step() -> None:
@@ -264,9 +266,9 @@ def main(argv: list[str]) -> int:
     for method in args.methods.split(","):
         base, _, algo = method.partition(":")
         if base not in METHODS or (algo and (not base.startswith("zero") or algo not in (
-                "flat", "hierarchical", "auto"))):
+                "flat", "hierarchical", "auto", "thread"))):
             p.error(f"--methods: {method!r} is unknown; use {', '.join(METHODS)} "
-                    "(zero1-3 also as zeroK:hierarchical)")
+                    "(zero1-3 also as zeroK:hierarchical or zeroK:thread)")
     rows, killed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
