@@ -4,7 +4,9 @@ The optimizer is mpitrain's gradient engine (``mpitrain.grad.optimizer``) over a
 :class:`HorovodReducer`: each gradient bucket is reduced through the Horovod collectives, so
 buckets are agreed like any ``hvd.allreduce`` (errors instead of hangs), honour
 ``process_set`` and ``gradient_predivide_factor``, and ranks that have called ``hvd.join()``
-contribute zeros.
+contribute zeros. The parameters of a ``SparseAdam`` keep sparse gradients, exchanged as
+Horovod does (``mpitrain.horovod.sparse_grads``); on a rank outside ``process_set`` the
+optimizer steps on its local gradients, as Horovod's does.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from typing import Any
 
 import torch
 
-from mpitrain.comm.handle import Handle
+from mpitrain.comm.handle import DONE, Handle
+from mpitrain.comm.reducer import Reducer
 from mpitrain.grad.broadcast import initialize_optimizer_state
 from mpitrain.grad.compression import Compression
+from mpitrain.grad.engine import GradEngine
 from mpitrain.grad.optimizer import DistributedOptimizer as _EngineOptimizer
 from mpitrain.horovod import context as _c
 from mpitrain.horovod import ops as _o
 from mpitrain.horovod.handles import synchronize
+from mpitrain.horovod.sparse_grads import SparseGrads, needs_sparse
 
 _G = _c.global_process_set
 
@@ -53,6 +58,20 @@ class HorovodReducer:
         self.iallreduce_(t, average=average).wait()
 
 
+class LocalReducer:
+    """The reducer of a rank outside the optimizer's process set: nothing is exchanged."""
+
+    size = 1
+    overlap = True
+
+    def iallreduce_(self, t: torch.Tensor, *, average: bool) -> Handle:
+        """Leave ``t`` as it is (a set of one)."""
+        return DONE
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
+        """Leave ``t`` as it is (a set of one)."""
+
+
 STEP_AFTER_SYNCHRONIZE = (
     "optimizer.step() called without optimizer.skip_synchronize() context after "
     "optimizer.synchronize(). This can cause training slowdown. You may want to consider "
@@ -62,17 +81,48 @@ STEP_AFTER_SYNCHRONIZE = (
 
 
 class HorovodOptimizer(_EngineOptimizer):
-    """The engine's optimizer with Horovod's warning for ``step()`` after ``synchronize()``.
+    """The engine's optimizer, sparse gradients beside it, and Horovod's warning for
+    ``step()`` after ``synchronize()``.
 
     Horovod then exchanges the gradients a second time; here the step uses the gradients
     already exchanged (the same values for Average, and no second sum for Sum).
     """
 
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 named: list[tuple[str, torch.nn.Parameter]], *, sparse: SparseGrads | None,
+                 **engine_options: Any) -> None:
+        super().__init__(optimizer, named, **engine_options)  # checks the whole layout
+        self.sparse = sparse
+        if sparse is not None:  # its parameters leave the engine (their grads stay sparse)
+            old = self.engine
+            old.remove_hooks()
+            outside = {id(p) for _, p in sparse.named}
+            dense = [(n, p) for n, p in zip(old.names, old.params, strict=True)
+                     if id(p) not in outside]
+            self.engine = GradEngine(dense, hook=old.hook, state=self.hook_state,
+                                     overlap=old.overlap, passes_per_step=old.passes_per_step)
+            sparse.zero_grad()
+
+    def synchronize(self) -> None:
+        """Collective: finish the gradient exchange now (step() will not repeat it)."""
+        super().synchronize()
+        if self.sparse is not None:
+            self.sparse.exchange()
+
     def step(self, closure: Any = None) -> Any:
         """Collective unless synchronized: warn as Horovod after an explicit synchronize()."""
         if self._synchronized and not self._skip:
             warnings.warn(STEP_AFTER_SYNCHRONIZE, stacklevel=2)
-        return super().step(closure)
+        if not self._synchronized and not self._skip:
+            self.synchronize()
+        self._synchronized = False
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the engine's gradients in place; drop the sparse ones."""
+        super().zero_grad(set_to_none)
+        if self.sparse is not None:
+            self.sparse.zero_grad()
 
 
 def _check_named(optimizer: torch.optim.Optimizer, named_parameters: Any
@@ -135,11 +185,15 @@ def DistributedOptimizer(
     """Collective: wrap ``optimizer`` so gradients are averaged (or summed) across the set.
 
     ``groups``/``num_groups`` are validated as Horovod does; fusion uses the engine's fixed
-    buckets instead (the reduced values are the same).
+    buckets instead (the reduced values are the same). On a rank outside ``process_set``
+    nothing is exchanged (as in Horovod) and nothing collective happens.
     """
     ctx = _c.context()
-    comm = ctx.comm_of(process_set, "hvd.DistributedOptimizer")
-    ctx.agree("hvd.DistributedOptimizer", process_set)  # before the engine's layout check
+    sid = process_set.process_set_id
+    local = sid is not None and ctx.sets.get(sid) is process_set and not process_set.included()
+    if not local:
+        comm = ctx.comm_of(process_set, "hvd.DistributedOptimizer")
+        ctx.agree("hvd.DistributedOptimizer", process_set)  # before the engine's layout check
     if op == _o.Adasum:
         raise NotImplementedError(
             "DistributedOptimizer(op=hvd.Adasum): Adasum is not provided by mpitrain.horovod; "
@@ -152,10 +206,19 @@ def DistributedOptimizer(
     named = _check_named(optimizer, named_parameters)
     _check_groups(num_groups, groups)
     f = float(gradient_predivide_factor)
-    reducer = HorovodReducer(process_set, 1.0 / f, f)
+    sparse = (SparseGrads(named, process_set, op, sparse_as_dense, 1.0 / f, f)
+              if needs_sparse(optimizer) else None)
+    if local:
+        from mpi4py import MPI
+
+        comm, compression = MPI.COMM_SELF, Compression.none
+        reducer: Reducer = LocalReducer()
+    else:
+        reducer = HorovodReducer(process_set, 1.0 / f, f)
     opt = HorovodOptimizer(
         optimizer,
         named,
+        sparse=sparse,
         comm=comm,
         backward_passes_per_step=backward_passes_per_step,
         compression=getattr(compression, "name", compression),
@@ -163,6 +226,8 @@ def DistributedOptimizer(
         reducer=reducer,
         overlap=True,
     )
+    if local:
+        return opt
     opt.engine.timeline = ctx.timeline  # hvd.start_timeline records its buckets
     ctx.engines.add(opt.engine)
     return opt

@@ -367,9 +367,43 @@ def client_semantics_checks(n: int, r: int) -> None:
         check(any("skip_synchronize" in m for m in text) != skip, f"warning {skip}: {text}")
 
 
+def sparse_optimizer_checks(n: int, r: int) -> None:
+    """``nn.Embedding(sparse=True)`` with ``SparseAdam``: rank r's gradient rows are exchanged
+    (all-gathered, or densified with ``sparse_as_dense``); the result equals SparseAdam on the
+    dense average of every rank's gradient, computed here by hand."""
+    def loss(emb: torch.nn.Embedding, k: int, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(100 * k + step)
+        ids = torch.tensor([k % 7, (3 * k + step) % 7, 5, 5])
+        return (emb(ids) * torch.randn(4, 3, generator=g)).sum()
+
+    for as_dense in (False, True):
+        torch.manual_seed(0)
+        emb, ref = torch.nn.Embedding(7, 3, sparse=True), torch.nn.Embedding(7, 3, sparse=True)
+        ref.load_state_dict(emb.state_dict())
+        opt = hvd.DistributedOptimizer(torch.optim.SparseAdam(emb.parameters(), lr=0.1),
+                                       named_parameters=emb.named_parameters(),
+                                       sparse_as_dense=as_dense)
+        ref_opt = torch.optim.SparseAdam(ref.parameters(), lr=0.1)
+        for step in range(3):
+            opt.zero_grad()
+            loss(emb, r, step).backward()
+            grad = emb.weight.grad
+            check(grad is not None and grad.is_sparse, "the gradient stays sparse")
+            opt.step()
+            dense = torch.zeros(7, 3)
+            for k in range(n):
+                ref.zero_grad()
+                loss(ref, k, step).backward()
+                assert ref.weight.grad is not None
+                dense += ref.weight.grad.to_dense()
+            ref.weight.grad = (dense / n).to_sparse(1)
+            ref_opt.step()
+        same(emb.weight.detach(), ref.weight.detach(), f"SparseAdam, sparse_as_dense={as_dense}")
+
+
 GROUPS = (allreduce_checks, allgather_checks, broadcast_checks, alltoall_checks,
           reducescatter_checks, grouped_allreduce_checks, gradient_checks, misc_checks,
-          client_semantics_checks)
+          client_semantics_checks, sparse_optimizer_checks)
 
 
 def run_groups(n: int, r: int) -> None:

@@ -70,6 +70,7 @@ def process_set_checks(n: int, r: int, even: hvd.ProcessSet) -> None:
     check(odd.process_set_id not in (None, 0, even.process_set_id), "new id")
     if odd.included():
         hvd.allreduce(t, process_set=odd)
+    set_optimizer_checks(r, [even, odd])
     check(hvd.remove_process_set(odd) and odd.process_set_id is None, "removed")
     raises(ValueError, lambda: hvd.allreduce(t, process_set=odd), "removed set", "registered")
     raises(ValueError, lambda: hvd.add_process_set(list(range(0, n, 2))), "duplicate set",
@@ -85,6 +86,42 @@ def process_set_checks(n: int, r: int, even: hvd.ProcessSet) -> None:
         opt.step()
         mean = sum(k + 1 for k in evens) / len(evens)
         close(model.weight.detach(), w0 - mean, "optimizer averages over the set")
+
+
+def set_optimizer_checks(r: int, sets: list[hvd.ProcessSet]) -> None:
+    """Horovod client code: every rank wraps one model per set; a set's members average their
+    gradients over that set alone while the other set trains its own model, and a rank outside
+    a set steps on its own gradients (as Horovod's optimizer does). The reference averages the
+    members' gradients by hand."""
+    def loss(m: nn.Module, k: int, step: int) -> torch.Tensor:
+        x = torch.arange(6.0).reshape(2, 3) * (k + 1) / 10 - step / 10
+        return m(x).pow(2).sum()
+
+    torch.manual_seed(0)
+    runs = []
+    for ps in sets:
+        model = nn.Linear(3, 2)
+        ref = nn.Linear(3, 2)
+        ref.load_state_dict(model.state_dict())
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                       named_parameters=model.named_parameters(), process_set=ps)
+        runs.append((ps, model, opt, ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)))
+    for step in range(3):
+        for ps, model, opt, ref, ref_opt in runs:
+            opt.zero_grad()
+            loss(model, r, step).backward()
+            opt.step()
+            grads = []
+            for k in ps.ranks if ps.included() and ps.ranks else [r]:
+                ref.zero_grad()
+                loss(ref, k, step).backward()
+                grads.append([p.grad.clone() for p in ref.parameters() if p.grad is not None])
+            for p, gs in zip(ref.parameters(), zip(*grads, strict=True), strict=True):
+                p.grad = sum(gs[1:], gs[0]) / len(gs)
+            ref_opt.step()
+    for ps, model, _, ref, _ in runs:
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            close(p.detach(), q.detach(), f"optimizer on set {ps.ranks} (member: {ps.included()})")
 
 
 def error_checks(n: int, r: int) -> None:
