@@ -151,7 +151,7 @@ def set_shard_timeline(transport: ShardComm, recorder: Timeline) -> None:
     from mpitrain.comm.threaded import ThreadShards
 
     if isinstance(transport, ThreadShards):
-        transport.thread.timeline = recorder
+        transport.set_timeline(recorder)
 
 
 def close_shard_thread(transport: ShardComm) -> None:

@@ -10,7 +10,7 @@ sums are that stack's, bit for bit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mpitrain.comm.handle import DONE, Handle
 from mpitrain.errors import MpitrainError
@@ -28,7 +28,26 @@ if TYPE_CHECKING:
 PROGRESS_MODES = ("thread", "poll", "mpi")
 
 
-class ThreadReducer:
+class _OnThread:
+    """A transport whose calls run on its own communication thread (the shared part)."""
+
+    inner: Any
+
+    def __init__(self, rank: int, name: str) -> None:
+        check_thread_level()
+        self.thread = CommThread(rank, name)
+
+    @property
+    def size(self) -> int:
+        """Number of ranks the transport spans."""
+        return int(self.inner.size)
+
+    def set_timeline(self, recorder: Timeline) -> None:
+        """Record each operation's queue wait and run on the thread's own track."""
+        self.thread.timeline = recorder
+
+
+class ThreadReducer(_OnThread):
     """Run ``inner``'s all-reduces in order on one communication thread.
 
     Args:
@@ -38,14 +57,8 @@ class ThreadReducer:
     """
 
     def __init__(self, inner: Reducer, rank: int, name: str = "gradients") -> None:
-        check_thread_level()
+        super().__init__(rank, name)
         self.inner = inner
-        self.thread = CommThread(rank, name)
-
-    @property
-    def size(self) -> int:
-        """Number of ranks the reduction spans."""
-        return self.inner.size
 
     @property
     def overlap(self) -> bool:
@@ -62,10 +75,6 @@ class ThreadReducer:
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
         """Collective: queue and wait (after everything queued before it)."""
         self.iallreduce_(t, average=average).wait()
-
-    def set_timeline(self, recorder: Timeline) -> None:
-        """Record each operation's queue wait and run on the thread's own track."""
-        self.thread.timeline = recorder
 
     def close(self) -> None:
         """Run what is queued, then stop the thread."""
@@ -111,7 +120,7 @@ def resolve_progress(choice: str) -> str:
     return choice
 
 
-class ThreadShards:
+class ThreadShards(_OnThread):
     """Run ``inner``'s reduce-scatters and all-gathers (ZeRO) in order on one thread.
 
     Args:
@@ -121,14 +130,8 @@ class ThreadShards:
     """
 
     def __init__(self, inner: ShardComm, rank: int, name: str = "zero") -> None:
-        check_thread_level()
+        super().__init__(rank, name)
         self.inner = inner
-        self.thread = CommThread(rank, name)
-
-    @property
-    def size(self) -> int:
-        """Number of ranks (and chunks)."""
-        return self.inner.size
 
     def ireduce_scatter_(
         self, send: torch.Tensor, out: torch.Tensor | None, *, average: bool
