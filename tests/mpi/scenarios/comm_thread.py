@@ -2,7 +2,8 @@
 
     mpiexec -n 2|4 python tests/mpi/scenarios/comm_thread.py equal
         DataParallel through ThreadReducer == the blocking path bit for bit (flat, staged,
-        fp16 compression), == the non-blocking path within rtol 1e-6; prints PASS lines.
+        fp16 compression), == the non-blocking path within rtol 1e-5 (its sums may run in
+        another order); prints PASS lines.
     mpiexec -n 2 python tests/mpi/scenarios/comm_thread.py fail|uncollected|stuck
         rank 1's transport raises inside the thread (the main thread waits / never waits), or
         rank 1 never joins (the watchdog names the thread's operation): the job ends.
@@ -72,7 +73,8 @@ def equal(comm: MPI.Intracomm) -> None:
     nonblocking = train(comm, flat(True))
     got = train(comm, ThreadReducer(flat(False), comm.rank))
     for a, b in zip(nonblocking, got, strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        # another MPI algorithm may sum in another order: rounding noise, not a 2x (no average)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     if comm.rank == 0:
         print(f"PASS thread == non-blocking {comm.size}", flush=True)
 
