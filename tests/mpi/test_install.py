@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: what the wheel's metadata must declare for each extra (pyproject.toml)
 EXTRAS = {
     "plot": {"matplotlib>=3.7"},
-    "hf": {"transformers>=4.40"},
+    "hf": {"transformers>=4.40", "tokenizers>=0.15"},
     "lightning": {"lightning<2.7,>=2.6"},
     "dev": {"pytest>=8", "pytest-timeout>=2.2", "mypy>=1.10", "ruff>=0.5", "matplotlib>=3.7"},
 }
