@@ -80,7 +80,8 @@ class TrainConfig:
     )
     test_split: str = _opt(DATA, "test", "split of --data to evaluate on ('' to skip)")
     model: str = _opt(
-        MODEL, "mlp", "mlp | cnn | gpt | package.module:factory (factory(config) -> nn.Module)",
+        MODEL, "mlp", "mlp | cnn | gpt | llama | gpt2 | package.module:factory "
+        "(factory(config) -> nn.Module, or a ParallelSpec for tensor/pipeline parallelism)",
         check=check_model,
     )
     compile: str = _opt(
@@ -103,13 +104,19 @@ class TrainConfig:
         PARALLEL, 1, "pipeline micro-batches per step (--batch-size divides by it)",
         accepted=Range(1, 65536),
     )
-    pipeline_schedule: str = _opt(PARALLEL, "1f1b", "pipeline schedule", ("1f1b", "gpipe"))
+    pipeline_schedule: str = _opt(PARALLEL, "1f1b", "pipeline schedule",
+                                  ("1f1b", "gpipe", "interleaved"))
+    virtual_stages: int = _opt(
+        PARALLEL, 1, "--pipeline-schedule interleaved: model chunks per pipeline rank",
+        accepted=Range(1, 256),
+    )
     sequence_parallel: bool = _opt(
         PARALLEL, False, "tensor parallel: split activations along the sequence"
     )
-    context: int = _opt(MODEL, 128, "gpt: tokens (bytes) per sample", accepted=Range(2, 1 << 16))
-    layers: int = _opt(MODEL, 4, "gpt: transformer blocks", accepted=Range(1, 4096))
-    heads: int = _opt(MODEL, 4, "gpt: attention heads (divisible by --tensor-parallel)",
+    context: int = _opt(MODEL, 128, "language models: tokens per sample",
+                        accepted=Range(2, 1 << 16))
+    layers: int = _opt(MODEL, 4, "language models: transformer blocks", accepted=Range(1, 4096))
+    heads: int = _opt(MODEL, 4, "language models: attention heads (divisible by --tensor-parallel)",
                       accepted=Range(1, 4096))
     # schedule
     epochs: int = _opt(OPTIM, 12, "passes over the training split", accepted=Range(1, _MILLION))

@@ -16,12 +16,12 @@ def check_combinations(cfg: TrainConfig) -> None:
     """Raise ConfigError for options that are fine alone but not together."""
     if cfg.resume is not None and cfg.resume != "auto" and not cfg.resume.strip():
         raise ConfigError(with_hint("option 'resume' is empty", "use 'auto' or a checkpoint path"))
-    if cfg.compile != "none" and (cfg.shard == "parameters" or cfg.model == "gpt"):
+    if cfg.compile != "none" and (cfg.shard == "parameters" or cfg.model in LANGUAGE_MODELS):
         raise ConfigError(with_hint(
             f"--compile {cfg.compile} is not available with "
             + ("--shard parameters (ZeRO-3 frees and re-gathers the parameters' storage "
                "around each unit, under the compiled graphs)" if cfg.shard == "parameters"
-               else "--model gpt (the grid's stages are not compiled yet)"),
+               else f"--model {cfg.model} (the grid's stages are not compiled yet)"),
             "drop --compile, or use --shard none|optimizer|gradients with your own model"))
     if cfg.bucket_mb == 0 and (cfg.exchange != "sync" or cfg.shard != "none"):
         raise ConfigError(with_hint("--bucket-mb auto tunes DataParallel's buckets only",
@@ -69,8 +69,12 @@ GPT_DEFAULTS: dict[str, Any] = {
 }
 
 
-#: options only the built-in GPT reads (refused with --model mlp / cnn)
-GPT_ONLY = frozenset({"context", "layers", "heads", "pipeline_schedule"})
+#: the built-in language models: they train on a tensor x pipeline x data grid
+#: (mpitrain.train.models.MODELS; a user's factory may return a spec too)
+LANGUAGE_MODELS = frozenset({"gpt", "llama", "gpt2"})
+
+#: options only the language models read (refused with --model mlp / cnn)
+GPT_ONLY = frozenset({"context", "layers", "heads", "pipeline_schedule", "virtual_stages"})
 
 
 def explicit_options(cfg: TrainConfig) -> set[str]:
@@ -102,11 +106,15 @@ GRID_REFUSED_MODES = {
 def check_model_parallel(cfg: TrainConfig) -> None:
     """Refuse model-parallel options that do not fit the built-in GPT or each other."""
     tp, pp = cfg.tensor_parallel, cfg.pipeline_stages
-    if cfg.model != "gpt":
-        if tp > 1 or pp > 1 or cfg.micro_batches > 1 or cfg.sequence_parallel:
+    if cfg.model not in LANGUAGE_MODELS:
+        if cfg.model in ("mlp", "cnn") and (
+                tp > 1 or pp > 1 or cfg.micro_batches > 1 or cfg.sequence_parallel):
             _refuse("--tensor-parallel, --pipeline-stages, --micro-batches and "
-                    "--sequence-parallel split the built-in GPT only",
-                    "add --model gpt (or drop those options)")
+                    "--sequence-parallel split a language model (gpt, llama, gpt2 or your "
+                    "spec)", "add --model gpt (or drop those options)")
+        if cfg.sequence_parallel:
+            _refuse("--sequence-parallel is the built-in GPT's",
+                    "use --model gpt, or drop --sequence-parallel")
         # the built-in mlp and cnn have no layers, heads, context or schedule: an option
         # that would change nothing is refused (a factory of yours may read them)
         unused = sorted(GPT_ONLY & explicit_options(cfg)) if cfg.model in ("mlp", "cnn") else []
@@ -115,13 +123,15 @@ def check_model_parallel(cfg: TrainConfig) -> None:
             _refuse(f"{flags} shape the built-in GPT; --model {cfg.model} does not use "
                     f"{'it' if len(unused) == 1 else 'them'}",
                     "drop them, or use --model gpt or your own --model package.module:factory")
+        check_virtual_stages(cfg, None)
         return
     # the replicas of a grid take sync or local SGD (docs/model-parallel.md says why)
     why = GRID_REFUSED_MODES.get(cfg.exchange)
     if why is not None:
-        _refuse(f"--exchange {cfg.exchange} does not compose with --model gpt's tensor x "
-                f"pipeline x data grid: {why}",
-                "use --exchange sync or local-sgd (local SGD over the replicas) with --model gpt")
+        _refuse(f"--exchange {cfg.exchange} does not compose with --model {cfg.model}'s "
+                f"tensor x pipeline x data grid: {why}",
+                f"use --exchange sync or local-sgd (local SGD over the replicas) with "
+                f"--model {cfg.model}")
     hidden, heads, layers, context, batch = (
         _effective(cfg, n) for n in ("hidden", "heads", "layers", "context", "batch_size"))
     if hidden % heads:
@@ -136,9 +146,39 @@ def check_model_parallel(cfg: TrainConfig) -> None:
     if batch % cfg.micro_batches:
         _refuse(f"--batch-size {batch} does not divide into --micro-batches "
                 f"{cfg.micro_batches}", "make the batch a multiple of the micro-batch count")
+    check_virtual_stages(cfg, layers)
+    if cfg.sequence_parallel and cfg.model != "gpt":
+        _refuse(f"--sequence-parallel is the built-in GPT's; --model {cfg.model} splits "
+                "only the hidden width", "drop --sequence-parallel")
     if cfg.sequence_parallel and (tp == 1 or context % tp):
         _refuse(f"--sequence-parallel needs --tensor-parallel > 1 dividing --context "
                 f"{context}", "drop --sequence-parallel or change --context")
+
+
+def check_virtual_stages(cfg: TrainConfig, layers: int | None) -> None:
+    """Refuse virtual stages the interleaved schedule cannot run (``layers``: the built-in
+    language model's blocks, each chunk needs one; None: a factory's model decides)."""
+    v, pp, micro = cfg.virtual_stages, cfg.pipeline_stages, cfg.micro_batches
+    if cfg.pipeline_schedule != "interleaved":
+        if v > 1:
+            _refuse(f"--virtual-stages {v} needs --pipeline-schedule interleaved (the "
+                    f"{cfg.pipeline_schedule} schedule runs one chunk per rank)",
+                    "add --pipeline-schedule interleaved, or drop --virtual-stages")
+        return
+    if pp == 1:
+        _refuse("--pipeline-schedule interleaved needs --pipeline-stages > 1 (it interleaves "
+                "the chunks of several pipeline ranks)", "add --pipeline-stages P")
+    if v == 1:
+        _refuse("--pipeline-schedule interleaved with --virtual-stages 1 is 1f1b",
+                "add --virtual-stages 2 (or more), or use --pipeline-schedule 1f1b")
+    if micro % pp:
+        _refuse(f"--pipeline-schedule interleaved needs --micro-batches ({micro}) to be a "
+                f"multiple of --pipeline-stages ({pp})",
+                f"use --micro-batches {micro + pp - micro % pp}")
+    if layers is not None and layers < v * pp:
+        _refuse(f"--virtual-stages {v} x --pipeline-stages {pp} makes {v * pp} chunks, more "
+                f"than the {layers} layers", f"give --layers at least {v * pp}, or fewer "
+                "--virtual-stages")
 
 
 @dataclass(frozen=True)
@@ -160,8 +200,9 @@ class Effect:
 
 def _optimizer(cfg: TrainConfig) -> str:
     """The optimizer the run steps, and where it comes from when the user did not pick it."""
-    if cfg.model == "gpt" and cfg.mode_defaults and "optimizer" not in explicit_options(cfg):
-        return f"{GPT_DEFAULTS['optimizer']} (--model gpt's default)"
+    if (cfg.model in LANGUAGE_MODELS and cfg.mode_defaults
+            and "optimizer" not in explicit_options(cfg)):
+        return f"{GPT_DEFAULTS['optimizer']} (--model {cfg.model}'s default)"
     return str(cfg.optimizer)
 
 

@@ -147,7 +147,7 @@ def check_signals(value: Any, source: str) -> None:
     parse_signals(str(value), source)
 
 
-_MODEL = re.compile(r"^(mlp|cnn|gpt|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+_MODEL = re.compile(r"^(mlp|cnn|gpt|llama|gpt2|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
 
 
 def check_model(value: Any, source: str) -> None:
@@ -156,7 +156,7 @@ def check_model(value: Any, source: str) -> None:
         raise ConfigError(
             with_hint(
                 f"option 'model' from {source} has a bad value {show(value)}",
-                "accepted: mlp, cnn, gpt or package.module:factory",
+                "accepted: mlp, cnn, gpt, llama, gpt2 or package.module:factory",
             )
         )
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpitrain.config_checks import GPT_DEFAULTS, explicit_options
+from mpitrain.config_checks import GPT_DEFAULTS, LANGUAGE_MODELS, explicit_options
 from mpitrain.parallel.functional import copy_to_tp, gather_sequence
 from mpitrain.parallel.tensor import (
     ColumnParallelLinear,
@@ -214,7 +214,7 @@ DEFAULTS: dict[str, Any] = GPT_DEFAULTS
 
 def gpt_defaults(cfg: TrainConfig) -> dict[str, Any]:
     """Return the :data:`DEFAULTS` changes for ``cfg`` (options the user set are kept)."""
-    if cfg.model != "gpt" or not cfg.mode_defaults:
+    if cfg.model not in LANGUAGE_MODELS or not cfg.mode_defaults:
         return {}
     explicit = explicit_options(cfg)
     return {k: v for k, v in DEFAULTS.items() if k not in explicit and getattr(cfg, k) != v}

@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 
 from mpitrain.grad.protocol import ExchangeBase
 from mpitrain.parallel.grid import Grid
 from mpitrain.parallel.pipeline import PipelineEngine
 from mpitrain.runtime.collective import agree
 from mpitrain.timeline.recorder import NULL, Timeline
-from mpitrain.train.gpt import GPTConfig, GPTStage
 from mpitrain.train.metrics import print_line
 from mpitrain.train.steps import autocast_for
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from mpitrain.config import TrainConfig
     from mpitrain.data.loader import Batch
+    from mpitrain.parallel.spec import Stage, StageBuilder
     from mpitrain.runtime.world import World
     from mpitrain.train.grid_state import GridState
     from mpitrain.train.loop import Parts
@@ -44,12 +45,12 @@ class GridExchange(ExchangeBase):
     or ZeRO's ``ShardedDataParallel`` over the replicas) runs inside the schedule
     (:class:`PipelineEngine`), so ``synchronize`` has nothing left to do."""
 
-    def __init__(self, stage: GPTStage, engine: PipelineEngine, meta: dict[str, Any],
+    def __init__(self, stage: nn.Module, engine: PipelineEngine, meta: dict[str, Any],
                  owned: list[World] | None = None) -> None:
         super().__init__(stage)
         self.engine = engine
         self.grid = engine.grid
-        self.rules = stage.merge_rules()
+        self.rules = cast("Stage", stage).merge_rules()
         #: the model's shape, saved with its checkpoints and compared on resume
         self.meta = meta
         self._owned = owned or []
@@ -61,9 +62,9 @@ class GridExchange(ExchangeBase):
             self._slot = {id(p): i for i, p in enumerate(trained)}  # the layout's order
 
     @property
-    def stage(self) -> GPTStage:
+    def stage(self) -> Stage:
         """The wrapped stage (``module``, typed)."""
-        return cast("GPTStage", self.module)
+        return cast("Stage", self.module)
 
     def _shard_parts(self, i: int) -> list[tuple[int, int, int, int]]:
         """This rank's pieces of parameter ``i`` in the shards: (bucket, start, end, chunk
@@ -383,8 +384,8 @@ def refuse_replica_options(cfg: TrainConfig, grid: Grid) -> None:
 
 
 def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
-                     make_reducer: Any) -> Parts:
-    """Collective: the grid, this rank's stage, its schedule, optimizer and loaders.
+                     make_reducer: Any, spec: StageBuilder) -> Parts:
+    """Collective: the grid, this rank's stage of ``spec``, its schedule, optimizer and loaders.
 
     ``make_reducer(world, overlap)`` builds the data-parallel transport over the grid's
     replicas (``--allreduce``, ``--cuda-aware``, as for plain data parallelism); the replicas'
@@ -396,14 +397,15 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     from mpitrain.runtime.world import World
     from mpitrain.train.corpus import open_corpus
     from mpitrain.train.loop import Parts
+    from mpitrain.train.models import build_spec_stage
     from mpitrain.train.optim import build_optimizer, build_scheduler, rank_batch
 
     grid = Grid.create(world.comm, tensor=cfg.tensor_parallel, pipeline=cfg.pipeline_stages,
                        node_index=world.node_index)
     batch = agree(world.comm, lambda: rank_batch(cfg, grid.data))
     train, test = open_corpus(cfg, world, grid, batch)
-    stage = GPTStage(GPTConfig.from_train(cfg), grid.tp_comm, grid.pp_rank, grid.pipeline)
-    stage.to(device)
+    stage = build_spec_stage(spec, grid, world, device)
+    api = cast("Stage", stage)  # the grid's view of it (tied, ZeRO-3 units, ...)
     steps_per_epoch = -(-len(train) // cfg.accumulate)
     dp: Any = None
     owned: list[World] = []
@@ -412,7 +414,7 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
         owned.append(dp_world)
         if cfg.shard != "none":  # ZeRO over the replicas, the same builder as --shard alone
             dp = build_sharded(BuildContext(cfg, dp_world, stage, device, steps_per_epoch),
-                               units=stage.zero3_units())
+                               units=api.zero3_units())
         else:  # the replicas' exchange from the mode registry: sync or local SGD
             dp = build_exchange(BuildContext(
                 cfg, dp_world, stage, device, steps_per_epoch,
@@ -421,8 +423,8 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
         refuse_replica_options(cfg, grid)
     engine = PipelineEngine(stage, grid, micro_batches=cfg.micro_batches,
                             schedule=cfg.pipeline_schedule, data_parallel=dp,
-                            tied=stage.tied_parameters(),
-                            sequence_parallel_params=stage.sequence_parallel_parameters(),
+                            tied=api.tied_parameters(),
+                            sequence_parallel_params=api.sequence_parallel_parameters(),
                             device=device, eval_through_exchange=cfg.shard == "parameters",
                             progress=agree(world.comm, lambda: resolve_progress(
                                 cfg.comm_progress)))
@@ -431,12 +433,10 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     if world.rank == 0:
         micro = batch // cfg.micro_batches
-        print_line(f"mpitrain: gpt {cfg.layers} layers x {cfg.hidden} wide, {cfg.heads} "
-                   f"heads, context {cfg.context}; {grid.describe()}; {cfg.micro_batches} "
+        print_line(f"mpitrain: {spec.describe()}; {grid.describe()}; {cfg.micro_batches} "
                    f"micro-batches of {micro} ({cfg.pipeline_schedule}); "
                    f"stage 0: {memory_line(stage)}")
-    meta = {"model": "gpt", "context": cfg.context, "hidden": cfg.hidden, "heads": cfg.heads,
-            "layers": cfg.layers, "optimizer": cfg.optimizer}
+    meta = {**spec.meta, "optimizer": cfg.optimizer}
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return Parts(GridExchange(stage, engine, meta, owned), optimizer, scheduler, train, test,
                  device, PipelineSteps(engine, device, cfg.precision, scaler), scaler)

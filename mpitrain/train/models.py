@@ -1,19 +1,31 @@
-"""Built-in models and the loader for user model factories (``package.module:factory``)."""
+"""The model registry: built-in models and the loader for user model factories.
+
+``--model`` names a spec: a classifier (``mlp``, ``cnn``, a user's ``nn.Module``) trains data
+parallel; a language model (``gpt``, ``llama``, ``gpt2``, a user's
+:class:`~mpitrain.parallel.spec.ParallelSpec`) trains on a tensor x pipeline x data grid.
+"""
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.parallel.spec import ParallelSpec, StageBuilder
+from mpitrain.train.gpt import GPTConfig, GPTStage
 
 if TYPE_CHECKING:
+    from mpi4py import MPI
+
     from mpitrain.config import TrainConfig
+    from mpitrain.parallel.grid import Grid
+    from mpitrain.runtime.world import World
 
 
 class MLP(nn.Module):
@@ -56,28 +68,139 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))  # type: ignore[no-any-return]
 
 
-def build_model(cfg: TrainConfig, feature_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build the model named by ``cfg.model`` for inputs of ``feature_shape``."""
-    in_features = math.prod(feature_shape)
-    if cfg.model == "mlp":
-        return MLP(in_features, num_classes, cfg.hidden)
-    if cfg.model == "cnn":
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A model for the data-parallel path: ``build(feature_shape, num_classes)``."""
+
+    name: str
+    build: Callable[[Sequence[int], int], nn.Module]
+    #: a user's module built ahead (``resolve_seeded``): the generator's state right after
+    rng_after: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class GPTSpec:
+    """The built-in GPT as a spec: its stages are :class:`~mpitrain.train.gpt.GPTStage`."""
+
+    config: GPTConfig
+    name: str = "gpt"
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The model's shape, saved with its checkpoints and compared on resume."""
+        c = self.config
+        return {"model": "gpt", "context": c.context, "hidden": c.dim, "heads": c.heads,
+                "layers": c.layers}
+
+    def check(self, tensor: int, stages: int) -> None:
+        """Nothing beyond the option checks (``mpitrain.config_checks``)."""
+
+    def build_stage(self, tp: MPI.Intracomm, stage: int, stages: int,
+                    device: torch.device) -> nn.Module:
+        """This rank's stage (every block from its own seeded generator)."""
+        return GPTStage(self.config, tp, stage, stages).to(device)
+
+    def describe(self) -> str:
+        """One line: the model and its shape."""
+        c = self.config
+        return f"gpt {c.layers} layers x {c.dim} wide, {c.heads} heads, context {c.context}"
+
+
+def _cnn(cfg: TrainConfig) -> ClassifierSpec:
+    def build(shape: Sequence[int], classes: int) -> nn.Module:
+        in_features = math.prod(shape)
         side = math.isqrt(in_features)
         if side * side != in_features:
-            raise ConfigError(
-                with_hint(
-                    f"model 'cnn' needs square single-channel inputs, "
-                    f"got shape {tuple(feature_shape)}",
-                    "use --model mlp or your own --model package.module:factory",
-                )
-            )
-        return SmallCNN(side, num_classes)
-    if ":" in cfg.model:
-        module: nn.Module = _load_factory(cfg.model)(cfg)
-        return module
-    raise ConfigError(
-        with_hint(f"unknown model '{cfg.model}'", "use mlp, cnn or package.module:factory")
-    )
+            raise ConfigError(with_hint(
+                f"model 'cnn' needs square single-channel inputs, got shape {tuple(shape)}",
+                "use --model mlp or your own --model package.module:factory"))
+        return SmallCNN(side, classes)
+
+    return ClassifierSpec("cnn", build)
+
+
+def _hf(name: str) -> Callable[[TrainConfig], Any]:
+    def make(cfg: TrainConfig) -> Any:
+        from mpitrain.train import hf
+
+        return hf.llama_spec(cfg) if name == "llama" else hf.gpt2_spec(cfg)
+
+    return make
+
+
+#: ``--model`` names -> the spec for a config: classifiers (data parallel) and language models
+#: (a tensor x pipeline x data grid: mpitrain.config_checks.LANGUAGE_MODELS)
+MODELS: dict[str, Callable[[TrainConfig], Any]] = {
+    "mlp": lambda cfg: ClassifierSpec(
+        "mlp", lambda shape, n: MLP(math.prod(shape), n, cfg.hidden)),
+    "cnn": _cnn,
+    "gpt": lambda cfg: GPTSpec(GPTConfig.from_train(cfg)),
+    "llama": _hf("llama"),
+    "gpt2": _hf("gpt2"),
+}
+
+
+def resolve_model(cfg: TrainConfig) -> ClassifierSpec | StageBuilder:
+    """The spec ``cfg.model`` names: a registry entry, or what a user's
+    ``package.module:factory`` returns (an ``nn.Module``, or a :class:`ParallelSpec` for
+    tensor and pipeline parallelism)."""
+    if cfg.model in MODELS:
+        spec: ClassifierSpec | StageBuilder = MODELS[cfg.model](cfg)
+        return spec
+    if ":" not in cfg.model:
+        known = ", ".join(MODELS)
+        raise ConfigError(with_hint(f"unknown model '{cfg.model}'",
+                                    f"use one of {known}, or package.module:factory"))
+    made = _load_factory(cfg.model)(cfg)
+    if isinstance(made, nn.Module):
+        return ClassifierSpec(cfg.model, lambda shape, n: made)
+    if isinstance(made, ParallelSpec):
+        return made
+    raise ConfigError(with_hint(
+        f"'{cfg.model}' returned a {type(made).__name__}",
+        "return an nn.Module, or a mpitrain.parallel.spec.ParallelSpec"))
+
+
+def build_model(cfg: TrainConfig, feature_shape: Sequence[int], num_classes: int,
+                spec: ClassifierSpec | None = None) -> nn.Module:
+    """Build the classifier ``cfg.model`` names (or ``spec``) for inputs of ``feature_shape``."""
+    found = spec if spec is not None else resolve_model(cfg)
+    if not isinstance(found, ClassifierSpec):
+        raise ConfigError(with_hint(
+            f"--model {cfg.model} is a language model", "it trains on the text corpus "
+            "(or --data token shards) through the grid trainer, not on labelled samples"))
+    module = found.build(feature_shape, num_classes)
+    if found.rng_after is not None:  # as if built here, after torch.manual_seed(cfg.seed)
+        torch.set_rng_state(found.rng_after)
+    return module
+
+
+def resolve_seeded(cfg: TrainConfig) -> ClassifierSpec | StageBuilder:
+    """:func:`resolve_model` with the generator seeded by ``cfg.seed`` and restored after, so
+    a user's factory builds the same module as if :func:`build_model` built it later."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        spec = resolve_model(cfg)
+        if isinstance(spec, ClassifierSpec):
+            return ClassifierSpec(spec.name, spec.build, torch.get_rng_state())
+        return spec
+
+
+def check_classifier(cfg: TrainConfig, spec: ClassifierSpec | None) -> None:
+    """Refuse model-parallel options for a classifier (a user's factory made an nn.Module)."""
+    if spec is None or (cfg.tensor_parallel == 1 and cfg.pipeline_stages == 1):
+        return
+    raise ConfigError(with_hint(
+        f"--tensor-parallel and --pipeline-stages split a model spec, and '{cfg.model}' "
+        "returned an nn.Module",
+        "return a mpitrain.parallel.spec.ParallelSpec (docs/model-parallel.md), or drop them"))
+
+
+def describe_stage_error(spec: StageBuilder, exc: ValueError) -> ConfigError:
+    """A spec's refusal (a plan or split that does not fit) as a one-line config error."""
+    return ConfigError(with_hint(f"--model {spec.name}: {exc}",
+                                 "fix the spec's plan, or change --tensor-parallel / "
+                                 "--pipeline-stages"))
 
 
 def _load_factory(spec: str):  # type: ignore[no-untyped-def]
@@ -96,3 +219,19 @@ def _load_factory(spec: str):  # type: ignore[no-untyped-def]
             )
         )
     return factory
+
+
+def build_spec_stage(spec: StageBuilder, grid: Grid, world: World,
+                     device: torch.device) -> nn.Module:
+    """Collective: check ``spec`` fits the grid (the same answer on every rank: its plan and
+    split on the meta device), then build this rank's stage."""
+    from mpitrain.runtime.collective import agree
+
+    def check() -> None:
+        try:
+            spec.check(grid.tensor, grid.pipeline)
+        except ValueError as exc:
+            raise describe_stage_error(spec, exc) from None
+
+    agree(world.comm, check)
+    return spec.build_stage(grid.tp_comm, grid.pp_rank, grid.pipeline, device).to(device)

@@ -13,6 +13,7 @@ import torch
 
 from mpitrain.checkpoint import files as ckpt
 from mpitrain.config import TrainConfig, add_arguments, resolve
+from mpitrain.config_checks import LANGUAGE_MODELS
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.protocol import get_mode
 from mpitrain.preempt import PreemptFlag, parse_signals
@@ -23,6 +24,7 @@ from mpitrain.slurm.world import check_slurm_world
 from mpitrain.timeline import check_timeline_path, start_timeline
 from mpitrain.train.loop import Parts, Trainer
 from mpitrain.train.metrics import print_line, summary_line, write_summary
+from mpitrain.train.models import ClassifierSpec, check_classifier, resolve_seeded
 from mpitrain.train.optim import lr_note
 
 if TYPE_CHECKING:
@@ -103,9 +105,12 @@ def build_reducer(
 
 
 def build_parts(
-    cfg: TrainConfig, world: World, device: torch.device, ps_link: Any = None
+    cfg: TrainConfig, world: World, device: torch.device, ps_link: Any = None,
+    spec: Any = None,
 ) -> Parts:
-    """Collective: open the data, build and wrap the model, optimizer and schedule."""
+    """Collective: open the data, build and wrap the model, optimizer and schedule.
+
+    ``spec``: the classifier spec already resolved (a user's factory, built once)."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset
     from mpitrain.data.parallel_io import use_driver
     from mpitrain.grad.compile import compile_model
@@ -173,7 +178,8 @@ def build_parts(
         )
     torch.manual_seed(cfg.seed)
     module = agree(
-        world.comm, lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes)
+        world.comm,
+        lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes, spec),
     ).to(device)
     compile_model(module, cfg.compile)  # before the exchange registers its hooks
     # ZeRO (--shard, docs/sharding.md): the optimizer is built over this rank's shards
@@ -228,7 +234,7 @@ def with_gpt_defaults(cfg: TrainConfig, *, announce: bool) -> TrainConfig:
     changes = gpt_defaults(cfg)
     if changes and announce:
         text = ", ".join(_flag(k, v) for k, v in sorted(changes.items()))
-        print_line(f"mpitrain: --model gpt defaults: {text} (set them to override, or "
+        print_line(f"mpitrain: --model {cfg.model} defaults: {text} (set them to override, or "
                    "--no-mode-defaults)")
     return cfg.replace(**changes) if changes else cfg
 
@@ -278,7 +284,7 @@ def main(argv: list[str], comm: MPI.Intracomm, *, preempt: PreemptFlag | None = 
     """
     t_start = time.perf_counter()
     cfg = parse_config(argv)
-    if cfg.model == "gpt":
+    if cfg.model in LANGUAGE_MODELS:
         cfg = with_gpt_defaults(cfg, announce=comm.rank == 0)
     cfg = with_mode_defaults(cfg, comm.size, announce=comm.rank == 0)
     note = lr_note(cfg, comm.size)
@@ -320,13 +326,18 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
     watchdog = Watchdog.create(world.comm, cfg.hang_timeout, io_timeout=cfg.io_timeout)
     try:
         with watchdog.guard("opening the data and building the model", io=True):
-            if cfg.model == "gpt":  # a tensor x pipeline x data grid (docs/model-parallel.md)
+            spec = agree(world.comm, lambda: resolve_seeded(cfg)) if (
+                cfg.model in LANGUAGE_MODELS or ":" in cfg.model) else None
+            if spec is not None and not isinstance(spec, ClassifierSpec):
+                # a language model: a tensor x pipeline x data grid (docs/model-parallel.md)
                 from mpitrain.train.grid import build_grid_parts
 
                 parts = build_grid_parts(
-                    cfg, world, device, lambda w, overlap: build_reducer(cfg, w, device, overlap))
+                    cfg, world, device, lambda w, overlap: build_reducer(cfg, w, device, overlap),
+                    spec)
             else:
-                parts = build_parts(cfg, world, device, ps_link)
+                check_classifier(cfg, spec)
+                parts = build_parts(cfg, world, device, ps_link, spec)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)
         timeline = start_timeline(world.comm, cfg.timeline, cfg.timeline_steps)  # collective
         trainer.timeline = timeline.recorder
