@@ -102,13 +102,14 @@ def _width_error(name: str, style: str, module: nn.Module, size: int) -> str | N
     """Why ``module`` cannot take ``style`` over ``size`` ranks (None: it can)."""
     if style == "embedding":
         if not isinstance(module, nn.Embedding):
-            return f"a {type(module).__name__}, not an nn.Embedding"
+            return f"it is a {type(module).__name__}, not an nn.Embedding"
         n = module.num_embeddings
         return None if n % size == 0 else f"its vocabulary of {n} does not split over {size}"
     dense = _linear_weights(module)
     if dense is None:
         known = ", ".join(c.__name__ for c in LINEAR_KINDS)
-        return f"a {type(module).__name__}, not a linear layer ({known}; see register_linear)"
+        return (f"it is a {type(module).__name__}, not a linear layer ({known}; "
+                "see register_linear)")
     out_f, in_f = dense[0].shape
     width, k = (in_f, 1) if style == "row" else (out_f, 3 if style == "column-qkv" else 1)
     if width % (k * size):
@@ -175,7 +176,7 @@ def check_plan(module: nn.Module, plan: Mapping[str, str] | TensorPlan, size: in
         for n in hits:
             why = _width_error(n, style, names[n], size)
             if why is not None:
-                raise ValueError(f"tensor-parallel plan makes '{n}' {style}, but it is {why}")
+                raise ValueError(f"tensor-parallel plan makes '{n}' {style}, but {why}")
     for path in tp.divide:
         pattern, _, attr = path.rpartition(".")
         hits = [n for n in names if name_matches(n, pattern)]
