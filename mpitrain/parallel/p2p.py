@@ -5,6 +5,11 @@ that, only raw buffers travel: ``Isend`` (the caller keeps the handle) and a blo
 ``Recv`` into a fresh tensor. MPI keeps messages of one (source, tag) in order, so
 micro-batches arrive in the order they were sent. Device tensors are staged through host.
 
+With several model chunks per rank (the interleaved schedule) each chunk's traffic has its
+own tags (``tag + CHUNK_TAGS * chunk``, chunk of the sender), so two chunks' messages
+between the same ranks are never confused; the last rank's chunk ``c`` sends forward to rank
+0's chunk ``c + 1`` (and rank 0's chunk ``c + 1`` its gradients back).
+
 While ``timeline`` records, each send is a named flight (``send activation to stage 1``, op
 ``send``) from its start to observed completion: it is tested right after the start and at
 this link's next send or receive, and waited in :meth:`StageLink.wait_sends`; each receive
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 TAG_FORWARD, TAG_BACKWARD, TAG_SHAPE = 31, 32, 33
 #: what travels under each tag (the flights' names)
 WHAT = {TAG_FORWARD: "activation", TAG_BACKWARD: "gradient"}
+#: chunk ``c``'s tags are the chunk 0 tags + ``CHUNK_TAGS * c`` (shape headers included)
+CHUNK_TAGS = 100
 
 
 class StageLink:
@@ -83,14 +90,14 @@ class StageLink:
         handle: Handle
         if self.thread is not None:  # moves while this thread computes the next micro-batch
             handle = self.thread.submit(lambda: self.comm.Send(buf, dest=dest, tag=tag),
-                                        f"send {WHAT[tag]} to stage {dest}")
+                                        f"send {WHAT[tag % CHUNK_TAGS]} to stage {dest}")
             self._sent.append((handle, (host, buf)))
         else:
             request = self.comm.Isend(buf, dest=dest, tag=tag)
             self._pending.append((request, (host, buf)))
             handle = RequestHandle(request)
         if tl.on:
-            flight = tl.comm_started(f"send {WHAT[tag]} to stage {dest}",
+            flight = tl.comm_started(f"send {WHAT[tag % CHUNK_TAGS]} to stage {dest}",
                                      host.numel() * host.element_size(), t0, "send",
                                      self._args(dest))
             self._flights.append(RecordedHandle(handle, tl, flight))
@@ -110,25 +117,28 @@ class StageLink:
         self.comm.Recv(numpy_view(out), source=source, tag=tag)
         got = out.to(self.device)
         if tl.on:
-            tl.comm_blocking(f"recv {WHAT[tag]} from stage {source}",
+            tl.comm_blocking(f"recv {WHAT[tag % CHUNK_TAGS]} from stage {source}",
                              out.numel() * out.element_size(), t0, "recv", self._args(source))
         return got
 
-    def send_forward(self, t: torch.Tensor) -> None:
-        """Send an activation to the next stage (non-blocking)."""
-        self._send(t, self.stage + 1, TAG_FORWARD)
+    def send_forward(self, t: torch.Tensor, chunk: int = 0) -> None:
+        """Send chunk ``chunk``'s activation to the next global stage (non-blocking): the next
+        rank, or the first rank's next chunk from the last rank."""
+        self._send(t, (self.stage + 1) % self.stages, TAG_FORWARD + CHUNK_TAGS * chunk)
 
-    def recv_forward(self) -> torch.Tensor:
-        """Receive the next activation from the previous stage."""
-        return self._recv(self.stage - 1, TAG_FORWARD)
+    def recv_forward(self, chunk: int = 0) -> torch.Tensor:
+        """Receive chunk ``chunk``'s next activation from the previous global stage."""
+        sender = chunk - 1 if self.stage == 0 else chunk
+        return self._recv((self.stage - 1) % self.stages, TAG_FORWARD + CHUNK_TAGS * sender)
 
-    def send_backward(self, t: torch.Tensor) -> None:
-        """Send an input gradient to the previous stage (non-blocking)."""
-        self._send(t, self.stage - 1, TAG_BACKWARD)
+    def send_backward(self, t: torch.Tensor, chunk: int = 0) -> None:
+        """Send chunk ``chunk``'s input gradient to the previous global stage (non-blocking)."""
+        self._send(t, (self.stage - 1) % self.stages, TAG_BACKWARD + CHUNK_TAGS * chunk)
 
-    def recv_backward(self) -> torch.Tensor:
-        """Receive the next output gradient from the following stage."""
-        return self._recv(self.stage + 1, TAG_BACKWARD)
+    def recv_backward(self, chunk: int = 0) -> torch.Tensor:
+        """Receive chunk ``chunk``'s next output gradient from the following global stage."""
+        sender = chunk + 1 if self.stage == self.stages - 1 else chunk
+        return self._recv((self.stage + 1) % self.stages, TAG_BACKWARD + CHUNK_TAGS * sender)
 
     def wait_sends(self) -> None:
         """Wait for every send this stage started (the recorded ones: their waits recorded)."""

@@ -7,6 +7,10 @@ existing engine: buckets, overlap, compression, on the last micro-batch's backwa
 summed over the stages that share tied parameters, and, under sequence parallelism, summed
 over the tensor group for replicated parameters.
 
+Several model chunks per rank (virtual stages, the ``interleaved`` schedule): pass a
+:class:`mpitrain.parallel.chunks.StageChunks` (chunk ``c`` is global stage ``c * P + s``);
+the first global stage is rank 0's chunk 0, the last (the loss) the last rank's last chunk.
+
 With a timeline (:meth:`PipelineEngine.set_timeline`) a step records each blocking receive as
 a ``bubble`` span, the sends and receives as flights (:mod:`mpitrain.parallel.p2p`), every
 tensor-parallel collective of the stage's forward and backward (inside
@@ -20,13 +24,14 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
+from mpitrain.parallel.chunks import StageChunks
 from mpitrain.parallel.functional import recording
-from mpitrain.parallel.p2p import StageLink
+from mpitrain.parallel.p2p import CHUNK_TAGS, StageLink
 from mpitrain.parallel.schedule import Action, get_schedule
 from mpitrain.parallel.tensor import sequence_parallel_grads_
 from mpitrain.runtime.comm_thread import CommThread
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
     from mpitrain.parallel.grid import Grid
 
 StageFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+#: the activations a step holds: (chunk, micro-batch) -> (input, output, saved bytes)
+Store = dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor, int]]
 
 
 @dataclass
@@ -47,6 +54,7 @@ class StepStats:
     """What the last step did on this stage (for logs and the benchmark)."""
 
     loss: float = 0.0
+    #: most (chunk, micro-batch) activations held at once (one chunk: micro-batches)
     peak_in_flight: int = 0
     peak_activation_bytes: int = 0
     step_seconds: float = 0.0
@@ -83,15 +91,19 @@ class PipelineEngine:
     Args:
         stage: this stage's module, called ``stage(x, targets)``: the first stage takes the
             token batch, the others the previous stage's activation; the last stage returns
-            the micro-batch's mean loss, the others their output activation.
+            the micro-batch's mean loss, the others their output activation. Or this rank's
+            chunks (a :class:`StageChunks`, or a sequence the engine puts in one), each
+            called the same way; their count is the virtual stages ``v``.
         grid: the process grid (``pp_comm`` orders the stages).
         micro_batches: micro-batches per step (the batch's first dimension divides by it).
-        schedule: ``1f1b`` or ``gpipe`` (:mod:`mpitrain.parallel.schedule`).
+        schedule: ``1f1b``, ``gpipe`` or ``interleaved`` (:mod:`mpitrain.parallel.schedule`;
+            ``interleaved`` with one chunk is ``1f1b``).
         data_parallel: the stage wrapped in a data-parallel exchange over ``grid.dp_comm``
             (:class:`mpitrain.grad.parallel.DataParallel`, or ZeRO's ``ShardedDataParallel``),
-            or None when the data-parallel size is 1.
+            or None when the data-parallel size is 1. With chunks it wraps the
+            :class:`StageChunks` passed as ``stage`` (called ``dp(x, targets, chunk=c)``).
         tied: parameters this stage shares with another stage (gradients summed over
-            ``grid.tied_comm``).
+            ``grid.tied_comm``; with chunks, ``StageChunks.tied_parameters()``).
         sequence_parallel_params: replicated parameters whose gradients are partial per
             tensor rank (summed over ``grid.tp_comm``).
         measure_memory: count the activation bytes saved for backward (benchmark).
@@ -100,16 +112,30 @@ class PipelineEngine:
     """
 
     def __init__(
-        self, stage: nn.Module, grid: Grid, *, micro_batches: int, schedule: str = "1f1b",
+        self, stage: nn.Module | Sequence[nn.Module], grid: Grid, *, micro_batches: int,
+        schedule: str = "1f1b",
         data_parallel: Exchange | None = None, tied: Sequence[nn.Parameter] = (),
         sequence_parallel_params: Sequence[nn.Parameter] = (),
         device: torch.device | None = None, measure_memory: bool = False,
         eval_through_exchange: bool = False, progress: str = "poll",
     ) -> None:
-        self.stage, self.grid, self.micro = stage, grid, micro_batches
-        self.actions: list[Action] = get_schedule(schedule)(
+        chunked = isinstance(stage, nn.ModuleList) or not isinstance(stage, nn.Module)
+        #: this rank's chunks in global-stage order (one: the stage itself)
+        self.chunks: list[nn.Module] = list(cast("Sequence[nn.Module]", stage)) if chunked \
+            else [cast("nn.Module", stage)]
+        self.stage: nn.Module = self.chunks[0] if not chunked else \
+            stage if isinstance(stage, StageChunks) else StageChunks(self.chunks)
+        self.virtual, self.chunked = len(self.chunks), chunked
+        self._check_chunks(grid, chunked and data_parallel is not None
+                           and not isinstance(stage, StageChunks))
+        self.grid, self.micro = grid, micro_batches
+        self.actions: list[Action] = get_schedule(schedule, self.virtual)(
             grid.pp_rank, grid.pipeline, micro_batches
         )
+        #: action indices whose backward is the step's last of its chunk (the exchange's
+        #: reduction runs there: each chunk's buckets start once its gradients are final)
+        self._final = {max(k for k, a in enumerate(self.actions) if a.kind == "B" and
+                           a.chunk == c) for c in range(self.virtual)}
         self.dp = data_parallel
         #: ``sum_shared(params, comm)``: Collective: sum those parameters' averaged gradients
         #: over ``comm`` where the exchange keeps them (ZeRO's shards); None: in ``.grad``
@@ -123,11 +149,40 @@ class PipelineEngine:
         self.link = StageLink(grid.pp_comm, device or torch.device("cpu"), thread=self.thread)
         self.eval_link = StageLink(grid.pp_comm, device or torch.device("cpu"),
                                    fixed_shapes=False, thread=self.thread)
-        self.saved = _SavedBytes(list(stage.parameters())) if measure_memory else None
+        self.saved = _SavedBytes(list(self.stage.parameters())) if measure_memory else None
         self.stats = StepStats()
         self._checked = False
         #: records the bubble and the stage's traffic (:meth:`set_timeline`)
         self.timeline: Timeline = NULL
+
+    def _check_chunks(self, grid: Grid, unwrapped: bool) -> None:
+        """Refuse chunks the engine cannot route (not collective: every rank alike)."""
+        from mpitrain.errors import ConfigError, with_hint
+
+        v = self.virtual
+        if v < 1:
+            raise ConfigError(with_hint("the pipeline stage has no chunks",
+                                        "pass a module, or one module per virtual stage"))
+        if v > 1 and grid.pipeline == 1:
+            raise ConfigError(with_hint(
+                f"{v} chunks on a pipeline of one stage: virtual stages interleave the "
+                "chunks of several pipeline ranks", "use pipeline stages > 1, or one chunk"))
+        if v * CHUNK_TAGS + 2 * CHUNK_TAGS > 32767:  # the tag bound MPI guarantees
+            raise ConfigError(with_hint(f"{v} chunks per rank are too many for MPI's tags",
+                                        f"use at most {32767 // CHUNK_TAGS - 2} virtual stages"))
+        if unwrapped:
+            raise ConfigError(with_hint(
+                "a data-parallel exchange with a plain list of chunks: it must wrap the "
+                "container the engine calls", "put the chunks in a StageChunks, wrap that "
+                "in the exchange and pass the same StageChunks as the stage"))
+
+    def _first(self, chunk: int) -> bool:
+        """Whether ``chunk`` of this rank is the first global stage (takes the inputs)."""
+        return chunk == 0 and self.grid.first_stage
+
+    def _last(self, chunk: int) -> bool:
+        """Whether ``chunk`` of this rank is the last global stage (the loss)."""
+        return chunk == self.virtual - 1 and self.grid.last_stage
 
     def set_timeline(self, recorder: Timeline) -> None:
         """Record this stage's bubble, sends, receives and tensor-parallel collectives into
@@ -158,8 +213,13 @@ class PipelineEngine:
         agree(self.grid.pp_comm, check)
         self._checked = True
 
-    def _call(self, x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-        fn: Any = self.dp if self.dp is not None else self.stage
+    def _call(self, x: torch.Tensor, target: torch.Tensor | None, chunk: int,
+              through_exchange: bool = True) -> torch.Tensor:
+        if self.dp is None or not through_exchange:
+            return self.chunks[chunk](x, target)  # type: ignore[no-any-return]
+        fn: Any = self.dp
+        if self.chunked:  # the exchange wraps the StageChunks: it picks the chunk
+            return fn(x, target, chunk=chunk)  # type: ignore[no-any-return]
         return fn(x, target)  # type: ignore[no-any-return]
 
     def _recv(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -171,40 +231,36 @@ class PipelineEngine:
         return out
 
     def _forward(
-        self, i: int, xs: Sequence[torch.Tensor] | None, ts: Sequence[torch.Tensor] | None,
-        store: dict[int, tuple[torch.Tensor | None, torch.Tensor, int]],
+        self, i: int, c: int, xs: Sequence[torch.Tensor] | None,
+        ts: Sequence[torch.Tensor] | None, store: Store,
     ) -> None:
-        g = self.grid
         x: torch.Tensor
-        if g.first_stage:
+        if self._first(c):
             assert xs is not None
             x, inp = xs[i], None
         else:
-            x = inp = self._recv(self.link.recv_forward).requires_grad_(True)
-        target = ts[i] if g.last_stage and ts is not None else None
+            x = inp = self._recv(lambda: self.link.recv_forward(c)).requires_grad_(True)
+        target = ts[i] if self._last(c) and ts is not None else None
         ctx = self.saved.micro() if self.saved is not None else contextlib.nullcontext()
         with ctx:
-            out = self._call(x, target)
+            out = self._call(x, target, c)
         nbytes = self.saved.current if self.saved is not None else 0
-        store[i] = (inp, out, nbytes)
-        if not g.last_stage:
-            self.link.send_forward(out)
+        store[(c, i)] = (inp, out, nbytes)
+        if not self._last(c):
+            self.link.send_forward(out, c)
 
-    def _backward(
-        self, i: int, store: dict[int, tuple[torch.Tensor | None, torch.Tensor, int]],
-        last: bool, scale: float = 1.0,
-    ) -> float:
-        inp, out, _ = store.pop(i)
+    def _backward(self, i: int, c: int, store: Store, last: bool, scale: float = 1.0) -> float:
+        inp, out, _ = store.pop((c, i))
         sync = contextlib.nullcontext() if last or self.dp is None else self.dp.no_sync()
         with sync:
-            if self.grid.last_stage:
+            if self._last(c):
                 (out * (scale / self.micro)).backward()  # type: ignore[no-untyped-call]
             else:
-                torch.autograd.backward(out, self._recv(self.link.recv_backward))
+                torch.autograd.backward(out, self._recv(lambda: self.link.recv_backward(c)))
         if inp is not None:
             assert inp.grad is not None
-            self.link.send_backward(inp.grad)
-        return float(out.detach()) if self.grid.last_stage else 0.0
+            self.link.send_backward(inp.grad, c)
+        return float(out.detach()) if self._last(c) else 0.0
 
     def train_step(
         self, inputs: torch.Tensor | None, targets: torch.Tensor | None, *,
@@ -229,19 +285,15 @@ class PipelineEngine:
         self.stats = StepStats()
         xs = inputs.chunk(self.micro) if inputs is not None else None
         ts = targets.chunk(self.micro) if targets is not None else None
-        store: dict[int, tuple[torch.Tensor | None, torch.Tensor, int]] = {}
-        total, live, peak_bytes = 0.0, 0, 0
-        backwards = sum(1 for a in self.actions if a.kind == "B")
-        done = 0
-        for a in self.actions:
+        store: Store = {}
+        total, peak_bytes = 0.0, 0
+        for k, a in enumerate(self.actions):
             if a.kind == "F":
-                self._forward(a.micro, xs, ts, store)
-                live = len(store)
-                self.stats.peak_in_flight = max(self.stats.peak_in_flight, live)
+                self._forward(a.micro, a.chunk, xs, ts, store)
+                self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(store))
                 peak_bytes = max(peak_bytes, sum(s[2] for s in store.values()))
             else:
-                done += 1
-                total += self._backward(a.micro, store, last and done == backwards,
+                total += self._backward(a.micro, a.chunk, store, last and k in self._final,
                                         loss_scale)
         self.link.wait_sends()
         if last:
@@ -291,18 +343,21 @@ class PipelineEngine:
         """Collective (grid): the batch's mean loss, forward only, on every stage.
 
         Every stage passes the batch (its length sets the micro-batches; a last partial
-        batch is fine here: shapes travel with each message).
+        batch is fine here: shapes travel with each message). With chunks, every
+        micro-batch through chunk 0, then through chunk 1, ...
         """
-        g, link = self.grid, self.eval_link
+        link = self.eval_link
         total = 0.0
+        xs, ts = inputs.chunk(self.micro), targets.chunk(self.micro)
         with recording(self.timeline):
-            for x, t in zip(inputs.chunk(self.micro), targets.chunk(self.micro), strict=True):
-                h = x if g.first_stage else link.recv_forward()
-                fn: Any = self.dp if self.eval_through_exchange else self.stage
-                out = fn(h, t if g.last_stage else None)
-                if g.last_stage:
-                    total += float(out) * len(t)
-                else:
-                    link.send_forward(out)
+            for c in range(self.virtual):
+                for x, t in zip(xs, ts, strict=True):
+                    h = x if self._first(c) else link.recv_forward(c)
+                    out = self._call(h, t if self._last(c) else None, c,
+                                     self.eval_through_exchange)
+                    if self._last(c):
+                        total += float(out) * len(t)
+                    else:
+                        link.send_forward(out, c)
         link.wait_sends()
         return self._loss_bcast(total / len(targets))

@@ -40,9 +40,11 @@ def test_split_gpt_equals_dense(mpirun: MpiRun, n: int) -> None:
     want = {f"parallelize a standard block {n}", f"pipeline {n} gpipe", f"pipeline {n} 1f1b",
             f"tensor {n}", f"tensor {n} sequence parallel",
             f"fp16 overflow on one tensor rank skips every rank {n}",
-            f"pipeline {n} sends on a thread"}
+            f"pipeline {n} sends on a thread", f"pipeline {n} interleaved"}
     if n == 4:
-        want |= {"tensor 2 x data 2", "pipeline 2 x data 2", "tensor 2 x pipeline 2"}
+        want |= {"tensor 2 x data 2", "pipeline 2 x data 2", "tensor 2 x pipeline 2",
+                 "pipeline 2 x data 2 interleaved",
+                 "tensor 2 x pipeline 2 interleaved sequence parallel"}
     assert _passed(proc.stdout) == want, proc.stdout + proc.stderr
 
 

@@ -39,7 +39,25 @@ REFUSED: list[tuple[str, dict[str, Any], list[str]]] = [
                                         "tensor_parallel": "2"},
      ["--sequence-parallel", "--context 33"]),
     ("unknown schedule", {**GPT, "pipeline_schedule": "bad"},
-     ["pipeline_schedule", "'bad'", "1f1b", "gpipe"]),
+     ["pipeline_schedule", "'bad'", "1f1b", "gpipe", "interleaved"]),
+    ("virtual stages without interleaved", {**GPT, "pipeline_stages": "2", "virtual_stages": "2"},
+     ["--virtual-stages 2", "--pipeline-schedule interleaved"]),
+    ("virtual stages with mlp", {"model": "mlp", "virtual_stages": "2"},
+     ["--virtual-stages", "--model mlp"]),
+    ("interleaved without a pipeline", {**GPT, "pipeline_schedule": "interleaved",
+                                        "virtual_stages": "2"},
+     ["--pipeline-schedule interleaved", "--pipeline-stages > 1"]),
+    ("interleaved with one virtual stage", {**GPT, "pipeline_stages": "2",
+                                            "pipeline_schedule": "interleaved"},
+     ["--virtual-stages 1 is 1f1b", "--virtual-stages 2"]),
+    ("interleaved micro-batches", {**GPT, "pipeline_stages": "2", "virtual_stages": "2",
+                                   "pipeline_schedule": "interleaved", "micro_batches": "3",
+                                   "batch_size": "6"},
+     ["--micro-batches (3)", "--pipeline-stages (2)", "use --micro-batches 4"]),
+    ("more chunks than layers", {**GPT, "layers": "4", "pipeline_stages": "2",
+                                 "pipeline_schedule": "interleaved", "virtual_stages": "3",
+                                 "micro_batches": "2", "batch_size": "8"},
+     ["--virtual-stages 3", "6 chunks", "4 layers", "--layers at least 6"]),
 ]
 
 
@@ -73,6 +91,13 @@ def test_good_grid_resolves() -> None:
     assert (cfg.micro_batches, cfg.batch_size) == (4, 8)
     assert cfg.pipeline_schedule == "1f1b" and cfg.sequence_parallel is False
     assert (cfg.context, cfg.layers, cfg.heads) == (128, 4, 4)
+
+
+def test_good_interleaved_resolves() -> None:
+    cfg = resolve({**GPT, "pipeline_stages": "2", "pipeline_schedule": "interleaved",
+                   "virtual_stages": "2", "micro_batches": "4", "batch_size": "8"}, environ={})
+    assert (cfg.pipeline_schedule, cfg.virtual_stages, cfg.pipeline_stages) == (
+        "interleaved", 2, 2)
 
 
 def test_good_sequence_parallel_and_gpipe() -> None:

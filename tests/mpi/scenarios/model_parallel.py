@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from mpitrain.checkpoint.reshard import merge_parallel
 from mpitrain.grad.parallel import DataParallel
+from mpitrain.parallel.chunks import StageChunks
 from mpitrain.parallel.convert import parallelize_
 from mpitrain.parallel.grid import Grid
 from mpitrain.parallel.pipeline import PipelineEngine
@@ -46,10 +47,12 @@ def dense_grads(
     return float(loss.detach()), grads
 
 
-def gathered_grads(stage: GPTStage, grid: Grid) -> dict[str, torch.Tensor] | None:
-    """Collective: the dense gradient dict on world rank 0 (other ranks None)."""
-    grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
-    table = stage.merge_rules()
+def gathered_grads(stage: GPTStage | StageChunks, grid: Grid) -> dict[str, torch.Tensor] | None:
+    """Collective: the dense gradient dict on world rank 0 (other ranks None); a rank's
+    chunks (virtual stages) name their parameters as the dense GPT does."""
+    parts: list[GPTStage] = list(stage) if isinstance(stage, StageChunks) else [stage]
+    grads = {n: p.grad.clone() for part in parts for n, p in part.named_parameters()}
+    table = {k: v for part in parts for k, v in part.merge_rules().items()}
     every = grid.comm.gather((grid.pp_rank, grid.tp_rank, grid.dp_rank, grads, table), root=0)
     if every is None:
         return None
@@ -257,6 +260,56 @@ def check_thread_sends(world: MPI.Intracomm) -> None:
         print(f"PASS pipeline {world.size} sends on a thread", flush=True)
 
 
+def check_interleaved(world: MPI.Intracomm, name: str, tensor: int, pipeline: int,
+                      sp: bool = False, progress: tuple[str, ...] = ("poll",)) -> None:
+    """Two chunks per rank (chunk c = global stage c * P + s of 2P), the interleaved schedule:
+    loss, gradients and evaluation loss == the dense GPT (with replicas: each its half);
+    with ``progress`` poll and thread, the same bit for bit."""
+    v, runs = 2, []
+    for prog in progress:
+        c = GPTConfig(context=16, dim=32, heads=4, layers=v * pipeline, sequence_parallel=sp,
+                      seed=3)
+        grid = Grid.create(world, tensor=tensor, pipeline=pipeline)
+        chunks = StageChunks(GPTStage(c, grid.tp_comm, k * grid.pipeline + grid.pp_rank,
+                                      v * grid.pipeline) for k in range(v))
+        dp = DataParallel(chunks, comm=grid.dp_comm) if grid.data > 1 else None
+        eng = PipelineEngine(chunks, grid, micro_batches=M, schedule="interleaved",
+                             data_parallel=dp, tied=chunks.tied_parameters(),
+                             sequence_parallel_params=chunks.sequence_parallel_parameters(),
+                             progress=prog)
+        x, y = batch(c, n=B * grid.data)
+        xs, ys = x.chunk(grid.data)[grid.dp_rank], y.chunk(grid.data)[grid.dp_rank]
+        losses = grid.dp_comm.allgather(eng.train_step(xs, ys))
+        got = gathered_grads(chunks, grid)
+        assert eng.stats.peak_in_flight == peak_in_flight(eng.actions)
+        ev = eng.eval_step(x[: B - 2], y[: B - 2])  # 6 samples: micro-batches of 2, 2, 2
+        runs.append((losses, got))
+        if world.rank == 0:
+            assert got is not None
+            ref_losses, ref = [], {}
+            for r in range(grid.data):
+                lr, gr = dense_grads(c, x.chunk(grid.data)[r], y.chunk(grid.data)[r])
+                ref_losses.append(lr)
+                for k, g in gr.items():
+                    ref[k] = ref.get(k, 0) + g / grid.data
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL)
+            assert set(got) == set(ref), (set(got) ^ set(ref))
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
+            with torch.no_grad():
+                dense = GPTStage(c, MPI.COMM_SELF)
+                want = float(dense(x[: B - 2], y[: B - 2]))
+            torch.testing.assert_close(torch.tensor(ev), torch.tensor(want), **TOL)
+        eng.close()
+        grid.free()
+    if world.rank == 0:
+        (l0, g0), *others = runs
+        for l1, g1 in others:
+            assert l0 == l1 and g0 is not None and g1 is not None
+            assert all(torch.equal(g0[k], g1[k]) for k in g0), "thread != poll"
+        print(f"PASS {name}", flush=True)
+
+
 def main(world: MPI.Intracomm) -> int:
     n = world.size
     check_parallelize(world)
@@ -268,6 +321,11 @@ def main(world: MPI.Intracomm) -> int:
         check_split(world, "tensor 2 x data 2", 2, 1, "1f1b")
         check_split(world, "pipeline 2 x data 2", 1, 2, "1f1b")
         check_split(world, "tensor 2 x pipeline 2", 2, 2, "1f1b")
+    check_interleaved(world, f"pipeline {n} interleaved", 1, n, progress=("poll", "thread"))
+    if n == 4:
+        check_interleaved(world, "pipeline 2 x data 2 interleaved", 1, 2)
+        check_interleaved(world, "tensor 2 x pipeline 2 interleaved sequence parallel", 2, 2,
+                          sp=True)
     check_fp16_overflow_agreed(world)
     check_thread_sends(world)
     assert peak_in_flight([]) == 0
