@@ -404,7 +404,7 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                        node_index=world.node_index)
     batch = agree(world.comm, lambda: rank_batch(cfg, grid.data))
     train, test = open_corpus(cfg, world, grid, batch)
-    stage = build_spec_stage(spec, grid, world, device)
+    stage = build_spec_stage(spec, grid, world, device, cfg.virtual_stages)
     api = cast("Stage", stage)  # the grid's view of it (tied, ZeRO-3 units, ...)
     steps_per_epoch = -(-len(train) // cfg.accumulate)
     dp: Any = None
@@ -437,6 +437,8 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                    f"micro-batches of {micro} ({cfg.pipeline_schedule}); "
                    f"stage 0: {memory_line(stage)}")
     meta = {**spec.meta, "optimizer": cfg.optimizer}
+    if cfg.virtual_stages > 1:  # its chunks' names: a checkpoint resumes with the same V
+        meta["virtual_stages"] = cfg.virtual_stages
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return Parts(GridExchange(stage, engine, meta, owned), optimizer, scheduler, train, test,
                  device, PipelineSteps(engine, device, cfg.precision, scaler), scaler)

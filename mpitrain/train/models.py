@@ -221,17 +221,23 @@ def _load_factory(spec: str):  # type: ignore[no-untyped-def]
     return factory
 
 
-def build_spec_stage(spec: StageBuilder, grid: Grid, world: World,
-                     device: torch.device) -> nn.Module:
+def build_spec_stage(spec: StageBuilder, grid: Grid, world: World, device: torch.device,
+                     virtual: int = 1) -> nn.Module:
     """Collective: check ``spec`` fits the grid (the same answer on every rank: its plan and
-    split on the meta device), then build this rank's stage."""
+    split on the meta device), then build this rank's stage; with ``virtual`` > 1 (the
+    interleaved schedule) its chunks, chunk ``c`` being global stage ``c * P + rank``."""
+    from mpitrain.parallel.chunks import StageChunks
     from mpitrain.runtime.collective import agree
+
+    stages = grid.pipeline * virtual
 
     def check() -> None:
         try:
-            spec.check(grid.tensor, grid.pipeline)
+            spec.check(grid.tensor, stages)
         except ValueError as exc:
             raise describe_stage_error(spec, exc) from None
 
     agree(world.comm, check)
-    return spec.build_stage(grid.tp_comm, grid.pp_rank, grid.pipeline, device).to(device)
+    chunks = [spec.build_stage(grid.tp_comm, c * grid.pipeline + grid.pp_rank, stages, device)
+              for c in range(virtual)]
+    return (chunks[0] if virtual == 1 else StageChunks(chunks)).to(device)

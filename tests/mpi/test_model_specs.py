@@ -84,3 +84,20 @@ def test_a_users_own_model_splits_by_its_spec(mpirun: MpiRun, tmp_path: Path) ->
     assert bad.returncode != 0
     assert "'blocks.*.fc9', which matches no module" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.mpi
+def test_interleaved_schedule_from_the_command_line_trains_like_one_process(
+    mpirun: MpiRun, tmp_path: Path
+) -> None:
+    """--pipeline-schedule interleaved --virtual-stages 2 on 2 ranks (4 chunks of the GPT's 4
+    blocks) == one process; its checkpoint names each parameter under its chunk."""
+    four = ["--layers", "4", "--batch-size", "16"]
+    _run(mpirun, 1, tmp_path / "ref", "gpt", four)
+    _run(mpirun, 2, tmp_path / "v2", "gpt", [*four, "--pipeline-stages", "2", "--micro-batches",
+                                             "2", "--pipeline-schedule", "interleaved",
+                                             "--virtual-stages", "2"])
+    (rp, rs), (gp, gs) = _final(tmp_path / "ref"), _final(tmp_path / "v2")
+    assert {k.partition(".")[2] for k in gp} == set(rp)  # "<chunk>.<dense name>"
+    assert _max_rel(rp, {k.partition(".")[2]: v for k, v in gp.items()}) < REL_TOL
+    assert gs["final_loss"] == pytest.approx(rs["final_loss"], rel=REL_TOL)
