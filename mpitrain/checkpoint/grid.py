@@ -49,7 +49,7 @@ class Grid(Protocol):
 
 def save_parallel(
     grid: Grid, path: Path, step: int, payload: dict[str, Any],
-    rules: dict[str, list[Any]], meta: dict[str, Any], *, run_id: str,
+    rules: dict[str, list[Any]], meta: dict[str, Any], *, run_id: str, virtual: int = 1,
 ) -> Path:
     """Collective (grid): write this step's grid state into the directory ``path``.
 
@@ -71,7 +71,8 @@ def save_parallel(
                 per_stage[pp] = r
         manifest = {
             "kind": KIND, "step": step, "run_id": run_id, "meta": meta, "rules": per_stage,
-            "grid": {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data},
+            "grid": {"tensor": grid.tensor, "pipeline": grid.pipeline, "data": grid.data,
+                     "virtual": virtual},
         }
         try:
             save_shards(path, payload, manifest, wcomm)
@@ -87,6 +88,7 @@ def save_parallel(
 def load_parallel(
     grid: Grid, path: Path, meta: dict[str, Any] | None = None, *,
     rules: dict[str, list[Any]] | None = None, tied: dict[str, str] | None = None,
+    virtual: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Collective (grid): return (this rank's payload, the manifest) of checkpoint ``path``.
 
@@ -114,14 +116,16 @@ def load_parallel(
                 with_hint(f"'{path}' is not a model-parallel checkpoint",
                           "resume --model gpt from a checkpoint of a grid run"))
         saved = doc["grid"]
-        if (saved["tensor"], saved["pipeline"]) == (grid.tensor, grid.pipeline):
+        same = (saved["tensor"], saved["pipeline"], saved.get("virtual", 1))
+        if same == (grid.tensor, grid.pipeline, virtual):
             entry = doc["files"][grid.pp_rank * grid.tensor + grid.tp_rank]
             return read_shard(path, entry), doc
         if rules is None:
             raise CheckpointError(with_hint(
                 f"'{path}' was written by a grid of tensor {saved['tensor']} x pipeline "
-                f"{saved['pipeline']}; this run is tensor {grid.tensor} x pipeline "
-                f"{grid.pipeline}", "pass this stage's rules to re-cut it, or consolidate "
+                f"{saved['pipeline']} x {saved.get('virtual', 1)} chunks; this run is tensor "
+                f"{grid.tensor} x pipeline {grid.pipeline} x {virtual}",
+                "pass this stage's rules to re-cut it, or consolidate "
                 "it: python -m mpitrain checkpoint consolidate DIR OUT.pt"))
         doc, payloads = read_shards(path)
         full = consolidate_parallel(doc, payloads)

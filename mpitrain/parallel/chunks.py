@@ -58,3 +58,18 @@ class StageChunks(nn.ModuleList):
         """Copies of another stage's parameters: the container's name -> the dense name."""
         return {f"{c}.{k}": v for c, m in enumerate(self._stages())
                 for k, v in m.tied_names().items()}
+
+    def dense_names(self) -> dict[str, str]:
+        """``state_dict`` names -> the dense model's (``"{c}.{name}"`` -> ``name``): the chunks
+        hold disjoint parts of one model, so a checkpoint written with chunks resumes on any
+        grid and any ``V``. ValueError names a name two chunks share."""
+        out: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for key in self.state_dict(keep_vars=True):
+            dense = key.partition(".")[2]
+            if dense in seen:
+                raise ValueError(f"chunks {seen[dense].partition('.')[0]} and "
+                                 f"{key.partition('.')[0]} both hold '{dense}': a model whose "
+                                 "stages share a parameter cannot be interleaved")
+            seen[dense], out[key] = key, dense
+        return out

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mpitrain.grad.protocol import ExchangeBase
+from mpitrain.parallel.chunks import StageChunks
 from mpitrain.parallel.grid import Grid
 from mpitrain.parallel.pipeline import PipelineEngine
 from mpitrain.runtime.collective import agree
@@ -51,6 +52,9 @@ class GridExchange(ExchangeBase):
         self.engine = engine
         self.grid = engine.grid
         self.rules = cast("Stage", stage).merge_rules()
+        #: interleaved chunks: ``state_dict`` names -> the dense model's (checkpoints keep
+        #: the dense names); None when the stage's names are already the dense ones
+        self.dense_names = stage.dense_names() if isinstance(stage, StageChunks) else None
         #: the model's shape, saved with its checkpoints and compared on resume
         self.meta = meta
         self._owned = owned or []
@@ -437,8 +441,6 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                    f"micro-batches of {micro} ({cfg.pipeline_schedule}); "
                    f"stage 0: {memory_line(stage)}")
     meta = {**spec.meta, "optimizer": cfg.optimizer}
-    if cfg.virtual_stages > 1:  # its chunks' names: a checkpoint resumes with the same V
-        meta["virtual_stages"] = cfg.virtual_stages
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     return Parts(GridExchange(stage, engine, meta, owned), optimizer, scheduler, train, test,
                  device, PipelineSteps(engine, device, cfg.precision, scaler), scaler)

@@ -31,6 +31,15 @@ class GridState:
         self.model = model
         self.optimizer = optimizer
 
+    def _virtual(self) -> int:
+        names = self.model.dense_names
+        return 1 if names is None else len(self.model.module)  # type: ignore[arg-type]
+
+    def _dense(self, named: dict[str, Any]) -> dict[str, Any]:
+        """``named`` under the dense model's names (interleaved chunks' ``"{c}."`` dropped)."""
+        names = self.model.dense_names
+        return named if names is None else {names.get(k, k): v for k, v in named.items()}
+
     def holds(self) -> dict[str, list[int]]:
         """Nothing up front: each rank's part is compared when it is loaded."""
         return {}
@@ -41,8 +50,10 @@ class GridState:
         model, g = self.model, self.model.grid
         name = dir_name(step, run_id, self.kind)
         payload = model.checkpoint_payload(self.optimizer)  # ZeRO: joined over the replicas
-        save_parallel(g, Path(directory) / name, step, payload, model.rules, model.meta,
-                      run_id=run_id)
+        if payload:
+            payload = {**payload, "model": self._dense(payload["model"])}
+        save_parallel(g, Path(directory) / name, step, payload, self._dense(model.rules),
+                      model.meta, run_id=run_id, virtual=self._virtual())
         return {"grid_dir": name, "meta": model.meta,
                 "grid": {"tensor": g.tensor, "pipeline": g.pipeline, "data": g.data}}, None
 
@@ -52,8 +63,11 @@ class GridState:
         assert origin is not None
         model, optimizer = self.model, self.optimizer
         path = Path(origin) / str(state["model"]["grid_dir"])
-        mine, doc = load_parallel(model.grid, path, model.meta, rules=model.rules,
-                                  tied=model.stage.tied_names())
+        mine, doc = load_parallel(model.grid, path, model.meta, rules=self._dense(model.rules),
+                                  tied=self._dense(model.stage.tied_names()),
+                                  virtual=self._virtual())
+        names = {v: k for k, v in (model.dense_names or {}).items()}
+        mine = {**mine, "model": {names.get(k, k): v for k, v in mine["model"].items()}}
 
         def check() -> None:
             _kind, groups, _keys = compat.of_optimizer(optimizer)

@@ -12,6 +12,7 @@ import torch
 
 from mpitrain.checkpoint.shards import load_full
 from tests.conftest import MpiRun
+from tests.mpi.test_model_parallel import _grid_dir, _resume_copy
 
 SMALL = ["-m", "mpitrain", "--context", "16", "--hidden", "32", "--heads", "4", "--layers", "2",
          "--optimizer", "sgd", "--lr", "0.03", "--no-scale-lr", "--warmup-epochs", "0",
@@ -91,13 +92,19 @@ def test_interleaved_schedule_from_the_command_line_trains_like_one_process(
     mpirun: MpiRun, tmp_path: Path
 ) -> None:
     """--pipeline-schedule interleaved --virtual-stages 2 on 2 ranks (4 chunks of the GPT's 4
-    blocks) == one process; its checkpoint names each parameter under its chunk."""
-    four = ["--layers", "4", "--batch-size", "16"]
-    _run(mpirun, 1, tmp_path / "ref", "gpt", four)
+    blocks) == one process; its checkpoint holds the dense names and resumes under 1F1B."""
+    four = ["--layers", "4", "--batch-size", "16", "--max-steps", "30"]  # the lr's horizon
+    _run(mpirun, 1, tmp_path / "ref", "gpt", [*four, "--checkpoint-every", "20"])
     _run(mpirun, 2, tmp_path / "v2", "gpt", [*four, "--pipeline-stages", "2", "--micro-batches",
                                              "2", "--pipeline-schedule", "interleaved",
-                                             "--virtual-stages", "2"])
-    (rp, rs), (gp, gs) = _final(tmp_path / "ref"), _final(tmp_path / "v2")
-    assert {k.partition(".")[2] for k in gp} == set(rp)  # "<chunk>.<dense name>"
-    assert _max_rel(rp, {k.partition(".")[2]: v for k, v in gp.items()}) < REL_TOL
+                                             "--virtual-stages", "2", "--checkpoint-every", "20"])
+    for step in (20, 30):
+        want = load_full(_grid_dir(tmp_path / "ref" / "ckpt", step))["model"]
+        got = load_full(_grid_dir(tmp_path / "v2" / "ckpt", step))["model"]
+        assert _max_rel(want, got) < REL_TOL, step  # the same (dense) names
+    _resume_copy(tmp_path / "v2" / "ckpt", tmp_path / "then" / "ckpt", 20)
+    _run(mpirun, 2, tmp_path / "then", "gpt", [*four, "--pipeline-stages", "2",
+                                               "--micro-batches", "2", "--resume", "auto"])
+    (rp, rs), (gp, gs) = _final(tmp_path / "ref"), _final(tmp_path / "then")
+    assert _max_rel(rp, gp) < REL_TOL
     assert gs["final_loss"] == pytest.approx(rs["final_loss"], rel=REL_TOL)
