@@ -112,9 +112,9 @@ def check_model_parallel(cfg: TrainConfig) -> None:
             _refuse("--tensor-parallel, --pipeline-stages, --micro-batches and "
                     "--sequence-parallel split a language model (gpt, llama, gpt2 or your "
                     "spec)", "add --model gpt (or drop those options)")
-        if cfg.sequence_parallel:
-            _refuse("--sequence-parallel is the built-in GPT's",
-                    "use --model gpt, or drop --sequence-parallel")
+        if cfg.sequence_parallel and tp == 1:
+            _refuse("--sequence-parallel needs --tensor-parallel > 1",
+                    "add --tensor-parallel 2, or drop --sequence-parallel")
         # the built-in mlp and cnn have no layers, heads, context or schedule: an option
         # that would change nothing is refused (a factory of yours may read them)
         unused = sorted(GPT_ONLY & explicit_options(cfg)) if cfg.model in ("mlp", "cnn") else []
@@ -147,9 +147,6 @@ def check_model_parallel(cfg: TrainConfig) -> None:
         _refuse(f"--batch-size {batch} does not divide into --micro-batches "
                 f"{cfg.micro_batches}", "make the batch a multiple of the micro-batch count")
     check_virtual_stages(cfg, layers)
-    if cfg.sequence_parallel and cfg.model != "gpt":
-        _refuse(f"--sequence-parallel is the built-in GPT's; --model {cfg.model} splits "
-                "only the hidden width", "drop --sequence-parallel")
     if cfg.sequence_parallel and (tp == 1 or context % tp):
         _refuse(f"--sequence-parallel needs --tensor-parallel > 1 dividing --context "
                 f"{context}", "drop --sequence-parallel or change --context")

@@ -15,7 +15,12 @@ Styles: ``column`` (output features split), ``row`` (input features split, parti
 reduced), ``column-qkv`` (a fused ``[q; k; v]`` projection: each rank keeps its heads of all
 three), ``embedding`` (vocabulary rows split, partial rows summed) and ``head`` (an output
 projection over the vocabulary, split by vocabulary rows: feed its logits to
-:func:`~mpitrain.parallel.tensor.vocab_parallel_cross_entropy`).
+:func:`~mpitrain.parallel.tensor.vocab_parallel_cross_entropy`) and ``sequence-norm`` (a norm
+in front of column layers, as torch's ``SequenceParallel``: with ``sequence_parallel`` it runs
+on this rank's part of the sequence and its output is all-gathered, the column layers after it
+taking the whole sequence as it is and the row layers reduce-scattering theirs, so a module
+that reads its input's length, as Hugging Face attention does, sees the whole sequence;
+without, nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mpitrain.parallel.functional import gather_sequence
 from mpitrain.parallel.tensor import (
     ColumnParallelLinear,
     Init,
@@ -38,7 +44,7 @@ from mpitrain.parallel.tensor import (
 if TYPE_CHECKING:
     from mpi4py import MPI
 
-STYLES = ("column", "row", "column-qkv", "embedding", "head")
+STYLES = ("column", "row", "column-qkv", "embedding", "head", "sequence-norm")
 
 #: a linear-like layer's weights as ``nn.Linear`` holds them: (weight (out, in), bias or None)
 Dense = tuple[torch.Tensor, torch.Tensor | None]
@@ -100,6 +106,8 @@ def _copier(src: torch.Tensor) -> Init:
 
 def _width_error(name: str, style: str, module: nn.Module, size: int) -> str | None:
     """Why ``module`` cannot take ``style`` over ``size`` ranks (None: it can)."""
+    if style == "sequence-norm":
+        return None  # any module: its output is gathered
     if style == "embedding":
         if not isinstance(module, nn.Embedding):
             return f"it is a {type(module).__name__}, not an nn.Embedding"
@@ -136,10 +144,10 @@ def from_linear(
         w = _interleaved(w, k, comm.size)
         b = _interleaved(b, k, comm.size) if b is not None else None
     init, bias_init = _copier(w), (_copier(b) if b is not None else None)
-    if style in ("column", "column-qkv", "head"):
-        return ColumnParallelLinear(in_f, out_f, comm, bias=b is not None,
-                                    sequence_parallel=sequence_parallel and style != "head",
-                                    init=init, bias_init=bias_init, interleave=k)
+    if style in ("column", "column-qkv", "head"):  # sequence parallel: after a sequence-norm
+        return ColumnParallelLinear(in_f, out_f, comm, bias=b is not None, init=init,
+                                    bias_init=bias_init, interleave=k,
+                                    gathered_input=sequence_parallel)
     if style == "row":
         return RowParallelLinear(in_f, out_f, comm, bias=b is not None,
                                  sequence_parallel=sequence_parallel, init=init,
@@ -147,7 +155,18 @@ def from_linear(
     raise ValueError(f"unknown tensor-parallel style {style!r}; use one of {', '.join(STYLES)}")
 
 
+def _gather_output(comm: MPI.Intracomm) -> Callable[..., torch.Tensor]:
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        return gather_sequence(out, comm)
+
+    return hook
+
+
 def _convert(module: nn.Module, style: str, comm: MPI.Intracomm, sp: bool) -> nn.Module:
+    if style == "sequence-norm":  # the module stays (its names too): its output gathered
+        if sp and comm.size > 1:
+            module.register_forward_hook(_gather_output(comm))
+        return module
     if style == "embedding":
         assert isinstance(module, nn.Embedding)
         return VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, comm,

@@ -24,7 +24,11 @@ import torch
 from torch import nn
 
 from mpitrain.parallel.convert import TensorPlan, check_plan, parallelize_
-from mpitrain.parallel.tensor import merge_rules, vocab_parallel_cross_entropy
+from mpitrain.parallel.tensor import (
+    merge_rules,
+    parallel_layers,
+    vocab_parallel_cross_entropy,
+)
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -118,6 +122,10 @@ class ParallelSpec:
     seed: int = 0
     #: the model's shape, saved with its checkpoints and compared on resume
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: split the activations along the sequence too (``--sequence-parallel``): the tensor
+    #: layers gather / reduce-scatter the sequence; ``forward`` must take sequence-split
+    #: activations (positions of this rank's part: :meth:`SpecStage.positions`)
+    sequence_parallel: bool = False
 
     def check(self, tensor: int, stages: int) -> None:
         """Refuse a plan or split that does not fit (ValueError; see :func:`check_spec`)."""
@@ -202,6 +210,17 @@ class SpecStage(nn.Module):
         for name, p in root.named_parameters(recurse=False):
             self.register_parameter(name, p)
 
+    def sequence_split(self) -> bool:
+        """Whether activations between the tensor layers are split along the sequence."""
+        return self.spec.sequence_parallel and self.tp.size > 1
+
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        """Position ids (1, n) of this rank's tokens of a sequence of ``length``: all of
+        them, or with sequence parallelism this rank's part."""
+        ids = torch.arange(length, device=device)
+        return (ids.chunk(self.tp.size)[self.tp.rank] if self.sequence_split()
+                else ids).unsqueeze(0)
+
     def own_blocks(self) -> list[nn.Module]:
         """This stage's blocks, in order."""
         holder = self.get_submodule(self.spec.blocks)
@@ -236,8 +255,14 @@ class SpecStage(nn.Module):
         return self.own_blocks()
 
     def sequence_parallel_parameters(self) -> list[nn.Parameter]:
-        """None: sequence parallelism is the built-in GPT's (see docs/model-parallel.md)."""
-        return []
+        """Replicated parameters that see only this rank's part of the sequence (norms, row
+        biases, position tables): their gradients are summed over the tensor group."""
+        if not self.spec.sequence_parallel or self.tp.size == 1:
+            return []
+        split = {id(p) for m in self.modules() if isinstance(m, parallel_layers())
+                 for name, p in m.named_parameters(recurse=False)
+                 if type(m).PARTITION.get(name) is not None}  # type: ignore[attr-defined]
+        return [p for p in self.parameters() if id(p) not in split]
 
     def merge_rules(self) -> dict[str, list[Any]]:
         """How each parameter's tensor slices join back (tied copies are dropped)."""
@@ -311,6 +336,7 @@ def build_stage(spec: ParallelSpec, tp: MPI.Intracomm, stage: int = 0, stages: i
     ``tp`` builds the same dense units). ValueError names what does not fit the model."""
     dev = device or torch.device("cpu")
     check_spec(spec, tp.size, stages)
+    sp = spec.sequence_parallel and tp.size > 1
     with torch.device("meta"):
         dense = spec.build()
     holder = cast("nn.ModuleList", dense.get_submodule(spec.blocks))
@@ -332,10 +358,10 @@ def build_stage(spec: ParallelSpec, tp: MPI.Intracomm, stage: int = 0, stages: i
     units += [n for n in (*spec.pre, *spec.post) if n not in dropped]
     for unit in units:  # one dense unit at a time, split before the next
         _init_unit(spec, dense, unit, dev, copies)
-        parallelize_(dense, spec.plan, tp, strict=False,
+        parallelize_(dense, spec.plan, tp, strict=False, sequence_parallel=sp,
                      only=[n for n, _ in dense.named_modules() if _inside(n, (unit,))])
     _init_unit(spec, dense, "", dev, copies)  # what is left: rotary buffers, root parameters
-    parallelize_(dense, spec.plan, tp, strict=False,
+    parallelize_(dense, spec.plan, tp, strict=False, sequence_parallel=sp,
                  only=[n for n, _ in dense.named_modules() if n and not _inside(n, units)])
     _tie(dense, spec.tied)
     return SpecStage(spec, dense, tp, stage, stages, indices)

@@ -85,9 +85,13 @@ class ColumnParallelLinear(nn.Module):
         gather_output: bool = False, sequence_parallel: bool = False,
         init: Init = default_init, bias_init: Init | None = None,
         generator: torch.Generator | None = None, interleave: int = 1,
+        gathered_input: bool = False,
     ) -> None:
         super().__init__()
         self.interleave = interleave
+        #: the input is already the whole sequence, gathered by the module before (a
+        #: ``sequence-norm`` of a plan, whose backward reduce-scatters): used as it is
+        self.gathered_input = gathered_input
         if out_features % comm.size:
             raise ValueError(f"{out_features} output features do not split over {comm.size} ranks")
         self.comm, self.gather_output = comm, gather_output
@@ -96,7 +100,9 @@ class ColumnParallelLinear(nn.Module):
                                          bias_init, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_sequence(x, self.comm) if self.sequence_parallel else copy_to_tp(x, self.comm)
+        if not self.gathered_input:
+            x = (gather_sequence(x, self.comm) if self.sequence_parallel
+                 else copy_to_tp(x, self.comm))
         y = F.linear(x, self.weight, self.bias)
         return gather_from_tp(y, self.comm) if self.gather_output else y
 

@@ -43,10 +43,6 @@ def _hf_init(module: nn.Module, root: nn.Module) -> None:
     root._init_weights(module)  # type: ignore[operator]
 
 
-def _positions(h: torch.Tensor) -> torch.Tensor:
-    return torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-
-
 def _run(block: nn.Module, h: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     out = block(h, **kwargs)
     return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
@@ -57,7 +53,9 @@ def llama_forward(stage: SpecStage, x: torch.Tensor) -> torch.Tensor:
     attention by SDPA (no mask tensor), the head's logits on the last."""
     inner: Any = stage.get_submodule("model")
     h = inner.embed_tokens(x.long()) if stage.first else x
-    pos = _positions(h)
+    # the attention sees the whole sequence (its q, k, v layers gather it): full positions
+    length = h.shape[1] * (stage.tp.size if stage.sequence_split() else 1)
+    pos = torch.arange(length, device=h.device).unsqueeze(0)
     rope = inner.rotary_emb(h, position_ids=pos)
     for block in stage.own_blocks():
         h = _run(block, h, attention_mask=None, position_embeddings=rope, position_ids=pos)
@@ -72,8 +70,8 @@ def gpt2_forward(stage: SpecStage, x: torch.Tensor) -> torch.Tensor:
     t: Any = stage.get_submodule("transformer")
     h: torch.Tensor
     if stage.first:
-        tokens = x.long()
-        h = t.drop(t.wte(tokens) + t.wpe(_positions(tokens)))
+        tokens = x.long()  # this rank's positions: the embedding's rows are its part
+        h = t.drop(t.wte(tokens) + t.wpe(stage.positions(tokens.shape[1], tokens.device)))
     else:
         h = x
     for block in stage.own_blocks():
@@ -109,12 +107,16 @@ def llama_spec(cfg: TrainConfig, vocab: int = 256) -> ParallelSpec:
          layer + "self_attn.q_proj": "column", layer + "self_attn.k_proj": "column",
          layer + "self_attn.v_proj": "column", layer + "self_attn.o_proj": "row",
          layer + "mlp.gate_proj": "column", layer + "mlp.up_proj": "column",
-         layer + "mlp.down_proj": "row", "lm_head": "head"},
+         layer + "mlp.down_proj": "row", "lm_head": "head",
+         # --sequence-parallel: the norms run on a part of the sequence, their output gathered
+         layer + "input_layernorm": "sequence-norm",
+         layer + "post_attention_layernorm": "sequence-norm", "model.norm": "sequence-norm"},
         widths={"attention heads": cfg.heads, "key/value heads": kv})
     return ParallelSpec(
         name="llama", build=lambda: tf.LlamaForCausalLM(hc), plan=plan,
         blocks="model.layers", pre=("model.embed_tokens",), post=("model.norm", "lm_head"),
         forward=llama_forward, init=_hf_init, seed=cfg.seed,
+        sequence_parallel=cfg.sequence_parallel,
         meta={"model": "llama", "vocab": vocab, "context": cfg.context, "hidden": cfg.hidden,
               "heads": cfg.heads, "kv_heads": kv, "layers": cfg.layers})
 
@@ -129,13 +131,15 @@ def gpt2_spec(cfg: TrainConfig, vocab: int = 256) -> ParallelSpec:
     plan = TensorPlan(
         {"transformer.wte": "embedding", block + "attn.c_attn": "column-qkv",
          block + "attn.c_proj": "row", block + "mlp.c_fc": "column",
-         block + "mlp.c_proj": "row", "lm_head": "head"},
+         block + "mlp.c_proj": "row", "lm_head": "head", block + "ln_1": "sequence-norm",
+         block + "ln_2": "sequence-norm", "transformer.ln_f": "sequence-norm"},
         divide=(block + "attn.split_size", block + "attn.num_heads"),
         widths={"attention heads": cfg.heads})
     return ParallelSpec(
         name="gpt2", build=lambda: tf.GPT2LMHeadModel(hc), plan=plan, blocks="transformer.h",
         pre=("transformer.wte", "transformer.wpe"), post=("transformer.ln_f", "lm_head"),
         forward=gpt2_forward, init=_hf_init, seed=cfg.seed,
+        sequence_parallel=cfg.sequence_parallel,
         tied={"lm_head.weight": "transformer.wte.weight"},
         meta={"model": "gpt2", "vocab": vocab, "context": cfg.context, "hidden": cfg.hidden,
               "heads": cfg.heads, "layers": cfg.layers})

@@ -155,6 +155,12 @@ def resolve_model(cfg: TrainConfig) -> ClassifierSpec | StageBuilder:
     if isinstance(made, nn.Module):
         return ClassifierSpec(cfg.model, lambda shape, n: made)
     if isinstance(made, ParallelSpec):
+        if cfg.sequence_parallel and not made.sequence_parallel:
+            raise ConfigError(with_hint(
+                f"--sequence-parallel: the spec '{cfg.model}' returned does not split the "
+                "sequence (its forward must take sequence-split activations)",
+                "set ParallelSpec(sequence_parallel=cfg.sequence_parallel) once its forward "
+                "does (see llama_forward), or drop --sequence-parallel"))
         return made
     raise ConfigError(with_hint(
         f"'{cfg.model}' returned a {type(made).__name__}",

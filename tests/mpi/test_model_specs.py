@@ -49,14 +49,15 @@ def _same(ref: Path, got: Path) -> None:
 
 #: (ranks, batch per replica, grid options) for each model; the reference: 1 rank, batch 16
 GRIDS = {
-    "llama": [(2, 16, ["--tensor-parallel", "2"]),
-              (2, 16, ["--pipeline-stages", "2", "--micro-batches", "2"]),
+    # the attention reads its input's length: sequence-norm gathers it (Megatron SP)
+    "llama": [(2, 16, ["--tensor-parallel", "2", "--sequence-parallel"]),
               (2, 8, ["--shard", "parameters"]),
               (8, 8, ["--tensor-parallel", "2", "--pipeline-stages", "2",
                       "--micro-batches", "2"])],
-    # the tied head across stages, Conv1D layers split, ZeRO-3 over the replicas
+    # the tied head across stages, Conv1D layers split, sequence parallel, ZeRO-3 over the
+    # replicas
     "gpt2": [(8, 8, ["--tensor-parallel", "2", "--pipeline-stages", "2", "--micro-batches",
-                     "2", "--shard", "parameters"])],
+                     "2", "--sequence-parallel", "--shard", "parameters"])],
 }
 
 

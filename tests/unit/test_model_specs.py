@@ -72,3 +72,14 @@ def test_hugging_face_specs_run_the_model_as_transformers_does() -> None:
         # the tied head (GPT-2) starts as a copy of the first stage's embedding
         for target, source in last.tied_names().items():
             assert torch.equal(last.get_parameter(target), first.get_parameter(source))
+
+
+def test_sequence_parallel_needs_a_spec_that_splits_the_sequence() -> None:
+    from mpitrain.errors import ConfigError
+    from mpitrain.train.models import resolve_model
+
+    cfg = TrainConfig(model="tests.mpi.scenarios.user_spec:spec", tensor_parallel=2,
+                      sequence_parallel=True)
+    with pytest.raises(ConfigError, match="does not split the sequence"):
+        resolve_model(cfg)
+    assert llama_spec(CFG.replace(sequence_parallel=True, tensor_parallel=2)).sequence_parallel
