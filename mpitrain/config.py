@@ -113,6 +113,9 @@ class TrainConfig:
     sequence_parallel: bool = _opt(
         PARALLEL, False, "tensor parallel: split activations along the sequence"
     )
+    activation_checkpointing: str = _opt(PARALLEL, "none", "recompute the blocks' activations "
+        "in backward: full (keep each block's input), selective (also its attention and every "
+        "other matmul output; docs/model-parallel.md)", ("none", "full", "selective"))
     context: int = _opt(MODEL, 128, "language models: tokens per sample",
                         accepted=Range(2, 1 << 16))
     layers: int = _opt(MODEL, 4, "language models: transformer blocks", accepted=Range(1, 4096))

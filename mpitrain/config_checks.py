@@ -23,6 +23,12 @@ def check_combinations(cfg: TrainConfig) -> None:
                "around each unit, under the compiled graphs)" if cfg.shard == "parameters"
                else f"--model {cfg.model} (the grid's stages are not compiled yet)"),
             "drop --compile, or use --shard none|optimizer|gradients with your own model"))
+    if cfg.compile != "none" and cfg.activation_checkpointing != "none":
+        raise ConfigError(with_hint(
+            f"--compile {cfg.compile} with --activation-checkpointing "
+            f"{cfg.activation_checkpointing}: torch.compile decides what to recompute itself "
+            "(its partitioner), and the checkpointed blocks would break its graphs",
+            "drop one of them"))
     if cfg.bucket_mb == 0 and (cfg.exchange != "sync" or cfg.shard != "none"):
         raise ConfigError(with_hint("--bucket-mb auto tunes DataParallel's buckets only",
                                     "use it with --exchange sync and --shard none"))
@@ -115,6 +121,12 @@ def check_model_parallel(cfg: TrainConfig) -> None:
         if cfg.sequence_parallel and tp == 1:
             _refuse("--sequence-parallel needs --tensor-parallel > 1",
                     "add --tensor-parallel 2, or drop --sequence-parallel")
+        if cfg.model in ("mlp", "cnn") and cfg.activation_checkpointing != "none":
+            _refuse(f"--activation-checkpointing {cfg.activation_checkpointing}: --model "
+                    f"{cfg.model} has no blocks to checkpoint (recomputing the whole small "
+                    "network would keep as much)", "drop it, or use --model gpt, or your own "
+                    "--model package.module:factory whose module declares "
+                    "activation_checkpoint_units()")
         # the built-in mlp and cnn have no layers, heads, context or schedule: an option
         # that would change nothing is refused (a factory of yours may read them)
         unused = sorted(GPT_ONLY & explicit_options(cfg)) if cfg.model in ("mlp", "cnn") else []

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mpitrain.config_checks import GPT_DEFAULTS, LANGUAGE_MODELS, explicit_options
+from mpitrain.parallel.checkpointing import apply_activation_checkpointing
 from mpitrain.parallel.functional import copy_to_tp, gather_sequence
 from mpitrain.parallel.tensor import (
     ColumnParallelLinear,
@@ -48,12 +49,15 @@ class GPTConfig:
     layers: int = 4
     sequence_parallel: bool = False
     seed: int = 0
+    #: none | full | selective: each block checkpointed (mpitrain.parallel.checkpointing)
+    activation_checkpointing: str = "none"
 
     @classmethod
     def from_train(cls, cfg: TrainConfig) -> GPTConfig:
         """Take the model options of a training config."""
         return cls(context=cfg.context, dim=cfg.hidden, heads=cfg.heads, layers=cfg.layers,
-                   sequence_parallel=cfg.sequence_parallel, seed=cfg.seed)
+                   sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
+                   activation_checkpointing=cfg.activation_checkpointing)
 
     def parameters_count(self) -> int:
         """Parameters of the dense model (the head is tied to the embedding)."""
@@ -144,6 +148,7 @@ class GPTStage(nn.Module):
         self.blocks = nn.ModuleDict({
             str(i): Block(c, tp, _gen(c.seed, 2 + i)) for i in stage_layers(c.layers, stages, stage)
         })
+        apply_activation_checkpointing(list(self.blocks.values()), c.activation_checkpointing)
         if self.last:
             self.ln_f = nn.LayerNorm(c.dim)
             if self.tied_across_stages:  # the same init as the first stage's embedding

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,7 @@ def build_parts(
     from mpitrain.grad.protocol import BuildContext, build_exchange
     from mpitrain.grad.zero.spec import build_sharded
     from mpitrain.grad.zero.wrapper import ShardedDataParallel
+    from mpitrain.parallel.checkpointing import declared_units, zero3_units_around
     from mpitrain.train.builtin import ensure_digits
     from mpitrain.train.models import build_model
     from mpitrain.train.optim import (
@@ -182,8 +184,12 @@ def build_parts(
         lambda: build_model(cfg, train_ds.feature_shape, train_ds.num_classes, spec),
     ).to(device)
     compile_model(module, cfg.compile)  # before the exchange registers its hooks
+    # the blocks the model declares, checkpointed (ZeRO-3 gathers each as one unit)
+    blocks = agree(world.comm, lambda: declared_units(module, cfg.model,
+                                                      cfg.activation_checkpointing))
+    units = zero3_units_around(module, blocks) if blocks else None
     # ZeRO (--shard, docs/sharding.md): the optimizer is built over this rank's shards
-    model = (build_sharded if cfg.shard != "none" else build_exchange)(
+    model = (partial(build_sharded, units=units) if cfg.shard != "none" else build_exchange)(
         BuildContext(
             cfg, world, module, device, steps_per_epoch,
             make_reducer=lambda overlap: build_reducer(cfg, world, device, overlap),
@@ -237,6 +243,20 @@ def with_gpt_defaults(cfg: TrainConfig, *, announce: bool) -> TrainConfig:
         print_line(f"mpitrain: --model {cfg.model} defaults: {text} (set them to override, or "
                    "--no-mode-defaults)")
     return cfg.replace(**changes) if changes else cfg
+
+
+def refuse_spec_checkpointing(cfg: TrainConfig, spec: Any) -> None:
+    """Refuse ``--activation-checkpointing`` for a spec whose stages do not take it yet (the
+    built-in GPT's do: ``GPTConfig.activation_checkpointing``)."""
+    from mpitrain.train.models import GPTSpec
+
+    if cfg.activation_checkpointing == "none" or isinstance(spec, GPTSpec):
+        return
+    raise ConfigError(with_hint(
+        f"--activation-checkpointing {cfg.activation_checkpointing}: --model {cfg.model}'s "
+        "stages do not take it yet (the built-in GPT's blocks do)",
+        "use --model gpt, or drop it; from Python, apply_activation_checkpointing(spec_units("
+        "stage), mode) from mpitrain.parallel.checkpointing"))
 
 
 def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> None:
@@ -331,6 +351,8 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
             if spec is not None and not isinstance(spec, ClassifierSpec):
                 # a language model: a tensor x pipeline x data grid (docs/model-parallel.md)
                 from mpitrain.train.grid import build_grid_parts
+
+                refuse_spec_checkpointing(cfg, spec)
 
                 parts = build_grid_parts(
                     cfg, world, device, lambda w, overlap: build_reducer(cfg, w, device, overlap),

@@ -41,7 +41,13 @@ def test_split_gpt_equals_dense(mpirun: MpiRun, n: int) -> None:
             f"tensor {n}", f"tensor {n} sequence parallel",
             f"fp16 overflow on one tensor rank skips every rank {n}",
             f"pipeline {n} sends on a thread", f"pipeline {n} interleaved"}
+    if n == 2:  # activation checkpointing == none
+        want |= {"tensor 2 sequence parallel activation checkpointing full",
+                 "tensor 2 activation checkpointing selective",
+                 "pipeline 2 activation checkpointing full",
+                 "ZeRO-3 x data 2 activation checkpointing"}
     if n == 4:
+        want.add("tensor 2 x ZeRO-3 x data 2 activation checkpointing")
         want |= {"tensor 2 x data 2", "pipeline 2 x data 2", "tensor 2 x pipeline 2",
                  "pipeline 2 x data 2 interleaved",
                  "tensor 2 x pipeline 2 interleaved sequence parallel"}

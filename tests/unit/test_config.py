@@ -57,6 +57,8 @@ def test_non_config_env_vars_ignored() -> None:
         ({"epochs": "0"}, r"accepted: an integer in \[1, "),
         ({"lr": "-1"}, "'lr'"),
         ({"optimizer": "lbfgs"}, "choose one of"),
+        ({"model": "gpt", "activation_checkpointing": "some"},
+         "'activation_checkpointing'.*choose one of none, full, selective"),
         ({"resume": "auto"}, "--checkpoint-dir"),
     ],
 )

@@ -195,8 +195,11 @@ class ShardedDataParallel(ExchangeBase):
         units: Sequence[torch.nn.Module] | None, gathers: ShardComm,
     ) -> tuple[ShardLayout, ShardedParams]:
         """Stage 3: one bucket per unit (+ one for the root's own parameters)."""
+        from mpitrain.parallel.checkpointing import check_zero3_units
+
         if units is None:
             units = default_units(module)
+        check_zero3_units(module, units)  # none inside an activation-checkpointed module
         index = {id(p): i for i, (_, p) in enumerate(named)}
         groups: list[list[int]] = []
         owner: dict[int, int] = {}

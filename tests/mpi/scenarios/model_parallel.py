@@ -8,6 +8,7 @@ Tolerance: float32, rtol 1e-5 / atol 1e-6 on losses and gradients (sums in anoth
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -66,9 +67,12 @@ def gathered_grads(stage: GPTStage | StageChunks, grid: Grid) -> dict[str, torch
 
 
 def check_split(
-    world: MPI.Intracomm, name: str, tensor: int, pipeline: int, schedule: str, sp: bool = False
+    world: MPI.Intracomm, name: str, tensor: int, pipeline: int, schedule: str, sp: bool = False,
+    ac: str = "none",
 ) -> None:
-    c = GPTConfig(context=16, dim=32, heads=4, layers=4, sequence_parallel=sp, seed=3)
+    """The split GPT (its blocks under activation checkpointing ``ac``) == the dense GPT."""
+    c = GPTConfig(context=16, dim=32, heads=4, layers=4, sequence_parallel=sp, seed=3,
+                  activation_checkpointing=ac)
     grid = Grid.create(world, tensor=tensor, pipeline=pipeline)
     stage = GPTStage(c, grid.tp_comm, grid.pp_rank, grid.pipeline)
     dp = DataParallel(stage, comm=grid.dp_comm) if grid.data > 1 else None
@@ -86,7 +90,8 @@ def check_split(
         # the reference: mean over replicas of mean over micro-batches
         ref_losses, ref = [], {}
         for r in range(grid.data):
-            lr, gr = dense_grads(c, x.chunk(grid.data)[r], y.chunk(grid.data)[r])
+            lr, gr = dense_grads(replace(c, activation_checkpointing="none"),
+                                 x.chunk(grid.data)[r], y.chunk(grid.data)[r])
             ref_losses.append(lr)
             for k, v in gr.items():
                 ref[k] = ref.get(k, 0) + v / grid.data
@@ -233,6 +238,44 @@ def check_fp16_overflow_agreed(world: MPI.Intracomm) -> None:
         print(f"PASS fp16 overflow on one tensor rank skips every rank {n}", flush=True)
 
 
+def check_zero3_checkpointing(world: MPI.Intracomm) -> None:
+    """ZeRO-3 over the replicas (tensor 2 on 4 ranks): 2 SGD steps with the blocks (ZeRO-3's
+    gather units) under full and selective activation checkpointing == without, bitwise."""
+    from mpitrain.grad.zero.wrapper import ShardedDataParallel
+
+    tensor = 2 if world.size == 4 else 1
+    runs = []
+    for ac in ("none", "full", "selective"):
+        c = GPTConfig(context=16, dim=32, heads=4, layers=3, seed=3, activation_checkpointing=ac)
+        grid = Grid.create(world, tensor=tensor, pipeline=1)
+        stage = GPTStage(c, grid.tp_comm)
+        sdp = ShardedDataParallel(stage, comm=grid.dp_comm, stage=3, units=stage.zero3_units())
+        eng = PipelineEngine(stage, grid, micro_batches=2, data_parallel=sdp,
+                             eval_through_exchange=True)
+        opt = torch.optim.SGD(sdp.parameters(), lr=0.5)
+        losses = []
+        for seed in (1, 2):
+            x, y = batch(c, seed, n=4 * grid.data)
+            losses.append(eng.train_step(x.chunk(grid.data)[grid.dp_rank],
+                                         y.chunk(grid.data)[grid.dp_rank]))
+            sdp.step(opt)
+            sdp.zero_grad()
+        losses.append(eng.eval_step(x, y))
+        assert sdp.sharded is not None
+        with sdp.sharded.gathered():
+            runs.append((losses, [p.detach().clone() for p in stage.parameters()]))
+        sdp.close()
+        grid.free()
+    (l0, p0), *others = runs
+    for l1, p1 in others:
+        assert l0 == l1, (l0, l1)
+        assert all(torch.equal(a, b) for a, b in zip(p0, p1, strict=True))
+    name = f"{'tensor 2 x ' if tensor > 1 else ''}ZeRO-3 x data {world.size // tensor} " \
+        "activation checkpointing"
+    if world.rank == 0:
+        print(f"PASS {name}", flush=True)
+
+
 def check_thread_sends(world: MPI.Intracomm) -> None:
     """The pipeline's sends on a communication thread (``progress="thread"``) give the same
     losses and gradients as ``Isend``, bit for bit, over three steps of both schedules."""
@@ -321,6 +364,13 @@ def main(world: MPI.Intracomm) -> int:
         check_split(world, "tensor 2 x data 2", 2, 1, "1f1b")
         check_split(world, "pipeline 2 x data 2", 1, 2, "1f1b")
         check_split(world, "tensor 2 x pipeline 2", 2, 2, "1f1b")
+    if n == 2:  # activation checkpointing (4 ranks: tensor 2 with ZeRO-3 below)
+        check_split(world, "tensor 2 sequence parallel activation checkpointing full", 2, 1,
+                    "1f1b", sp=True, ac="full")
+        check_split(world, "tensor 2 activation checkpointing selective", 2, 1, "1f1b",
+                    ac="selective")
+        check_split(world, "pipeline 2 activation checkpointing full", 1, 2, "1f1b", ac="full")
+    check_zero3_checkpointing(world)
     check_interleaved(world, f"pipeline {n} interleaved", 1, n, progress=("poll", "thread"))
     if n == 4:
         check_interleaved(world, "pipeline 2 x data 2 interleaved", 1, 2)
