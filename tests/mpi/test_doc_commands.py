@@ -326,6 +326,9 @@ ELSEWHERE: dict[str, str] = {
     "mpiexec -n 2 python -m mpitrain --model gpt --tensor-parallel 2": _GPT_EPOCH,
     "mpiexec -n 2 python -m mpitrain --model gpt --pipeline-stages 2 --micro-batches 4":
         _GPT_EPOCH,
+    "mpiexec -n 2 python -m mpitrain --model gpt --tensor-parallel 2 --activation-checkpointing "
+    "full": _GPT_EPOCH + "; checkpointing == none: tests/mpi/test_model_parallel.py::"
+    "test_split_gpt_equals_dense",
     # docs/profiling.md
     "mpiexec -n 2 python tests/mpi/scenarios/timeline_cost.py 16 25": _BENCH
     + "tests/mpi/test_timeline.py::test_trainer_writes_a_timeline (the recording itself)",
