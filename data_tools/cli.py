@@ -1,4 +1,4 @@
-"""`python -m data_tools {convert,corpus,split,inspect,verify}`."""
+"""`python -m data_tools {convert,corpus,tokenize,split,inspect,verify}`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from data_tools import report, sources, split
+from data_tools.tokenize import TOKENIZERS
 from mpitrain.data import corpus
 from mpitrain.data.manifest import check_name, load_manifest
 from mpitrain.data.writer import Source
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--samples-per-shard", type=positive_int, default=corpus.SAMPLES_PER_SHARD)
     k.add_argument("--overwrite", action="store_true",
                    help="replace a dataset data_tools made at --out (nothing else)")
+    add_tokenize(sub)
     s = sub.add_parser("split", help="add split index files to a dataset (no data copied)")
     s.add_argument("dir", type=Path)
     s.add_argument("--method", choices=split.METHODS, default="random")
@@ -138,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("inspect", "print a summary"), ("verify", "check every shard")):
         sub.add_parser(name, help=text).add_argument("dir", type=Path)
     return p
+
+
+def add_tokenize(sub: Any) -> None:
+    """The ``tokenize`` subcommand's options."""
+    t = sub.add_parser("tokenize", help="write text files as token windows (+ tokenizer.json) "
+                       "for --model gpt/llama/gpt2 --data")
+    t.add_argument("inputs", nargs="+", metavar="TEXT",
+                   help="UTF-8 text files, directories (every file under them) or quoted globs")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--context", type=positive_int, required=True,
+                   help="tokens of context: each sample holds N+1 token ids")
+    t.add_argument("--tokenizer", choices=TOKENIZERS, default="byte",
+                   help="byte: UTF-8 bytes as ids 0..255; bpe: learn a byte-level BPE here")
+    t.add_argument("--vocab-size", type=positive_int, default=None, metavar="N",
+                   help="bpe: the vocabulary to learn (> 256), which the model embeds")
+    t.add_argument("--test-percent", type=percent, default=corpus.TEST_PERCENT,
+                   help="share of the tokens (the last ones) in the test split")
+    t.add_argument("--name", default=None, help="shard name prefix (default: --out's name)")
+    t.add_argument("--samples-per-shard", type=positive_int, default=corpus.SAMPLES_PER_SHARD)
+    t.add_argument("--compression", choices=("none", "lzf", "gzip"), default="none")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset data_tools made at --out (nothing else)")
 
 
 def make_source(a: argparse.Namespace) -> Source:
@@ -194,8 +218,8 @@ def run_split(a: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -> int:
-    """Run one subcommand; ``convert`` and ``corpus`` run on every rank of ``comm`` (their
-    errors agreed), the others on rank 0 only.
+    """Run one subcommand; ``convert``, ``corpus`` and ``tokenize`` run on every rank of
+    ``comm`` (their errors agreed), the others on rank 0 only.
 
     Called with no ``comm`` (the ``data-tools`` console script), this is the entry point: it
     takes its arguments from ``sys.argv`` and runs under the shared MPI entry helper, which
@@ -213,6 +237,8 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -
             return run_convert(a, comm)
         if a.command == "corpus":
             return run_corpus(a, comm)
+        if a.command == "tokenize":
+            return run_tokenize(a, comm)
         if comm.rank != 0:
             return 0
         if a.command == "split":
@@ -226,13 +252,17 @@ def main(argv: Sequence[str] | None = None, comm: MPI.Intracomm | None = None) -
             print(f"{a.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
             return 1 if problems else 0
     except MpitrainError as exc:
-        # convert's and corpus' errors are agreed (the same on every rank, prefixed with the
-        # failing rank)
-        if a.command not in ("convert", "corpus") or comm.rank == 0:
+        # convert's, corpus' and tokenize's errors are agreed (the same on every rank,
+        # prefixed with the failing rank)
+        if a.command not in AGREED or comm.rank == 0:
             prefix = "" if str(exc).startswith("rank ") else f"rank {comm.rank}: "
             sys.stderr.write(f"data_tools: error: {prefix}{exc}\n")
         return exc.exit_code
     return 0
+
+
+#: the subcommands that run on every rank, their errors agreed
+AGREED = ("convert", "corpus", "tokenize")
 
 
 def check_out(comm: MPI.Intracomm, out: Path) -> None:
@@ -288,6 +318,33 @@ def run_corpus(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
             max_train_bytes=a.max_train_bytes,
             max_test_bytes=a.max_test_bytes,
             test_percent=a.test_percent,
+        ) if comm.rank == 0 else None,
+    )
+    if comm.rank == 0:
+        print(report.inspect(out))
+    return 0
+
+
+def run_tokenize(a: argparse.Namespace, comm: MPI.Intracomm) -> int:
+    """Collective: rank 0 tokenizes the text into ``--out`` (the other ranks wait) and prints
+    the summary; a failure is raised on every rank."""
+    from data_tools.tokenize import write_tokens
+
+    out = Path(os.path.abspath(a.out))
+    check_out(comm, out)
+    agree(
+        comm,
+        lambda: write_tokens(
+            out,
+            a.inputs,
+            context=a.context,
+            tokenizer=a.tokenizer,
+            vocab_size=a.vocab_size,
+            test_percent=a.test_percent,
+            name=a.name,
+            samples_per_shard=a.samples_per_shard,
+            compression=a.compression,
+            overwrite=a.overwrite,
         ) if comm.rank == 0 else None,
     )
     if comm.rank == 0:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mpitrain.data.dataset import check_shard, load_split
-from mpitrain.data.manifest import Manifest, load_manifest
+from mpitrain.data.dataset import check_shard, file_sha256, load_split
+from mpitrain.data.manifest import Manifest, load_manifest, safe_member
+from mpitrain.data.tokens import extra_files, tokenizer_of
 from mpitrain.errors import DataError
 
 
@@ -27,6 +28,10 @@ def inspect(directory: Path) -> str:
         lines.append(f"  array {key}: per-sample shape {spec.shape}, {spec.dtype}")
     if m.params.get("vocab") is not None:
         lines.append(f"  tokens: x holds token ids in [0, {m.params['vocab']})")
+    tok = tokenizer_of(m)
+    if tok is not None:
+        where = f", {tok['file']} (sha256 {str(tok.get('sha256'))[:12]})" if tok.get("file") else ""
+        lines.append(f"  tokenizer: {tok.get('kind')}, {tok.get('vocab_size')} tokens{where}")
     if m.params.get("converted"):
         lines.append(f"  converted: {m.params['converted']}")
     if m.class_counts:
@@ -73,4 +78,16 @@ def verify(directory: Path) -> list[str]:
             load_split(directory, m, name, verify=True)
         except DataError as exc:
             problems.append(f"split '{name}': {exc}")
+    try:
+        extra = extra_files(m, directory)
+    except DataError as exc:
+        return [*problems, str(exc)]
+    for name, sha in extra.items():
+        try:
+            if file_sha256(safe_member(directory, name, "extra file")) != sha:
+                problems.append(f"file '{name}' fails its checksum (manifest params.extra_files)")
+        except DataError as exc:
+            problems.append(str(exc))
+        except OSError as exc:
+            problems.append(f"file '{name}' cannot be read: {exc.strerror or exc}")
     return problems

@@ -83,14 +83,26 @@ def take_files(files: list[tuple[str, Path]], cap: int) -> tuple[list[str], list
     return names, starts, b"".join(parts), skipped
 
 
-def windows(data: bytes, context: int) -> np.ndarray:
-    """Cut ``data`` into windows of ``context + 1`` bytes with stride ``context`` (uint8)."""
-    buf = np.frombuffer(data, dtype=np.uint8)
+def windows(data: bytes | np.ndarray, context: int) -> np.ndarray:
+    """Cut ``data`` (bytes, or a 1-D array of token ids) into windows of ``context + 1``
+    tokens with stride ``context`` (bytes become uint8; an array keeps its dtype)."""
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else np.asarray(data)
     n = max(0, (len(buf) - 1) // context)
     if n == 0:
-        return np.empty((0, context + 1), dtype=np.uint8)
+        return np.empty((0, context + 1), dtype=buf.dtype)
     view = np.lib.stride_tricks.sliding_window_view(buf, context + 1)[::context]
     return np.ascontiguousarray(view[:n])
+
+
+def labelled_windows(
+    data: bytes | np.ndarray, starts: list[int] | np.ndarray, context: int, offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the :func:`windows` of ``data`` and, per window, the index of the file it starts
+    in: ``starts`` are the files' first positions in a stream of which ``data`` begins at
+    position ``offset``."""
+    win = windows(data, context)
+    first = offset + np.arange(len(win), dtype=np.int64) * context
+    return win, (np.searchsorted(starts, first, side="right") - 1).astype(np.int64)
 
 
 def corpus_windows(
@@ -124,14 +136,14 @@ def corpus_windows(
         mine = [f for f in files if split_of(f[0], test_percent) == split]
         names[split], starts, data, bad = take_files(mine, cap)
         skipped += bad
-        win = windows(data, context)
+        win, labels = labelled_windows(data, starts, context)
         if len(win) < 2:
             raise DataError(with_hint(
                 f"the {split} split of the stdlib corpus has {len(win)} windows of "
                 f"{context + 1} bytes ({len(data)} bytes)",
                 "raise its byte cap or lower the context"))
         xs.append(win)
-        ys.append(np.searchsorted(starts, np.arange(len(win)) * context, side="right") - 1)
+        ys.append(labels)
         digests[split] = hashlib.sha256(data).hexdigest()
     ntrain, ntest = len(xs[0]), len(xs[1])
     arrays = {"x": np.concatenate(xs), "y": np.concatenate(ys).astype(np.int64)}

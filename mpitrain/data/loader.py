@@ -13,6 +13,7 @@ import torch
 
 from mpitrain.data.dataset import ShardedDataset
 from mpitrain.data.sampler import DistributedSampler
+from mpitrain.data.tokens import check_identity, token_identity
 
 
 @dataclass
@@ -70,11 +71,16 @@ class BatchLoader:
         self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the sampler state after the batches consumed so far."""
-        return self.sampler.state_dict()
+        """Return the sampler state after the batches consumed so far (and, for token data,
+        its vocabulary and tokenizer: a resume on other token data is refused)."""
+        tokens = token_identity(self.dataset.manifest, self.dataset.directory)
+        return {**self.sampler.state_dict(), **({"tokens": tokens} if tokens else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved state."""
+        """Continue from a saved state (DataError: it was taken on other token data)."""
+        check_identity(state.get("tokens"),
+                       token_identity(self.dataset.manifest, self.dataset.directory),
+                       self.dataset.directory)
         self.sampler.load_state_dict(state)
 
     def _read(self, group: list[tuple[np.ndarray, np.ndarray]]) -> list[Batch]:

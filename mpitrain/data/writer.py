@@ -32,6 +32,7 @@ from mpitrain.data.manifest import (
 )
 from mpitrain.data.reader import CheckedSource, index_problem
 from mpitrain.data.reader import Source as Source  # re-exported: converters import it here
+from mpitrain.data.tokens import extra_files
 from mpitrain.errors import DataError, with_hint
 from mpitrain.runtime import files
 
@@ -252,7 +253,7 @@ def check_inputs(out: Path, inputs: Sequence[Path]) -> None:
 def foreign_entries(directory: Path, manifest: Manifest) -> list[str]:
     """Names in ``directory`` that its manifest does not name (and that are no temporaries)."""
     ours = {MANIFEST, LOCK, *(s.file for s in manifest.shards),
-            *(sp.file for sp in manifest.splits.values())}
+            *(sp.file for sp in manifest.splits.values()), *extra_files(manifest, directory)}
     return sorted(
         p.name for p in directory.iterdir()
         if not ((p.name in ours and p.is_file() and not p.is_symlink())
@@ -351,23 +352,31 @@ def write_dataset(
     params: dict[str, Any] | None = None,
     overwrite: bool = False,
     num_classes: int | None = None,
+    vocab: int | None = None,
+    extra: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a dataset directory from arrays (or a Source) in this process.
 
     Features become float32 and labels int64 (reported in the manifest's params); NaN or
     infinite features and labels that are not integers in ``[0, num_classes)`` are refused.
-    Everything goes into a fresh hidden directory renamed into place at the end, so an
-    interrupted run leaves no manifest pointing at partial shards. ``overwrite`` replaces
+    With ``vocab``, ``x`` holds token ids in ``[0, vocab)`` instead (stored as integers; the
+    manifest's params record ``vocab``). ``extra`` files (name -> bytes, such as a
+    tokenizer) are written beside the shards and named in ``params.extra_files`` with their
+    SHA-256. Everything goes into a fresh hidden directory renamed into place at the end, so
+    an interrupted run leaves no manifest pointing at partial shards. ``overwrite`` replaces
     only a dataset directory (see :func:`check_target`).
     """
     out = Path(out_dir)
     check_name(name, "dataset name")
     check_options(compression, samples_per_shard)
+    for key in extra or {}:
+        check_name(key, "extra file name")
     raw: Source = ArraySource(arrays) if isinstance(arrays, dict) else arrays
-    source = CheckedSource(raw, num_classes)
+    source = CheckedSource(raw, num_classes, vocab)
     replace = check_target(out, overwrite)
     tmp = make_temp_dir(out)
     try:
+        sums = {key: write_extra(tmp / key, data) for key, data in (extra or {}).items()}
         results = write_shards(
             tmp,
             source,
@@ -386,13 +395,22 @@ def write_dataset(
             samples_per_shard=samples_per_shard,
             compression=compression,
             splits=split_entries,
-            params=dict(params or {}),
+            params={**(params or {}), **({"extra_files": sums} if sums else {})},
         )
         write_manifest(tmp, manifest)
         publish(tmp, out, replace)
     finally:
         files.remove_path(tmp)  # gone after a publish; nothing partial survives a failure
     return out
+
+
+def write_extra(path: Path, data: bytes) -> str:
+    """Write one extra file atomically; return its SHA-256 (DataError names a failed write)."""
+    try:
+        files.write_atomic(path, data)
+    except OSError as exc:
+        raise DataError(with_hint(files.write_failure(path, exc, len(data)), SPACE_HINT)) from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def check_options(compression: str | None, samples_per_shard: int) -> None:

@@ -1,4 +1,5 @@
-"""The token corpus of a grid run: each data-parallel index's loaders over token windows."""
+"""The token corpus of a grid run: its vocabulary, and each data-parallel index's loaders over
+token windows (the built-in corpus, or ``--data`` from ``data_tools tokenize``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,42 @@ from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import DataError, with_hint
 from mpitrain.runtime.collective import agree
-from mpitrain.train.gpt import GPTConfig
 
 if TYPE_CHECKING:
     from mpitrain.config import TrainConfig
     from mpitrain.data import BatchLoader
     from mpitrain.parallel.grid import Grid
     from mpitrain.runtime.world import World
+
+
+#: the ``--model`` names whose vocabulary follows ``--data`` (their spec embeds
+#: :func:`model_vocab`); the data of any other model (a user's spec) must fit 256 token ids
+DATA_VOCAB_MODELS = frozenset({"gpt"})
+
+
+def model_vocab(cfg: TrainConfig) -> int:
+    """The vocabulary a language model of ``cfg`` embeds: the one ``--data``'s manifest
+    declares (``params.vocab``: ``data_tools tokenize`` or ``convert --vocab``), else 256
+    (bytes: the built-in corpus). Reads the manifest: call it where the ranks agree.
+
+    Raises:
+        DataError: ``--data`` has no readable manifest, or ``--tensor-parallel`` does not
+            divide the vocabulary (each tensor rank embeds an equal range of it).
+    """
+    from mpitrain.data import load_manifest
+    from mpitrain.data.tokens import BYTE_VOCAB, declared_vocab
+
+    if not cfg.data:
+        return BYTE_VOCAB
+    vocab = declared_vocab(load_manifest(cfg.data), Path(cfg.data)) or BYTE_VOCAB
+    tp = cfg.tensor_parallel
+    if vocab % tp:
+        raise DataError(with_hint(
+            f"--tensor-parallel {tp} does not divide the {vocab}-token vocabulary of "
+            f"'{cfg.data}' (each tensor rank embeds an equal part of it)",
+            f"re-tokenize with a --vocab-size that {tp} divides (e.g. "
+            f"{vocab + tp - vocab % tp}), or change --tensor-parallel"))
+    return vocab
 
 
 def open_corpus(
@@ -29,13 +59,18 @@ def open_corpus(
     def open_data() -> tuple[Any, Any]:
         shape = load_manifest(data_dir).arrays["x"].shape  # before the token ids are read
         if shape != (cfg.context + 1,):
+            what = f"windows of {shape[0]} tokens" if len(shape) == 1 else f"samples of {shape}"
             raise DataError(with_hint(
-                f"'{data_dir}' holds samples of shape {shape}; --model gpt "
+                f"'{data_dir}' holds {what}; --model {cfg.model} "
                 f"with --context {cfg.context} needs token windows of {cfg.context + 1}",
-                f"write them with: python -m data_tools corpus --context {cfg.context}"))
+                f"train with --context {shape[0] - 1}, or write windows for this context: "
+                f"python -m data_tools tokenize TEXT --context {cfg.context} --out DIR"
+                if len(shape) == 1 and shape[0] > 1 else
+                f"write token windows: python -m data_tools tokenize TEXT --context "
+                f"{cfg.context} --out DIR"))
         # token ids outside [0, vocab) are refused here (or in the batch that reads them,
         # for data too large to check at open), never as an IndexError in the embedding
-        vocab = GPTConfig.from_train(cfg).vocab
+        vocab = model_vocab(cfg) if cfg.model in DATA_VOCAB_MODELS else 256
         train = ShardedDataset(data_dir, split=cfg.train_split, tokens=vocab)
         test = (ShardedDataset(data_dir, split=cfg.test_split, tokens=vocab)
                 if cfg.test_split else None)

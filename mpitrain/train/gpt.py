@@ -54,8 +54,12 @@ class GPTConfig:
 
     @classmethod
     def from_train(cls, cfg: TrainConfig) -> GPTConfig:
-        """Take the model options of a training config."""
-        return cls(context=cfg.context, dim=cfg.hidden, heads=cfg.heads, layers=cfg.layers,
+        """Take the model options of a training config; the vocabulary is ``--data``'s
+        (:func:`mpitrain.train.corpus.model_vocab` reads its manifest), else 256 bytes."""
+        from mpitrain.train.corpus import model_vocab
+
+        return cls(vocab=model_vocab(cfg), context=cfg.context, dim=cfg.hidden,
+                   heads=cfg.heads, layers=cfg.layers,
                    sequence_parallel=cfg.sequence_parallel, seed=cfg.seed,
                    activation_checkpointing=cfg.activation_checkpointing)
 

@@ -147,6 +147,11 @@ RUN: dict[str, str] = {
     "python -m data_tools convert --npy windows.npy y.npy --vocab 256 --out tok":
         "test_data_tools_commands",
     "python -m data_tools corpus --context 64 --out pystdlib": "test_data_tools_commands",
+    "python -m data_tools tokenize notes.txt books/ 'papers/*.md' --out text --context 128 "
+    "--tokenizer bpe --vocab-size 4096": "test_tokenize_commands",
+    "python -m data_tools tokenize notes.txt --out bytes --context 128": "test_tokenize_commands",
+    "mpiexec -n 2 python -m mpitrain --model gpt --data text --context 128 --epochs 4":
+        "test_tokenize_commands",
     "python -m data_tools split ds --method stratified --fractions 0.8,0.1,0.1 --names "
     "train,val,test": "test_data_tools_commands",
     "python -m data_tools split ds --method kfold --folds 5 --fold 2 --names train,test":
@@ -582,6 +587,29 @@ def test_data_tools_commands(here: Path) -> None:
         assert {"train", "val", "test"} <= set(splits)
     for out in ("digits", "big", "tok", "pystdlib"):
         assert (here / out / "manifest.json").is_file(), out
+
+
+def test_tokenize_commands(here: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])  # text that every machine has
+    (here / "books").mkdir()
+    (here / "papers").mkdir()
+    (here / "notes.txt").write_bytes((stdlib / "json" / "decoder.py").read_bytes())
+    (here / "books" / "encoder.txt").write_bytes((stdlib / "json" / "encoder.py").read_bytes())
+    (here / "papers" / "json.md").write_bytes((stdlib / "json" / "__init__.py").read_bytes())
+    run("python -m data_tools tokenize notes.txt books/ 'papers/*.md' --out text --context 128 "
+        "--tokenizer bpe --vocab-size 4096")
+    run("python -m data_tools tokenize notes.txt --out bytes --context 128")
+    text = json.loads((here / "text" / "manifest.json").read_text())["params"]
+    assert text["vocab"] == 4096 and text["tokenizer"]["file"] == "tokenizer.json"
+    assert len(text["text_files"]) == 3 and (here / "text" / "tokenizer.json").is_file()
+    assert json.loads((here / "bytes" / "manifest.json").read_text())["params"]["vocab"] == 256
+    capsys.readouterr()
+    run("mpiexec -n 2 python -m mpitrain --model gpt --data text --context 128 --epochs 4",
+        ("--epochs 4", "--max-steps 3 --hidden 16 --heads 2 --layers 1 --batch-size 4 "
+         "--no-progress"))
+    assert "3 steps" in capsys.readouterr().out
 
 
 def test_install_md_library_version() -> None:
