@@ -149,7 +149,8 @@ def check_model_parallel(cfg: TrainConfig) -> None:
     if hidden % heads:
         _refuse(f"--hidden {hidden} does not divide into --heads {heads}",
                 "pick a width that is a multiple of the head count")
-    if heads % tp or GPT_VOCAB % tp:
+    # --data's vocabulary is checked where its manifest is read (train.corpus.model_vocab)
+    if heads % tp or (GPT_VOCAB % tp and not cfg.data):
         _refuse(f"--tensor-parallel {tp} must divide --heads {heads} and the "
                 f"{GPT_VOCAB}-byte vocabulary", "use 1, 2 or 4 (a power of two dividing --heads)")
     if layers < pp:
