@@ -50,7 +50,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     ),
     "parallel": (
         "mpitrain.bench.parallel",
-        "GPT model parallelism: memory per rank, tokens/s, bubble (tensor/pipeline/torch-pp)",
+        "model parallelism of gpt/llama/gpt2: memory per rank, tokens/s, bubble, vs torch",
     ),
 }
 

@@ -1,8 +1,9 @@
 """A per-rank memory budget enforced by the kernel (the cgroup memory controller).
 
-``bench shard --memory-budget-mb M`` puts every rank of every method into its own cgroup
-with a limit of M MiB (cgroup v1 ``memory.limit_in_bytes`` or v2 ``memory.max``): a method
-whose rank needs more is killed by the kernel's OOM killer, not by our own accounting. Root
+``bench shard`` / ``bench parallel --memory-budget-mb M`` put every rank of every method into
+its own cgroup with a limit of M MiB (cgroup v1 ``memory.limit_in_bytes`` or v2
+``memory.max``): a method whose rank needs more is killed by the kernel's OOM killer, not by
+our own accounting (:func:`oom_kills` reads the kernel's count). Root
 only; the driver removes exactly the cgroups its workers created (named after its pid).
 """
 
@@ -69,3 +70,17 @@ def peak_usage(path: Path) -> int | None:
         if f.exists():
             return int(f.read_text().split()[0])
     return None
+
+
+def oom_kills(path: Path) -> int:
+    """How many processes the kernel's OOM killer has killed in the cgroup at ``path`` (v1
+    ``memory.oom_control``, v2 ``memory.events``: their ``oom_kill`` line); 0 when it does
+    not say or the cgroup is gone."""
+    for name in ("memory.oom_control", "memory.events"):
+        f = path / name
+        if f.exists():
+            for line in f.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return 0

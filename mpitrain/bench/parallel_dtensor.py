@@ -215,16 +215,26 @@ def torch_stack_run(a: argparse.Namespace, comm: MPI.Intracomm, tensor: int, pip
     mesh = _mesh(comm, tensor, pipeline)
     pp_rank, dp_rank = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
     d = mesh["dp"].size()
-    one = cast("MPI.Intracomm", comm.Split(comm.rank, 0))  # the dense stage's tensor group
-    model = torch_gpt_stage(GPTStage(gpt_config(a, False), one, pp_rank, pipeline), tensor)
-    one.Free()
-    if tensor > 1:
-        tensor_parallel(model, mesh["tp"])
+    if a.model == "gpt":
+        one = cast("MPI.Intracomm", comm.Split(comm.rank, 0))  # the dense stage's tensor group
+        model = torch_gpt_stage(GPTStage(gpt_config(a, False), one, pp_rank, pipeline), tensor)
+        one.Free()
+        if tensor > 1:
+            tensor_parallel(model, mesh["tp"])
+        blocks = list(cast("nn.ModuleDict", model.blocks).values())
+
+        def tied() -> list[Any]:
+            return [cast("Any", model).head_weight()]
+    else:  # a ParallelSpec: its plan on DTensor (parallel_dtensor_spec)
+        from mpitrain.bench.parallel_dtensor_spec import spec_torch_stage
+
+        model, blocks, tied = spec_torch_stage(a, pp_rank, pipeline,
+                                               mesh["tp"] if tensor > 1 else None)
     if fsdp or d > 1:  # FSDP2, or its replicate (DDP on FSDP2's machinery)
         # under a pipeline, keep the gathered parameters from each micro-batch's forward to
         # the last backward (torchtitan's default): else every micro-batch gathers them twice
         wrap = partial(fully_shard, reshard_after_forward=pipeline == 1) if fsdp else replicate
-        for block in cast("nn.ModuleDict", model.blocks).values():
+        for block in blocks:
             wrap(block, mesh=mesh["dp"])
         wrap(model, mesh=mesh["dp"])
     ends = _ends_group(mesh)
@@ -265,7 +275,8 @@ def torch_stack_run(a: argparse.Namespace, comm: MPI.Intracomm, tensor: int, pip
             loss = step(mine[:, :-1], mine[:, 1:])
         _as_params(model)
         if ends is not None:  # the tied embedding and head (same layout at both ends)
-            _sum_tied_(cast("Any", model).head_weight(), ends)
+            for w in tied():
+                _sum_tied_(w, ends)
         return math.nan, live.peak, loss
 
     def update() -> None:

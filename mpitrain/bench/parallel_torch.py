@@ -1,6 +1,7 @@
 """``bench parallel``'s helpers: memory counters, and the run through torch's own pipelining.
 
-``torch_pp_run`` drives the same ``GPTStage`` modules (one per rank) with
+``torch_pp_run`` drives the same stage modules of the registry's model (built by its spec
+with a tensor group of one; one per rank, or ``v`` per rank interleaved) with
 ``torch.distributed.pipelining`` over gloo, side by side with mpitrain's engine.
 """
 
@@ -21,10 +22,13 @@ if TYPE_CHECKING:
 
 
 def local(t: Any) -> Any:
-    """A DTensor's local shard (other tensors as they are)."""
+    """A DTensor's local shard, the tensor an ``AsyncCollectiveTensor`` (a functional
+    collective's result, storage-less) waits for; other tensors as they are."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
     from torch.distributed.tensor import DTensor
 
-    return t.to_local() if isinstance(t, DTensor) else t
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.trigger_wait() if isinstance(t, AsyncCollectiveTensor) else t  # type: ignore[no-untyped-call]
 
 
 def _storage_bytes(tensors: Iterable[Any]) -> int:
@@ -111,49 +115,75 @@ class Run:
     close: Callable[[], None]
 
 
-def torch_pp_run(a: argparse.Namespace, comm: MPI.Intracomm, schedule: str) -> Run:
-    """Collective: one GPT stage per rank driven by ``torch.distributed.pipelining`` (gloo)."""
-    import torch
-    import torch.distributed as dist
-    from mpi4py import MPI
+def logits_module(stage: nn.Module) -> nn.Module:
+    """The last stage up to the logits (torch's schedules apply the loss themselves): a
+    ``SpecStage`` runs its spec's forward, the built-in ``GPTStage`` its blocks, norm and head."""
     from torch import nn
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     from torch.nn import functional as F
 
-    from mpitrain.comm.allreduce import allreduce_
-    from mpitrain.train.gpt import GPTStage
-
-    init_gloo(comm)
-    rank, n = comm.rank, comm.size
-    tp = cast("MPI.Intracomm", comm.Split(rank, 0))  # a tensor group of one
-    gpt = GPTStage(gpt_config(a, False), tp, rank, n)
-    split = comm.Split(0 if rank in (0, n - 1) else MPI.UNDEFINED, rank)
-    ends = None if split == MPI.COMM_NULL else cast("MPI.Intracomm", split)
+    from mpitrain.parallel.spec import SpecStage
 
     class Logits(nn.Module):
-        """The last stage up to the logits: torch's schedule applies the loss itself."""
-
-        def __init__(self, inner: GPTStage) -> None:
+        def __init__(self, inner: nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
         def forward(self, h: torch.Tensor) -> torch.Tensor:
-            for block in self.inner.blocks.values():
+            inner: Any = self.inner
+            if isinstance(inner, SpecStage):
+                return inner.spec.forward(inner, h)
+            for block in inner.blocks.values():
                 h = block(h)
-            return F.linear(self.inner.ln_f(h), self.inner.head.weight)
+            return F.linear(inner.ln_f(h), inner.head.weight)
+
+    return Logits(stage)
+
+
+def torch_pp_run(a: argparse.Namespace, comm: MPI.Intracomm, schedule: str,
+                 virtual: int = 1) -> Run:
+    """Collective: the registry model's stages, one per rank (``virtual`` per rank, interleaved:
+    global stage ``c * n + rank``), driven by ``torch.distributed.pipelining`` over gloo."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+    from torch import nn
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
+    from torch.nn import functional as F
+
+    from mpitrain.bench.parallel_engine import bench_spec
+    from mpitrain.comm.allreduce import allreduce_
+
+    init_gloo(comm)
+    rank, n = comm.rank, comm.size
+    tp = cast("MPI.Intracomm", comm.Split(rank, 0))  # a tensor group of one
+    spec, cpu, total = bench_spec(a), torch.device("cpu"), n * virtual
+    chunks: list[Any] = [spec.build_stage(tp, c * n + rank, total, cpu) for c in range(virtual)]
+    split = comm.Split(0 if rank in (0, n - 1) else MPI.UNDEFINED, rank)
+    ends = None if split == MPI.COMM_NULL else cast("MPI.Intracomm", split)
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten().long())
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten().long())
 
-    module: nn.Module = Logits(gpt) if rank == n - 1 else gpt
-    stage = PipelineStage(module, rank, n, torch.device("cpu"))
-    kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-    sched = kind(stage, n_microbatches=a.micro_batches, loss_fn=loss_fn)
-    opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4)
-    params = list(gpt.parameters())
+    stages: list[Any] = [PipelineStage(logits_module(m) if c * n + rank == total - 1 else m,
+                            c * n + rank, total, cpu) for c, m in enumerate(chunks)]
+    if virtual > 1:
+        sched: Any = ScheduleInterleaved1F1B(stages, n_microbatches=a.micro_batches,
+                                             loss_fn=loss_fn)
+    else:
+        kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+        sched = kind(stages[0], n_microbatches=a.micro_batches, loss_fn=loss_fn)
+    held = nn.ModuleList(chunks)
+    opt = torch.optim.AdamW(held.parameters(), lr=1e-4)
+    params = list(held.parameters())
+    tied = [p for m in chunks for p in m.tied_parameters()]
 
     def train(tokens: torch.Tensor) -> tuple[float, int, float]:
-        live = LiveSaved(gpt)
+        live = LiveSaved(held)
         losses: list[torch.Tensor] = []
         with torch.autograd.graph.saved_tensors_hooks(live.pack, live.unpack):
             if rank == 0:
@@ -163,10 +193,10 @@ def torch_pp_run(a: argparse.Namespace, comm: MPI.Intracomm, schedule: str) -> R
             else:
                 sched.step()
         if ends is not None:
-            for p in gpt.tied_parameters():
+            for p in tied:
                 assert p.grad is not None
                 allreduce_(p.grad, ends, average=False)
-        loss = sum(float(v) for v in losses) / len(losses) if losses else math.nan
+        loss = sum(float(v.detach()) for v in losses) / len(losses) if losses else math.nan
         return math.nan, live.peak, loss
 
     def update() -> None:
@@ -179,7 +209,10 @@ def torch_pp_run(a: argparse.Namespace, comm: MPI.Intracomm, schedule: str) -> R
         if ends is not None:
             ends.Free()
 
-    describe = f"torch.distributed.pipelining: {n} stages, one per rank, gloo over TCP"
+    kind_name = "ScheduleInterleaved1F1B" if virtual > 1 else \
+        "ScheduleGPipe" if schedule == "gpipe" else "Schedule1F1B"
+    describe = (f"torch.distributed.pipelining: {total} stages, {virtual} per rank "
+                f"({kind_name}), gloo over TCP")
     return Run(train, update, lambda: model_memory(params, opt), describe, close)
 
 

@@ -6,6 +6,7 @@ theoretical bubble is (P - 1) / (m + P - 1)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,29 @@ def test_bench_parallel_torch_stack_trains_like_data_parallel(mpiexec: str,
         assert r["implementation"].startswith("torch") and len(r["losses"]) == 3
         assert r["losses"] == pytest.approx(dp["losses"], rel=1e-5), name
         assert r["model_state"] == pytest.approx(dp["model_state"] * part, rel=0.25), name
+
+
+@pytest.mark.mpi
+def test_bench_parallel_llama_interleaved_columns_and_bubble(mpiexec: str,
+                                                            tmp_path: Path) -> None:
+    """``--model llama``: the Hugging Face Llama spec's stages built from the registry, 2 chunks
+    per rank on 2 ranks (interleaved 1F1B): every column a real number, half a replica's
+    model state per rank, the bubble measured beside (P - 1) / (v m + P - 1) = 1/9, and the
+    target lines printed."""
+    out = tmp_path / "llama.json"
+    args = ["parallel", "-n", "2", "--model", "llama", "--dim", "64", "--layers", "4",
+            "--heads", "4", "--context", "16", "--batch", "8", "--micro-batches", "4",
+            "--steps", "1", "--methods", "pp2-interleaved", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "mpitrain.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["rows"]
+    assert (r["model"], r["virtual_stages"], r["pipeline"], r["data"]) == ("llama", 2, 2, 1)
+    for key in ("parameters", "gradients", "optimizer", "model_state", "activations_peak",
+                "peak_rss", "step_ms", "tokens_per_s", "loss", "bubble_measured"):
+        assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, key
+    assert r["bubble_theory"] == pytest.approx(bubble_theory(2, 4, 2)) == pytest.approx(1 / 9)
+    assert r["bubble_measured"] < 1.0
+    assert r["model_state"] == pytest.approx(r["numel"] * 16 / 2, rel=0.1)  # half a replica
+    assert r["loss"] == pytest.approx(math.log(256), rel=0.05)  # random tokens, fresh model
+    assert "bubble    pp2-interleaved" in proc.stdout and "vs theory 0.111" in proc.stdout
