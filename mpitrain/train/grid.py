@@ -408,7 +408,8 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
                        node_index=world.node_index)
     batch = agree(world.comm, lambda: rank_batch(cfg, grid.data))
     train, test = open_corpus(cfg, world, grid, batch)
-    stage = build_spec_stage(spec, grid, world, device, cfg.virtual_stages)
+    stage = build_spec_stage(spec, grid, world, device, cfg.virtual_stages,
+                             cfg.activation_checkpointing)
     api = cast("Stage", stage)  # the grid's view of it (tied, ZeRO-3 units, ...)
     steps_per_epoch = -(-len(train) // cfg.accumulate)
     dp: Any = None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mpitrain.errors import ConfigError, with_hint
-from mpitrain.parallel.spec import ParallelSpec, StageBuilder
+from mpitrain.parallel.spec import ParallelSpec, SpecStage, StageBuilder
 from mpitrain.train.gpt import GPTConfig, GPTStage
 
 if TYPE_CHECKING:
@@ -228,10 +228,13 @@ def _load_factory(spec: str):  # type: ignore[no-untyped-def]
 
 
 def build_spec_stage(spec: StageBuilder, grid: Grid, world: World, device: torch.device,
-                     virtual: int = 1) -> nn.Module:
+                     virtual: int = 1, checkpointing: str = "none") -> nn.Module:
     """Collective: check ``spec`` fits the grid (the same answer on every rank: its plan and
     split on the meta device), then build this rank's stage; with ``virtual`` > 1 (the
-    interleaved schedule) its chunks, chunk ``c`` being global stage ``c * P + rank``."""
+    interleaved schedule) its chunks, chunk ``c`` being global stage ``c * P + rank``.
+    ``checkpointing``: a :class:`ParallelSpec`'s blocks are checkpointed (activation
+    checkpointing; the built-in GPT takes it from its config)."""
+    from mpitrain.parallel.checkpointing import apply_activation_checkpointing
     from mpitrain.parallel.chunks import StageChunks
     from mpitrain.runtime.collective import agree
 
@@ -246,4 +249,7 @@ def build_spec_stage(spec: StageBuilder, grid: Grid, world: World, device: torch
     agree(world.comm, check)
     chunks = [spec.build_stage(grid.tp_comm, c * grid.pipeline + grid.pp_rank, stages, device)
               for c in range(virtual)]
+    for chunk in chunks:
+        if isinstance(chunk, SpecStage):  # its blocks: also ZeRO-3's gather units
+            apply_activation_checkpointing(chunk.own_blocks(), checkpointing)
     return (chunks[0] if virtual == 1 else StageChunks(chunks)).to(device)

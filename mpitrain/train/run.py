@@ -245,20 +245,6 @@ def with_gpt_defaults(cfg: TrainConfig, *, announce: bool) -> TrainConfig:
     return cfg.replace(**changes) if changes else cfg
 
 
-def refuse_spec_checkpointing(cfg: TrainConfig, spec: Any) -> None:
-    """Refuse ``--activation-checkpointing`` for a spec whose stages do not take it yet (the
-    built-in GPT's do: ``GPTConfig.activation_checkpointing``)."""
-    from mpitrain.train.models import GPTSpec
-
-    if cfg.activation_checkpointing == "none" or isinstance(spec, GPTSpec):
-        return
-    raise ConfigError(with_hint(
-        f"--activation-checkpointing {cfg.activation_checkpointing}: --model {cfg.model}'s "
-        "stages do not take it yet (the built-in GPT's blocks do)",
-        "use --model gpt, or drop it; from Python, apply_activation_checkpointing(spec_units("
-        "stage), mode) from mpitrain.parallel.checkpointing"))
-
-
 def resume_if_asked(cfg: TrainConfig, trainer: Trainer, plan: ckpt.RunPlan) -> None:
     """Collective: take the run's id from ``plan``, then load the checkpoint it names, if any.
 
@@ -351,8 +337,6 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
             if spec is not None and not isinstance(spec, ClassifierSpec):
                 # a language model: a tensor x pipeline x data grid (docs/model-parallel.md)
                 from mpitrain.train.grid import build_grid_parts
-
-                refuse_spec_checkpointing(cfg, spec)
 
                 parts = build_grid_parts(
                     cfg, world, device, lambda w, overlap: build_reducer(cfg, w, device, overlap),

@@ -50,14 +50,17 @@ def _same(ref: Path, got: Path) -> None:
 #: (ranks, batch per replica, grid options) for each model; the reference: 1 rank, batch 16
 GRIDS = {
     # the attention reads its input's length: sequence-norm gathers it (Megatron SP)
-    "llama": [(2, 16, ["--tensor-parallel", "2", "--sequence-parallel"]),
-              (2, 8, ["--shard", "parameters"]),
+    # activation checkpointing recomputes the same numbers: composed with each
+    "llama": [(2, 16, ["--tensor-parallel", "2", "--sequence-parallel",
+                       "--activation-checkpointing", "selective"]),
+              (2, 8, ["--shard", "parameters", "--activation-checkpointing", "full"]),
               (8, 8, ["--tensor-parallel", "2", "--pipeline-stages", "2",
                       "--micro-batches", "2"])],
     # the tied head across stages, Conv1D layers split, sequence parallel, ZeRO-3 over the
     # replicas
     "gpt2": [(8, 8, ["--tensor-parallel", "2", "--pipeline-stages", "2", "--micro-batches",
-                     "2", "--sequence-parallel", "--shard", "parameters"])],
+                     "2", "--sequence-parallel", "--shard", "parameters",
+                     "--activation-checkpointing", "full"])],
 }
 
 
