@@ -16,11 +16,6 @@ if TYPE_CHECKING:
     from mpitrain.runtime.world import World
 
 
-#: the ``--model`` names whose vocabulary follows ``--data`` (their spec embeds
-#: :func:`model_vocab`); the data of any other model (a user's spec) must fit 256 token ids
-DATA_VOCAB_MODELS = frozenset({"gpt"})
-
-
 def model_vocab(cfg: TrainConfig) -> int:
     """The vocabulary a language model of ``cfg`` embeds: the one ``--data``'s manifest
     declares (``params.vocab``: ``data_tools tokenize`` or ``convert --vocab``), else 256
@@ -47,9 +42,10 @@ def model_vocab(cfg: TrainConfig) -> int:
 
 
 def open_corpus(
-    cfg: TrainConfig, world: World, grid: Grid, batch: int
+    cfg: TrainConfig, world: World, grid: Grid, batch: int, vocab: int = 256
 ) -> tuple[BatchLoader, BatchLoader | None]:
-    """Collective: open the token shards and this data-parallel index's loaders."""
+    """Collective: open the token shards and this data-parallel index's loaders; ``vocab``:
+    the model's (its spec's ``meta["vocab"]``), which every token id must be below."""
     from mpitrain.data import BatchLoader, DistributedSampler, ShardedDataset, load_manifest
     from mpitrain.data.parallel_io import use_driver
     from mpitrain.train.builtin import ensure_corpus
@@ -70,7 +66,6 @@ def open_corpus(
                 f"{cfg.context} --out DIR"))
         # token ids outside [0, vocab) are refused here (or in the batch that reads them,
         # for data too large to check at open), never as an IndexError in the embedding
-        vocab = model_vocab(cfg) if cfg.model in DATA_VOCAB_MODELS else 256
         train = ShardedDataset(data_dir, split=cfg.train_split, tokens=vocab)
         test = (ShardedDataset(data_dir, split=cfg.test_split, tokens=vocab)
                 if cfg.test_split else None)

@@ -407,7 +407,7 @@ def build_grid_parts(cfg: TrainConfig, world: World, device: torch.device,
     grid = Grid.create(world.comm, tensor=cfg.tensor_parallel, pipeline=cfg.pipeline_stages,
                        node_index=world.node_index)
     batch = agree(world.comm, lambda: rank_batch(cfg, grid.data))
-    train, test = open_corpus(cfg, world, grid, batch)
+    train, test = open_corpus(cfg, world, grid, batch, int(spec.meta.get("vocab", 256)))
     stage = build_spec_stage(spec, grid, world, device, cfg.virtual_stages,
                              cfg.activation_checkpointing)
     api = cast("Stage", stage)  # the grid's view of it (tied, ZeRO-3 units, ...)

@@ -89,8 +89,8 @@ class GPTSpec:
     def meta(self) -> dict[str, Any]:
         """The model's shape, saved with its checkpoints and compared on resume."""
         c = self.config
-        return {"model": "gpt", "context": c.context, "hidden": c.dim, "heads": c.heads,
-                "layers": c.layers}
+        return {"model": "gpt", "vocab": c.vocab, "context": c.context, "hidden": c.dim,
+                "heads": c.heads, "layers": c.layers}
 
     def check(self, tensor: int, stages: int) -> None:
         """Nothing beyond the option checks (``mpitrain.config_checks``)."""
@@ -122,8 +122,10 @@ def _cnn(cfg: TrainConfig) -> ClassifierSpec:
 def _hf(name: str) -> Callable[[TrainConfig], Any]:
     def make(cfg: TrainConfig) -> Any:
         from mpitrain.train import hf
+        from mpitrain.train.corpus import model_vocab
 
-        return hf.llama_spec(cfg) if name == "llama" else hf.gpt2_spec(cfg)
+        make_spec = hf.llama_spec if name == "llama" else hf.gpt2_spec
+        return make_spec(cfg, model_vocab(cfg))  # the --data manifest's, or 256 bytes
 
     return make
 
