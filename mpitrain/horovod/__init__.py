@@ -83,6 +83,7 @@ from mpitrain.horovod.basics import (
 from mpitrain.horovod.context import (
     ProcessSet,
     add_process_set,
+    configure,
     global_process_set,
     init,
     remove_process_set,
@@ -140,6 +141,7 @@ __all__ = [
     "broadcast_parameters",
     "ccl_built",
     "compression",
+    "configure",
     "cross_rank",
     "cross_size",
     "cuda_built",

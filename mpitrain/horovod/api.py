@@ -2,6 +2,8 @@
 
 Every call is collective over its process set (default: all ranks) and is agreed first (see
 :mod:`mpitrain.horovod.negotiate`): ranks that disagree all raise HorovodInternalError.
+``*_async`` calls are queued on the engine's communication thread and return at once
+(:mod:`mpitrain.horovod.engine`); blocking calls wait for their result.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
     """Collective: reduce ``tensor`` in place; returns it."""
     o = _o.op_of(op, average)
     out: torch.Tensor = _o.allreduce_op([tensor], [tensor], name, o, prescale_factor,
-                                        postscale_factor, process_set, False).result()
+                                        postscale_factor, process_set, False, True).result()
     return out
 
 
@@ -108,7 +110,8 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
     o = _o.op_of(op, average)
     ts = list(tensors)
     out: list[torch.Tensor] = _o.allreduce_op(ts, ts, name, o, prescale_factor,
-                                              postscale_factor, process_set, True).result()
+                                              postscale_factor, process_set, True,
+                                              True).result()
     return out
 
 
@@ -183,7 +186,8 @@ def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: Any = _G) -> torch.Tensor:
     """Collective: overwrite ``tensor`` in place with ``root_rank``'s values; returns it."""
-    out: torch.Tensor = _o.broadcast_op(tensor, root_rank, name, process_set, True).result()
+    out: torch.Tensor = _o.broadcast_op(tensor, root_rank, name, process_set, True,
+                                        True).result()
     return out
 
 
@@ -245,7 +249,7 @@ def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = No
 def barrier(process_set: Any = _G) -> None:
     """Collective: return once every rank of the set has called it."""
     _o.submit(process_set, _n.Request("barrier"),
-              lambda comm, outcome: (DONE, lambda: None)).result()
+              lambda comm, outcome: (DONE, lambda: None), blocking=True).result()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
@@ -264,23 +268,29 @@ def join(device: int = -1) -> int:
 
     Until every rank has joined, this rank takes part in the others' all-reduces (global
     process set) with zeros; other collectives raise on the ranks still working. ``device``
-    is accepted for compatibility (zeros are host tensors).
+    is accepted for compatibility (zeros are host tensors). When every rank has joined, the
+    global set's response cache is emptied on every rank.
     """
     ctx = _c.context()
     ctx.raise_if_down("hvd.join")
+    ctx.engine.drain()  # what this rank queued before joining comes first
     comm, ctl = ctx.world.comm, ctx.control_of(_G)
     state = ctx.state_of(_G)
     state.rounds += 1
     joined_at = state.rounds
     while True:
-        rows = _n.exchange(ctl, _n.JOINED, joined_at, state.rounds)
-        if (rows[:, 0] == _n.JOINED).all():
-            last = max(range(comm.size), key=lambda r: (int(rows[r, 1]), r))
-            return int(last)
-        outcome = _n.resolve(ctl, rows, None, None)
-        if outcome.shutdown is not None:
-            raise ctx.learn(_G, outcome.shutdown, "hvd.join")
-        if outcome.error is None and outcome.request is not None:
-            if outcome.request.kind in ("allreduce", "grouped_allreduce"):
-                _o.join_contribute(comm, outcome.request)
+        rows = _n.exchange(ctl, _n.row(_n.JOINED, joined_at, state.rounds))
+        rnd = _n.decide(rows)
+        if rnd.done:
+            state.cache.clear()
+            return int(max(range(comm.size), key=lambda r: (int(rows[r, 1]), r)))
+        if rnd.shutdown is not None:
+            raise ctx.learn(_G, rnd.shutdown, "hvd.join")
+        if rnd.failed:  # the active ranks' error path: take part in it
+            _n.explain(ctl, None, None)
+            state.cache.evict(rnd.stale)
+        else:
+            req, err = _n.joined_request(ctl, rows, rnd.entries[0], None, state.cache.request)
+            if err is None and req.kind in ("allreduce", "grouped_allreduce"):
+                _o.join_contribute(comm, req)
         state.rounds += 1

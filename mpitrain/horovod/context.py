@@ -2,8 +2,10 @@
 
 Horovod's API has no communicator argument (``hvd.rank()``, ``hvd.allreduce(t)``), so one
 context per process is unavoidable. Everything lives in it: the world, the registered
-process sets, the table from integer handles to operations (Horovod's ``synchronize`` takes
-an ``int``), the names in flight and the join state. ``shutdown()`` drops it all.
+process sets (each with its response cache), the engine that agrees and runs the collectives
+(:mod:`mpitrain.horovod.engine`, with its communication thread), the table from integer
+handles to operations (Horovod's ``synchronize`` takes an ``int``), the names in flight and
+the join state. ``shutdown()`` drops it all.
 
 Ending unevenly: ``init()`` makes an uncaught exception on any rank abort the whole job
 (mpitrain's excepthook: ``rank R/N on HOST`` and the traceback, then ``MPI_Abort``), and
@@ -22,8 +24,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from mpitrain.comm.handle import DONE
+from mpitrain.horovod.cache import DEFAULT_CAPACITY
+from mpitrain.horovod.engine import Engine, SetState
 from mpitrain.horovod.exceptions import HorovodInternalError, shut_down_message
-from mpitrain.horovod.negotiate import Notice, Request, negotiate
+from mpitrain.horovod.negotiate import Notice, Request
 from mpitrain.runtime.abort import install_excepthook
 from mpitrain.timeline import NULL, Timeline, TraceSession
 
@@ -90,17 +95,11 @@ global_process_set = ProcessSet([])  # every rank; attached by init()
 
 
 @dataclass(eq=False)
-class SetState:
-    """Per-process-set bookkeeping: negotiation rounds (the join order needs them)."""
-
-    rounds: int = 0
-
-
-@dataclass(eq=False)
 class Context:
     """Everything ``hvd.init()`` creates; see the module docstring."""
 
     world: World
+    engine: Engine = field(init=False)
     sets: dict[int, ProcessSet] = field(default_factory=dict)
     states: dict[int, SetState] = field(default_factory=dict)
     handles: dict[int, Op] = field(default_factory=dict)
@@ -171,15 +170,7 @@ class Context:
         """Collective over ``ps``: agree before a step that communicates outside the agreements
         (registering a set, a timeline, an optimizer's layout check); raises like a collective.
         """
-        self.comm_of(ps, what)
-        self.raise_if_down(what)
-        state = self.state_of(global_process_set if ps is None else ps)
-        state.rounds += 1
-        outcome = negotiate(self.control_of(ps), state.rounds, Request(what))
-        if outcome.shutdown is not None:
-            raise self.learn(ps, outcome.shutdown, what)
-        if outcome.error is not None:
-            raise HorovodInternalError(outcome.error)
+        self.engine.submit(ps, Request(what), _nothing, blocking=True).result()
 
     def state_of(self, ps: ProcessSet) -> SetState:
         """Return the bookkeeping of a registered set."""
@@ -189,6 +180,7 @@ class Context:
         """Collective over the world: create ``ps``'s sub-communicator and give it an id."""
         from mpi4py import MPI
 
+        self.engine.drain()  # the world's communicator is the global set's: the thread's
         comm = self.world.comm
         if ps.ranks is None:  # built from a communicator: its members' world ranks
             sub = ps.mpi_comm
@@ -213,7 +205,12 @@ class Context:
         self.next_set += 1
         ps._attach(set_id, ranks, None if sub == MPI.COMM_NULL else cast("MPI.Intracomm", sub))
         self.sets[set_id] = ps
-        self.states[set_id] = SetState()
+        self.states[set_id] = self.engine.new_state()
+
+
+def _nothing(comm: MPI.Intracomm, outcome: Any) -> tuple[Any, Any]:
+    """The data movement of an agreement alone (a barrier, a step that communicates)."""
+    return DONE, lambda: None
 
 
 _ctx: Context | None = None
@@ -232,11 +229,16 @@ def current() -> Context | None:
     return _ctx
 
 
-def init(comm: Any = None, process_sets: Iterable[ProcessSet] | str | None = None) -> None:
+def init(comm: Any = None, process_sets: Iterable[ProcessSet] | str | None = None, *,
+         progress: str = "auto", cache_capacity: int = DEFAULT_CAPACITY) -> None:
     """Collective: initialize over ``comm`` (an mpi4py communicator, a list of COMM_WORLD
     ranks, or None for COMM_WORLD) and register ``process_sets``.
 
-    ``process_sets="dynamic"`` is accepted (sets can always be added later).
+    ``process_sets="dynamic"`` is accepted (sets can always be added later). Beyond
+    Horovod's arguments: ``progress`` (``thread``: collectives agreed and run on a
+    communication thread, ``*_async`` returning at once; ``poll``: agreed at the call;
+    ``auto``: thread where MPI gives ``MPI_THREAD_MULTIPLE``) and ``cache_capacity`` (the
+    response cache's size per process set, Horovod's ``HOROVOD_CACHE_CAPACITY``; 0: off).
     """
     global _ctx
     from mpi4py import MPI
@@ -253,9 +255,10 @@ def init(comm: Any = None, process_sets: Iterable[ProcessSet] | str | None = Non
         comm = MPI.COMM_WORLD.Create_group(group)  # collective over the listed ranks only
         group.Free()
     ctx = Context(World.create(comm), init_comm=init_comm)
+    ctx.engine = Engine(ctx, progress, cache_capacity)
     global_process_set._attach(0, list(range(ctx.world.size)), ctx.world.comm)
     ctx.sets[0] = global_process_set
-    ctx.states[0] = SetState()
+    ctx.states[0] = ctx.engine.new_state()
     before = (sys.excepthook, threading.excepthook)
     install_excepthook(ctx.world.comm)
     ctx.hooks = (*before, sys.excepthook, threading.excepthook)
@@ -271,7 +274,8 @@ def init(comm: Any = None, process_sets: Iterable[ProcessSet] | str | None = Non
 def shutdown() -> None:
     """Collective: end Horovod on this rank; peers' pending and later calls raise.
 
-    Waits for this rank's operations in flight, posts a notice on every process set (so peers
+    Waits for this rank's operations in flight (and the engine's queue), stops the
+    communication thread, posts a notice on every process set (so peers
     blocked in a collective, or entering one later, raise Horovod's shut-down error) and waits
     until each peer has seen it, then frees the communicators and restores the excepthooks.
     """
@@ -288,6 +292,11 @@ def shutdown() -> None:
                 op.wait()  # agreed by every rank, so it completes
             except Exception:  # the caller never synchronized it: its error is moot now
                 continue
+        try:  # what the engine still has queued (e.g. buckets never synchronized)
+            ctx.engine.drain()
+        except Exception:  # the thread failed: reported through its handles (or it aborts)
+            pass
+        ctx.engine.close()
         ctx.announce(ctx.world.rank if ctx.down is None else ctx.down)
         MPI.Request.Waitall([n.request for n in ctx.notices])
         together = ctx.down is None and all(n.everyone() for n in ctx.notices)
@@ -313,6 +322,17 @@ def _shutdown_at_exit() -> None:
 
     if _ctx is not None and MPI.Is_initialized() and not MPI.Is_finalized():
         shutdown()
+
+
+def configure(progress: str | None = None, cache_capacity: int | None = None) -> None:
+    """Change the engine's ``progress`` mode and/or the response caches' capacity (not
+    Horovod API; ``hvd.init`` takes the same keywords).
+
+    Waits for what is queued first. Changing the capacity empties every cache, so call it
+    on every rank at the same point of the program (between the same two collectives), as
+    a collective; a rank that does not only makes the next calls fail their agreement.
+    """
+    context().engine.configure(progress, cache_capacity)
 
 
 def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:

@@ -1,7 +1,8 @@
 """Operations in flight and Horovod's integer handles.
 
-An :class:`Op` owns one collective: the transport handle, the finishing step that produces
-the result, or the error every rank agreed on. ``*_async`` functions return a
+An :class:`Op` owns one collective: the transport handle (or the communication thread's,
+:mod:`mpitrain.horovod.engine`), the finishing step that produces the result, or the error
+every rank agreed on. ``*_async`` functions return a
 :class:`HvdHandle`, an ``int`` (Horovod's handle type, so code that stores, hashes or compares
 handles keeps working) that also owns its Op. The context keeps ``int -> Op`` only because
 Horovod's ``synchronize(handle)`` is specified on integers; entries leave at synchronize.
@@ -9,6 +10,7 @@ Horovod's ``synchronize(handle)`` is specified on integers; entries leave at syn
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,12 +21,14 @@ from mpitrain.horovod import context as _c
 class Op:
     """One collective in flight; also a transport :class:`~mpitrain.comm.handle.Handle`."""
 
-    __slots__ = ("_done", "_error", "_finish", "_inner", "_result", "name", "number", "span")
+    __slots__ = ("_done", "_error", "_finish", "_inner", "_result", "_source", "name", "number",
+                 "span")
 
     def __init__(self, inner: Handle = DONE, finish: Callable[[], Any] | None = None,
                  error: BaseException | None = None, name: str | None = None,
-                 span: tuple[str, int] | None = None) -> None:
+                 span: tuple[str, int] | None = None, source: Any = None) -> None:
         self.span = span  # (timeline span name, start) while hvd.start_timeline records
+        self._source = source  # a queued operation: its error and finish are set when it ran
         self._inner = inner
         self._finish = finish
         self._error = error
@@ -35,6 +39,9 @@ class Op:
 
     def _complete(self) -> None:
         self._done = True
+        if self._source is not None:
+            self._error, self._finish, self._source = (self._source.error,
+                                                       self._source.finish, None)
         if self._error is None and self._finish is not None:
             self._result = self._finish()
         self._finish = None
@@ -122,4 +129,7 @@ def poll(handle: Any) -> bool:
     op = _lookup(handle)
     if op is None:
         raise ValueError(f"hvd.poll: unknown handle {handle!r}")
-    return op.test()
+    if op.test():
+        return True
+    time.sleep(0)  # let the communication thread take the GIL (a loop on poll would keep it)
+    return False

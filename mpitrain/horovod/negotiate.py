@@ -1,24 +1,35 @@
-"""Agree on every Horovod collective before moving data: errors instead of hangs.
+"""Agree on Horovod collectives before moving data: errors instead of hangs.
 
 Horovod's coordinator compares each rank's request (operation, name, dtype, shape, op, root
-rank, scale factors) and fails them all together when they differ. Here each call first
-all-gathers three int64 per rank: a status (ok, locally invalid, joined), a 64-bit digest of
-the request and a round number. When every rank is ok with the same digest the data moves;
-otherwise the full requests are all-gathered (pickled; the error path only) and every rank
-builds the same message from them. Joined ranks (``hvd.join``) answer with their status so
-the others learn who contributes zeros.
+rank, scale factors) and fails them all together when they differ. Here the ranks of a
+process set agree in *rounds*: each rank all-gathers one fixed row of int64,
+
+    [status, aux, stamp, count, entry_0 ... entry_{BATCH-1}]
+
+status: ok, locally invalid (``BAD``), joined, or shut down; aux: the round a rank joined at
+(joined) or the rank that shut down (a notice); count: how many of this rank's queued
+operations the row offers (at most :data:`BATCH`, in submission order); entry: each
+operation's identity, its slot in the set's response cache (``CACHED | slot``,
+:mod:`mpitrain.horovod.cache`) or else a 62-bit digest of its request. :func:`decide` turns
+the rows into the same :class:`Round` on every rank: the first ``min(count)`` operations are
+settled in order while every rank offers the same entry; the first that differs (or that some
+rank found invalid) goes to the error path, where the full requests are all-gathered
+(pickled) and every rank builds the same message from them; whatever a rank offered beyond
+that is offered again in the next round. Joined ranks (``hvd.join``) answer with their
+status, so the others learn who contributes zeros (one operation per round then).
 
 A rank that shuts down (``hvd.shutdown()``, or the end of its script) posts one last row,
-a *notice* (status SHUTDOWN, the Horovod rank that shut down first in place of the digest),
-on every process set it belongs to. It matches whatever exchange each peer makes next on that
-set, so a peer blocked in a collective, or calling one later, learns of it and raises
-instead of waiting forever. Exchanges and notices are non-blocking all-gathers on a
-communicator used for nothing else, so a notice never meets a data transfer.
+a *notice* (status SHUTDOWN, the Horovod rank that shut down first as aux), on every process
+set it belongs to. It matches whatever round each peer makes next on that set, so a peer
+blocked in a collective, or calling one later, learns of it and raises instead of waiting
+forever. Rounds and notices are non-blocking all-gathers on a communicator used for nothing
+else, so a notice never meets a data transfer.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +39,11 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 OK, BAD, JOINED, SHUTDOWN = 0, 1, 2, 3
+BATCH = 8  #: operations one round can agree
+HEAD = 4  #: status, aux, stamp, count
+WIDTH = HEAD + BATCH
+CACHED = 1 << 62  #: tag of an entry that is a cache slot (digests keep 62 bits: never tagged)
+NONE = -1  #: an unused entry
 #: kinds whose first dimension may differ between ranks
 VAR_DIM0 = frozenset({"allgather", "grouped_allgather", "alltoall"})
 #: kinds that proceed while some ranks have joined (they contribute zeros, or nothing)
@@ -42,7 +58,7 @@ _PRETTY = {
 
 @dataclass(frozen=True)
 class Request:
-    """What one rank asks for; ranks must agree on :meth:`key` (shapes excepted as noted)."""
+    """What one rank asks for; ranks must agree on :meth:`fields` (shapes excepted as noted)."""
 
     kind: str
     name: str | None = None
@@ -53,7 +69,7 @@ class Request:
     pre: float = 1.0
     post: float = 1.0
     splits: bool = False
-    _key: list[int] = field(default_factory=list, compare=False, repr=False)
+    _memo: list[Any] = field(default_factory=list, compare=False, repr=False)
 
     def agreed_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Return the shape parts ranks must agree on (all but dim 0 for gathers)."""
@@ -61,20 +77,25 @@ class Request:
             return tuple((len(s), *s[1:]) for s in self.shapes)
         return self.shapes
 
+    def fields(self) -> tuple[Any, ...]:
+        """Return the signature every rank must agree on (the response cache's key)."""
+        if not self._memo:
+            self._memo.append((self.kind, self.name, self.dtypes, self.agreed_shapes(),
+                               self.op, self.root, self.pre, self.post, self.splits))
+        sig: tuple[Any, ...] = self._memo[0]
+        return sig
+
     def key(self) -> int:
-        """Return a 64-bit digest of the fields every rank must agree on."""
-        if not self._key:
-            fields = (self.kind, self.name, self.dtypes, self.agreed_shapes(), self.op,
-                      self.root, self.pre, self.post, self.splits)
-            key = _DIGESTS.get(fields)
-            if key is None:
-                digest = hashlib.blake2b(repr(fields).encode(), digest_size=8).digest()
-                key = int.from_bytes(digest, "little", signed=True)
-                if len(_DIGESTS) >= _DIGESTS_MAX:
-                    _DIGESTS.clear()
-                _DIGESTS[fields] = key
-            self._key.append(key)
-        return self._key[0]
+        """Return a 62-bit digest of :meth:`fields`."""
+        sig = self.fields()
+        key = _DIGESTS.get(sig)
+        if key is None:
+            digest = hashlib.blake2b(repr(sig).encode(), digest_size=8).digest()
+            key = int.from_bytes(digest, "little") & (CACHED - 1)
+            if len(_DIGESTS) >= _DIGESTS_MAX:
+                _DIGESTS.clear()
+            _DIGESTS[sig] = key
+        return key
 
 
 # a memo of request fields -> digest (training loops repeat the same requests); a pure cache
@@ -83,13 +104,24 @@ _DIGESTS_MAX = 4096
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """The agreed result of a negotiation."""
+class Round:
+    """What a round settled, the same on every rank (:func:`decide`)."""
 
-    error: str | None = None
-    joined: tuple[int, ...] = ()
-    request: Request | None = None  # the active ranks' request (what joined ranks mirror)
-    shutdown: int | None = None  # the Horovod rank whose shutdown ended this set
+    shutdown: int | None = None  #: the Horovod rank whose notice ended the set
+    consumed: int = 0  #: operations of each active rank's offer settled, in order
+    failed: bool = False  #: the last settled operation goes to the error path
+    joined: tuple[int, ...] = ()  #: ranks that have joined
+    done: bool = False  #: every rank has joined
+    entries: tuple[int, ...] = ()  #: the agreed entry of each operation settled without error
+    stale: tuple[int, ...] = ()  #: cache slots named by the failed operation's entries
+
+
+def row(status: int, aux: int, stamp: int, entries: Sequence[int] = ()) -> np.ndarray:
+    """Return one rank's row for a round (``entries``: at most :data:`BATCH`)."""
+    out = np.full(WIDTH, NONE, dtype=np.int64)
+    out[:HEAD] = (status, aux, stamp, len(entries))
+    out[HEAD:HEAD + len(entries)] = entries
+    return out
 
 
 class Notice:
@@ -98,24 +130,23 @@ class Notice:
     __slots__ = ("_bufs", "request")
 
     def __init__(self, comm: MPI.Intracomm, origin: int) -> None:
-        row = np.array([SHUTDOWN, origin, -1], dtype=np.int64)
-        rows = np.empty((comm.size, 3), dtype=np.int64)
-        self._bufs = (row, rows)
-        self.request = comm.Iallgather(row, rows)
+        mine = row(SHUTDOWN, origin, -1)
+        rows = np.empty((comm.size, WIDTH), dtype=np.int64)
+        self._bufs = (mine, rows)
+        self.request = comm.Iallgather(mine, rows)
 
     def everyone(self) -> bool:
         """Return whether every rank of the set posted a notice too (after completion)."""
         return bool((self._bufs[1][:, 0] == SHUTDOWN).all())
 
 
-def exchange(comm: MPI.Intracomm, status: int, key: int, stamp: int) -> np.ndarray:
-    """Collective: all-gather (status, key, stamp) from every rank; returns a (size, 3) array.
+def exchange(comm: MPI.Intracomm, mine: np.ndarray) -> np.ndarray:
+    """Collective: all-gather every rank's row; returns a (size, WIDTH) array.
 
     Non-blocking underneath, so that it matches a peer's :class:`Notice`.
     """
-    row = np.array([status, key, stamp], dtype=np.int64)
-    rows = np.empty((comm.size, 3), dtype=np.int64)
-    comm.Iallgather(row, rows).Wait()
+    rows = np.empty((comm.size, WIDTH), dtype=np.int64)
+    comm.Iallgather(mine, rows).Wait()
     return rows
 
 
@@ -125,50 +156,56 @@ def shut_down_by(rows: np.ndarray) -> int | None:
     return min(origins) if origins else None
 
 
-def _active(rows: np.ndarray) -> list[int]:
-    return [r for r in range(len(rows)) if rows[r, 0] != JOINED]
-
-
-def disagree(rows: np.ndarray) -> bool:
-    """Return whether the rows call for the error path (a bad rank or differing keys)."""
-    active = _active(rows)
-    return bool((rows[:, 0] == BAD).any()) or len({int(rows[r, 1]) for r in active}) > 1
-
-
-def resolve(comm: MPI.Intracomm, rows: np.ndarray, req: Request | None,
-            local_error: str | None) -> Outcome:
-    """Collective: turn gathered rows into an Outcome, the same on every rank.
-
-    Joined ranks call this with ``req=None`` (they mirror the active ranks' request). A
-    notice among the rows ends the set for everyone (no further collective on ``comm``).
-    """
+def decide(rows: np.ndarray) -> Round:
+    """Return what the gathered rows settle (a pure function: the same on every rank)."""
     origin = shut_down_by(rows)
     if origin is not None:
-        return Outcome(shutdown=origin)
-    if disagree(rows):
-        gathered: list[tuple[Request | None, str | None]] = comm.allgather((req, local_error))
-        return Outcome(error=describe(gathered))
-    joined = tuple(r for r in range(len(rows)) if rows[r, 0] == JOINED)
-    if not joined:
-        return Outcome(request=req)
-    first = _active(rows)[0]
-    agreed: Request = comm.bcast(req if comm.rank == first else None, root=first)
-    if agreed.kind not in JOIN_OK:
-        pretty = _PRETTY.get(agreed.kind, agreed.kind)
-        return Outcome(error=f"{pretty} is not supported with Join at this time "
-                             f"(ranks {list(joined)} have joined)", joined=joined,
-                       request=agreed)
-    return Outcome(joined=joined, request=agreed)
+        return Round(shutdown=origin)
+    status = rows[:, 0].tolist()
+    active = [r for r, s in enumerate(status) if s != JOINED]
+    joined = tuple(r for r, s in enumerate(status) if s == JOINED)
+    if not active:
+        return Round(joined=joined, done=True)
+    count = 1 if joined else min(int(rows[r, 3]) for r in active)
+    bad = any(status[r] == BAD for r in active)
+    entries: list[int] = []
+    for j in range(count):
+        col = {int(rows[r, HEAD + j]) for r in active}
+        if len(col) > 1 or (j == 0 and bad):
+            stale = tuple(sorted(e - CACHED for e in col if e >= CACHED))
+            return Round(consumed=j + 1, failed=True, joined=joined, entries=tuple(entries),
+                         stale=stale)
+        entries.append(col.pop())
+    return Round(consumed=count, joined=joined, entries=tuple(entries))
 
 
-def negotiate(comm: MPI.Intracomm, stamp: int, req: Request,
-              local_error: str | None = None) -> Outcome:
-    """Collective: agree on ``req`` with every rank of ``comm``; see the module docstring."""
-    key = req.key()
-    rows = exchange(comm, BAD if local_error else OK, key, stamp)
-    if local_error is None and all(s == OK and k == key for s, k, _ in rows.tolist()):
-        return Outcome(request=req)  # the fast path: everyone asked for the same
-    return resolve(comm, rows, req, local_error)
+def explain(comm: MPI.Intracomm, req: Request | None, local_error: str | None) -> str:
+    """Collective: all-gather the failed operation's requests; return the agreed message.
+
+    Joined ranks take part with ``req=None``.
+    """
+    gathered: list[tuple[Request | None, str | None]] = comm.allgather((req, local_error))
+    return describe(gathered)
+
+
+def joined_request(comm: MPI.Intracomm, rows: np.ndarray, entry: int, req: Request | None,
+                   cached: Callable[[int], Request | None]) -> tuple[Request, str | None]:
+    """Collective: the active ranks' request in a round with joined ranks, and its error.
+
+    A cached entry is looked up in every rank's (identical) cache; otherwise the first
+    active rank broadcasts its request. Returns (request, error or None).
+    """
+    agreed = cached(entry - CACHED) if entry >= CACHED else None
+    if agreed is None:
+        first = next(r for r in range(len(rows)) if rows[r, 0] != JOINED)
+        agreed = comm.bcast(req if comm.rank == first else None, root=first)
+    assert agreed is not None
+    if agreed.kind in JOIN_OK:
+        return agreed, None
+    joined = [r for r in range(len(rows)) if rows[r, 0] == JOINED]
+    pretty = _PRETTY.get(agreed.kind, agreed.kind)
+    return agreed, (f"{pretty} is not supported with Join at this time "
+                    f"(ranks {joined} have joined)")
 
 
 def _diff(label: str, values: dict[int, Any]) -> str | None:

@@ -1,8 +1,11 @@
 """The data movement behind each Horovod collective, after :mod:`negotiate` agreed on it.
 
 Every function here returns an :class:`~mpitrain.horovod.handles.Op` the caller owns (the
-public ``*_async`` functions number it in the handle table; blocking ones just wait).
-Tensors on a device are staged through host copies.
+public ``*_async`` functions number it in the handle table; blocking ones just wait), made
+by :mod:`mpitrain.horovod.engine` (``blocking=True``: the caller waits at once, so the call
+may run right here when nothing is queued). Inputs that are copied (out-of-place
+all-reduce and broadcast, device tensors) are copied at the call; the engine may run the
+transfer later, on its thread. Tensors on a device are staged through host copies.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from mpitrain.comm.alltoall import ialltoallv_
 from mpitrain.comm.handle import DONE, Handle, MultiHandle, RequestHandle
 from mpitrain.comm.uneven import iallgatherv_, ireduce_scatter_
 from mpitrain.horovod import context as _c
-from mpitrain.horovod.exceptions import HorovodInternalError
+from mpitrain.horovod.engine import NOT_CONTIGUOUS, UNSUPPORTED, Outcome, Start
 from mpitrain.horovod.handles import Op
-from mpitrain.horovod.negotiate import Outcome, Request, negotiate
+from mpitrain.horovod.negotiate import Request
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -32,10 +35,6 @@ OP_NAMES = {Average: "average", Sum: "sum", Adasum: "adasum", Min: "min", Max: "
 REDUCIBLE = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
              torch.bfloat16, torch.float32, torch.float64)
 MOVABLE = (*REDUCIBLE, torch.bool)
-DUPLICATE = ("Requested to perform an operation on a tensor with the same name as another "
-             "tensor that is currently being processed. If you want to request another "
-             "tensor, use a different tensor name.")
-Start = Callable[["MPI.Intracomm", Outcome], tuple[Handle, Callable[[], Any]]]
 
 
 def op_of(op: Any, average: bool | None) -> int:
@@ -47,12 +46,6 @@ def op_of(op: Any, average: bool | None) -> int:
     if op not in OP_NAMES:
         raise ValueError(f"unknown reduction op {op!r}; use hvd.Average, Sum, Min, Max, Product")
     return int(op)
-
-
-UNSUPPORTED = "is not supported by hvd."
-NOT_CONTIGUOUS = "Tensor is required to be contiguous."
-#: local problems raised as Horovod's ValueError (on every rank, after the agreement)
-VALUE_ERRORS = (UNSUPPORTED, NOT_CONTIGUOUS)
 
 
 def argument_error(msg: str) -> ValueError:
@@ -110,34 +103,12 @@ def finish_reduce_(t: torch.Tensor, op: str, size: int, post: float) -> None:
         scale_(t, post / size)
 
 
-def submit(ps: Any, req: Request, start: Start, local_error: str | None = None) -> Op:
-    """Collective over ``ps``: negotiate ``req``, then ``start`` the data movement.
-
-    Once some rank has shut down, raises Horovod's shut-down error at once; an agreement
-    that meets a shut-down notice returns an Op holding that error.
+def submit(ps: Any, req: Request, start: Start, local_error: str | None = None,
+           blocking: bool = False) -> Op:
+    """Collective over ``ps``: agree on ``req``, then ``start`` the data movement (the
+    context's :class:`~mpitrain.horovod.engine.Engine`; see there for what raises at once).
     """
-    ctx = _c.context()
-    what = f"hvd.{req.kind}" + (f" '{req.name}'" if req.name else "")
-    comm = ctx.comm_of(ps, f"hvd.{req.kind}")
-    ctx.raise_if_down(what)
-    if req.name is not None and req.name in ctx.in_flight:
-        raise argument_error(DUPLICATE)  # on this rank alone, as Horovod's tensor queue
-    tl = ctx.timeline
-    span = (f"hvd.{req.kind} {req.name or ''}".rstrip(), tl.now()) if tl.on else None
-    state = ctx.state_of(ps if ps is not None else _c.global_process_set)
-    state.rounds += 1
-    outcome = negotiate(ctx.control_of(ps), state.rounds, req, local_error)
-    if outcome.shutdown is not None:
-        return Op(error=ctx.learn(ps, outcome.shutdown, what))
-    if outcome.error is not None:
-        if any(m in outcome.error for m in VALUE_ERRORS):
-            raise ValueError(outcome.error)
-        return Op(error=HorovodInternalError(outcome.error))
-    inner, finish = start(comm, outcome)
-    op = Op(inner, finish, name=req.name, span=span)
-    if req.name is not None:
-        ctx.in_flight[req.name] = id(op)
-    return op
+    return _c.context().engine.submit(ps, req, start, local_error, blocking=blocking)
 
 
 def start_allreduce(comm: MPI.Intracomm, out: torch.Tensor, op: str, pre: float,
@@ -153,7 +124,7 @@ def start_allreduce(comm: MPI.Intracomm, out: torch.Tensor, op: str, pre: float,
 
 def allreduce_op(tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] | None,
                  name: str | None, op: int, pre: float, post: float, ps: Any,
-                 grouped: bool) -> Op:
+                 grouped: bool, blocking: bool = False) -> Op:
     """Collective: (grouped) all-reduce into ``outs`` (None: new tensors)."""
     kind = "grouped_allreduce" if grouped else "allreduce"
     err = check_tensors(tensors, kind, REDUCIBLE, in_place=outs is not None)
@@ -165,9 +136,9 @@ def allreduce_op(tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] |
     opname = OP_NAMES[op]
     req = Request(kind, name, tuple(str(t.dtype) for t in tensors),
                   tuple(tuple(t.shape) for t in tensors), opname, None, float(pre), float(post))
+    bufs = [host(t).clone() if outs is None else host(t) for t in tensors]
 
     def start(comm: MPI.Intracomm, outcome: Outcome) -> tuple[Handle, Callable[[], Any]]:
-        bufs = [host(t).clone() if outs is None else host(t) for t in tensors]
         handles = [start_allreduce(comm, b, opname, pre, post) for b in bufs]
         size = comm.size
 
@@ -186,7 +157,7 @@ def allreduce_op(tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] |
 
         return MultiHandle(handles), finish
 
-    return submit(ps, req, start, err)
+    return submit(ps, req, start, err, blocking)
 
 
 def join_contribute(comm: MPI.Intracomm, req: Request) -> None:
@@ -205,16 +176,16 @@ def _dim0s(comm: MPI.Intracomm, tensors: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def allgather_op(tensors: Sequence[torch.Tensor], name: str | None, ps: Any,
-                 grouped: bool) -> Op:
+                 grouped: bool, blocking: bool = False) -> Op:
     """Collective: (grouped) all-gather along dim 0 into new tensors."""
     kind = "grouped_allgather" if grouped else "allgather"
     err = check_tensors(tensors, kind)
     req = Request(kind, name, tuple(str(t.dtype) for t in tensors),
                   tuple(tuple(t.shape) if t.dim() else (1,) for t in tensors))
+    srcs = [host(t).reshape(-1, *t.shape[1:]) if t.dim() else host(t).reshape(1)
+            for t in tensors]
 
     def start(comm: MPI.Intracomm, outcome: Outcome) -> tuple[Handle, Callable[[], Any]]:
-        srcs = [host(t).reshape(-1, *t.shape[1:]) if t.dim() else host(t).reshape(1)
-                for t in tensors]
         every = _dim0s(comm, srcs)
         outs, handles = [], []
         for i, s in enumerate(srcs):
@@ -230,7 +201,7 @@ def allgather_op(tensors: Sequence[torch.Tensor], name: str | None, ps: Any,
 
         return MultiHandle(handles), finish
 
-    return submit(ps, req, start, err)
+    return submit(ps, req, start, err, blocking)
 
 
 def root_index(ps: Any, root_rank: int) -> tuple[int, str | None]:
@@ -242,7 +213,7 @@ def root_index(ps: Any, root_rank: int) -> tuple[int, str | None]:
 
 
 def broadcast_op(tensor: torch.Tensor, root_rank: int, name: str | None, ps: Any,
-                 in_place: bool) -> Op:
+                 in_place: bool, blocking: bool = False) -> Op:
     """Collective: broadcast ``tensor`` from global rank ``root_rank``."""
     bad = check_tensors([tensor], "broadcast", in_place=in_place)
     _c.context().comm_of(ps, "hvd.broadcast")  # membership first, as Horovod checks
@@ -252,11 +223,11 @@ def broadcast_op(tensor: torch.Tensor, root_rank: int, name: str | None, ps: Any
     err = bad
     req = Request("broadcast", name, (str(tensor.dtype),), (tuple(tensor.shape),),
                   root=int(root_rank))
+    buf = host(tensor)
+    if not in_place and buf.data_ptr() == tensor.data_ptr():
+        buf = buf.clone()
 
     def start(comm: MPI.Intracomm, outcome: Outcome) -> tuple[Handle, Callable[[], Any]]:
-        buf = host(tensor)
-        if not in_place and buf.data_ptr() == tensor.data_ptr():
-            buf = buf.clone()
         h: Handle = DONE
         if comm.size > 1 and buf.numel():
             arr = _ar.numpy_view(buf)
@@ -272,7 +243,7 @@ def broadcast_op(tensor: torch.Tensor, root_rank: int, name: str | None, ps: Any
 
         return h, finish
 
-    return submit(ps, req, start, err)
+    return submit(ps, req, start, err, blocking)
 
 
 def even_splits(dim0: int, size: int) -> list[int]:
@@ -293,7 +264,8 @@ def _splits_error(splits: Any, dim0: int, size: int) -> tuple[list[int], str | N
     return values, None
 
 
-def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any) -> Op:
+def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any,
+                blocking: bool = False) -> Op:
     """Collective: scatter slices of dim 0 to every rank; result is (output, received)."""
     bad = check_tensors([tensor], "alltoall")
     size = (ps or _c.global_process_set).size() or 1
@@ -306,9 +278,9 @@ def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any) ->
     req = Request("alltoall", name, (str(tensor.dtype),), (tuple(tensor.shape) or (1,),),
                   splits=splits is not None)
     split_dtype = splits.dtype if isinstance(splits, torch.Tensor) else torch.int32
+    src = host(tensor).reshape(dim0, *tensor.shape[1:])
 
     def start(comm: MPI.Intracomm, outcome: Outcome) -> tuple[Handle, Callable[[], Any]]:
-        src = host(tensor).reshape(dim0, *tensor.shape[1:])
         send = np.array(sends, dtype=np.int64)
         recv = np.empty(comm.size, dtype=np.int64)
         comm.Alltoall(send, recv)
@@ -321,11 +293,11 @@ def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any) ->
 
         return h, finish
 
-    return submit(ps, req, start, err)
+    return submit(ps, req, start, err, blocking)
 
 
 def reducescatter_op(tensors: Sequence[torch.Tensor], name: str | None, op: int, pre: float,
-                     post: float, ps: Any, grouped: bool) -> Op:
+                     post: float, ps: Any, grouped: bool, blocking: bool = False) -> Op:
     """Collective: (grouped) reduce-scatter along dim 0 (Sum or Average)."""
     kind = "grouped_reducescatter" if grouped else "reducescatter"
     err = check_tensors(tensors, kind, REDUCIBLE)
@@ -337,14 +309,15 @@ def reducescatter_op(tensors: Sequence[torch.Tensor], name: str | None, op: int,
     opname = OP_NAMES.get(op, "sum")
     req = Request(kind, name, tuple(str(t.dtype) for t in tensors),
                   tuple(tuple(t.shape) for t in tensors), opname, None, float(pre), float(post))
+    srcs = [host(t) for t in tensors] if err is None else []
+    for i, t in enumerate(srcs):
+        if pre != 1.0:
+            srcs[i] = t.clone() if t.data_ptr() == tensors[i].data_ptr() else t
+            scale_(srcs[i], pre)
 
     def start(comm: MPI.Intracomm, outcome: Outcome) -> tuple[Handle, Callable[[], Any]]:
         outs, handles = [], []
-        for t in tensors:
-            src = host(t)
-            if pre != 1.0:
-                src = src.clone() if src.data_ptr() == t.data_ptr() else src
-                scale_(src, pre)
+        for src in srcs:
             rows = even_splits(src.shape[0], comm.size)
             row = int(np.prod(src.shape[1:], dtype=np.int64))
             out = torch.empty((rows[comm.rank], *src.shape[1:]), dtype=src.dtype)
@@ -361,7 +334,7 @@ def reducescatter_op(tensors: Sequence[torch.Tensor], name: str | None, op: int,
 
         return MultiHandle(handles), finish
 
-    return submit(ps, req, start, err)
+    return submit(ps, req, start, err, blocking)
 
 
 def object_op(kind: str, obj: Any, root_rank: int | None, name: str | None, ps: Any) -> Any:
@@ -378,4 +351,4 @@ def object_op(kind: str, obj: Any, root_rank: int | None, name: str | None, ps: 
                   if root_rank is not None else comm.allgather(obj))
         return DONE, lambda: result
 
-    return submit(ps, req, start).result()
+    return submit(ps, req, start, blocking=True).result()

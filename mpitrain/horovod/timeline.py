@@ -24,6 +24,8 @@ def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
     ctx.agree("hvd.start_timeline")
     ctx.trace = start(ctx.world.comm, file_path)
     ctx.timeline = ctx.trace.recorder
+    if ctx.engine.thread is not None:  # its queue waits and runs, on their own track
+        ctx.engine.thread.timeline = ctx.timeline
     for engine in list(ctx.engines):
         engine.timeline = ctx.timeline
 
@@ -34,6 +36,8 @@ def stop_timeline() -> None:
     ctx.agree("hvd.stop_timeline")
     trace, ctx.trace = ctx.trace, None
     ctx.timeline = NULL
+    if ctx.engine.thread is not None:
+        ctx.engine.thread.timeline = NULL
     for engine in list(ctx.engines):
         engine.timeline = NULL
     if trace is not None:

@@ -76,6 +76,10 @@ class ThreadHandle:
         self._raise()
         return True
 
+    def done(self) -> bool:
+        """Return whether the operation ran (failed or not); never blocks, never raises."""
+        return self._job.done.is_set()
+
     def _raise(self) -> None:
         job = self._job
         if job.error is not None:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.mpi
 GROUPS = [
     "allreduce_checks", "allgather_checks", "broadcast_checks", "alltoall_checks",
     "reducescatter_checks", "grouped_allreduce_checks", "gradient_checks", "misc_checks",
-    "client_semantics_checks", "sparse_optimizer_checks",
+    "client_semantics_checks", "sparse_optimizer_checks", "async_checks", "cache_checks",
     "process sets", "errors on every rank", "SyncBatchNorm",
     "broadcast_optimizer_state and DistributedOptimizer", "optimizer wrapper forwards state",
     "uneven join",

@@ -45,11 +45,56 @@ def test_describe_names_the_first_difference() -> None:
 
 
 def test_rows_decide_the_path() -> None:
-    ok = np.array([[N.OK, 7, 1], [N.OK, 7, 1]])
-    assert not N.disagree(ok)
-    assert N.disagree(np.array([[N.OK, 7, 1], [N.OK, 8, 1]]))
-    assert N.disagree(np.array([[N.BAD, 7, 1], [N.OK, 7, 1]]))
-    assert not N.disagree(np.array([[N.JOINED, 3, 1], [N.OK, 7, 1]]))
+    def rows(*rs: np.ndarray) -> np.ndarray:
+        return np.stack(rs)
+
+    ok = N.decide(rows(N.row(N.OK, 0, 1, [7]), N.row(N.OK, 0, 1, [7])))
+    assert ok.consumed == 1 and not ok.failed and ok.entries == (7,)
+    assert N.decide(rows(N.row(N.OK, 0, 1, [7]), N.row(N.OK, 0, 1, [8]))).failed
+    assert N.decide(rows(N.row(N.BAD, 0, 1, [7]), N.row(N.OK, 0, 1, [7]))).failed
+    joined = N.decide(rows(N.row(N.JOINED, 3, 1), N.row(N.OK, 0, 1, [7, 9])))
+    assert joined.joined == (0,) and joined.consumed == 1 and not joined.failed
+    assert N.decide(rows(N.row(N.JOINED, 3, 1), N.row(N.JOINED, 5, 1))).done
+    notice = N.row(N.SHUTDOWN, 2, -1)
+    assert N.decide(rows(notice, N.row(N.OK, 0, 1, [7]))).shutdown == 2
+
+
+def test_a_round_settles_the_common_prefix_of_batches() -> None:
+    """Ranks offer what they have queued; the shortest offer settles, the first operation
+    that differs fails (naming the cache slots it involved), the rest is offered again."""
+    slot = N.CACHED | 4
+    r0 = N.row(N.OK, 0, 1, [slot, 11, 12])
+    r1 = N.row(N.OK, 0, 1, [slot, 11])
+    rnd = N.decide(np.stack([r0, r1]))
+    assert (rnd.consumed, rnd.failed, rnd.entries) == (2, False, (slot, 11))
+    r1 = N.row(N.OK, 0, 1, [slot, N.CACHED | 5, 12])
+    rnd = N.decide(np.stack([r0, r1]))
+    assert (rnd.consumed, rnd.failed, rnd.entries, rnd.stale) == (2, True, (slot,), (5,))
+    assert N.Request("allreduce", "g").key() < N.CACHED  # digests never look like slots
+
+
+def test_response_cache_is_the_same_sequence_on_every_rank() -> None:
+    from mpitrain.horovod.cache import ResponseCache
+
+    reqs = [N.Request("allreduce", f"t{i}", ("torch.float32",), ((i + 1,),), "sum")
+            for i in range(4)]
+    caches = [ResponseCache(capacity=3) for _ in range(2)]
+    for c in caches:  # every rank applies the same agreed sequence
+        for q in reqs[:3]:
+            assert c.entry(q) == q.key()
+            c.agreed(q, q.key())
+        c.agreed(reqs[0], c.entry(reqs[0]))  # a hit: t0 becomes the most recent
+        c.agreed(reqs[3], reqs[3].key())  # full: t1 (least recently agreed) goes
+    assert caches[0].signatures() == caches[1].signatures()
+    assert [s[0] for s in caches[0].signatures()] == [2, 0, 3]
+    assert caches[0].entry(reqs[1]) == reqs[1].key()
+    assert caches[0].entry(reqs[0]) == N.CACHED | 0 and caches[0].request(0) == reqs[0]
+    assert (caches[0].hits, caches[0].misses) == (1, 4)
+    caches[0].evict((0,))
+    assert caches[0].entry(reqs[0]) == reqs[0].key() and len(caches[0]) == 2
+    off = ResponseCache(capacity=0)
+    off.agreed(reqs[0], reqs[0].key())
+    assert off.entry(reqs[0]) == reqs[0].key()
 
 
 def test_splits_and_scaling_follow_horovod() -> None:
@@ -75,7 +120,9 @@ def test_single_rank_collectives_and_handles(single: None) -> None:
     assert isinstance(h, int) and int(h) >= 0
     with pytest.raises(ValueError, match="same name"):
         hvd.allreduce_async(t, name="x")
-    assert hvd.poll(h) and torch.equal(hvd.synchronize(int(h)), t)  # plain ints work too
+    while not hvd.poll(h):  # queued: done once the communication thread ran it
+        pass
+    assert torch.equal(hvd.synchronize(int(h)), t)  # plain ints work too
     assert hvd.synchronize(h) is not None  # the handle object still owns its op
     assert hvd.synchronize(10**9) is None
     out, splits = hvd.alltoall(torch.ones(3, 2), splits=[3])

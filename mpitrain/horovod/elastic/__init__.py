@@ -37,8 +37,9 @@ def _reset() -> None:
     ctx = _c.context()
     comm = ctx.init_comm
     sets = [ps for sid, ps in sorted(ctx.sets.items()) if sid != 0]
+    progress, capacity = ctx.engine.progress, ctx.engine.cache_capacity
     _c.shutdown()
-    _c.init(comm, process_sets=sets)
+    _c.init(comm, process_sets=sets, progress=progress, cache_capacity=capacity)
 
 
 __all__ = [

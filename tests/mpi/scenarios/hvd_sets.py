@@ -2,7 +2,8 @@
 
 Written from Horovod 0.28's documented semantics. Run by hand:
 mpiexec -n 2 python tests/mpi/scenarios/hvd_sets.py   (also -n 4; --bench prints COST lines;
---all first runs hvd_ops.py's groups in the same launch, so torch loads once)
+--all first runs hvd_ops.py's and hvd_engine.py's groups in the same launch, so torch loads
+once)
 Rank 0 prints one "PASS <group>" line per group; a failed check raises.
 """
 
@@ -403,9 +404,11 @@ def main(comm: object) -> int:
         return 0
     if "--all" in sys.argv:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import hvd_engine
         import hvd_ops
 
         hvd_ops.run_groups(n, r)
+        hvd_engine.run_groups(n, r)
     groups = [
         ("process sets", lambda: process_set_checks(n, r, even)),
         ("errors on every rank", lambda: error_checks(n, r)),
