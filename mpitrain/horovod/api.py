@@ -64,7 +64,8 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
     """Collective: reduce ``tensor`` in place; returns it."""
     o = _o.op_of(op, average)
     out: torch.Tensor = _o.allreduce_op([tensor], [tensor], name, o, prescale_factor,
-                                        postscale_factor, process_set, False, True).result()
+                                        postscale_factor, process_set, False,
+                                        call=_o.WAIT).result()
     return out
 
 
@@ -111,7 +112,7 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
     ts = list(tensors)
     out: list[torch.Tensor] = _o.allreduce_op(ts, ts, name, o, prescale_factor,
                                               postscale_factor, process_set, True,
-                                              True).result()
+                                              call=_o.WAIT).result()
     return out
 
 
@@ -187,7 +188,7 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: Any = _G) -> torch.Tensor:
     """Collective: overwrite ``tensor`` in place with ``root_rank``'s values; returns it."""
     out: torch.Tensor = _o.broadcast_op(tensor, root_rank, name, process_set, True,
-                                        True).result()
+                                        call=_o.WAIT).result()
     return out
 
 
@@ -249,7 +250,7 @@ def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = No
 def barrier(process_set: Any = _G) -> None:
     """Collective: return once every rank of the set has called it."""
     _o.submit(process_set, _n.Request("barrier"),
-              lambda comm, outcome: (DONE, lambda: None), blocking=True).result()
+              lambda comm, outcome: (DONE, lambda: None), call=_o.WAIT).result()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,

@@ -37,7 +37,7 @@ class HorovodAllreduce(torch.autograd.Function):
         o = _o.op_of(op, average)
         ctx.args = (o, pre, post, ps)
         out: torch.Tensor = _o.allreduce_op([tensor], None, name, o, pre, post, ps,
-                                            False, blocking=True).result()
+                                            False, call=_o.WAIT).result()
         return out
 
     @staticmethod
@@ -56,7 +56,7 @@ class HorovodGroupedAllreduce(torch.autograd.Function):
         o = _o.op_of(op, average)
         ctx.args = (o, pre, post, ps)
         return tuple(_o.allreduce_op(tensors, None, name, o, pre, post, ps, True,
-                                     blocking=True).result())
+                                     call=_o.WAIT).result())
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
@@ -69,7 +69,7 @@ class HorovodGroupedAllreduce(torch.autograd.Function):
 def _offsets(dims: list[int], ps: Any, grouped: bool) -> list[int]:
     """Collective: this rank's row offset in each gathered tensor (Horovod gathers dims)."""
     dim_t = torch.tensor([dims], dtype=torch.int64)
-    every = _o.allgather_op([dim_t], None, ps, False, blocking=True).result()  # (size, dims)
+    every = _o.allgather_op([dim_t], None, ps, False, call=_o.WAIT).result()  # (size, dims)
     r = _ps(ps).rank() or 0
     return [int(every[:r, i].sum()) for i in range(len(dims))]
 
@@ -81,7 +81,7 @@ class HorovodAllgather(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, name: str | None, ps: Any) -> torch.Tensor:
         ctx.dim = tensor.shape[0] if tensor.dim() else 1
         ctx.ps = ps
-        out: torch.Tensor = _o.allgather_op([tensor], name, ps, False, blocking=True).result()
+        out: torch.Tensor = _o.allgather_op([tensor], name, ps, False, call=_o.WAIT).result()
         return out
 
     @staticmethod
@@ -99,7 +99,7 @@ class HorovodGroupedAllgather(torch.autograd.Function):
     def forward(ctx: Any, name: str | None, ps: Any, *tensors: torch.Tensor) -> Any:
         ctx.dims = [t.shape[0] if t.dim() else 1 for t in tensors]
         ctx.ps = ps
-        return tuple(_o.allgather_op(tensors, name, ps, True, blocking=True).result())
+        return tuple(_o.allgather_op(tensors, name, ps, True, call=_o.WAIT).result())
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
@@ -118,7 +118,7 @@ class HorovodBroadcast(torch.autograd.Function):
                 ps: Any) -> torch.Tensor:
         ctx.root, ctx.ps = root_rank, ps
         out: torch.Tensor = _o.broadcast_op(tensor, root_rank, name, ps, False,
-                                            blocking=True).result()
+                                            call=_o.WAIT).result()
         return out
 
     @staticmethod
@@ -136,7 +136,7 @@ class HorovodAlltoall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, splits: Any, name: str | None,
                 ps: Any) -> Any:
-        out, received = _o.alltoall_op(tensor, splits, name, ps, blocking=True).result()
+        out, received = _o.alltoall_op(tensor, splits, name, ps, call=_o.WAIT).result()
         ctx.received, ctx.ps = received, ps
         if splits is None:
             return out
@@ -163,7 +163,7 @@ class HorovodReducescatter(torch.autograd.Function):
                 pre: float, post: float) -> torch.Tensor:
         ctx.args = (op, pre, post, ps)
         out: torch.Tensor = _o.reducescatter_op([tensor], name, op, pre, post, ps,
-                                                False, blocking=True).result()
+                                                False, call=_o.WAIT).result()
         return out
 
     @staticmethod
@@ -181,7 +181,7 @@ class HorovodGroupedReducescatter(torch.autograd.Function):
                 *tensors: torch.Tensor) -> Any:
         ctx.args = (op, pre, post, ps)
         return tuple(_o.reducescatter_op(tensors, name, op, pre, post, ps, True,
-                                         blocking=True).result())
+                                         call=_o.WAIT).result())
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mpitrain.comm.handle import DONE
 from mpitrain.horovod.cache import DEFAULT_CAPACITY
-from mpitrain.horovod.engine import Engine, SetState
+from mpitrain.horovod.engine import WAIT, Engine, SetState
 from mpitrain.horovod.exceptions import HorovodInternalError, shut_down_message
 from mpitrain.horovod.negotiate import Notice, Request
 from mpitrain.runtime.abort import install_excepthook
@@ -170,7 +170,7 @@ class Context:
         """Collective over ``ps``: agree before a step that communicates outside the agreements
         (registering a set, a timeline, an optimizer's layout check); raises like a collective.
         """
-        self.engine.submit(ps, Request(what), _nothing, blocking=True).result()
+        self.engine.submit(ps, Request(what), _nothing, call=WAIT).result()
 
     def state_of(self, ps: ProcessSet) -> SetState:
         """Return the bookkeeping of a registered set."""

@@ -1,14 +1,27 @@
 """The Horovod engine: every Horovod collective is agreed, then run, in submission order.
 
-``progress="thread"`` (the default where MPI gives ``MPI_THREAD_MULTIPLE``): as Horovod's
-background thread, one :class:`~mpitrain.runtime.comm_thread.CommThread` per ``hvd.init()``
-agrees and runs the collectives. ``*_async`` calls (and ``DistributedOptimizer``'s buckets)
-are queued and return a handle at once; the thread agrees up to ``BATCH`` queued operations
-of one process set per round (:mod:`mpitrain.horovod.negotiate`), then moves each one's data
-(blocking, on the thread) while the caller computes. A blocking call runs at once on the
-calling thread when nothing is queued, otherwise it is queued behind the others and waited
-for. ``progress="poll"``: every call agrees at once on the calling thread and returns with
-its transfer in flight, moved by later waits (the path before the engine).
+A queued collective runs on one :class:`~mpitrain.runtime.comm_thread.CommThread` per
+``hvd.init()`` (as Horovod's background thread): the thread agrees up to ``BATCH`` queued
+operations of one process set per round (:mod:`mpitrain.horovod.negotiate`), then moves
+each one's data (blocking, on the thread) while the caller computes. A collective that runs
+*at the call* agrees there and returns with its transfer in flight, moved by later waits
+(the path before the engine). Which one, by how the caller goes on (``call``) and the
+``progress`` setting:
+
+============================  =======================  ======================  ========
+call                          ``auto`` (default)       ``thread``              ``poll``
+============================  =======================  ======================  ========
+``ASYNC`` (``*_async``)       queued                   queued                  at call
+``WAIT`` (blocking calls)     at call if none queued   at call if none queued  at call
+``STEP`` (optimizer buckets)  at call if none queued   queued                  at call
+============================  =======================  ======================  ========
+
+``auto`` is measured (docs/benchmarks.md, "Horovod API on the engine"): on the 2-core test
+machine the thread's hand-offs cost more than it hides, as for DataParallel
+(``--comm-progress auto`` = poll), so the optimizer's buckets stay at the call while the
+``*_async`` calls are queued, which Horovod's semantics need (they return at once).
+``thread`` and ``auto`` need ``MPI_THREAD_MULTIPLE``; ``auto`` falls back to ``poll``
+with a warning where MPI does not give it.
 
 Order: one FIFO per process, so every rank must submit the same collectives in the same
 order (as with any MPI collective); Horovod's coordinator would instead match queued
@@ -29,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mpitrain.comm.handle import Handle
+from mpitrain.horovod import context as _c
 from mpitrain.horovod.cache import DEFAULT_CAPACITY, ResponseCache
 from mpitrain.horovod.exceptions import HorovodInternalError, shut_down_message
 from mpitrain.horovod.handles import Op
@@ -51,7 +65,8 @@ if TYPE_CHECKING:
 
     from mpitrain.horovod.context import Context, ProcessSet
 
-PROGRESS = ("thread", "poll")
+PROGRESS = ("auto", "thread", "poll")
+ASYNC, WAIT, STEP = "async", "wait", "step"  #: how the caller goes on (module docstring)
 DUPLICATE = ("Requested to perform an operation on a tensor with the same name as another "
              "tensor that is currently being processed. If you want to request another "
              "tensor, use a different tensor name.")
@@ -69,6 +84,9 @@ class Outcome:
     request: Request | None = None  # the active ranks' request (what joined ranks mirror)
 
 
+AGREED = Outcome()  #: no rank joined
+
+
 Start = Callable[["MPI.Intracomm", Outcome], tuple[Handle, Callable[[], Any]]]
 
 
@@ -82,7 +100,7 @@ class Pending:
     local_error: str | None
     what: str
     settled: bool = False
-    outcome: Outcome = field(default_factory=Outcome)
+    outcome: Outcome = AGREED
     error: BaseException | None = None
     finish: Callable[[], Any] | None = None
 
@@ -96,15 +114,14 @@ class SetState:
 
 
 def resolve_progress(progress: str) -> str:
-    """Return ``thread`` or ``poll`` for ``progress`` (``auto``: thread where MPI allows)."""
+    """Return the mode for ``progress``: itself, or ``poll`` for ``auto`` without
+    ``MPI_THREAD_MULTIPLE`` (``thread`` without it raises ValueError)."""
     from mpi4py import MPI
 
-    if progress not in (*PROGRESS, "auto"):
-        raise ValueError(f"progress must be 'thread', 'poll' or 'auto', got {progress!r}")
-    if progress == "poll":
+    if progress not in PROGRESS:
+        raise ValueError(f"progress must be 'auto', 'thread' or 'poll', got {progress!r}")
+    if progress == "poll" or MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
         return progress
-    if MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
-        return "thread"
     if progress == "thread":
         raise ValueError("progress='thread' needs MPI_THREAD_MULTIPLE, which this MPI did not "
                          "give. HINT: use progress='poll', or let mpi4py ask for 'multiple' "
@@ -153,14 +170,13 @@ class Engine:
 
     # ---- the calling thread ----------------------------------------------------------------
     def submit(self, ps: ProcessSet | None, req: Request, start: Start,
-               local_error: str | None = None, *, blocking: bool = False) -> Op:
-        """Collective over ``ps``: agree on ``req``, then ``start`` the data movement.
+               local_error: str | None = None, *, call: str = ASYNC) -> Op:
+        """Collective over ``ps``: agree on ``req``, then ``start`` the data movement, queued
+        or at the call (``call``: see the module docstring).
 
         Raises at once, on this rank alone: ValueError for a set this rank is not in or a
         name in flight; Horovod's shut-down error once some rank has shut down.
         """
-        from mpitrain.horovod.context import global_process_set
-
         ctx = self.ctx
         what = f"hvd.{req.kind}" + (f" '{req.name}'" if req.name else "")
         comm = ctx.comm_of(ps, f"hvd.{req.kind}")
@@ -170,8 +186,9 @@ class Engine:
             raise ValueError(f"rank {ctx.world.rank}: {DUPLICATE}")  # as Horovod's queue
         tl = ctx.timeline
         span = (f"hvd.{req.kind} {req.name or ''}".rstrip(), tl.now()) if tl.on else None
-        job = Pending(global_process_set if ps is None else ps, req, start, local_error, what)
-        if self.progress == "poll" or (blocking and self.idle()):
+        job = Pending(_c.global_process_set if ps is None else ps, req, start, local_error,
+                      what)
+        if self._at_call(call):
             self.settle([job])
             if job.error is not None:
                 if isinstance(job.error, ValueError):
@@ -188,6 +205,13 @@ class Engine:
             ctx.in_flight[req.name] = id(op)
         return op
 
+    def _at_call(self, call: str) -> bool:
+        if self.progress == "poll":
+            return True
+        if call == ASYNC or (call == STEP and self.progress == "thread"):
+            return False
+        return self.idle()  # nothing queued: the thread is off MPI, order is kept
+
     def idle(self) -> bool:
         """Return whether everything queued has run (the thread is off MPI)."""
         return self._last is None or self._last.done()
@@ -202,8 +226,6 @@ class Engine:
         self.drain()
         if progress is not None:
             self.progress = resolve_progress(progress)
-            if self.progress == "poll":
-                self.close()
         if cache_capacity is not None:
             if cache_capacity < 0:
                 raise ValueError(f"cache_capacity must be >= 0, got {cache_capacity}")

@@ -118,10 +118,11 @@ class Round:
 
 def row(status: int, aux: int, stamp: int, entries: Sequence[int] = ()) -> np.ndarray:
     """Return one rank's row for a round (``entries``: at most :data:`BATCH`)."""
-    out = np.full(WIDTH, NONE, dtype=np.int64)
-    out[:HEAD] = (status, aux, stamp, len(entries))
-    out[HEAD:HEAD + len(entries)] = entries
-    return out
+    return np.array([status, aux, stamp, len(entries), *entries,
+                     *_UNUSED[:BATCH - len(entries)]], dtype=np.int64)
+
+
+_UNUSED = (NONE,) * BATCH
 
 
 class Notice:
@@ -150,33 +151,36 @@ def exchange(comm: MPI.Intracomm, mine: np.ndarray) -> np.ndarray:
     return rows
 
 
-def shut_down_by(rows: np.ndarray) -> int | None:
+def shut_down_by(rows: np.ndarray | list[list[int]]) -> int | None:
     """Return the Horovod rank named by a notice among ``rows`` (the lowest), or None."""
-    origins = [int(rows[r, 1]) for r in range(len(rows)) if rows[r, 0] == SHUTDOWN]
+    table = rows.tolist() if isinstance(rows, np.ndarray) else rows
+    origins = [r[1] for r in table if r[0] == SHUTDOWN]
     return min(origins) if origins else None
 
 
 def decide(rows: np.ndarray) -> Round:
     """Return what the gathered rows settle (a pure function: the same on every rank)."""
-    origin = shut_down_by(rows)
+    table: list[list[int]] = rows.tolist()
+    first = table[0]
+    if first[0] == OK and all(r == first for r in table):  # the steady state: one offer
+        return Round(consumed=first[3], entries=tuple(first[HEAD:HEAD + first[3]]))
+    origin = shut_down_by(table)
     if origin is not None:
         return Round(shutdown=origin)
-    status = rows[:, 0].tolist()
-    active = [r for r, s in enumerate(status) if s != JOINED]
-    joined = tuple(r for r, s in enumerate(status) if s == JOINED)
+    active = [r for r in table if r[0] != JOINED]
+    joined = tuple(i for i, r in enumerate(table) if r[0] == JOINED)
     if not active:
         return Round(joined=joined, done=True)
-    count = 1 if joined else min(int(rows[r, 3]) for r in active)
-    bad = any(status[r] == BAD for r in active)
-    entries: list[int] = []
-    for j in range(count):
-        col = {int(rows[r, HEAD + j]) for r in active}
-        if len(col) > 1 or (j == 0 and bad):
-            stale = tuple(sorted(e - CACHED for e in col if e >= CACHED))
-            return Round(consumed=j + 1, failed=True, joined=joined, entries=tuple(entries),
-                         stale=stale)
-        entries.append(col.pop())
-    return Round(consumed=count, joined=joined, entries=tuple(entries))
+    count = 1 if joined else min(r[3] for r in active)
+    bad = any(r[0] == BAD for r in active)
+    first = active[0]
+    for j in range(HEAD, HEAD + count):
+        entry = first[j]
+        if (bad and j == HEAD) or any(r[j] != entry for r in active):
+            stale = tuple(sorted({r[j] - CACHED for r in active if r[j] >= CACHED}))
+            return Round(consumed=j - HEAD + 1, failed=True, joined=joined,
+                         entries=tuple(first[HEAD:j]), stale=stale)
+    return Round(consumed=count, joined=joined, entries=tuple(first[HEAD:HEAD + count]))
 
 
 def explain(comm: MPI.Intracomm, req: Request | None, local_error: str | None) -> str:

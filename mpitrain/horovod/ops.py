@@ -2,10 +2,12 @@
 
 Every function here returns an :class:`~mpitrain.horovod.handles.Op` the caller owns (the
 public ``*_async`` functions number it in the handle table; blocking ones just wait), made
-by :mod:`mpitrain.horovod.engine` (``blocking=True``: the caller waits at once, so the call
-may run right here when nothing is queued). Inputs that are copied (out-of-place
-all-reduce and broadcast, device tensors) are copied at the call; the engine may run the
-transfer later, on its thread. Tensors on a device are staged through host copies.
+by :mod:`mpitrain.horovod.engine`; ``call`` says how the caller goes on (``ASYNC``: an
+``*_async`` call, ``WAIT``: it waits at once, ``STEP``: a ``DistributedOptimizer``
+bucket). Copies of inputs (out-of-place all-reduce and broadcast, device tensors, prescaled
+reduce-scatters) are made at the call; other inputs are read by the transfer, which the
+engine may run later on its thread (as with Horovod, leave them alone until synchronize).
+Tensors on a device are staged through host copies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from mpitrain.comm.alltoall import ialltoallv_
 from mpitrain.comm.handle import DONE, Handle, MultiHandle, RequestHandle
 from mpitrain.comm.uneven import iallgatherv_, ireduce_scatter_
 from mpitrain.horovod import context as _c
+from mpitrain.horovod import engine as _e
 from mpitrain.horovod.engine import NOT_CONTIGUOUS, UNSUPPORTED, Outcome, Start
 from mpitrain.horovod.handles import Op
 from mpitrain.horovod.negotiate import Request
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
+ASYNC, WAIT, STEP = _e.ASYNC, _e.WAIT, _e.STEP  # how the caller goes on (engine docstring)
 OP_NAMES = {Average: "average", Sum: "sum", Adasum: "adasum", Min: "min", Max: "max",
             Product: "product"}
 REDUCIBLE = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -104,11 +108,11 @@ def finish_reduce_(t: torch.Tensor, op: str, size: int, post: float) -> None:
 
 
 def submit(ps: Any, req: Request, start: Start, local_error: str | None = None,
-           blocking: bool = False) -> Op:
+           call: str = ASYNC) -> Op:
     """Collective over ``ps``: agree on ``req``, then ``start`` the data movement (the
     context's :class:`~mpitrain.horovod.engine.Engine`; see there for what raises at once).
     """
-    return _c.context().engine.submit(ps, req, start, local_error, blocking=blocking)
+    return _c.context().engine.submit(ps, req, start, local_error, call=call)
 
 
 def start_allreduce(comm: MPI.Intracomm, out: torch.Tensor, op: str, pre: float,
@@ -124,7 +128,7 @@ def start_allreduce(comm: MPI.Intracomm, out: torch.Tensor, op: str, pre: float,
 
 def allreduce_op(tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] | None,
                  name: str | None, op: int, pre: float, post: float, ps: Any,
-                 grouped: bool, blocking: bool = False) -> Op:
+                 grouped: bool, call: str = ASYNC) -> Op:
     """Collective: (grouped) all-reduce into ``outs`` (None: new tensors)."""
     kind = "grouped_allreduce" if grouped else "allreduce"
     err = check_tensors(tensors, kind, REDUCIBLE, in_place=outs is not None)
@@ -157,7 +161,7 @@ def allreduce_op(tensors: Sequence[torch.Tensor], outs: Sequence[torch.Tensor] |
 
         return MultiHandle(handles), finish
 
-    return submit(ps, req, start, err, blocking)
+    return submit(ps, req, start, err, call)
 
 
 def join_contribute(comm: MPI.Intracomm, req: Request) -> None:
@@ -176,7 +180,7 @@ def _dim0s(comm: MPI.Intracomm, tensors: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def allgather_op(tensors: Sequence[torch.Tensor], name: str | None, ps: Any,
-                 grouped: bool, blocking: bool = False) -> Op:
+                 grouped: bool, call: str = ASYNC) -> Op:
     """Collective: (grouped) all-gather along dim 0 into new tensors."""
     kind = "grouped_allgather" if grouped else "allgather"
     err = check_tensors(tensors, kind)
@@ -201,7 +205,7 @@ def allgather_op(tensors: Sequence[torch.Tensor], name: str | None, ps: Any,
 
         return MultiHandle(handles), finish
 
-    return submit(ps, req, start, err, blocking)
+    return submit(ps, req, start, err, call)
 
 
 def root_index(ps: Any, root_rank: int) -> tuple[int, str | None]:
@@ -213,7 +217,7 @@ def root_index(ps: Any, root_rank: int) -> tuple[int, str | None]:
 
 
 def broadcast_op(tensor: torch.Tensor, root_rank: int, name: str | None, ps: Any,
-                 in_place: bool, blocking: bool = False) -> Op:
+                 in_place: bool, call: str = ASYNC) -> Op:
     """Collective: broadcast ``tensor`` from global rank ``root_rank``."""
     bad = check_tensors([tensor], "broadcast", in_place=in_place)
     _c.context().comm_of(ps, "hvd.broadcast")  # membership first, as Horovod checks
@@ -243,7 +247,7 @@ def broadcast_op(tensor: torch.Tensor, root_rank: int, name: str | None, ps: Any
 
         return h, finish
 
-    return submit(ps, req, start, err, blocking)
+    return submit(ps, req, start, err, call)
 
 
 def even_splits(dim0: int, size: int) -> list[int]:
@@ -265,7 +269,7 @@ def _splits_error(splits: Any, dim0: int, size: int) -> tuple[list[int], str | N
 
 
 def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any,
-                blocking: bool = False) -> Op:
+                call: str = ASYNC) -> Op:
     """Collective: scatter slices of dim 0 to every rank; result is (output, received)."""
     bad = check_tensors([tensor], "alltoall")
     size = (ps or _c.global_process_set).size() or 1
@@ -293,11 +297,11 @@ def alltoall_op(tensor: torch.Tensor, splits: Any, name: str | None, ps: Any,
 
         return h, finish
 
-    return submit(ps, req, start, err, blocking)
+    return submit(ps, req, start, err, call)
 
 
 def reducescatter_op(tensors: Sequence[torch.Tensor], name: str | None, op: int, pre: float,
-                     post: float, ps: Any, grouped: bool, blocking: bool = False) -> Op:
+                     post: float, ps: Any, grouped: bool, call: str = ASYNC) -> Op:
     """Collective: (grouped) reduce-scatter along dim 0 (Sum or Average)."""
     kind = "grouped_reducescatter" if grouped else "reducescatter"
     err = check_tensors(tensors, kind, REDUCIBLE)
@@ -334,7 +338,7 @@ def reducescatter_op(tensors: Sequence[torch.Tensor], name: str | None, op: int,
 
         return MultiHandle(handles), finish
 
-    return submit(ps, req, start, err, blocking)
+    return submit(ps, req, start, err, call)
 
 
 def object_op(kind: str, obj: Any, root_rank: int | None, name: str | None, ps: Any) -> Any:
@@ -351,4 +355,4 @@ def object_op(kind: str, obj: Any, root_rank: int | None, name: str | None, ps: 
                   if root_rank is not None else comm.allgather(obj))
         return DONE, lambda: result
 
-    return submit(ps, req, start, blocking=True).result()
+    return submit(ps, req, start, call=WAIT).result()

@@ -51,7 +51,7 @@ class HorovodReducer:
         """Collective: start an agreed in-place Average (or Sum) of ``t``."""
         op = _o.Average if average else _o.Sum
         return _o.allreduce_op([t], [t], None, op, self.prescale, self.postscale,
-                               self.process_set, False)
+                               self.process_set, False, call=_o.STEP)
 
     def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
         """Collective: blocking form of :meth:`iallreduce_`."""

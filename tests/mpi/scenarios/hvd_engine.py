@@ -119,16 +119,17 @@ def cache_checks(n: int, r: int) -> None:
     signature differing on one rank after it was cached is an error on every rank (same
     message), and the caches stay the same on every rank."""
     runs = {}
-    for mode, capacity in (("thread", 1024), ("thread", 0), ("poll", 1024), ("poll", 0)):
+    for mode, capacity in (("auto", 1024), ("thread", 1024), ("thread", 0), ("poll", 1024),
+                           ("poll", 0)):
         runs[(mode, capacity)] = train(mode, capacity, r)
         if capacity:
             check(cache().hits >= 6, f"{mode}: cache hits {cache().hits}")
         else:
             check(cache().hits == 0 and len(cache()) == 0, f"{mode}: capacity 0 caches")
-    ref = runs[("thread", 1024)]
+    ref = runs[("auto", 1024)]
     for key, params in runs.items():
         check(all(torch.equal(p, q) for p, q in zip(params, ref, strict=True)),
-              f"{key} differs from the cached thread path: {params} != {ref}")
+              f"{key} differs from the default path: {params} != {ref}")
     check(all(torch.equal(p, q) for p, q in zip(
         ref, hvd.broadcast_object(ref, root_rank=0), strict=True)), "replicas differ")
     hvd.configure(progress="thread", cache_capacity=1024)

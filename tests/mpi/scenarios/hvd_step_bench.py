@@ -2,20 +2,27 @@
 
 Run by hand (not part of the test suite):
 mpiexec -n 2 python tests/mpi/scenarios/hvd_step_bench.py [--rounds 7] [--steps 30]
-    [--methods flat,dp,hvd,hvd:poll,hvd:poll:nocache]
+    [--methods flat,dp,hvd,hvd:poll,hvd:poll:nocache] [--before DIR --methods ...,before]
 
 Every method has its own copy of the MLP (784-1024-1024-10, batch 64 per rank, SGD with
 momentum) and they take turns, round-robin, ``--rounds`` times in one job, so each sees the
 same machine noise. A turn's step time is the slowest rank's mean over ``--steps`` steps;
-rank 0 prints the median over rounds and each method's ratio to ``flat``:
+rank 0 prints the median over rounds, each method's speed relative to the first method
+(ratio of the medians) and the median of the per-round ratios (each round's methods ran
+back to back, under about the same load):
 
 - ``flat``: backward, then the gradients copied into one flat buffer, one blocking
   ``MPI_Allreduce``, divided and copied back (the hand-written loop);
 - ``dp``: ``mpitrain.DataParallel`` (buckets launched during backward);
-- ``hvd[:thread|:poll][:nocache]``: ``hvd.DistributedOptimizer`` (Horovod client code);
-  ``thread``/``poll``: the Horovod engine's progress mode, ``nocache``: response cache
-  off (both through ``hvd.configure``, at the start of each turn; plain ``hvd``: the
-  defaults).
+- ``hvd[:auto|:thread|:poll][:nocache]``: ``hvd.DistributedOptimizer`` (Horovod client
+  code); ``auto``/``thread``/``poll``: the Horovod engine's progress mode, ``nocache``:
+  response cache off (both through ``hvd.configure``, at the start of each turn; plain
+  ``hvd``: the defaults).
+- ``before``: the same client code on the Horovod layer of an older commit, as a package
+  ``hvd_before`` in ``--before DIR``, made by
+  ``git archive COMMIT mpitrain/horovod | tar -x -C DIR && mv DIR/mpitrain/horovod
+  DIR/hvd_before && grep -rl mpitrain.horovod DIR/hvd_before | xargs sed -i
+  's/mpitrain[.]horovod/hvd_before/g'`` (both layers initialised side by side).
 """
 
 from __future__ import annotations
@@ -51,6 +58,17 @@ def make_step(spec: str, comm: Any, x: torch.Tensor, y: torch.Tensor) -> Callabl
     model = mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     name, *opts = spec.split(":")
+    if name == "before":
+        import hvd_before  # type: ignore[import-not-found]
+
+        old = hvd_before.DistributedOptimizer(base, named_parameters=model.named_parameters())
+
+        def before_step() -> None:
+            old.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            old.step()
+
+        return before_step
     if name == "flat":
         params = list(model.parameters())
         flat = torch.zeros(sum(p.numel() for p in params))
@@ -90,7 +108,7 @@ def make_step(spec: str, comm: Any, x: torch.Tensor, y: torch.Tensor) -> Callabl
         raise ValueError(f"unknown method {spec!r}")
     settings: dict[str, Any] = {"progress": "auto", "cache_capacity": 1024}
     for o in opts:
-        if o in ("thread", "poll"):
+        if o in ("auto", "thread", "poll"):
             settings["progress"] = o
         elif o == "nocache":
             settings["cache_capacity"] = 0
@@ -116,9 +134,15 @@ def main(comm: Any) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--before", help="directory holding the package hvd_before")
     args = p.parse_args()
     torch.set_num_threads(1)
     hvd.init()
+    if args.before:
+        sys.path.insert(0, args.before)
+        import hvd_before
+
+        hvd_before.init()
     g = torch.Generator().manual_seed(1 + comm.rank)
     x = torch.randn(64, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (64,), generator=g)
@@ -147,8 +171,12 @@ def main(comm: Any) -> int:
               f"{args.steps} steps, load average {' '.join(load)}")
         for m, ts in zip(methods, times, strict=True):
             med = statistics.median(ts)
+            paired = statistics.median(a / b for a, b in zip(times[0], ts, strict=True))
             print(f"{m:<22} {med * 1e3:8.2f} ms  speed vs {methods[0]} {ref / med:5.3f}x  "
-                  f"rounds {' '.join(f'{t * 1e3:.1f}' for t in ts)}", flush=True)
+                  f"per-round {paired:5.3f}x  rounds "
+                  f"{' '.join(f'{t * 1e3:.1f}' for t in ts)}", flush=True)
+    if args.before:
+        hvd_before.shutdown()
     hvd.shutdown()
     return 0
 
