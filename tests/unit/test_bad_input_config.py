@@ -254,7 +254,7 @@ def test_validate_checks_direct_construction_and_replace() -> None:
         ({"checkpoint_dir": ""}, "option 'checkpoint_dir' from --checkpoint-dir is empty"),
         ({"data": " "}, "option 'data' from --data is empty"),
         ({"train_split": ""}, "option 'train_split' from --train-split is empty"),
-        ({"model": "resnet"}, "accepted: mlp, cnn, gpt or package.module:factory"),
+        ({"model": "resnet"}, "accepted: mlp, cnn, gpt, llama, gpt2 or package.module:factory"),
         ({"config": ""}, "--config is empty"),
     ],
 )
