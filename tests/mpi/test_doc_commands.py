@@ -115,6 +115,13 @@ _GPT_EPOCH = ("a full epoch of the GPT (1,023 steps) takes minutes per run on 2 
               "::test_grid_trains_like_one_process")
 _SITE = "a site install (module system, site MPI), not this machine's; docs/install.md"
 _BENCH = "a benchmark run for docs' numbers (minutes); its smoke test: "
+_BENCH_HF = (_BENCH + "tests/mpi/test_bench_parallel.py::test_bench_parallel_llama_interleaved_"
+             "columns_and_bubble and tests/unit/test_bench_parallel_spec.py")
+_BUDGET_DEMO = ("root (cgroups), 4 ranks of a 26M-parameter Llama, 50-75 s on 2 cores (over the CI "
+                "budget): " + _BENCH + "tests/unit/test_bench_parallel_spec.py::test_report_"
+                "prints_a_killed_method_and_judges_the_targets and ::test_oom_kills_reads_the_"
+                "kernels_count (the killed row), tests/mpi/test_bench_parallel.py::test_bench_"
+                "parallel_llama_interleaved_columns_and_bubble (the Llama stages in the bench)")
 
 #: command -> the test of this file that runs it
 RUN: dict[str, str] = {
@@ -320,6 +327,36 @@ ELSEWHERE: dict[str, str] = {
     "--heads 8": "8 ranks of a larger GPT on 2 cores; " + _GPT_EPOCH,
     "python -m mpitrain.bench parallel --json parallel.json": _BENCH
     + "tests/mpi/test_bench_parallel.py::test_bench_parallel_memory_and_bubble",
+    "python -m mpitrain.bench parallel --model llama --steps 5 --methods "
+    "dp,zero3,tp2,pp2-1f1b,pp2-interleaved,tp2-pp2,tp2-pp2-interleaved,"
+    "torch-fsdp2,torch-tp2,torch-pp2,torch-tp2-pp2 "
+    "--json docs/bench_parallel_llama_n4.json": _BENCH_HF,
+    "python -m mpitrain.bench parallel -n 2 --model llama --steps 5 --methods "
+    "pp2-1f1b,pp2-interleaved,torch-pp-1f1b,torch-pp-interleaved --json "
+    "docs/bench_parallel_llama_n2.json": _BENCH_HF,
+    "python -m mpitrain.bench parallel --model gpt2 --steps 5 --methods "
+    "dp,zero3,tp2,pp2-1f1b,pp2-interleaved,tp2-pp2,tp2-pp2-interleaved,"
+    "torch-fsdp2,torch-tp2,torch-pp2,torch-tp2-pp2 "
+    "--json docs/bench_parallel_gpt2_n4.json": _BENCH_HF,
+    "python -m mpitrain.bench parallel -n 2 --model gpt2 --steps 5 --methods "
+    "pp2-1f1b,pp2-interleaved,torch-pp-1f1b,torch-pp-interleaved --json "
+    "docs/bench_parallel_gpt2_n2.json": _BENCH_HF,
+    "python -m mpitrain.bench parallel --model gpt --steps 5 --methods "
+    "dp,zero3,tp2,pp2-1f1b,pp2-interleaved,tp2-pp2,tp2-pp2-interleaved,"
+    "torch-fsdp2,torch-tp2,torch-pp2,torch-tp2-pp2 "
+    "--json docs/bench_parallel_gpt_n4.json": _BENCH_HF,
+    "python -m mpitrain.bench parallel -n 2 --model gpt --steps 5 --methods "
+    "pp2-1f1b,pp2-interleaved,torch-pp-1f1b,torch-pp-interleaved --json "
+    "docs/bench_parallel_gpt_n2.json": _BENCH_HF,
+    "python -m mpitrain.bench parallel -n 2 --model llama --dim 512 --context 128 --steps 5 "
+    "--methods pp2-1f1b,pp2-interleaved --json docs/bench_parallel_llama_n2_large.json":
+        _BENCH_HF,
+    "sudo python -m mpitrain.bench parallel --model llama --dim 768 --layers 4 --heads 4 "
+    "--context 32 --batch 8 --micro-batches 4 --steps 1 --methods dp,tp2-pp2 "
+    "--memory-budget-mb 200 --json docs/bench_parallel_budget_llama.json": _BUDGET_DEMO,
+    "sudo python -m mpitrain.bench parallel --model llama --dim 768 --layers 4 --heads 4 "
+    "--context 32 --batch 8 --micro-batches 4 --steps 1 --methods dp,tp2-pp2 "
+    "--memory-budget-mb 4000 --json docs/bench_parallel_budget_llama_4000.json": _BUDGET_DEMO,
     "export MPITRAIN_MPIEXEC=/run/mpitrain-cluster/mpiexec MPITRAIN_CLUSTER_PER_NODE=2":
         _CLUSTER + "tests/cluster/test_launch.py::"
         "test_mpiexec_wrapper_runs_any_launcher_user_across_the_nodes",
