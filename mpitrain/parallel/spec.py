@@ -26,7 +26,7 @@ from torch import nn
 from mpitrain.parallel.convert import TensorPlan, check_plan, parallelize_
 from mpitrain.parallel.tensor import (
     merge_rules,
-    parallel_layers,
+    replicated_parameters,
     vocab_parallel_cross_entropy,
 )
 
@@ -259,10 +259,7 @@ class SpecStage(nn.Module):
         biases, position tables): their gradients are summed over the tensor group."""
         if not self.spec.sequence_parallel or self.tp.size == 1:
             return []
-        split = {id(p) for m in self.modules() if isinstance(m, parallel_layers())
-                 for name, p in m.named_parameters(recurse=False)
-                 if type(m).PARTITION.get(name) is not None}  # type: ignore[attr-defined]
-        return [p for p in self.parameters() if id(p) not in split]
+        return replicated_parameters(self)
 
     def merge_rules(self) -> dict[str, list[Any]]:
         """How each parameter's tensor slices join back (tied copies are dropped)."""

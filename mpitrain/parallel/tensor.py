@@ -267,6 +267,15 @@ def parallel_layers() -> tuple[type[nn.Module], ...]:
     return (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
 
 
+def replicated_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """``module``'s parameters no tensor-parallel layer splits (norms, row-layer biases,
+    position tables): under sequence parallelism each rank's gradient is a partial sum."""
+    split = {id(p) for m in module.modules() if isinstance(m, parallel_layers())
+             for name, p in m.named_parameters(recurse=False)
+             if type(m).PARTITION.get(name) is not None}  # type: ignore[attr-defined]
+    return [p for p in module.parameters() if id(p) not in split]
+
+
 def merge_rules(module: nn.Module, drop: tuple[str, ...] = ()) -> dict[str, list[Any]]:
     """Each parameter's ``[split dim or None, interleave, dropped]`` for the consolidation.
 

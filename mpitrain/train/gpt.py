@@ -26,7 +26,7 @@ from mpitrain.parallel.tensor import (
     VocabParallelEmbedding,
     merge_rules,
     normal_init,
-    parallel_layers,
+    replicated_parameters,
     vocab_parallel_cross_entropy,
 )
 
@@ -207,10 +207,7 @@ class GPTStage(nn.Module):
         """Replicated parameters that see only this rank's part of the sequence."""
         if not self.c.sequence_parallel:
             return []
-        split = {id(p) for m in self.modules() if isinstance(m, parallel_layers())
-                 for name, p in m.named_parameters(recurse=False)
-                 if type(m).PARTITION.get(name) is not None}  # type: ignore[attr-defined]
-        return [p for p in self.parameters() if id(p) not in split]
+        return replicated_parameters(self)
 
     def merge_rules(self) -> dict[str, list[Any]]:
         """How each parameter's tensor slices join back (``mpitrain.checkpoint.reshard``)."""

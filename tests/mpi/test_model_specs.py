@@ -3,16 +3,14 @@ own model split by tensor, pipeline, data and ZeRO-3 == one process; bad plans r
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from mpitrain.checkpoint.shards import load_full
 from tests.conftest import MpiRun
-from tests.mpi.test_model_parallel import _grid_dir, _resume_copy
+from tests.mpi.test_model_parallel import _final, _grid_dir, _max_rel, _resume_copy
 
 SMALL = ["-m", "mpitrain", "--context", "16", "--hidden", "32", "--heads", "4", "--layers", "2",
          "--optimizer", "sgd", "--lr", "0.03", "--no-scale-lr", "--warmup-epochs", "0",
@@ -27,16 +25,6 @@ def _run(mpirun: MpiRun, n: int, out: Path, model: str, args: list[str],
     return mpirun(n, [*SMALL, "--model", model, "--checkpoint-dir", str(out / "ckpt"),
                       "--summary-json", str(out / "summary.json"), *args],
                   timeout=300, check=check)
-
-
-def _final(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    ckpt = sorted((out / "ckpt").glob("ckpt-step-*.grid"))[-1]
-    return load_full(ckpt)["model"], json.loads((out / "summary.json").read_text())
-
-
-def _max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert sorted(a) == sorted(b)
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
 
 
 def _same(ref: Path, got: Path) -> None:
