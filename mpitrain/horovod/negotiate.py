@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -103,8 +103,7 @@ _DIGESTS: dict[tuple[Any, ...], int] = {}
 _DIGESTS_MAX = 4096
 
 
-@dataclass(frozen=True)
-class Round:
+class Round(NamedTuple):
     """What a round settled, the same on every rank (:func:`decide`)."""
 
     shutdown: int | None = None  #: the Horovod rank whose notice ended the set
