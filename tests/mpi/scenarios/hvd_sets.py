@@ -371,6 +371,8 @@ def bench(n: int, r: int) -> None:
         ("raw MPI Allreduce (1 float)", lambda: comm.Allreduce(MPI.IN_PLACE, arr)),
         ("hvd.allreduce_ (1 float)", lambda: hvd.allreduce_(t, op=hvd.Sum)),
         ("hvd.barrier (negotiation only)", hvd.barrier),
+        ("hvd.allreduce_async_ + synchronize (1 float)",
+         lambda: hvd.synchronize(hvd.allreduce_async_(t, op=hvd.Sum))),
         ("raw MPI Allreduce (1 MiB)", lambda: comm.Allreduce(MPI.IN_PLACE, big_arr)),
         ("hvd.allreduce_ (1 MiB)", lambda: hvd.allreduce_(big, op=hvd.Sum)),
     ):
