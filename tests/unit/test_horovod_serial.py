@@ -356,3 +356,20 @@ def test_pip_uninstall_removes_the_alias(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "Successfully uninstalled horovod-0.28.1+mpitrain" in \
         proc.stdout, proc.stdout + proc.stderr
     assert not any(p.name.startswith("horovod") for p in site.iterdir())
+
+
+def test_progress_needs_thread_multiple(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``thread`` is refused with a hint where MPI gave less than MPI_THREAD_MULTIPLE;
+    ``auto`` falls back to ``poll`` with a warning."""
+    from mpi4py import MPI
+
+    from mpitrain.horovod.engine import resolve_progress
+
+    assert resolve_progress("auto") == "auto" and resolve_progress("poll") == "poll"
+    monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_SERIALIZED)
+    with pytest.raises(ValueError, match=r"MPI_THREAD_MULTIPLE.*HINT: use progress='poll'"):
+        resolve_progress("thread")
+    with pytest.warns(UserWarning, match="progress='poll'"):
+        assert resolve_progress("auto") == "poll"
+    with pytest.raises(ValueError, match="progress must be"):
+        resolve_progress("threads")
