@@ -23,6 +23,8 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mpitrain.parallel.spec import tie_copies
+
 if TYPE_CHECKING:
     from torch import nn
     from torch.distributed.device_mesh import DeviceMesh
@@ -36,19 +38,6 @@ def _planned(stage: Any) -> list[tuple[str, str]]:
     """(module name, style) of every module of ``stage`` its spec's plan splits."""
     plan = stage.spec.plan
     return [(n, s) for n, _ in stage.named_modules() if n and (s := plan.style_of(n)) in SPLIT]
-
-
-def _retie(stage: Any) -> None:
-    """Make each tied copy the source parameter again where the stage holds both."""
-    for target, source in stage.spec.tied.items():
-        try:
-            src = stage.get_parameter(source)
-            mod_name, _, attr = target.rpartition(".")
-            mod = stage.get_submodule(mod_name)
-            getattr(mod, attr)
-        except AttributeError:
-            continue
-        setattr(mod, attr, src)
 
 
 def torch_layers(stage: Any, tensor: int) -> None:
@@ -71,7 +60,7 @@ def torch_layers(stage: Any, tensor: int) -> None:
         for name, module in stage.named_modules():
             if name_matches(name, pattern) and isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, getattr(module, attr) // tensor)
-    _retie(stage)
+    tie_copies(stage, stage.spec.tied)
 
 
 def spec_tensor_parallel(stage: Any, mesh: DeviceMesh) -> None:
@@ -91,7 +80,7 @@ def spec_tensor_parallel(stage: Any, mesh: DeviceMesh) -> None:
                                       use_local_output=False)}
     for name, style in _planned(stage):
         parallelize_module(stage.get_submodule(name), mesh, styles[style])
-    _retie(stage)
+    tie_copies(stage, stage.spec.tied)
 
 
 def spec_torch_stage(a: argparse.Namespace, pp_rank: int, pipeline: int,

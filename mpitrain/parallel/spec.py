@@ -360,11 +360,11 @@ def build_stage(spec: ParallelSpec, tp: MPI.Intracomm, stage: int = 0, stages: i
     _init_unit(spec, dense, "", dev, copies)  # what is left: rotary buffers, root parameters
     parallelize_(dense, spec.plan, tp, strict=False, sequence_parallel=sp,
                  only=[n for n, _ in dense.named_modules() if n and not _inside(n, units)])
-    _tie(dense, spec.tied)
+    tie_copies(dense, spec.tied)
     return SpecStage(spec, dense, tp, stage, stages, indices)
 
 
-def _tie(root: nn.Module, tied: Mapping[str, str]) -> None:
+def tie_copies(root: nn.Module, tied: Mapping[str, str]) -> None:
     """Where a stage holds both, the copy becomes the source parameter itself."""
     for target, source in tied.items():
         try:
