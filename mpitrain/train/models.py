@@ -157,6 +157,10 @@ def resolve_model(cfg: TrainConfig) -> ClassifierSpec | StageBuilder:
     if isinstance(made, nn.Module):
         return ClassifierSpec(cfg.model, lambda shape, n: made)
     if isinstance(made, ParallelSpec):
+        if cfg.compile != "none":  # as for the built-in language models (config_checks)
+            raise ConfigError(with_hint(
+                f"--compile {cfg.compile}: '{cfg.model}' returned a model spec, whose grid "
+                "stages are not compiled yet", "drop --compile"))
         if cfg.sequence_parallel and not made.sequence_parallel:
             raise ConfigError(with_hint(
                 f"--sequence-parallel: the spec '{cfg.model}' returned does not split the "

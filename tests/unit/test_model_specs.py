@@ -82,4 +82,6 @@ def test_sequence_parallel_needs_a_spec_that_splits_the_sequence() -> None:
                       sequence_parallel=True)
     with pytest.raises(ConfigError, match="does not split the sequence"):
         resolve_model(cfg)
+    with pytest.raises(ConfigError, match="stages are not compiled yet"):
+        resolve_model(cfg.replace(sequence_parallel=False, compile="regions"))
     assert llama_spec(CFG.replace(sequence_parallel=True, tensor_parallel=2)).sequence_parallel
