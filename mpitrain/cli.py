@@ -92,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"mpitrain: error: {exc}\n")
         return exc.exit_code
     from mpitrain.runtime.abort import run_mpi
+    from mpitrain.runtime.launch import select_libmpi
+
+    select_libmpi()  # Open MPI's mpirun beside an MPICH venv (make setup installs both)
 
     if preempt is not None:
         return run_mpi(lambda comm: int(module.main(rest, comm, preempt=preempt)))

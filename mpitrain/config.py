@@ -58,8 +58,7 @@ def _internal(default: Any, help: str) -> Any:
     return field(default=default, metadata=meta)
 
 
-_MILLION = 1_000_000
-_TRILLION = 1_000_000_000_000
+_MILLION, _TRILLION = 1_000_000, 1_000_000_000_000
 
 
 @dataclass(frozen=True)
@@ -276,6 +275,13 @@ class TrainConfig:
         "than this (seconds; 0 = off)",
         accepted=Range(1, 30 * 86400, off=0),
     )
+    on_rank_loss: str = _opt(
+        FAULTS, "abort", "when a rank dies: abort the job (requeue from a checkpoint), or shrink "
+        "to the survivors and go on (Open MPI's mpirun --with-ft ulfm; docs/robustness.md)",
+        ("abort", "shrink"),
+    )
+    min_ranks: int = _opt(FAULTS, 1, "--on-rank-loss shrink: below this many ranks, checkpoint "
+                          "and exit 99 for a requeue", accepted=Range(1, _MILLION))
     progress: bool = _opt(LOGGING, True, "rank-0 progress bar (plain lines when not a TTY)")
     log_level: str = _opt(LOGGING, "info", "log level", ("debug", "info", "warning", "error"))
     tensorboard: str | None = _opt(
@@ -404,10 +410,8 @@ def coerce(name: str, value: Any, source: str) -> Any:
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every option's type, range and choices, and their combinations.
-
-    Returns ``cfg`` unchanged; raises ConfigError.
-    """
+    """Check every option's type, range, choices and combinations; return ``cfg`` (or raise
+    ConfigError)."""
     for name in _ALL:
         value = getattr(cfg, name)
         if not (_optional(name) if value is None else has_type(_base_type(name), value)):
@@ -425,7 +429,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per option, in ``--help`` sections (:mod:`mpitrain.config_args`)."""
     from mpitrain.config_args import add_arguments as add
-
     add(parser)
 
 
@@ -440,11 +443,8 @@ def option_type(name: str) -> type:
 
 
 def resolve(cli: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> TrainConfig:
-    """Merge defaults < file < env < CLI into a validated TrainConfig.
-
-    See :func:`mpitrain.config_sources.resolve_sources`, which also says where each value
-    came from.
-    """
+    """Merge defaults < file < env < CLI into a validated TrainConfig (``resolve_sources``
+    also says where each value came from)."""
     from mpitrain.config_sources import resolve_sources
 
     return resolve_sources(cli, environ)[0]

@@ -41,6 +41,7 @@ def check_combinations(cfg: TrainConfig) -> None:
                 "use --precision bf16 (no loss scaling needed) or --exchange sync",
             )
         )
+    check_rank_loss(cfg)
     if cfg.nesterov and cfg.optimizer == "sgd" and cfg.momentum == 0:
         raise ConfigError(
             with_hint("--nesterov needs --momentum > 0", "give --momentum 0.9 or --no-nesterov")
@@ -283,3 +284,23 @@ def check_device_options(cfg: TrainConfig, device_type: str) -> None:
         _refuse(f"{flags} {'have' if len(unused) > 1 else 'has'} no effect: this run has no "
                 f"CUDA device (--device {cfg.device} gave {device_type})",
                 "drop them, or run where CUDA is available")
+
+
+def check_rank_loss(cfg: TrainConfig) -> None:
+    """``--on-rank-loss shrink``: what it can continue from (docs/robustness.md)."""
+    if cfg.on_rank_loss != "shrink":
+        if cfg.min_ranks != 1:
+            raise ConfigError(with_hint("--min-ranks applies to --on-rank-loss shrink",
+                                        "add --on-rank-loss shrink, or drop --min-ranks"))
+        return
+    if cfg.exchange != "sync":
+        raise ConfigError(with_hint(
+            f"--on-rank-loss shrink is not available with --exchange {cfg.exchange} (its "
+            "replicas differ between agreements: there is no step every survivor kept)",
+            "use --exchange sync (any --shard, tensor and pipeline parallelism)"))
+    split = cfg.shard != "none" or cfg.tensor_parallel * cfg.pipeline_stages > 1
+    if split and not cfg.checkpoint_dir:
+        raise ConfigError(with_hint(
+            "--on-rank-loss shrink with state split across ranks (--shard, --tensor-parallel, "
+            "--pipeline-stages) needs --checkpoint-dir: what a lost rank held is reloaded from "
+            "the newest checkpoint", "add --checkpoint-dir DIR --checkpoint-every N"))

@@ -17,6 +17,7 @@ from mpitrain.checkpoint.reshard import KIND
 from mpitrain.checkpoint.shards import read_manifest, read_shard, save_shards
 from mpitrain.errors import CheckpointError, MpitrainError, with_hint
 from mpitrain.runtime.collective import agree
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -60,7 +61,7 @@ def save_parallel(
     from mpi4py import MPI
 
     position = grid.pp_rank * grid.tensor + grid.tp_rank
-    writers = grid.comm.Split(0 if grid.dp_rank == 0 else MPI.UNDEFINED, position)
+    writers = derived(grid.comm.Split(0 if grid.dp_rank == 0 else MPI.UNDEFINED, position))
     error: str | None = None
     if writers != MPI.COMM_NULL:
         wcomm = cast("MPI.Intracomm", writers)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     import torch
@@ -114,13 +115,13 @@ def _make_stack(
         # bucket or at test()), which must never interleave with others' calls on a shared comm
         if hier:
             return HierarchicalReducer.create(world, variant=variant)
-        return FlatReducer(world.comm.Dup(), overlap=overlap)
+        return FlatReducer(derived(world.comm.Dup()), overlap=overlap)
 
     if device.type == "cuda" and use_aware and staged is not True:
         inner: Reducer = (
             HierarchicalReducer.create(world, variant=variant)
             if hier
-            else DirectReducer(world.comm.Dup())
+            else DirectReducer(derived(world.comm.Dup()))
         )
         return CudaAwareReducer(inner, fallback=StagedReducer(host()))
     if device.type == "cuda" or staged:
@@ -237,7 +238,7 @@ def _shard_stack(world: World, *, device: torch.device, cuda_aware: bool, algo: 
     def host() -> ShardComm:
         if hier:
             return HierarchicalShards.create(world, world.size)
-        return FlatShards(world.comm.Dup())
+        return FlatShards(derived(world.comm.Dup()))
 
     if device.type == "cuda" and cuda_aware and staged is not True:
         return CudaAwareShards(host(), fallback=StagedShards(host()))

@@ -26,6 +26,7 @@ from mpitrain.comm.handle import DONE, Handle, MultiHandle
 from mpitrain.comm.stages import Stage, StageQueue
 from mpitrain.comm.stages import call as _call
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -87,7 +88,8 @@ class HierarchicalReducer:
             )
         lo = world.comm.allreduce(world.local_size, op=MPI.MIN)
         hi = world.comm.allreduce(world.local_size, op=MPI.MAX)
-        comms = (world.node_comm.Dup(), world.cross_comm.Dup(), world.node_comm.Dup())
+        comms = (derived(world.node_comm.Dup()), derived(world.cross_comm.Dup()),
+                 derived(world.node_comm.Dup()))
         return cls(
             world,
             comms,

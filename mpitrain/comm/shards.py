@@ -36,6 +36,7 @@ from mpitrain.comm.staged import BufferPool, CopyEngine, CudaCopies, HostCopies
 from mpitrain.comm.stages import StageQueue
 from mpitrain.comm.stages import call as _call
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -139,8 +140,8 @@ class HierarchicalShards:
                 "use algo='flat' (make_shard_comm falls back to it by itself)"))
         order = torch.empty(comm_size, dtype=torch.long)
         order[torch.tensor(pos)] = torch.arange(comm_size)
-        comms = (world.node_comm.Dup(), world.cross_comm.Dup(), world.cross_comm.Dup(),
-                 world.node_comm.Dup())
+        comms = (derived(world.node_comm.Dup()), derived(world.cross_comm.Dup()),
+                 derived(world.cross_comm.Dup()), derived(world.node_comm.Dup()))
         return cls(comms, order, m, world.comm.rank)
 
     @property

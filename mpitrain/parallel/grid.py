@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -85,7 +86,7 @@ class Grid:
         """
         from mpi4py import MPI
 
-        own = comm.Dup()
+        own = derived(comm.Dup())
         if node_index is None:
             from mpitrain.runtime.world import World
 
@@ -102,13 +103,13 @@ class Grid:
         data = own.size // (tensor * pipeline)
 
         def split(color: int, key: int) -> MPI.Intracomm:
-            return cast("MPI.Intracomm", own.Split(color, key))
+            return cast("MPI.Intracomm", derived(own.Split(color, key)))
 
         tp_comm = split(me.pp + pipeline * me.dp, me.tp)
         pp_comm = split(me.tp + tensor * me.dp, me.pp)
         dp_comm = split(me.tp + tensor * me.pp, me.dp)
         ends = pipeline > 1 and me.pp in (0, pipeline - 1)
-        tied = own.Split(me.tp + tensor * me.dp if ends else MPI.UNDEFINED, me.pp)
+        tied = derived(own.Split(me.tp + tensor * me.dp if ends else MPI.UNDEFINED, me.pp))
         tied_comm = None if tied == MPI.COMM_NULL else cast("MPI.Intracomm", tied)
         inside = all(
             len({nodes[r] for r in range(own.size) if table[r][1:] == c[1:]}) == 1

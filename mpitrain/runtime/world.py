@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime import env
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -37,7 +38,7 @@ class World:
         """
         from mpi4py import MPI
 
-        own = comm.Dup()
+        own = derived(comm.Dup())
         if ranks_per_node is None:
             ranks_per_node = env.get_int("ranks_per_node")
         if ranks_per_node is not None:
@@ -48,11 +49,13 @@ class World:
                         "unset it or give an integer >= 1",
                     )
                 )
-            node_comm = cast("MPI.Intracomm", own.Split(own.rank // ranks_per_node, own.rank))
+            node_comm = cast("MPI.Intracomm", derived(own.Split(own.rank // ranks_per_node,
+                                                                   own.rank)))
         else:
-            node_comm = cast("MPI.Intracomm", own.Split_type(MPI.COMM_TYPE_SHARED, key=own.rank))
+            node_comm = cast("MPI.Intracomm",
+                             derived(own.Split_type(MPI.COMM_TYPE_SHARED, key=own.rank)))
         local_rank = node_comm.rank
-        cross_comm = cast("MPI.Intracomm", own.Split(local_rank, own.rank))
+        cross_comm = cast("MPI.Intracomm", derived(own.Split(local_rank, own.rank)))
         # node index: rank of this node's leader among leaders (same on all ranks of the node)
         node_index = node_comm.bcast(cross_comm.rank if local_rank == 0 else None, root=0)
         num_nodes = node_comm.bcast(cross_comm.size if local_rank == 0 else None, root=0)

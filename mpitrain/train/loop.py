@@ -20,6 +20,7 @@ from mpitrain.errors import DataError, with_hint
 from mpitrain.grad.autotune import BucketAutotuner
 from mpitrain.preempt import PREEMPTED_EXIT_CODE, PreemptFlag
 from mpitrain.runtime.collective import agree
+from mpitrain.runtime.inject import kill_point
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.timeline.recorder import NULL, Timeline
 from mpitrain.train.agree import StepAgreement, agreement_lag
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from mpitrain.config import TrainConfig
     from mpitrain.grad.autotune import HasEngine
     from mpitrain.grad.protocol import Exchange
+    from mpitrain.runtime.ulfm import FaultDomain
     from mpitrain.runtime.world import World
     from mpitrain.train.steps import Steps
 
@@ -84,6 +86,9 @@ class Trainer:
         steps = parts.steps  # --sample-log: one file per replica, its samples once
         self.samples = SampleLog(cfg.sample_log if steps.lead else None, steps.replica,
                                  steps.replicas)
+        self.faults: FaultDomain | None = None  # --on-rank-loss shrink (train/recover.py)
+        #: (step, sampler state) of the last step kept: where a shrunk world continues
+        self.kept: tuple[int, dict[str, Any]] = (0, parts.train_loader.sampler.state_dict())
         self.tuner = None  # --bucket-mb auto; overlap too where this MPI was never measured
         if cfg.bucket_mb == 0:
             self.tuner = BucketAutotuner(self.comm, tune_overlap=not overlap_measured())
@@ -152,6 +157,7 @@ class Trainer:
         self.state = restore_loop_state(
             state, self.world.rank, self.world.size, self.cfg.seed,
             replica=self.p.steps.replica, copies=self.world.size // self.p.steps.replicas)
+        self.kept = (self.state.step, self.p.train_loader.sampler.state_dict())
 
     def save(self) -> Path:
         """Collective: write a checkpoint of the current step, as a file of this run."""
@@ -164,6 +170,7 @@ class Trainer:
         t_tl = self.timeline.now()
         with self.watchdog.guard("checkpoint save", io=True):
             state = self.state_dict()
+            kill_point("checkpoint", self.state.step)  # MPITRAIN_KILL_AT (tests, bench)
             path = ckpt.save_collective(
                 self.comm,
                 state,
@@ -201,12 +208,7 @@ class Trainer:
         model, opt = self.p.model, self.p.optimizer
         tl = self.timeline
         total = float(sum(int(b.mask.sum()) for b in micro))
-        for batch in micro:
-            self.samples.write(self.state.epoch, self.state.step, batch.index, batch.mask.numpy())
         loss_value, correct = self.p.steps.forward_backward(micro)
-        self.state.correct += correct
-        self.state.loss_sum += loss_value
-        self.state.seen += int(total)
         if self.cfg.straggler_ms and self.world.rank == straggler_rank(
             self.cfg.straggler, self.cfg.seed, self.state.step, self.world.size
         ):
@@ -216,6 +218,13 @@ class Trainer:
         t_tl = tl.now()
         model.synchronize()
         tl.span("synchronize", t_tl, cat="sync")
+        if self.faults is not None:  # --on-rank-loss shrink: kept on every rank, or on none
+            self.faults.gate()
+        for batch in micro:  # the step is kept: its samples and sums count
+            self.samples.write(self.state.epoch, self.state.step, batch.index, batch.mask.numpy())
+        self.state.correct += correct
+        self.state.loss_sum += loss_value
+        self.state.seen += int(total)
         t_tl = tl.now()
         self.comm_wait += time.perf_counter() - t0
         if self.p.scaler is not None:  # every rank finds the same inf/nan (ZeRO: agreed)
@@ -350,6 +359,7 @@ class Trainer:
         while st.epoch < cfg.epochs and not stop:
             if not st.mid_epoch:
                 loader.set_epoch(st.epoch)
+                self.kept = (st.step, loader.sampler.state_dict())
             epoch_start = time.perf_counter()
             epoch_time_before = st.train_seconds
             st.mid_epoch = True
@@ -369,8 +379,10 @@ class Trainer:
                 self.timeline.step_begin(st.step, t_tl)
                 self.timeline.span("data wait", t_tl, cat="data")
                 self.watchdog.step_started(st.step)
+                kill_point("step", st.step)
                 loss = self._step(micro)
                 st.step += 1
+                self.kept = (st.step, loader.sampler.state_dict())
                 n_global = sum(int(b.mask.sum()) for b in micro) * self.p.steps.replicas
                 st.samples_total += n_global
                 dt = time.perf_counter() - t_step
@@ -389,6 +401,7 @@ class Trainer:
                         "comm_frac": (self.comm_wait - comm_before) / dt if dt > 0 else 0.0,
                         "time": st.train_seconds,
                         "wall": time.perf_counter() - self._fit_t0,
+                        "unix": time.time(),  # across incarnations (bench recovery)
                     }
                     record.update(self.p.model.metrics())
                     self.metrics.write(record)

@@ -27,9 +27,13 @@ from mpitrain.train.loop import Parts, Trainer
 from mpitrain.train.metrics import print_line, summary_line, write_summary
 from mpitrain.train.models import ClassifierSpec, check_classifier, resolve_seeded
 from mpitrain.train.optim import lr_note
+from mpitrain.train.recover import continue_from, failure, report
 
 if TYPE_CHECKING:
     from mpi4py import MPI
+
+    from mpitrain.runtime.ulfm import FaultDomain
+    from mpitrain.train.recover import Handoff
 
 log = logging.getLogger("mpitrain")
 
@@ -302,6 +306,11 @@ def main(argv: list[str], comm: MPI.Intracomm, *, preempt: PreemptFlag | None = 
     check_slurm_world(world.size)  # srun without PMI starts N worlds of size 1: say so
     launch = get_mode(cfg.exchange).launch  # the mode's own role split (param-server)
     try:
+        if cfg.on_rank_loss == "shrink":  # go on without a lost rank (train/recover.py)
+            from mpitrain.train.recover import survive
+
+            return survive(cfg, comm, lambda c, faults, handoff: train(
+                cfg, World.create(c), flag, t_start, faults=faults, handoff=handoff))
         if launch is None:
             return train(cfg, world, flag, t_start)
         from mpitrain.train.optim import build_optimizer
@@ -318,14 +327,18 @@ def main(argv: list[str], comm: MPI.Intracomm, *, preempt: PreemptFlag | None = 
 
 
 def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
-          ps_link: Any = None) -> int:
+          ps_link: Any = None, faults: FaultDomain | None = None,
+          handoff: Handoff | None = None) -> int:
     """Collective (the ranks that train): build the parts and the one Trainer, fit, report.
 
-    ``ps_link``: a param-server worker's link to the servers (None otherwise).
+    ``ps_link``: a param-server worker's link to the servers (None otherwise). ``faults``:
+    the fault domain of ``--on-rank-loss shrink``; ``handoff``: what a shrunk world
+    continues from (train/recover.py).
     """
     setup_logging(world.rank, cfg.log_level)
     # before any data is opened: refuse another run's checkpoint directory on every rank
-    plan = ckpt.plan_run(world.comm, cfg.resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
+    resume = "auto" if handoff is not None and cfg.checkpoint_dir else cfg.resume
+    plan = ckpt.plan_run(world.comm, resume, Path(cfg.checkpoint_dir) if cfg.checkpoint_dir
                          else None)
     check_timeline_path(world.comm, cfg.timeline)  # rank 0 writes it at the end: usable?
     device = choose_device(cfg, world)
@@ -345,12 +358,25 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
                 check_classifier(cfg, spec)
                 parts = build_parts(cfg, world, device, ps_link, spec)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)
+        trainer.faults = faults
+        t_built = time.time()
+        trainer.samples.begin(world.comm)  # collective: this incarnation's --sample-log lines
         timeline = start_timeline(world.comm, cfg.timeline, cfg.timeline_steps)  # collective
         trainer.timeline = timeline.recorder
         parts.steps.set_timeline(timeline.recorder)
         parts.model.set_timeline(timeline.recorder)  # bucket spans where the exchange has them
         with watchdog.guard("resume: loading the checkpoint", io=True):
-            resume_if_asked(cfg, trainer, plan)
+            if handoff is not None and handoff.state is not None:
+                continue_from(trainer, handoff)  # the kept step, from memory
+            else:
+                resume_if_asked(cfg, trainer, plan)
+            if handoff is not None and world.rank == 0:
+                handoff.timings.update(rebuild=t_built - handoff.timings["shrunk_unix"],
+                                       reload=time.time() - t_built)
+                report(handoff, world.size, trainer.state.step, "kept in memory"
+                       if handoff.state is not None
+                       else f"checkpoint {plan.resume_from.path}" if plan.resume_from
+                       else "no checkpoint: from the start")
         if world.rank == 0:
             log.info(
                 "%s; %d ranks on %d node(s); device %s",
@@ -359,10 +385,15 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
         try:
             code = trainer.fit(flag)
             timeline.stop()  # collective: merge on rank 0 (also after an agreed preemption)
+            parts.model.close()  # collective: in-flight traffic finished, communicators freed
+        except BaseException as exc:
+            lost = failure(trainer, exc) if faults is not None else None
+            if lost is not None:
+                raise lost from exc  # the survivors shrink and go on (train/recover.py)
+            raise
         finally:
             trainer.metrics.close()
             trainer.samples.close()
-        parts.model.close()  # collective: in-flight traffic finished, communicators freed
     finally:
         watchdog.close()
     if code != 0:

@@ -47,6 +47,7 @@ from mpitrain.grad.modes.base import (
 from mpitrain.grad.modes.transport import FlatTransport, transport_for
 from mpitrain.grad.protocol import BuildContext, ModeSpec
 from mpitrain.grad.recorded import recorded
+from mpitrain.runtime.ulfm import derived
 from mpitrain.timeline.recorder import NULL, Timeline
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class DoubleBuffer(ModeWrapper):
         if transport is None:
             from mpitrain.comm.factory import default_reducer
 
-            self._own_comm = comm.Dup()
+            self._own_comm = derived(comm.Dup())
             transport = FlatTransport(default_reducer(self._own_comm, self.params, overlap=True))
         self.transport = transport
         self.progress = progress

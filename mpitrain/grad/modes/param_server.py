@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -104,8 +105,8 @@ def run_param_server(
             )
         )
     is_server = world.rank >= size - n_servers
-    sub = cast("MPI.Intracomm", world.comm.Split(1 if is_server else 0, world.rank))
-    comm = world.comm.Dup()
+    sub = cast("MPI.Intracomm", derived(world.comm.Split(1 if is_server else 0, world.rank)))
+    comm = derived(world.comm.Dup())
     servers = list(range(size - n_servers, size))
     if is_server:
         server = Server(comm, servers.index(world.rank), n_servers, size - n_servers)

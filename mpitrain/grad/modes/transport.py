@@ -16,6 +16,7 @@ import torch
 from mpitrain.comm.handle import Handle
 from mpitrain.grad.buckets import Bucket
 from mpitrain.grad.hooks import Hook, HookState, allreduce_hook, make_hook
+from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
     from mpitrain.comm.reducer import Reducer
@@ -61,5 +62,5 @@ def transport_for(
     if ctx.make_reducer is not None:
         reducer = ctx.make_reducer(overlap)
     else:
-        reducer = default_reducer(ctx.world.comm.Dup(), params, overlap=overlap)
+        reducer = default_reducer(derived(ctx.world.comm.Dup()), params, overlap=overlap)
     return FlatTransport(reducer, ctx.cfg.compression)
