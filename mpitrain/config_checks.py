@@ -293,14 +293,12 @@ def check_rank_loss(cfg: TrainConfig) -> None:
             raise ConfigError(with_hint("--min-ranks applies to --on-rank-loss shrink",
                                         "add --on-rank-loss shrink, or drop --min-ranks"))
         return
-    if cfg.exchange != "sync":
-        raise ConfigError(with_hint(
-            f"--on-rank-loss shrink is not available with --exchange {cfg.exchange} (its "
-            "replicas differ between agreements: there is no step every survivor kept)",
-            "use --exchange sync (any --shard, tensor and pipeline parallelism)"))
     split = cfg.shard != "none" or cfg.tensor_parallel * cfg.pipeline_stages > 1
-    if split and not cfg.checkpoint_dir:
+    if (split or cfg.exchange != "sync") and not cfg.checkpoint_dir:
+        what = (f"--exchange {cfg.exchange} (replicas that differ between agreements, or a "
+                "server's parameters)" if cfg.exchange != "sync" else
+                "state split across ranks (--shard, --tensor-parallel, --pipeline-stages)")
         raise ConfigError(with_hint(
-            "--on-rank-loss shrink with state split across ranks (--shard, --tensor-parallel, "
-            "--pipeline-stages) needs --checkpoint-dir: what a lost rank held is reloaded from "
-            "the newest checkpoint", "add --checkpoint-dir DIR --checkpoint-every N"))
+            f"--on-rank-loss shrink with {what} needs --checkpoint-dir: what a lost rank held "
+            "is reloaded from the newest checkpoint", "add --checkpoint-dir DIR "
+            "--checkpoint-every N"))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mpitrain.errors import MpitrainError, with_hint
 from mpitrain.runtime import env
+from mpitrain.runtime.ulfm import LAUNCH_HINT, shrink_unavailable
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -89,6 +90,7 @@ def local_facts(comm: MPI.Intracomm) -> dict[str, Any]:
         "mpi_library": " ".join(MPI.Get_library_version().splitlines()[0].split()),
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "thread_level": levels.get(MPI.Query_thread(), str(MPI.Query_thread())),
+        "shrink": shrink_unavailable() or "available",
         "cuda_devices": devices,
         "cuda_visible_devices": env.get("cuda_visible_devices"),
         "h5py": h5_version,
@@ -177,6 +179,8 @@ def render(
         f"  thread level: {f0['thread_level']}"
         + ("" if f0["thread_level"] == "MULTIPLE" else "  (MULTIPLE recommended: watchdog/loader)"),
         f"  h5py {f0['h5py']}, parallel HDF5: {f0['h5py_mpi']}",
+        "  --on-rank-loss shrink: " + ((f0.get("shrink") == "available" and "available (ULFM)")
+                                       or f"not in this launch: {f0.get('shrink')}; {LAUNCH_HINT}"),
         f"  world: {len(facts)} ranks on {len({f['host'] for f in facts})} node(s)",
         f"  cuda-aware MPI: {cuda_aware}",
         *[f"    {line}" for line in cuda_notes or []],

@@ -56,7 +56,8 @@ def shrink_unavailable() -> str | None:
 
     library = MPI.Get_library_version().strip().splitlines()[0]
     if not library.startswith("Open MPI"):
-        return (f"the MPI library is {library.split(',')[0]}, without fault tolerance "
+        return (f"the MPI library is {' '.join(library.split(',')[0].split())}, without "
+                "fault tolerance "
                 "(ULFM is Open MPI's)")
     if env.get("ompi_ft_enable") not in ("1", "true", "yes", "on"):
         return "Open MPI was launched without --with-ft ulfm (fault tolerance is off)"
@@ -89,6 +90,11 @@ def is_rank_loss(exc: BaseException | None) -> bool:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return False
+
+
+def recoverable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost peer that an active domain recovers from (else: abort)."""
+    return _ACTIVE is not None and (isinstance(exc, RankLost) or is_rank_loss(exc))
 
 
 def derived(comm: C) -> C:

@@ -157,6 +157,7 @@ def _shrink(cfg: TrainConfig, domain: FaultDomain, lost: RankLost,
     """Collective over the survivors: discard the step in flight, shrink, say what was lost."""
     t0 = time.time()
     failed_at = float(getattr(lost, "failed_at", t0))
+    domain.revoke_all()  # first: a survivor blocked where nothing failed is released too
     if not lost.agreed:
         domain.commit(False)
     t1 = time.time()

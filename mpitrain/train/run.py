@@ -302,26 +302,30 @@ def main(argv: list[str], comm: MPI.Intracomm, *, preempt: PreemptFlag | None = 
         print_line(note)
     flag = preempt if preempt is not None else PreemptFlag([]).install()
     flag.switch(parse_signals(cfg.preempt_signals))
-    world = World.create(comm)
-    check_slurm_world(world.size)  # srun without PMI starts N worlds of size 1: say so
+    check_slurm_world(comm.size)  # srun without PMI starts N worlds of size 1: say so
     launch = get_mode(cfg.exchange).launch  # the mode's own role split (param-server)
+
+    def start(c: MPI.Intracomm, faults: FaultDomain | None = None,
+              handoff: Handoff | None = None) -> int:
+        """Collective: train on world ``c`` (the mode's role split first, if it has one)."""
+        world = World.create(c)
+        if launch is None:
+            return train(cfg, world, flag, t_start, faults=faults, handoff=handoff)
+        from mpitrain.train.optim import build_optimizer
+
+        return int(launch(
+            cfg, world,
+            lambda wcomm, link: train(cfg, World.create(wcomm), flag, t_start, ps_link=link,
+                                      faults=faults, handoff=handoff),
+            lambda params: build_optimizer(cfg, params, 1), flag,
+        ))
+
     try:
         if cfg.on_rank_loss == "shrink":  # go on without a lost rank (train/recover.py)
             from mpitrain.train.recover import survive
 
-            return survive(cfg, comm, lambda c, faults, handoff: train(
-                cfg, World.create(c), flag, t_start, faults=faults, handoff=handoff))
-        if launch is None:
-            return train(cfg, world, flag, t_start)
-        from mpitrain.train.optim import build_optimizer
-
-        return int(launch(
-            cfg,
-            world,
-            lambda wcomm, link: train(cfg, World.create(wcomm), flag, t_start, ps_link=link),
-            lambda params: build_optimizer(cfg, params, 1),
-            flag,
-        ))
+            return survive(cfg, comm, start)
+        return start(comm)
     finally:
         flag.uninstall()
 
@@ -358,7 +362,7 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
                 check_classifier(cfg, spec)
                 parts = build_parts(cfg, world, device, ps_link, spec)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)
-        trainer.faults = faults
+        trainer.faults = faults if ps_link is None else None  # (servers take no step)
         t_built = time.time()
         trainer.samples.begin(world.comm)  # collective: this incarnation's --sample-log lines
         timeline = start_timeline(world.comm, cfg.timeline, cfg.timeline_steps)  # collective

