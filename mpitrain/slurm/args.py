@@ -21,6 +21,8 @@ from mpitrain.errors import ConfigError, with_hint
 MANAGED: dict[str, str] = {
     "checkpoint_dir": "use the renderer's --checkpoint-dir",
     "resume": "the script adds --resume auto after a requeue",
+    "on_rank_loss": "use the renderer's --on-rank-loss (train templates): shrink also launches "
+                    "with mpirun --with-ft ulfm and keeps the allocation (#SBATCH --no-kill)",
 }
 #: and the sweep template, once per array task
 SWEEP_MANAGED: dict[str, str] = {

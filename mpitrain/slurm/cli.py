@@ -11,6 +11,7 @@ from pathlib import Path
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.runtime.files import write_atomic
 from mpitrain.runtime.tool_io import check_output_file
+from mpitrain.slurm.rank_loss import ON_RANK_LOSS
 from mpitrain.slurm.render import (
     LAUNCHERS,
     REQUEUE,
@@ -31,6 +32,8 @@ Examples:
       --output job.sbatch -- --epochs 30 --summary-json out/summary.json
   python -m mpitrain slurm render train-gpu --nodes 2 --gpus-per-node 4 --script train.py \\
       --output job.sbatch -- --max-epochs 30     # your Lightning script under MPIStrategy
+  python -m mpitrain slurm render train-cpu --nodes 4 --ntasks-per-node 8 \\
+      --on-rank-loss shrink --output job.sbatch -- --epochs 30 --min-ranks 16
 """
 
 
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--env-setup", default=d.env_setup, help="shell code run first (module loads...)"
     )
-    r.add_argument("--launcher", choices=LAUNCHERS, default=d.launcher)
+    r.add_argument("--launcher", choices=LAUNCHERS, default=d.launcher,
+                   help="default: srun (mpirun with --on-rank-loss shrink)")
     r.add_argument("--srun-mpi", choices=SRUN_MPI, default=d.srun_mpi, help="srun --mpi= plugin")
     r.add_argument(
         "--preempt-seconds",
@@ -76,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=REQUEUE,
         default=d.requeue,
         help="after preemption: scontrol requeue, or a dependent sbatch job",
+    )
+    r.add_argument(
+        "--on-rank-loss",
+        choices=ON_RANK_LOSS,
+        default=d.on_rank_loss,
+        help="train templates: shrink = the survivors of a lost rank or node go on in the job "
+        "(Open MPI's mpirun --with-ft ulfm, #SBATCH --no-kill; slurm/README.md)",
     )
     r.add_argument("--python", default=d.python, help="python executable inside the job")
     r.add_argument("--log", default=d.log, help="sbatch --output pattern")
@@ -145,6 +156,7 @@ def main(argv: list[str]) -> int:
         preempt_seconds=ns.preempt_seconds,
         max_restarts=ns.max_restarts,
         requeue=ns.requeue,
+        on_rank_loss=ns.on_rank_loss,
         python=ns.python,
         log=ns.log,
         checkpoint_dir=ns.checkpoint_dir,

@@ -29,6 +29,13 @@ from mpitrain.slurm.args import (
     check_train_args,
 )
 from mpitrain.slurm.grid import MAX_ARRAY_SIZE, load_grid
+from mpitrain.slurm.rank_loss import (
+    NO_KILL,
+    ON_RANK_LOSS,
+    check_rank_loss_args,
+    check_rank_loss_slot,
+    launcher_for,
+)
 
 TEMPLATE_SUFFIX = ".sbatch"
 LAUNCHERS = ("srun", "mpirun")
@@ -73,11 +80,14 @@ class RenderOptions:
     account: str | None = None
     job_name: str = "mpitrain"
     env_setup: str = ""
-    launcher: str = "srun"
+    #: None: srun, or mpirun with ``on_rank_loss="shrink"`` (ULFM needs Open MPI's mpirun)
+    launcher: str | None = None
     srun_mpi: str = "pmi2"
     preempt_seconds: int = 120
     max_restarts: int = 3
     requeue: str = "scontrol"
+    #: shrink: the survivors of a lost rank or node go on in the job (train templates)
+    on_rank_loss: str = "abort"
     python: str = "python"
     log: str = "slurm-%x-%j.out"
     checkpoint_dir: str | None = None
@@ -211,6 +221,8 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
     _check_int("max_restarts", opts.max_restarts, 0, 1000)
     _check_int("max_array_size", opts.max_array_size, 1, ARRAY_SIZE_LIMIT)
     _check_time(opts.time)
+    opts = dataclasses.replace(opts, launcher=launcher_for(opts.on_rank_loss, opts.launcher,
+                                                           opts.script))
     if not _NAME.fullmatch(opts.job_name):
         raise _bad("job_name", opts.job_name, "use letters, digits and _ . + - (no spaces, quotes)")
     if opts.account is not None and not _NAME.fullmatch(opts.account):
@@ -219,7 +231,8 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
         raise _bad("partition", opts.partition, "use letters, digits and _ . + - (comma-separated)")
     if not _LOG.fullmatch(opts.log) or ".." in opts.log.split("/"):
         raise _bad("log", opts.log, "use letters, digits, _ . % + - and / (e.g. logs/%x-%j.out)")
-    for name, choices in (("launcher", LAUNCHERS), ("srun_mpi", SRUN_MPI), ("requeue", REQUEUE)):
+    for name, choices in (("launcher", LAUNCHERS), ("srun_mpi", SRUN_MPI), ("requeue", REQUEUE),
+                          ("on_rank_loss", ON_RANK_LOSS)):
         if getattr(opts, name) not in choices:
             raise _bad(name, getattr(opts, name), f"pick one of {', '.join(choices)}")
     for name in _TEXT:
@@ -232,7 +245,9 @@ def validate(template: str, opts: RenderOptions) -> RenderOptions:
     if opts.script is not None:  # the arguments are the script's own: checked for characters
         _check_script(opts.script)
     elif not template.startswith("preprocess"):  # preprocess runs data_tools, not the trainer
-        check_train_args(opts.train_args, "training arguments", SWEEP_MANAGED if sweep else MANAGED)
+        given = check_train_args(opts.train_args, "training arguments",
+                                 SWEEP_MANAGED if sweep else MANAGED)
+        check_rank_loss_args(given, opts.on_rank_loss, "training arguments")
     if gpu:
         gpus = opts.gpus_per_node or 1
         tasks = opts.ntasks_per_node or gpus
@@ -300,9 +315,12 @@ def placeholders(text: str) -> set[str]:
 def render_text(text: str, template: str, opts: RenderOptions) -> str:
     """Render template source ``text`` (named ``template``) with validated options."""
     _check_script_slot(text, template, opts)
+    check_rank_loss_slot(placeholders(text), template, opts.on_rank_loss)
     opts = validate(template, opts)
+    shrink = opts.on_rank_loss == "shrink"
     directives = [f"#SBATCH --partition={opts.partition}"] if opts.partition else []
     directives += [f"#SBATCH --account={opts.account}"] if opts.account else []
+    directives += [NO_KILL] if shrink else []
     tasks = load_grid(opts.grid, max_tasks=opts.max_array_size) if opts.grid is not None else []
     array = f"0-{len(tasks) - 1}" + (f"%{opts.array_parallel}" if opts.array_parallel else "")
     values = {
@@ -318,7 +336,10 @@ def render_text(text: str, template: str, opts: RenderOptions) -> str:
         "log": opts.log,
         "signal": f"B:USR1@{opts.preempt_seconds}",
         "directives": "\n".join(directives) or "# (no --partition / --account given)",
-        "launcher": shlex.quote(opts.launcher),
+        "launcher": shlex.quote(opts.launcher or ""),
+        "on_rank_loss": shlex.quote(opts.on_rank_loss),
+        # shrink: empty, the job asks mpitrain for Open MPI's mpirun (make setup's)
+        "mpirun": "" if shrink else "mpirun",
         "srun_mpi": shlex.quote(opts.srun_mpi),
         "requeue": shlex.quote(opts.requeue),
         "max_restarts": str(opts.max_restarts),

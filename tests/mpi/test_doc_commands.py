@@ -211,6 +211,9 @@ RUN: dict[str, str] = {
     "--model mypkg.models:resnet50 --epochs 90 --batch-size 64 --checkpoint-every 500 "
     "--run-dir /scratch/$USER/resnet/run --summary-json /scratch/$USER/resnet/summary.json":
         "test_slurm_render_commands",
+    "python -m mpitrain slurm render train-cpu --nodes 4 --min-nodes 2 --ntasks-per-node 2 "
+    "--on-rank-loss shrink -o job.sbatch -- --epochs 30 --global-batch 96 --min-ranks 4 "
+    "--checkpoint-every 200": "test_slurm_render_commands",
 }
 
 #: command -> why it is not run here, and what covers it
@@ -744,6 +747,11 @@ def test_slurm_render_commands(here: Path, capsys: pytest.CaptureFixture[str]) -
     for name in ("job", "sweep", "prep", "resnet"):
         assert "#SBATCH" in (here / f"{name}.sbatch").read_text(), name
     assert "#SBATCH --gpus-per-node=4" in (here / "resnet.sbatch").read_text()
+    run("python -m mpitrain slurm render train-cpu --nodes 4 --min-nodes 2 --ntasks-per-node 2 "
+        "--on-rank-loss shrink -o job.sbatch -- --epochs 30 --global-batch 96 --min-ranks 4 "
+        "--checkpoint-every 200")
+    text = (here / "job.sbatch").read_text()
+    assert "#SBATCH --no-kill\n" in text and "ON_RANK_LOSS=shrink\n" in text
 
 
 def test_lightning_slurm_render(here: Path) -> None:

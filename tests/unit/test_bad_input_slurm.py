@@ -145,6 +145,26 @@ CASES: dict[str, Case] = {
     "script-with-preprocess": Case(
         "preprocess", {"script": str(SCRIPT)}, ("--script", "preprocess.sbatch")),
     "script-with-grid": Case("train-cpu", {"script": str(SCRIPT)}, ("--grid",), grid=GRID),
+    # ---- --on-rank-loss shrink: train templates, Open MPI's mpirun inside the allocation ----
+    "shrink-with-srun": Case("train-cpu", {"on_rank_loss": "shrink", "launcher": "srun"},
+                             ("--on-rank-loss shrink", "--launcher srun", "drop --launcher")),
+    "shrink-with-script": Case("train-gpu", {"on_rank_loss": "shrink", "script": str(SCRIPT)},
+                               ("--on-rank-loss shrink", "--script", "python -m mpitrain")),
+    "shrink-with-sweep": Case("sweep", {"on_rank_loss": "shrink"},
+                              ("--on-rank-loss shrink", "'sweep.sbatch'", "train-cpu"), grid=GRID),
+    "shrink-with-preprocess": Case("preprocess", {"on_rank_loss": "shrink"},
+                                   ("--on-rank-loss shrink", "'preprocess.sbatch'")),
+    "on-rank-loss-unknown": Case("train-cpu", {"on_rank_loss": "survive"},
+                                 ("--on-rank-loss", "'survive'", "abort, shrink")),
+    "on-rank-loss-in-train-args": Case("train-cpu", {"train_args": ["--on-rank-loss", "shrink"]},
+                                       ("'--on-rank-loss'", "renderer's --on-rank-loss")),
+    "on-rank-loss-abbreviated": Case(
+        "train-cpu", {"on_rank_loss": "shrink", "train_args": ["--on-rank=abort"]},
+        ("'--on-rank'", "--on-rank-loss", "set by the template")),
+    "min-ranks-without-shrink": Case("train-gpu", {"train_args": ["--min-ranks", "2"]},
+                                     ("--min-ranks", "render with --on-rank-loss shrink")),
+    "grid-key-on-rank-loss": grid_case("g.toml", "[grid]\non_rank_loss = ['shrink']\n",
+                                       "on-rank-loss", "set by the sweep template"),
 }
 # fmt: on
 
@@ -187,9 +207,10 @@ def run_cli(words: list[str | bytes], cwd: Path) -> subprocess.CompletedProcess[
         (["sweep", "--grid", "g.toml"], b"grid = 5\n", b"[grid]"),
         (["sweep", "--grid", "g.csv"], b"\xff\xfe\x00\x01lr\n", b"UTF-8"),
         (["train-cpu", "--script", "train.py", "--", "--lr", "1"], None, b"'train.py'"),
+        (["train-cpu", "--on-rank-loss", "shrink", "--launcher", "srun"], None, b"srun"),
     ],
     ids=["abbreviated-resume", "non-utf8-argument", "grid-is-a-number", "binary-csv",
-         "missing-script"],
+         "missing-script", "shrink-with-srun"],
 )
 def test_cli_exits_2_without_traceback(
     words: list[str | bytes], grid: bytes | None, needle: bytes, tmp_path: Path

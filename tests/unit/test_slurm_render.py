@@ -47,6 +47,15 @@ CASES: dict[str, list[str]] = {
         "preprocess", "--ntasks-per-node", "4", "--launcher", "mpirun", "--job-name", "prep",
         "--time", "10:00", "--", "--sklearn", "digits", "--out", "data/digits",
     ],
+    # the survivors of a lost rank or node go on in the job (Open MPI's mpirun --with-ft ulfm,
+    # #SBATCH --no-kill); a requeue (--min-ranks, preemption) may start on 2 to 4 nodes
+    "train-cpu-shrink.sbatch": [
+        "train-cpu", "--nodes", "4", "--min-nodes", "2", "--ntasks-per-node", "2",
+        "--time", "12:00:00", "--job-name", "ft", "--on-rank-loss", "shrink",
+        "--env-setup", "source ~/venvs/mpitrain/bin/activate",
+        "--", "--epochs", "30", "--global-batch", "96", "--min-ranks", "4",
+        "--checkpoint-every", "200",
+    ],
     # a user's Lightning script instead of python -m mpitrain (docs/lightning.md)
     "train-gpu-script.sbatch": [
         "train-gpu", "--nodes", "2", "--gpus-per-node", "4", "--time", "04:00:00",

