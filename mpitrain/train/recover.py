@@ -219,7 +219,7 @@ def _below_min_ranks(cfg: TrainConfig, domain: FaultDomain, handoff: Handoff,
     saved = "the newest checkpoint stays the one to resume from"
     if handoff.state is not None and cfg.checkpoint_dir:
         state = {**handoff.state, "ranks": comm.allgather(handoff.state["ranks"][0]),
-                 "world_size": handoff.old_size}
+                 "world_size": comm.size}  # the ranks whose sums and RNGs it holds
         path = ckpt.save_collective(comm, state if comm.rank == 0 else None,
                                     Path(cfg.checkpoint_dir), handoff.step, cfg.keep_last,
                                     run_id=str(state.get("run_id") or cfg.run_id))

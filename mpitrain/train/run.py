@@ -362,7 +362,8 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
                 check_classifier(cfg, spec)
                 parts = build_parts(cfg, world, device, ps_link, spec)
         trainer = Trainer(cfg, world, parts, watchdog=watchdog)
-        trainer.faults = faults if ps_link is None else None  # (servers take no step)
+        # the per-step gate where replicas must stay equal (sync; the others reload a checkpoint)
+        trainer.faults = faults if cfg.exchange == "sync" else None
         t_built = time.time()
         trainer.samples.begin(world.comm)  # collective: this incarnation's --sample-log lines
         timeline = start_timeline(world.comm, cfg.timeline, cfg.timeline_steps)  # collective

@@ -64,7 +64,7 @@ def restore_loop_state(state: dict[str, Any], rank: int, size: int, seed: int, *
     loop = LoopState(**dict(state["loop"]))
     ranks = state["ranks"]
     saved_copies = int(state.get("copies", 1))
-    if state["world_size"] == size and saved_copies == copies:
+    if state["world_size"] == size and len(ranks) == size and saved_copies == copies:
         mine = ranks[rank]
         set_rng_state(mine["rng"])
         loop.loss_sum, loop.correct, loop.seen = mine["loss_sum"], mine["correct"], mine["seen"]
