@@ -19,6 +19,7 @@ from mpitrain.cluster.launch import (
     openmpi_argv,
     placement,
     quoted,
+    ulfm_mpirun,
 )
 from mpitrain.cluster.state import STATE_DIR
 from mpitrain.errors import with_hint
@@ -28,6 +29,7 @@ Each node is a network namespace with its own hostname, linked to a bridge at RA
 directions (tbf). Needs root. Example:
   python -m mpitrain cluster up --nodes 2 --link 1gbit
   python -m mpitrain cluster mpiexec -n 4 --per-node 2 -- python -m mpitrain --epochs 2
+  python -m mpitrain cluster mpiexec --ulfm -n 4 -- python -m mpitrain --on-rank-loss shrink
   python -m mpitrain cluster status
   python -m mpitrain cluster down
 See docs/cluster.md.
@@ -55,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MPICH: how inter-node traffic moves: ofi or ucx, both TCP over the links "
         "(default ofi); shm = MPICH's own choice, which bypasses the links (comparison only). "
         "Open MPI needs none (its TCP transport already uses the links)",
+    )
+    m.add_argument(
+        "--ulfm",
+        action="store_true",
+        help="Open MPI with fault tolerance (mpirun --with-ft ulfm): the survivors of lost "
+        "ranks or a lost node can go on (python -m mpitrain --on-rank-loss shrink). Uses "
+        "MPITRAIN_MPIEXEC when it is Open MPI's, else the one make setup installs",
     )
     m.add_argument("--print", action="store_true", help="print the command line, run nothing")
     e = sub.add_parser("exec", help="run a command on one node: exec NODE -- CMD")
@@ -102,19 +111,21 @@ def _dispatch(ns: argparse.Namespace, command: list[str]) -> int:
     if ns.action == "exec":
         name = _resolve(ns.node, nodes)
         return _run(in_node(name, name, command), False)
+    slots = placement(ns.ranks, ns.per_node, nodes)
+    agent = Path(info["agent"])
     exe = find_mpiexec()
-    if exe is None:
+    if ns.ulfm:
+        exe = ulfm_mpirun(exe)
+    elif exe is None:
         raise ClusterError(
             with_hint("mpiexec not found", "pip install mpich, or set MPITRAIN_MPIEXEC")
         )
-    slots = placement(ns.ranks, ns.per_node, nodes)
-    agent = Path(info["agent"])
-    if mpi_flavor(exe) == "openmpi":
+    if ns.ulfm or mpi_flavor(exe) == "openmpi":
         if ns.netmod is not None:
             raise ClusterError(
                 with_hint("--netmod is for MPICH", "drop it: Open MPI's TCP transport is used")
             )
-        return _run(openmpi_argv(exe, agent, slots, command), ns.print)
+        return _run(openmpi_argv(exe, agent, slots, command, ulfm=ns.ulfm), ns.print)
     argv = mpiexec_argv(exe, agent, slots, command, netmod=ns.netmod or "ofi")
     return _run(argv, ns.print)
 

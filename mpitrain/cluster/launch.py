@@ -6,7 +6,8 @@ mpirun does the same with ``--prtemca plm_ssh_agent AGENT`` (both measured, docs
 The agent written here accepts any ssh-style call (options, then the host, then a command line
 for the remote shell), refuses hosts that are not nodes of this cluster, and runs the command
 line with ``sh`` inside the node's network namespace, in a new UTS namespace whose hostname is
-the node's name. ``mpiexec`` itself runs in the head namespace.
+the node's name. ``mpiexec`` itself runs in the head namespace. ``--ulfm`` adds Open MPI's
+fault tolerance (:data:`ULFM_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from mpitrain.cluster import HEAD, IFACE, ClusterError
 from mpitrain.errors import with_hint
 from mpitrain.runtime import env
+from mpitrain.runtime.launch import find_ulfm_mpirun
 
 #: sh: set the hostname in the new UTS namespace, then run the argv that follows
 _SET_HOSTNAME = 'hostname "$0" || exit 255; exec "$@"'
@@ -36,6 +38,25 @@ NETMODS: dict[str, dict[str, str]] = {
     # links stay idle (only for comparison)
     "shm": {},
 }
+
+#: ``cluster mpiexec --ulfm``: Open MPI's User-Level Failure Mitigation across the nodes, so
+#: that the survivors of a lost node go on (``--on-rank-loss shrink``). Each option measured
+#: with Open MPI 5.0.11 / PRRTE 3.0.14 on 2 nodes x 2 ranks (docs/cluster.md, Open MPI with ULFM):
+ULFM_OPTIONS = [
+    "--with-ft", "ulfm",
+    # ULFM covers ob1 and its BTLs, not UCX; TCP between nodes (over mpt0, as
+    # btl_tcp_if_include says), shared memory between the ranks of one node
+    "--mca", "pml", "ob1", "--mca", "btl", "tcp,sm,self",
+    # MPI_Finalize's PMIx fence also waits for the daemon of a node none of whose ranks is
+    # alive, which never joins it: without this the survivors finish training and hang in
+    # MPI_Finalize for good (gdb: ompi_mpi_finalize -> usleep); with one rank of the node
+    # left alive it completes
+    "--mca", "async_mpi_finalize", "1",
+    # a cut link is noticed by the runtime's TCP keepalive within ~5 s (default 300 + 9 x
+    # 20 s); PRRTE 3.0 then ends the whole job: it cannot continue after losing a daemon
+    "--prtemca", "oob_tcp_keepalive_time", "2", "--prtemca", "oob_tcp_keepalive_intvl", "1",
+    "--prtemca", "oob_tcp_keepalive_probes", "3",
+]  # fmt: skip
 
 AGENT_TEMPLATE = """\
 #!/bin/sh
@@ -187,8 +208,36 @@ def mpiexec_argv(
     return in_node(HEAD, HEAD, [*hydra, *command])
 
 
+def ulfm_mpirun(mpiexec: str | None) -> str:
+    """Return Open MPI's mpirun for ``--ulfm``: ``mpiexec`` when it is one (MPITRAIN_MPIEXEC),
+    else the one ``make setup`` installs beside the venv's MPI.
+
+    Raises:
+        ClusterError: no Open MPI found.
+    """
+    if mpiexec is not None:
+        try:
+            if mpi_flavor(mpiexec) == "openmpi":
+                return mpiexec
+        except ClusterError:
+            pass
+    found = find_ulfm_mpirun()
+    if found is None:
+        raise ClusterError(
+            with_hint("--ulfm needs Open MPI's mpirun (with ULFM), none found",
+                      "make setup installs it beside the venv (ULFM_SPEC=openmpi), or set "
+                      "MPITRAIN_MPIEXEC to an Open MPI 5 mpirun")
+        )
+    return found
+
+
 def openmpi_argv(
-    mpirun: str, agent: Path, slots: list[tuple[str, int]], command: list[str]
+    mpirun: str,
+    agent: Path,
+    slots: list[tuple[str, int]],
+    command: list[str],
+    *,
+    ulfm: bool = False,
 ) -> list[str]:
     """Return the argv that runs ``command`` with Open MPI's mpirun (PRRTE) on the nodes.
 
@@ -197,11 +246,13 @@ def openmpi_argv(
     the TCP transport use ``mpt0``, ranks are not bound to cores (every emulated node shares
     the machine's cores, which they oversubscribe: hence also yield when idle, 5x faster
     measured), and ``SHELL=/bin/sh`` makes PRRTE write Bourne syntax for the
-    agent's ``sh``. The caller's environment reaches the ranks through the agent.
+    agent's ``sh``. The caller's environment reaches the ranks through the agent; when
+    mpirun's own prefix holds a ``libmpi.so.40``, the ranks' mpi4py loads that one
+    (``MPI4PY_LIBMPI``: Open MPI beside an MPICH venv). ``ulfm`` adds :data:`ULFM_OPTIONS`.
     """
     ranks = sum(n for _, n in slots)
     argv = [
-        "env", "SHELL=/bin/sh", mpirun,
+        "env", "SHELL=/bin/sh", mpirun, *(ULFM_OPTIONS if ulfm else []),
         "--prtemca", "plm_ssh_agent", str(agent), "--prtemca", "plm_ssh_no_tree_spawn", "1",
         "--prtemca", "oob_tcp_if_include", IFACE, "--mca", "btl_tcp_if_include", IFACE,
         "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1",
@@ -212,6 +263,9 @@ def openmpi_argv(
         argv.append("--allow-run-as-root")
     if env.get("omp_num_threads") is None:
         argv += ["-x", "OMP_NUM_THREADS=1"]
+    lib = Path(shutil.which(mpirun) or mpirun).resolve().parents[1] / "lib" / "libmpi.so.40"
+    if env.get("mpi4py_libmpi") is None and lib.exists():
+        argv += ["-x", f"MPI4PY_LIBMPI={lib}"]
     return in_node(HEAD, HEAD, [*argv, *command])
 
 

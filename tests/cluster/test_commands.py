@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mpitrain.cluster import ClusterError, hosts
+from mpitrain.cluster import ClusterError, hosts, launch
 from mpitrain.cluster.launch import agent_script, mpiexec_argv, openmpi_argv, placement
 from mpitrain.cluster.netns import parse_rate, tbf_burst
 from mpitrain.cluster.state import Item, State
@@ -46,6 +46,34 @@ def test_openmpi_command_line() -> None:
     joined = " ".join(argv)
     assert "env SHELL=/bin/sh /o/mpirun --prtemca plm_ssh_agent /run/a" in joined
     assert "--host mpt-node1:1,mpt-node2:1 -n 2" in joined and argv[-1] == "c"
+
+
+def test_openmpi_ulfm_command_line() -> None:
+    slots = [("mpt-node1", 2), ("mpt-node2", 2)]
+    joined = " ".join(openmpi_argv("/o/mpirun", Path("/run/a"), slots, ["c"], ulfm=True))
+    assert ("/o/mpirun --with-ft ulfm --mca pml ob1 --mca btl tcp,sm,self --mca "
+            "async_mpi_finalize 1 --prtemca oob_tcp_keepalive_time 2") in joined
+    # traffic and the runtime stay on the emulated network
+    assert "--prtemca oob_tcp_if_include mpt0 --mca btl_tcp_if_include mpt0" in joined
+    assert "--host mpt-node1:2,mpt-node2:2 -n 4" in joined
+    assert "--with-ft" not in " ".join(openmpi_argv("/o/mpirun", Path("/run/a"), slots, ["c"]))
+
+
+def test_ulfm_mpirun_prefers_an_open_mpi_mpiexec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ompi, hydra = tmp_path / "mpirun", tmp_path / "mpiexec"
+    ompi.write_text("#!/bin/sh\necho 'mpirun (Open MPI) 5.0.11'\n")
+    hydra.write_text("#!/bin/sh\necho 'HYDRA build details:'\n")
+    for f in (ompi, hydra):
+        f.chmod(0o755)
+    monkeypatch.setattr(launch, "find_ulfm_mpirun", lambda: "/venv/openmpi/bin/mpirun")
+    assert launch.ulfm_mpirun(str(ompi)) == str(ompi)
+    assert launch.ulfm_mpirun(str(hydra)) == "/venv/openmpi/bin/mpirun"
+    assert launch.ulfm_mpirun(None) == "/venv/openmpi/bin/mpirun"
+    monkeypatch.setattr(launch, "find_ulfm_mpirun", lambda: None)
+    with pytest.raises(ClusterError, match=r"--ulfm needs Open MPI's mpirun.*HINT: make setup"):
+        launch.ulfm_mpirun(str(hydra))
 
 
 def test_agent_lists_only_the_nodes() -> None:

@@ -260,6 +260,12 @@ ELSEWHERE: dict[str, str] = {
     "--epochs 2": _LAUNCH,
     "sudo python -m mpitrain cluster exec node1 -- hostname": _CLUSTER + "tests/cluster/"
     "test_lifecycle.py::test_agent_takes_ssh_style_calls",
+    "sudo python -m mpitrain cluster up --nodes 2": _CLUSTER + "every cluster test module "
+    "(tests/cluster/conftest.py's cluster2 fixture)",
+    "sudo MPITRAIN_KILL_AT=2+3:12 python -m mpitrain cluster mpiexec --ulfm -n 4 --per-node 2 "
+    "-- python -m mpitrain --on-rank-loss shrink --epochs 2 --global-batch 48 --no-progress":
+        _CLUSTER + "tests/cluster/test_node_loss_ulfm.py::"
+        "test_whole_node_killed_the_job_finishes_on_the_other_node (with --sample-log)",
     "sudo python -m mpitrain cluster status": _LIFECYCLE,
     "sudo python -m mpitrain cluster down": _LIFECYCLE,
     "ip netns exec mpt-head unshare --uts sh -c 'hostname \"$0\" || exit 255; exec \"$@\"' "
