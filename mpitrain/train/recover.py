@@ -58,11 +58,13 @@ class Handoff:
 
 def snapshot(trainer: Trainer) -> dict[str, Any] | None:
     """Local: the kept step of a replicated run as a checkpoint dict (None: not replicated,
-    or the kept step is not the trainer's: the newest checkpoint is read instead)."""
+    not gated every step (exchange modes other than sync), or the kept step is not the
+    trainer's: the newest checkpoint is read instead)."""
     p, cfg = trainer.p, trainer.cfg
     io = p.model.checkpoint_state(p.optimizer)
     step, sampler = trainer.kept
-    if (not isinstance(io, ReplicatedState) or not p.model.replicas_identical()
+    if (cfg.exchange != "sync" or not isinstance(io, ReplicatedState)
+            or not p.model.replicas_identical()
             or step != trainer.state.step or cfg.tensor_parallel * cfg.pipeline_stages > 1):
         return None
     model, optim = io.save(None, step, cfg.run_id)
@@ -140,6 +142,8 @@ def survive(cfg: TrainConfig, comm: MPI.Intracomm, run: TrainFn) -> int:
                 return run(domain.comm, domain, handoff)
             except BaseException as exc:
                 lost = exc if isinstance(exc, RankLost) else failure(None, exc)
+                if lost is None and handoff is not None:
+                    _abort_shrunk(domain, exc)  # the launch's communicators hold dead ranks
                 if lost is None:
                     raise
             handoff = _shrink(cfg, domain, lost, handoff)
@@ -150,6 +154,21 @@ def survive(cfg: TrainConfig, comm: MPI.Intracomm, run: TrainFn) -> int:
                 return 0  # this survivor sits the rest of the run out
     finally:
         domain.close()
+
+
+def _abort_shrunk(domain: FaultDomain, exc: BaseException) -> None:
+    """A failure on the survivors other than another lost rank: report it, end the job (the
+    entry point's collective error path runs on the world before the loss)."""
+    import sys
+
+    from mpitrain.errors import MpitrainError
+    from mpitrain.runtime.abort import abort_job, format_failure
+
+    if isinstance(exc, SystemExit) and not exc.code:
+        raise exc
+    sys.stderr.write(format_failure(domain.rank, domain.size, exc))
+    sys.stderr.flush()
+    abort_job(domain.comm, exc.exit_code if isinstance(exc, MpitrainError) else 1)
 
 
 def _shrink(cfg: TrainConfig, domain: FaultDomain, lost: RankLost,

@@ -372,6 +372,7 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
         parts.model.set_timeline(timeline.recorder)  # bucket spans where the exchange has them
         with watchdog.guard("resume: loading the checkpoint", io=True):
             if handoff is not None and handoff.state is not None:
+                trainer.cfg = trainer.cfg.replace(run_id=plan.run_id)  # (a checkpoint's id)
                 continue_from(trainer, handoff)  # the kept step, from memory
             else:
                 resume_if_asked(cfg, trainer, plan)

