@@ -42,6 +42,8 @@ TABLE: dict[str, tuple[str, ...]] = {
     "mpi4py_libmpi": ("MPI4PY_LIBMPI",),
     # ours
     "kill_at": ("MPITRAIN_KILL_AT",),
+    # rank 0 writes the summary there when training finished (the Slurm shrink template)
+    "done_file": ("MPITRAIN_DONE_FILE",),
     "cache": ("MPITRAIN_CACHE",),
     "ranks_per_node": ("MPITRAIN_RANKS_PER_NODE",),
     "require_mpi": ("MPITRAIN_REQUIRE_MPI",),

@@ -18,6 +18,7 @@ from mpitrain.config_checks import LANGUAGE_MODELS
 from mpitrain.errors import ConfigError, with_hint
 from mpitrain.grad.protocol import get_mode
 from mpitrain.preempt import PreemptFlag, parse_signals
+from mpitrain.runtime import env
 from mpitrain.runtime.collective import agree
 from mpitrain.runtime.watchdog import Watchdog
 from mpitrain.runtime.world import World
@@ -429,4 +430,7 @@ def train(cfg: TrainConfig, world: World, flag: PreemptFlag, t_start: float, *,
             write_summary(Path(cfg.summary_json), summary)
         if cfg.run_dir:
             write_summary(Path(cfg.run_dir) / "summary.json", summary)
+        done = env.get("done_file")  # training finished: what a job script checks
+        if done:
+            write_summary(Path(done), summary)
     return 0

@@ -17,7 +17,8 @@ from mpitrain.slurm.render import RenderOptions, render
 from tests.unit.test_slurm_render import argv_of, render_argv
 
 #: records its arguments and environment; answers --version as Open MPI's mpirun (or, with
-#: STUB_FLAVOR=hydra, as MPICH's), exits STUB_RC
+#: STUB_FLAVOR=hydra, as MPICH's), exits STUB_RC; writes MPITRAIN_DONE_FILE as a finished
+#: training does (not with STUB_LOST: Open MPI ending the job on a lost daemon, status 0)
 STUB = """#!/bin/bash
 if [ "${1:-}" = --version ]; then
     case "${STUB_FLAVOR:-openmpi}" in
@@ -28,6 +29,9 @@ if [ "${1:-}" = --version ]; then
 fi
 printf '%s\\0' "$@" > "$STUB_DIR/$(basename "$0").argv"
 env > "$STUB_DIR/$(basename "$0").env"
+if [ -n "${MPITRAIN_DONE_FILE:-}" ] && [ "${STUB_RC:-0}" = 0 ] && [ -z "${STUB_LOST:-}" ]; then
+    mkdir -p "$(dirname "$MPITRAIN_DONE_FILE")" && : > "$MPITRAIN_DONE_FILE"  # training done
+fi
 case "$(basename "$0")" in
     mpirun | srun) exit "${STUB_RC:-0}" ;;
     *) exit 0 ;;
@@ -147,3 +151,19 @@ def test_launch_that_cannot_shrink_stops_before_running(
     assert line.startswith("mpitrain: --on-rank-loss shrink needs ") and "HINT: " in line, out
     for cmd in ("mpirun", "srun", "scontrol", "sbatch"):
         assert not (tmp_path / f"{cmd}.argv").exists(), (cmd, out)
+
+
+def test_status_0_without_a_finished_training_is_requeued(tmp_path: Path) -> None:
+    """Open MPI (PRRTE 3.0) ends the whole job with status 0 when a node's daemon is lost: no
+    done file from rank 0, so the script requeues it (as preempted) instead of reporting a
+    finished job; a finished one writes it and is not requeued."""
+    rc, out = run_job(tmp_path, STUB_LOST="1")
+    assert rc == 0, out
+    assert "status 0 but training did not finish" in out, out
+    assert argv_of(tmp_path, "scontrol") == ["requeue", "7"]
+    assert "MPITRAIN_DONE_FILE=ck/.done-7-0.json" in (tmp_path / "mpirun.env").read_text()
+    done = tmp_path / "done"
+    done.mkdir()
+    rc, out = run_job(done)
+    assert rc == 0 and "did not finish" not in out, out
+    assert not (done / "scontrol.argv").exists()

@@ -88,6 +88,9 @@ print(find_ulfm_mpirun() or "")' 2>/dev/null)
     esac
     mpirun_ft=(--with-ft ulfm --mca pml ob1 --mca async_mpi_finalize 1 --bind-to none)
     export SLURM_NO_KILL=set
+    # rank 0 writes it when training finished: Open MPI (PRRTE 3.0) ends the whole job with
+    # status 0 when it loses a node's daemon (a crash, a cut link), survivors included
+    export MPITRAIN_DONE_FILE="$CHECKPOINT_DIR/.done-${SLURM_JOB_ID}-${RESTARTS}.json"
 fi
 case "$MPITRAIN_LAUNCHER" in
     srun) launch=(srun --mpi="$MPITRAIN_SRUN_MPI" --kill-on-bad-exit=1 "${SRUN_EXTRA[@]}") ;;
@@ -134,6 +137,12 @@ if [ "$rc" -ne 0 ] && [ "$rc" -ne 99 ] && [ "$signalled" -eq 1 ] \
     && [ "$(latest)" != "$latest_at_signal" ]; then
     echo "mpitrain: status $rc after a forwarded signal, with a checkpoint written since:" \
         "treating it as preempted (99)"
+    rc=99
+fi
+if [ "${ON_RANK_LOSS:-abort}" = shrink ] && [ "$rc" -eq 0 ] && [ ! -f "$MPITRAIN_DONE_FILE" ]; then
+    echo "mpitrain: status 0 but training did not finish (no $MPITRAIN_DONE_FILE): Open MPI" \
+        "ends the whole job with status 0 when it loses a node's daemon; treating it as" \
+        "preempted (99)" >&2
     rc=99
 fi
 
