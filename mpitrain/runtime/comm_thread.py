@@ -172,7 +172,7 @@ class CommThread:
             except BaseException as exc:  # reported through the handle
                 job.error = exc
                 self._error = job
-                if not (ulfm.active() is not None and ulfm.is_rank_loss(exc)):
+                if not ulfm.recoverable(exc):
                     # (a lost peer under --on-rank-loss shrink: the main thread recovers)
                     threading.Thread(target=self._abort_if_uncollected, args=(job,),
                                      daemon=True).start()

@@ -296,7 +296,7 @@ class Watchdog:
                 if asked:
                     self.comm.recv(source=self._any, tag=TAG_REQUEST)
             except MPI.Exception as exc:  # a peer died: --on-rank-loss shrink recovers
-                if ulfm.active() is not None and ulfm.is_rank_loss(exc):
+                if ulfm.recoverable(exc):
                     return  # the training thread sees it too; a new watchdog follows
                 raise
             if asked:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 from mpitrain.checkpoint import files as ckpt
 from mpitrain.checkpoint.payload import ReplicatedState
 from mpitrain.preempt import PREEMPTED_EXIT_CODE
-from mpitrain.runtime.ulfm import FaultDomain, RankLost, check_shrink_available, is_rank_loss
+from mpitrain.runtime.ulfm import FaultDomain, RankLost, check_shrink_available, suspected_loss
 from mpitrain.train.metrics import print_line
 from mpitrain.train.state import rng_state
 
@@ -93,9 +93,13 @@ def snapshot(trainer: Trainer) -> dict[str, Any] | None:
 def failure(trainer: Trainer | None, exc: BaseException) -> RankLost | None:
     """Local: the :class:`RankLost` that ``exc`` means, with the kept step attached (None:
     ``exc`` is not a lost peer)."""
-    if not isinstance(exc, RankLost) and not is_rank_loss(exc):
+    if not isinstance(exc, RankLost) and not suspected_loss(exc):
         return None
-    lost = exc if isinstance(exc, RankLost) else RankLost(str(exc), agreed=False)
+    if not isinstance(exc, RankLost):
+        lost = RankLost(str(exc), agreed=False)
+        lost.__cause__ = exc
+    else:
+        lost = exc
     lost.failed_at = getattr(lost, "failed_at", time.time())  # type: ignore[attr-defined]
     lost.state = snapshot(trainer) if trainer is not None else None  # type: ignore[attr-defined]
     lost.built = trainer is not None  # type: ignore[attr-defined]
@@ -147,6 +151,8 @@ def survive(cfg: TrainConfig, comm: MPI.Intracomm, run: TrainFn) -> int:
                 if lost is None:
                     raise
             handoff = _shrink(cfg, domain, lost, handoff)
+            if not handoff.lost:  # an MPI error, and every rank alive: not a loss
+                _abort_shrunk(domain, lost.__cause__ or lost)
             usable = usable_ranks(cfg, domain.size)
             if usable < cfg.min_ranks or usable == 0:
                 return _below_min_ranks(cfg, domain, handoff, usable)

@@ -90,3 +90,6 @@ def test_a_lost_peer_is_recognised_through_wrapping() -> None:
     assert ulfm.is_rank_loss(ulfm.RankLost("x", agreed=True)) is False  # not an MPI error
     assert not ulfm.is_rank_loss(chained(MPI.ERR_TRUNCATE))
     assert not ulfm.recoverable(chained(MPI.ERR_REVOKED))  # no active domain: abort
+    # Open MPI's libnbc reports a dead peer in a schedule as MPI_ERR_OTHER: suspected
+    assert ulfm.suspected_loss(chained(MPI.ERR_OTHER))
+    assert not ulfm.suspected_loss(RuntimeError("not MPI"))
