@@ -35,13 +35,8 @@ def digits_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mpitrain-cache")
 
 
-@pytest.fixture()
-def mpirun(mpiexec: str, digits_cache: Path) -> MpiRun:
-    """Run ``mpiexec -n N python ARGS`` from the repo root; returns the completed process.
-
-    ``args`` is a script path (relative to tests/mpi/scenarios or absolute) or ``-m module``
-    arguments. A run past ``timeout`` seconds fails the test (a hang is a bug).
-    """
+def job_runner(mpiexec: str, cache: Path) -> MpiRun:
+    """The ``mpirun`` fixture's function, for fixtures of a wider scope (one job per module)."""
 
     def run(
         n: int,
@@ -55,7 +50,7 @@ def mpirun(mpiexec: str, digits_cache: Path) -> MpiRun:
         if argv and argv[0].endswith(".py") and not Path(argv[0]).is_absolute():
             argv[0] = str(SCENARIOS / argv[0])
         cmd = [*mpiexec_command(n, mpiexec), sys.executable, *argv]
-        child_env = launch_env({"MPITRAIN_CACHE": str(digits_cache), **(extra_env or {})})
+        child_env = launch_env({"MPITRAIN_CACHE": str(cache), **(extra_env or {})})
         try:
             proc = subprocess.run(
                 cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=timeout
@@ -72,3 +67,13 @@ def mpirun(mpiexec: str, digits_cache: Path) -> MpiRun:
         return proc
 
     return run
+
+
+@pytest.fixture()
+def mpirun(mpiexec: str, digits_cache: Path) -> MpiRun:
+    """Run ``mpiexec -n N python ARGS`` from the repo root; returns the completed process.
+
+    ``args`` is a script path (relative to tests/mpi/scenarios or absolute) or ``-m module``
+    arguments. A run past ``timeout`` seconds fails the test (a hang is a bug).
+    """
+    return job_runner(mpiexec, digits_cache)
