@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mpitrain.runtime import env
-from mpitrain.runtime.launch import find_mpiexec, launch_env, mpiexec_command
+from mpitrain.runtime.launch import find_mpiexec, find_ulfm_mpirun, launch_env, mpiexec_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "tests" / "mpi" / "scenarios"
@@ -26,6 +26,17 @@ def mpiexec() -> str:
         if env.get("require_mpi") == "1":
             pytest.fail("mpiexec not found but MPITRAIN_REQUIRE_MPI=1")
         pytest.skip("mpiexec not found (set MPITRAIN_REQUIRE_MPI=1 to make this a failure)")
+    return exe
+
+
+@pytest.fixture(scope="session")
+def ulfm_mpirun() -> str:
+    """Open MPI's mpirun; skips, or fails when MPITRAIN_REQUIRE_ULFM=1 (as in CI)."""
+    exe = find_ulfm_mpirun()
+    if exe is None:
+        if env.get("require_ulfm") == "1":
+            pytest.fail("Open MPI (ULFM) not found but MPITRAIN_REQUIRE_ULFM=1: make setup")
+        pytest.skip("Open MPI not found (make setup installs it; MPITRAIN_REQUIRE_ULFM=1 fails)")
     return exe
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from mpitrain.bench import recovery
-from mpitrain.runtime import env
-from mpitrain.runtime.launch import find_ulfm_mpirun, launch_env
+from mpitrain.runtime.launch import launch_env
 from tests.conftest import ROOT
 
 KILL = ("mpitrain: fault injection: launch rank 2 killed at step 15 (step) "
@@ -25,17 +24,6 @@ KILL = ("mpitrain: fault injection: launch rank 2 killed at step 15 (step) "
 REPORT = ("mpitrain: lost rank 2 of 4; continuing on 3 ranks from step 10 (checkpoint "
           "/tmp/ck/step-000000010.pt); failure seen t=1796690810.469832, agree 0.003 s, "
           "shrink 0.001 s, rebuild 0.187 s, state 0.071 s\n")
-
-
-@pytest.fixture(scope="module")
-def ulfm_mpirun() -> str:
-    """Open MPI's mpirun; skips, or fails when MPITRAIN_REQUIRE_ULFM=1 (as in CI)."""
-    exe = find_ulfm_mpirun()
-    if exe is None:
-        if env.get("require_ulfm") == "1":
-            pytest.fail("Open MPI (ULFM) not found but MPITRAIN_REQUIRE_ULFM=1: make setup")
-        pytest.skip("Open MPI not found (make setup installs it; MPITRAIN_REQUIRE_ULFM=1 fails)")
-    return exe
 
 
 @pytest.mark.mpi

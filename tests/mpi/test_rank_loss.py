@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from mpitrain.checkpoint import files as ckpt
-from mpitrain.runtime import env
-from mpitrain.runtime.launch import find_ulfm_mpirun, launch_env, ulfm_command
+from mpitrain.runtime.launch import launch_env, ulfm_command
 from mpitrain.train.sample_log import kept_rows
 from tests.conftest import ROOT, MpiRun
 
@@ -28,17 +27,6 @@ UlfmRun = Callable[..., subprocess.CompletedProcess[str]]
 COMMON = ["-m", "mpitrain", "--on-rank-loss", "shrink", "--no-progress", "--global-batch", "48"]
 #: the digits training split: 1437 samples, 29 global batches of 48 (the tail dropped)
 EPOCH = 29 * 48
-
-
-@pytest.fixture(scope="module")
-def ulfm_mpirun() -> str:
-    """Open MPI's mpirun; skips, or fails when MPITRAIN_REQUIRE_ULFM=1 (as in CI)."""
-    exe = find_ulfm_mpirun()
-    if exe is None:
-        if env.get("require_ulfm") == "1":
-            pytest.fail("Open MPI (ULFM) not found but MPITRAIN_REQUIRE_ULFM=1: make setup")
-        pytest.skip("Open MPI not found (make setup installs it; MPITRAIN_REQUIRE_ULFM=1 fails)")
-    return exe
 
 
 @pytest.fixture()

@@ -13,23 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mpitrain.runtime import env
-from mpitrain.runtime.launch import find_ulfm_mpirun
 from tests.slurm import slurmctl
 from tests.slurm.test_cluster import job_env, log_of, render
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(150)]
-
-
-@pytest.fixture(scope="module")
-def ulfm_mpirun() -> str:
-    """Open MPI's mpirun; skips, or fails when MPITRAIN_REQUIRE_ULFM=1 (as in CI)."""
-    exe = find_ulfm_mpirun()
-    if exe is None:
-        if env.get("require_ulfm") == "1":
-            pytest.fail("Open MPI (ULFM) not found but MPITRAIN_REQUIRE_ULFM=1: make setup")
-        pytest.skip("Open MPI not found (make setup installs it; MPITRAIN_REQUIRE_ULFM=1 fails)")
-    return exe
 
 
 def test_shrink_job_loses_a_rank_and_finishes_in_the_job(cluster: Path, ulfm_mpirun: str) -> None:
