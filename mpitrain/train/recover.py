@@ -53,7 +53,6 @@ class Handoff:
     step: int  #: the step kept (the one in flight was discarded)
     failed_at: float  #: ``time.time()`` when this rank saw the failure
     timings: dict[str, float]  #: seconds per phase, for the report and ``bench recovery``
-    run_id: str | None
 
 
 def snapshot(trainer: Trainer) -> dict[str, Any] | None:
@@ -201,7 +200,6 @@ def _shrink(cfg: TrainConfig, domain: FaultDomain, lost: RankLost,
         state=state if in_memory else None, lost=shrunk.lost, old_size=shrunk.old_size,
         step=step, failed_at=failed_at,
         timings={"agree": t1 - failed_at, "shrink": t2 - t1, "shrunk_unix": t2},
-        run_id=cfg.run_id if before is None else before.run_id,
     )
 
 
